@@ -1,0 +1,153 @@
+"""The fleet file (TOML): talkgroups, units, roles, priorities and floor timers.
+
+`parse_fleet` turns the TOML document into frozen value objects or raises `FleetError`
+with a one-line reason naming the offending key, so `esn server` can refuse a bad file
+before it touches the broker.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from esn.codec import is_id
+
+
+class FleetError(ValueError):
+    """The fleet file is invalid; the message is one line a person can act on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Per-group floor timers (ms) and queueing; PROTOCOL.md's [defaults]."""
+
+    max_talk_ms: int = 30000  # T2
+    revoke_grace_ms: int = 1000  # T3
+    end_of_media_ms: int = 4000  # T1
+    hang_ms: int = 4000
+    queue: bool = True
+    queue_depth: int = 8
+    preempt_threshold: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Talkgroup:
+    id: str
+    name: str = ""
+    members: frozenset[str] = frozenset()  # empty: any unit may affiliate
+    broadcast: bool = False
+    policy: Policy = Policy()
+    temporary: bool = False
+
+    def admits(self, unit: str) -> bool:
+        return not self.members or unit in self.members
+
+
+@dataclass(frozen=True, slots=True)
+class UnitProfile:
+    id: str
+    role: str = "handset"
+    priority: int = 100
+
+    @property
+    def is_dispatcher(self) -> bool:
+        return self.role == "dispatcher"
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    groups: dict[str, Talkgroup] = field(default_factory=dict)
+    units: dict[str, UnitProfile] = field(default_factory=dict)
+    defaults: Policy = Policy()
+    unit_priority: int = 100
+    open_registration: bool = True
+
+    def profile(self, unit: str) -> UnitProfile | None:
+        """The unit's profile, or None when it is not registered and registration is closed."""
+        found = self.units.get(unit)
+        if found is None and self.open_registration:
+            return UnitProfile(unit, "handset", self.unit_priority)
+        return found
+
+
+_POLICY_TYPES: dict[str, type] = {
+    "max_talk_ms": int, "revoke_grace_ms": int, "end_of_media_ms": int, "hang_ms": int,
+    "queue": bool, "queue_depth": int, "preempt_threshold": int,
+}
+_DEFAULT_KEYS = {**_POLICY_TYPES, "unit_priority": int, "open_registration": bool}
+_GROUP_KEYS = {"id": str, "name": str, "members": list, "broadcast": bool, **_POLICY_TYPES}
+_UNIT_KEYS = {"id": str, "role": str, "priority": int}
+
+
+def _checked(where: str, table: object, allowed: dict[str, type]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise FleetError(f"{where}: must be a table")
+    for key, value in table.items():
+        want = allowed.get(key)
+        if want is None:
+            raise FleetError(f"{where}: unknown key {key!r}")
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise FleetError(f"{where}.{key}: must be {want.__name__}, got {value!r}")
+        if want is int:
+            _check_range(f"{where}.{key}", key, value)
+    return table
+
+
+def _check_range(where: str, key: str, value: Any) -> None:
+    if key in ("priority", "unit_priority", "preempt_threshold") and not 0 <= value <= 255:
+        raise FleetError(f"{where}: must be within 0..255, got {value}")
+    least = 1 if key == "queue_depth" else 0
+    if key in _POLICY_TYPES and value < least:
+        raise FleetError(f"{where}: must be at least {least}, got {value}")
+
+
+def _policy(base: Policy, table: dict[str, Any]) -> Policy:
+    return replace(base, **{k: v for k, v in table.items() if k in _POLICY_TYPES})
+
+
+def parse_fleet(doc: dict[str, Any]) -> Fleet:
+    unknown = set(doc) - {"defaults", "talkgroup", "unit"}
+    if unknown:
+        raise FleetError(f"unknown top-level key {sorted(unknown)[0]!r}")
+    defaults = _checked("defaults", doc.get("defaults", {}), _DEFAULT_KEYS)
+    policy = _policy(Policy(), defaults)
+    groups: dict[str, Talkgroup] = {}
+    for i, raw in enumerate(doc.get("talkgroup", [])):
+        g = _checked(f"talkgroup[{i}]", raw, _GROUP_KEYS)
+        gid = g.get("id", "")
+        if not is_id(gid):
+            raise FleetError(f"talkgroup[{i}].id: must be an id [A-Za-z0-9_.-]{{1,64}}")
+        if gid in groups:
+            raise FleetError(f"talkgroup[{i}].id: {gid!r} is defined twice")
+        members = g.get("members", [])
+        if not all(is_id(x) for x in members):
+            raise FleetError(f"talkgroup {gid!r}: members must be unit ids")
+        groups[gid] = Talkgroup(gid, g.get("name", gid), frozenset(members),
+                                g.get("broadcast", False), _policy(policy, g))
+    units: dict[str, UnitProfile] = {}
+    prio = defaults.get("unit_priority", 100)
+    for i, raw in enumerate(doc.get("unit", [])):
+        u = _checked(f"unit[{i}]", raw, _UNIT_KEYS)
+        uid = u.get("id", "")
+        if not is_id(uid):
+            raise FleetError(f"unit[{i}].id: must be an id [A-Za-z0-9_.-]{{1,64}}")
+        if uid in units:
+            raise FleetError(f"unit[{i}].id: {uid!r} is defined twice")
+        role = u.get("role", "handset")
+        if role not in ("handset", "dispatcher"):
+            raise FleetError(f"unit {uid!r}: role must be 'handset' or 'dispatcher'")
+        units[uid] = UnitProfile(uid, role, u.get("priority", prio))
+    return Fleet(groups, units, policy, prio, defaults.get("open_registration", True))
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise FleetError(f"cannot read fleet file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FleetError(f"fleet file {path} is not valid TOML: {exc}") from None
+    return parse_fleet(doc)

@@ -1,0 +1,284 @@
+"""Floor control for one talkgroup: the arbitrator of PROTOCOL.md's floor rules.
+
+Everything that decides who may talk in a group lives in this file. Theory of operation:
+
+* A floor is idle or held by one `_Holder`. Requests that cannot take it wait in a queue
+  ordered by (kind, prio) descending, first come first served within equal rank; every
+  waiter whose 1-based position changes is told again.
+* A request either takes an idle floor, pre-empts the holder (`preempts`), joins the
+  queue, or is denied (`busy` with queueing off, `queue_full`).
+* The holder loses the floor by `release`, by going offline, by a dispatcher, by T1 (no
+  media for `end_of_media_ms`: revoke `no_media`, taken back at once), or by T2 (talk time
+  `max_talk_ms`: revoke `max_talk_time`, then taken back T3 = `revoke_grace_ms` later
+  unless it releases first). Pre-emption takes it back at once. Each time, the head of
+  the queue is granted, or the floor goes idle.
+* A call id spans consecutive grants; after `idle` it lives `hang_ms` so a grant within
+  the hang time continues the same call.
+* A granted emergency request (or an emergency alert) puts the group in emergency until
+  its originator cancels or a dispatcher force-releases.
+
+Time is passed in (seconds, any monotonic clock); nothing here reads a clock, does I/O
+or knows MQTT. Inputs are method calls, outputs are lists of actions (`esn.core.actions`).
+`next_deadline()` and `on_timer(now)` drive the timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from esn import messages as m
+from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
+from esn.core.fleet import Talkgroup
+
+KIND_RANK = {"normal": 0, "imminent": 1, "emergency": 2}
+
+
+def preempts(kind: str, prio: int, held_kind: str, held_prio: int, threshold: int) -> bool:
+    """PROTOCOL.md rule 3 (after NIST's MCPTT model)."""
+    if kind == "emergency":
+        return held_kind != "emergency" or prio > held_prio
+    if kind == "imminent":
+        return held_kind == "normal" or (held_kind == "imminent" and prio > held_prio)
+    return held_kind == "normal" and prio > held_prio and prio >= threshold
+
+
+@dataclass(slots=True)
+class _Holder:
+    unit: str
+    prio: int
+    kind: str
+    ref: int | None
+    granted_at: float
+    last_media: float
+    revoked_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Waiter:
+    unit: str
+    prio: int
+    kind: str
+    ref: int | None
+    arrival: int
+
+    def key(self) -> tuple[int, int, int]:
+        return (-KIND_RANK[self.kind], -self.prio, self.arrival)
+
+
+class Floor:
+    def __init__(self, group: Talkgroup, new_call_id: Callable[[], str], now: float) -> None:
+        self.group = group
+        self.tg = group.id
+        self._new_call_id = new_call_id
+        self.holder: _Holder | None = None
+        self.queue: list[_Waiter] = []
+        self.call: str | None = None
+        self.call_until = 0.0  # hang-time end while idle
+        self.seq = 0
+        self.emergency_by: str | None = None
+        self.since = now
+        self._arrivals = 0
+        self.outcomes: dict[str, int] = {}
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def request(self, unit: str, kind: str, prio: int, ref: int | None, now: float) -> list[Action]:
+        h = self.holder
+        if h is not None and h.unit == unit:
+            return [ToUnit(unit, self._granted(h, now, ref))]  # repeated: idempotent
+        for w in self.queue:
+            if w.unit == unit:
+                if ref is not None and w.ref == ref:
+                    return [ToUnit(unit, self._queued_msg(w, ref))]
+                self.queue.remove(w)  # a new request replaces the old one
+                break
+        if h is None:
+            return self._grant(unit, prio, kind, ref, now)
+        policy = self.group.policy
+        if h.revoked_at is None and preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
+            self._count("preempted")
+            out: list[Action] = [ToUnit(h.unit, m.Revoke(tg=self.tg, cause="preempted", ref=h.ref))]
+            self.holder = None
+            return out + self._grant(unit, prio, kind, ref, now)
+        if not policy.queue:
+            self._count("denied")
+            return [ToUnit(unit, m.Deny(tg=self.tg, cause="busy", ref=ref))]
+        if len(self.queue) >= policy.queue_depth:
+            self._count("denied")
+            return [ToUnit(unit, m.Deny(tg=self.tg, cause="queue_full", ref=ref))]
+        self._count("queued")
+        self._arrivals += 1
+        before = self._positions()
+        self.queue.append(_Waiter(unit, prio, kind, ref, self._arrivals))
+        self.queue.sort(key=_Waiter.key)
+        return self._queue_changed(before)
+
+    def release(self, unit: str, now: float) -> list[Action]:
+        if self.holder is not None and self.holder.unit == unit:
+            self._count("released")
+            return self._end_talk(now)
+        return self._leave_queue(unit)
+
+    def queue_status(self, unit: str, ref: int | None) -> list[Action]:
+        for w in self.queue:
+            if w.unit == unit:
+                return [ToUnit(unit, self._queued_msg(w, ref))]
+        return [ToUnit(unit, m.Deny(tg=self.tg, cause="not_queued", ref=ref))]
+
+    def media_drop_reason(self, unit: str, now: float) -> str | None:
+        """None if media from `unit` is to be relayed (and T1 restarts), else why not."""
+        h = self.holder
+        if h is None or h.unit != unit:
+            return "not_holder"
+        if h.revoked_at is not None:
+            return "revoked"
+        h.last_media = now
+        return None
+
+    def unit_gone(self, unit: str, now: float) -> list[Action]:
+        """The unit went offline or left the group: off the floor and out of the queue."""
+        if self.holder is not None and self.holder.unit == unit:
+            self._count("released")
+            return self._end_talk(now)
+        return self._leave_queue(unit)
+
+    def force_release(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        h = self.holder
+        if h is not None:
+            self._count("revoked")
+            out.append(ToUnit(h.unit, m.Revoke(tg=self.tg, cause="dispatcher", ref=h.ref)))
+            self.emergency_by = None
+            return out + self._end_talk(now)
+        if self.emergency_by is not None:
+            self.emergency_by = None
+            out.append(self._state())
+        return out
+
+    def raise_emergency(self, unit: str) -> list[Action]:
+        if self.emergency_by is not None:
+            return []
+        self.emergency_by = unit
+        return [self._state()]
+
+    def cancel_emergency(self, unit: str) -> list[Action]:
+        if self.emergency_by != unit:
+            return []
+        self.emergency_by = None
+        return [self._state()]
+
+    # --- timers -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        h = self.holder
+        p = self.group.policy
+        if h is not None:
+            if h.revoked_at is not None:
+                return h.revoked_at + p.revoke_grace_ms / 1000
+            return min(h.granted_at + p.max_talk_ms / 1000, h.last_media + p.end_of_media_ms / 1000)
+        if self.call is not None:
+            return self.call_until
+        return None
+
+    def on_timer(self, now: float) -> list[Action]:
+        h = self.holder
+        p = self.group.policy
+        if h is not None:
+            if h.revoked_at is not None:
+                if now >= h.revoked_at + p.revoke_grace_ms / 1000:  # T3: take it back
+                    return self._end_talk(now)
+                return []
+            if now >= h.granted_at + p.max_talk_ms / 1000:  # T2
+                self._count("revoked")
+                h.revoked_at = now
+                return [ToUnit(h.unit, m.Revoke(tg=self.tg, cause="max_talk_time", ref=h.ref))]
+            if now >= h.last_media + p.end_of_media_ms / 1000:  # T1
+                self._count("revoked")
+                revoke = m.Revoke(tg=self.tg, cause="no_media", ref=h.ref)
+                return [ToUnit(h.unit, revoke), *self._end_talk(now)]
+            return []
+        if self.call is not None and now >= self.call_until:  # hang time over: call ends
+            self.call = None
+            return [self._state()]
+        return []
+
+    # --- views ------------------------------------------------------------------------
+
+    @property
+    def emergency(self) -> bool:
+        return self.emergency_by is not None
+
+    def state_msg(self, wall_offset: float) -> m.State:
+        """The retained state; `wall_offset` turns this clock into Unix time."""
+        h = self.holder
+        return m.State(
+            tg=self.tg, floor="taken" if h else "idle", emergency=self.emergency,
+            queue=len(self.queue), seq=self.seq, since_ts=int((self.since + wall_offset) * 1e9),
+            call=self.call,
+            talker=h.unit if h else None, kind=h.kind if h else None, prio=h.prio if h else None,
+        )
+
+    # --- internals --------------------------------------------------------------------
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _granted(self, h: _Holder, now: float, ref: int | None) -> m.Granted:
+        left = h.granted_at + self.group.policy.max_talk_ms / 1000 - now
+        return m.Granted(tg=self.tg, call=self.call or "", prio=h.prio, kind=h.kind,
+                         max_ms=max(0, int(left * 1000)), ref=ref)
+
+    def _grant(self, unit: str, prio: int, kind: str, ref: int | None, now: float) -> list[Action]:
+        if self.call is None:
+            self.call = self._new_call_id()
+        self.seq += 1
+        self.since = now
+        h = self.holder = _Holder(unit, prio, kind, ref, now, now)
+        if kind == "emergency" and self.emergency_by is None:
+            self.emergency_by = unit
+        self._count("granted")
+        taken = m.Taken(tg=self.tg, talker=unit, call=self.call, prio=prio, kind=kind, seq=self.seq)
+        return [ToUnit(unit, self._granted(h, now, ref)), ToGroup(self.tg, "floor", taken),
+                self._state()]
+
+    def _end_talk(self, now: float) -> list[Action]:
+        self.holder = None
+        if self.queue:
+            before = self._positions()
+            w = self.queue.pop(0)
+            granted = self._grant(w.unit, w.prio, w.kind, w.ref, now)
+            return granted + self._queue_changed(before, state=False)
+        self.seq += 1
+        self.since = now
+        self.call_until = now + self.group.policy.hang_ms / 1000
+        idle = m.Idle(tg=self.tg, call=self.call or "", seq=self.seq)
+        return [ToGroup(self.tg, "floor", idle), self._state()]
+
+    def _leave_queue(self, unit: str) -> list[Action]:
+        for w in self.queue:
+            if w.unit == unit:
+                before = self._positions()
+                self.queue.remove(w)
+                return self._queue_changed(before)
+        return []
+
+    def _positions(self) -> dict[str, int]:
+        return {w.unit: i for i, w in enumerate(self.queue, 1)}
+
+    def _queued_msg(self, w: _Waiter, ref: int | None) -> m.Queued:
+        return m.Queued(tg=self.tg, pos=self.queue.index(w) + 1, prio=w.prio, ref=ref)
+
+    def _queue_changed(self, before: dict[str, int], state: bool = True) -> list[Action]:
+        out: list[Action] = [
+            ToUnit(w.unit, m.Queued(tg=self.tg, pos=i, prio=w.prio, ref=w.ref))
+            for i, w in enumerate(self.queue, 1)
+            if before.get(w.unit) != i
+        ]
+        if state:
+            out.append(self._state())
+        return out
+
+    def _state(self) -> StateChanged:
+        return StateChanged(self.tg)
+

@@ -1,0 +1,311 @@
+"""The whole push-to-talk network as the server sees it, without I/O.
+
+Owns the fleet (static and temporary groups), presence, affiliation, one `Floor` per
+group, unit emergencies, short data store-and-forward and location validation. Every
+input is a decoded message plus the unit its topic names plus `now`; every output is a
+list of actions. A peer that breaks the protocol gets an `error` or `deny` action and a
+count in `rejected`; it can never make this raise.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from esn import messages as m
+from esn.core.actions import (
+    Action,
+    LocationAccepted,
+    StateChanged,
+    StateCleared,
+    ToGroup,
+    ToUnit,
+)
+from esn.core.fleet import Fleet, Talkgroup, UnitProfile
+from esn.core.floor import Floor
+
+SDS_STORE = 50  # short messages kept per offline unit
+
+
+class Network:
+    def __init__(self, fleet: Fleet, *, call_prefix: str = "c", wall_offset: float = 0.0) -> None:
+        self.fleet = fleet
+        self.groups: dict[str, Talkgroup] = dict(fleet.groups)
+        self.floors: dict[str, Floor] = {}
+        self.affiliations: dict[str, set[str]] = {}  # unit -> groups
+        self.online: set[str] = set()
+        self.offline: set[str] = set()
+        self.emergencies: set[tuple[str, str]] = set()  # (unit, tg)
+        self.rejected: dict[str, int] = {}
+        self.wall_offset = wall_offset
+        self._sds_store: dict[str, deque[m.Sds]] = {}
+        self._timers: list[tuple[float, str]] = []
+        self._call_prefix = call_prefix
+        self._calls = 0
+        self._denied = 0  # denials decided here, before any floor is involved
+
+    # --- unit control ---------------------------------------------------------------
+
+    def unit_message(self, unit: str, msg: m.Message, now: float) -> list[Action]:
+        profile = self.fleet.profile(unit)
+        if profile is None:
+            return self._error(unit, msg.ref, "forbidden", f"unit {unit} is not registered")
+        handler = _UNIT_HANDLERS.get(type(msg))
+        if handler is None:
+            return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
+        if handler[1] and not profile.is_dispatcher:
+            return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
+        return handler[0](self, profile, msg, now)
+
+    def _affiliate(self, p: UnitProfile, msg: m.Affiliate, now: float) -> list[Action]:
+        mine = self.affiliations.setdefault(p.id, set())
+        rejected = []
+        for tg in dict.fromkeys(msg.groups):
+            group = self.groups.get(tg)
+            if group is None:
+                rejected.append({"tg": tg, "cause": "unknown_group"})
+            elif not group.admits(p.id):
+                rejected.append({"tg": tg, "cause": "not_member"})
+            else:
+                mine.add(tg)
+        return [ToUnit(p.id, m.Affiliation(groups=sorted(mine), rejected=rejected, ref=msg.ref))]
+
+    def _deaffiliate(self, p: UnitProfile, msg: m.Deaffiliate, now: float) -> list[Action]:
+        out: list[Action] = []
+        mine = self.affiliations.setdefault(p.id, set())
+        for tg in msg.groups:
+            if tg in mine:
+                mine.discard(tg)
+                out += self._leave_floor(p.id, tg, now)
+        out.append(ToUnit(p.id, m.Affiliation(groups=sorted(mine), ref=msg.ref)))
+        return out
+
+    def _location(self, p: UnitProfile, msg: m.Location, now: float) -> list[Action]:
+        if msg.unit is not None and msg.unit != p.id:
+            return self._reject("spoofed")
+        ts = int((now + self.wall_offset) * 1e9)
+        return [LocationAccepted(p.id, replace(msg, unit=p.id, ts=ts, ref=None))]
+
+    def _emergency_alert(self, p: UnitProfile, msg: m.EmergencyAlert, now: float) -> list[Action]:
+        if msg.tg not in self.groups:
+            return self._error(p.id, msg.ref, "invalid_field", f"unknown group {msg.tg}")
+        self.emergencies.add((p.id, msg.tg))
+        ts = int((now + self.wall_offset) * 1e9)
+        event = m.Emergency(unit=p.id, tg=msg.tg, lat=msg.lat, lon=msg.lon, ts=ts)
+        return [
+            ToGroup(msg.tg, "event", event),
+            ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="raised", ref=msg.ref)),
+            *self._floor(msg.tg, now).raise_emergency(p.id),
+        ]
+
+    def _emergency_cancel(self, p: UnitProfile, msg: m.EmergencyCancel, now: float) -> list[Action]:
+        floor = self.floors.get(msg.tg)
+        originator = floor is not None and floor.emergency_by == p.id
+        if (p.id, msg.tg) not in self.emergencies and not originator:
+            return self._error(p.id, msg.ref, "invalid_field", f"no emergency of yours in {msg.tg}")
+        self.emergencies.discard((p.id, msg.tg))
+        out: list[Action] = [
+            ToGroup(msg.tg, "event", m.EmergencyCancel(tg=msg.tg, unit=p.id)),
+            ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="cancelled", ref=msg.ref)),
+        ]
+        if floor is not None:
+            out += floor.cancel_emergency(p.id)
+        return out
+
+    def _sds(self, p: UnitProfile, msg: m.Sds, now: float) -> list[Action]:
+        scope, _, target = msg.to.partition(":")
+        sds = m.Sds(to=msg.to, text=msg.text, sender=p.id, ref=msg.ref)
+        if scope == "tg":
+            if target not in self.groups:
+                return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
+            return [ToGroup(target, "event", sds),
+                    ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
+        if self.fleet.profile(target) is None:
+            return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
+        if target in self.online:
+            return [ToUnit(target, sds), ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
+        self._sds_store.setdefault(target, deque(maxlen=SDS_STORE)).append(sds)
+        return [ToUnit(p.id, m.SdsStatus(state="queued", ref=msg.ref))]
+
+    def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
+        if (msg.unit, msg.tg) not in self.emergencies:
+            return self._error(p.id, msg.ref, "invalid_field",
+                               f"{msg.unit} has no emergency in {msg.tg}")
+        acked = m.EmergencyState(tg=msg.tg, state="acknowledged", by=p.id)
+        return [ToUnit(msg.unit, acked), ToGroup(msg.tg, "event", acked),
+                ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+
+    def _force_release(self, p: UnitProfile, msg: m.ForceRelease, now: float) -> list[Action]:
+        if msg.tg not in self.groups:
+            return self._error(p.id, msg.ref, "invalid_field", f"unknown group {msg.tg}")
+        self.emergencies = {e for e in self.emergencies if e[1] != msg.tg}
+        floor = self._floor(msg.tg, now)
+        out = floor.force_release(now)
+        self._arm(floor)
+        return [*out, ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+
+    def _regroup(self, p: UnitProfile, msg: m.Regroup, now: float) -> list[Action]:
+        group = self.groups.get(msg.tg)
+        if group is not None and not group.temporary:
+            return self._error(p.id, msg.ref, "invalid_field", f"{msg.tg} is a static group")
+        unknown = [u for u in msg.units if self.fleet.profile(u) is None]
+        if unknown:
+            return self._error(p.id, msg.ref, "invalid_field", f"unknown unit {unknown[0]}")
+        name = msg.name or (group.name if group else msg.tg)
+        members = frozenset(msg.units) | {p.id} | (group.members if group else frozenset())
+        self.groups[msg.tg] = Talkgroup(msg.tg, name, members, False, self.fleet.defaults,
+                                        temporary=True)
+        out: list[Action] = []
+        for unit in (*dict.fromkeys(msg.units), p.id):
+            self.affiliations.setdefault(unit, set()).add(msg.tg)
+            out.append(ToUnit(unit, m.Regrouped(tg=msg.tg, name=name)))
+        out.append(ToGroup(msg.tg, "event", m.Regrouped(tg=msg.tg, name=name)))
+        out.append(StateChanged(msg.tg))
+        return [*out, ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+
+    def _ungroup(self, p: UnitProfile, msg: m.Ungroup, now: float) -> list[Action]:
+        group = self.groups.get(msg.tg)
+        if group is None or not group.temporary:
+            return self._error(p.id, msg.ref, "invalid_field", f"{msg.tg} is no temporary group")
+        out = self._floor(msg.tg, now).force_release(now)
+        out.append(ToGroup(msg.tg, "event", m.Ungrouped(tg=msg.tg)))
+        for unit, groups in self.affiliations.items():
+            if msg.tg in groups:
+                groups.discard(msg.tg)
+                out.append(ToUnit(unit, m.Ungrouped(tg=msg.tg)))
+        del self.groups[msg.tg]
+        self.floors.pop(msg.tg, None)
+        self.emergencies = {e for e in self.emergencies if e[1] != msg.tg}
+        out = [a for a in out if not isinstance(a, StateChanged)]
+        return [*out, StateCleared(msg.tg), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+
+    # --- floor control ----------------------------------------------------------------
+
+    def floor_message(self, unit: str, tg: str, msg: m.Message, now: float) -> list[Action]:
+        profile = self.fleet.profile(unit)
+        ref = msg.ref
+        if not isinstance(msg, m.Request | m.Release | m.QueueStatus):
+            return self._error(unit, ref, "unknown_type", f"{msg.T} is not a floor message")
+        if tg not in self.groups:
+            return self._deny(unit, tg, "unknown_group", ref)
+        if profile is None or tg not in self.affiliations.get(unit, ()):
+            return self._deny(unit, tg, "not_affiliated", ref)
+        floor = self._floor(tg, now)
+        if isinstance(msg, m.Release):
+            out = floor.release(unit, now)
+        elif isinstance(msg, m.QueueStatus):
+            return floor.queue_status(unit, ref)
+        elif self.groups[tg].broadcast and not profile.is_dispatcher:
+            return self._deny(unit, tg, "receive_only", ref)
+        else:
+            prio = profile.priority if msg.prio is None else min(msg.prio, profile.priority)
+            out = floor.request(unit, msg.kind, prio, ref, now)
+        self._arm(floor)
+        return out
+
+    def media_drop_reason(self, unit: str, tg: str, now: float) -> str | None:
+        """The hot path: None when media from `unit` in `tg` is to be relayed."""
+        floor = self.floors.get(tg)
+        if floor is None:
+            return "unknown_group" if tg not in self.groups else "not_holder"
+        return floor.media_drop_reason(unit, now)
+
+    # --- presence ---------------------------------------------------------------------
+
+    def presence(self, unit: str, msg: m.Presence, now: float) -> list[Action]:
+        if msg.state == "online":
+            self.offline.discard(unit)
+            self.online.add(unit)
+            return [ToUnit(unit, sds) for sds in self._sds_store.pop(unit, ())]
+        if msg.state != "offline":
+            return self._reject("invalid_presence")
+        self.online.discard(unit)
+        self.offline.add(unit)
+        out: list[Action] = []
+        for tg in sorted(self.affiliations.pop(unit, set())):
+            out += self._leave_floor(unit, tg, now)
+        return out
+
+    # --- timers -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def on_timer(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        while self._timers and self._timers[0][0] <= now:
+            _, tg = heapq.heappop(self._timers)
+            floor = self.floors.get(tg)
+            if floor is not None:
+                out += floor.on_timer(now)
+                self._arm(floor)
+        return out
+
+    # --- views ------------------------------------------------------------------------
+
+    def state_msg(self, tg: str) -> m.State:
+        return self.floors[tg].state_msg(self.wall_offset)
+
+    def outcomes(self) -> dict[str, int]:
+        total = {"denied": self._denied}
+        for floor in self.floors.values():
+            for k, v in floor.outcomes.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    # --- internals --------------------------------------------------------------------
+
+    def _floor(self, tg: str, now: float) -> Floor:
+        floor = self.floors.get(tg)
+        if floor is None:
+            floor = self.floors[tg] = Floor(self.groups[tg], self._new_call_id, now)
+        return floor
+
+    def _new_call_id(self) -> str:
+        self._calls += 1
+        return f"{self._call_prefix}{self._calls}"
+
+    def _arm(self, floor: Floor) -> None:
+        """Queue the floor's next deadline; stale heap entries fire as no-ops."""
+        deadline = floor.next_deadline()
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, floor.tg))
+
+    def _leave_floor(self, unit: str, tg: str, now: float) -> list[Action]:
+        floor = self.floors.get(tg)
+        if floor is None:
+            return []
+        out = floor.unit_gone(unit, now)
+        self._arm(floor)
+        return out
+
+    def _reject(self, reason: str) -> list[Action]:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return []
+
+    def _error(self, unit: str, ref: int | None, cause: str, detail: str) -> list[Action]:
+        self._reject(cause)
+        return [ToUnit(unit, m.Error(cause=cause, detail=detail, ref=ref))]
+
+    def _deny(self, unit: str, tg: str, cause: str, ref: int | None) -> list[Action]:
+        self._denied += 1
+        return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
+
+
+# message type -> (handler, dispatcher only)
+_Handler = Callable[[Network, UnitProfile, Any, float], list[Action]]
+_UNIT_HANDLERS: dict[type[m.Message], tuple[_Handler, bool]] = {
+    m.Affiliate: (Network._affiliate, False),
+    m.Deaffiliate: (Network._deaffiliate, False),
+    m.Location: (Network._location, False),
+    m.EmergencyAlert: (Network._emergency_alert, False),
+    m.EmergencyCancel: (Network._emergency_cancel, False),
+    m.Sds: (Network._sds, False),
+    m.EmergencyAck: (Network._emergency_ack, True),
+    m.ForceRelease: (Network._force_release, True),
+    m.Regroup: (Network._regroup, True),
+    m.Ungroup: (Network._ungroup, True),
+}

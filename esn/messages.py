@@ -1,0 +1,288 @@
+"""Every message of the wire protocol (PROTOCOL.md) as a small frozen value object.
+
+The type tag `t` is the class attribute `T`; `ref` and `ts` are optional on every
+message. A field whose default is `None` is optional on the wire and left out when
+unset. These classes carry data only; `esn.codec` turns them into bytes and back and
+is where peer input is validated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+KINDS = ("normal", "imminent", "emergency")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Message:
+    T: ClassVar[str] = ""
+    ref: int | None = None
+    ts: int | None = None
+
+
+# --- unit control, uplink -------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Affiliate(Message):
+    T: ClassVar[str] = "affiliate"
+    groups: list[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deaffiliate(Message):
+    T: ClassVar[str] = "deaffiliate"
+    groups: list[str]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Location(Message):
+    """Uplink from a unit; the server republishes it with `unit` and `ts` set."""
+
+    T: ClassVar[str] = "location"
+    lat: float
+    lon: float
+    acc: float | None = None
+    hdg: float | None = None
+    spd: float | None = None
+    unit: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmergencyAlert(Message):
+    T: ClassVar[str] = "emergency_alert"
+    tg: str
+    lat: float | None = None
+    lon: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmergencyCancel(Message):
+    """Uplink from the originator; on a group's event topic it also names the unit."""
+
+    T: ClassVar[str] = "emergency_cancel"
+    tg: str
+    unit: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Sds(Message):
+    """Short data. Uplink carries `to` and `text`; delivery adds `from` (`sender`)."""
+
+    T: ClassVar[str] = "sds"
+    to: str
+    text: str
+    sender: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmergencyAck(Message):
+    T: ClassVar[str] = "emergency_ack"
+    unit: str
+    tg: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ForceRelease(Message):
+    T: ClassVar[str] = "force_release"
+    tg: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Regroup(Message):
+    T: ClassVar[str] = "regroup"
+    tg: str
+    units: list[str]
+    name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ungroup(Message):
+    T: ClassVar[str] = "ungroup"
+    tg: str
+
+
+# --- unit control, downlink -----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Affiliation(Message):
+    T: ClassVar[str] = "affiliation"
+    groups: list[str]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Error(Message):
+    T: ClassVar[str] = "error"
+    cause: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmergencyState(Message):
+    T: ClassVar[str] = "emergency_state"
+    tg: str
+    state: str
+    by: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SdsStatus(Message):
+    T: ClassVar[str] = "sds_status"
+    state: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Regrouped(Message):
+    T: ClassVar[str] = "regrouped"
+    tg: str
+    name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ungrouped(Message):
+    """Addition to PROTOCOL.md: a temporary group a unit was in has been dissolved."""
+
+    T: ClassVar[str] = "ungrouped"
+    tg: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ok(Message):
+    """Addition to PROTOCOL.md: a dispatcher command was carried out."""
+
+    T: ClassVar[str] = "ok"
+    op: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Presence(Message):
+    T: ClassVar[str] = "presence"
+    state: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Emergency(Message):
+    T: ClassVar[str] = "emergency"
+    unit: str
+    tg: str
+    lat: float | None = None
+    lon: float | None = None
+
+
+# --- floor control --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Request(Message):
+    T: ClassVar[str] = "request"
+    kind: str = "normal"
+    prio: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Release(Message):
+    T: ClassVar[str] = "release"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueStatus(Message):
+    T: ClassVar[str] = "queue_status"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Granted(Message):
+    T: ClassVar[str] = "granted"
+    tg: str
+    call: str
+    prio: int
+    kind: str
+    max_ms: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Queued(Message):
+    T: ClassVar[str] = "queued"
+    tg: str
+    pos: int
+    prio: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Deny(Message):
+    T: ClassVar[str] = "deny"
+    tg: str
+    cause: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Revoke(Message):
+    T: ClassVar[str] = "revoke"
+    tg: str
+    cause: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Taken(Message):
+    T: ClassVar[str] = "taken"
+    tg: str
+    talker: str
+    call: str
+    prio: int
+    kind: str
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Idle(Message):
+    T: ClassVar[str] = "idle"
+    tg: str
+    call: str
+    seq: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class State(Message):
+    T: ClassVar[str] = "state"
+    tg: str
+    floor: str
+    emergency: bool
+    queue: int
+    seq: int
+    since_ts: int
+    talker: str | None = None
+    call: str | None = None
+    kind: str | None = None
+    prio: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Status(Message):
+    T: ClassVar[str] = "status"
+    state: str
+    version: str = ""
+    started_ts: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Media(Message):
+    """Uplink has `call`, `seq`, `data`; the relayed copy adds `tg`, `talker`, `rts`."""
+
+    T: ClassVar[str] = "media"
+    call: str
+    seq: int
+    data: bytes
+    tg: str | None = None
+    talker: str | None = None
+    rts: int | None = None
+
+
+ALL: tuple[type[Message], ...] = (
+    Affiliate, Deaffiliate, Location, EmergencyAlert, EmergencyCancel, Sds, EmergencyAck,
+    ForceRelease, Regroup, Ungroup, Affiliation, Error, EmergencyState, SdsStatus, Regrouped,
+    Ungrouped, Ok, Presence, Emergency, Request, Release, QueueStatus, Granted, Queued, Deny,
+    Revoke, Taken, Idle, State, Status, Media,
+)
+BY_TYPE: dict[str, type[Message]] = {cls.T: cls for cls in ALL}

@@ -1,0 +1,80 @@
+"""MQTT topic names of PROTOCOL.md: build them, and parse what arrives at the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from esn.codec import is_id
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str = "esn"
+
+    # unit-scoped
+    def unit_up(self, unit: str) -> str:
+        return f"{self.prefix}/unit/{unit}/up"
+
+    def unit_down(self, unit: str) -> str:
+        return f"{self.prefix}/unit/{unit}/down"
+
+    def presence(self, unit: str) -> str:
+        return f"{self.prefix}/unit/{unit}/presence"
+
+    def location(self, unit: str) -> str:
+        return f"{self.prefix}/loc/{unit}"
+
+    # group-scoped
+    def floor_up(self, tg: str, unit: str) -> str:
+        return f"{self.prefix}/tg/{tg}/up/{unit}/floor"
+
+    def media_up(self, tg: str, unit: str) -> str:
+        return f"{self.prefix}/tg/{tg}/up/{unit}/media"
+
+    def floor_down(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/down/floor"
+
+    def media_down(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/down/media"
+
+    def event_down(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/down/event"
+
+    def group_down_all(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/down/#"
+
+    def state(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/state"
+
+    def status(self, server_id: str) -> str:
+        return f"{self.prefix}/server/{server_id}/status"
+
+    # what the server subscribes to
+    def server_subscriptions(self) -> list[str]:
+        p = self.prefix
+        return [f"{p}/unit/+/up", f"{p}/unit/+/presence", f"{p}/tg/+/up/+/+"]
+
+    def parse_inbound(self, topic: str) -> Inbound | None:
+        """Classify a topic the server receives; None for anything not of the protocol."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
+            kind, unit, tg = parts[2], parts[1], None
+        elif len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in (
+            "floor", "media"
+        ):
+            kind, unit, tg = parts[4], parts[3], parts[1]
+        else:
+            return None
+        if not is_id(unit) or (tg is not None and not is_id(tg)):
+            return None
+        return Inbound(kind, unit, tg)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    kind: str  # "up", "presence", "floor" or "media"
+    unit: str
+    tg: str | None
