@@ -87,20 +87,25 @@ class Floor:
         h = self.holder
         if h is not None and h.unit == unit:
             return [ToUnit(unit, self._granted(h, now, ref))]  # repeated: idempotent
-        for w in self.queue:
-            if w.unit == unit:
-                if ref is not None and w.ref == ref:
-                    return [ToUnit(unit, self._queued_msg(w, ref))]
-                self.queue.remove(w)  # a new request replaces the old one
-                break
+        before = self._positions()
+        old = next((w for w in self.queue if w.unit == unit), None)
+        if old is not None:
+            if (ref is not None and old.ref == ref) or (old.kind, old.prio) == (kind, prio):
+                return [ToUnit(unit, self._queued_msg(old, ref))]  # repeated: keeps its place
+            self.queue.remove(old)  # a different request (say, now emergency) is re-decided
+        out = self._decide(unit, kind, prio, ref, now)
+        return out + self._queue_changed(before, skip=unit)
+
+    def _decide(self, unit: str, kind: str, prio: int, ref: int | None, now: float) -> list[Action]:
+        h = self.holder
         if h is None:
             return self._grant(unit, prio, kind, ref, now)
         policy = self.group.policy
         if h.revoked_at is None and preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
             self._count("preempted")
-            out: list[Action] = [ToUnit(h.unit, m.Revoke(tg=self.tg, cause="preempted", ref=h.ref))]
             self.holder = None
-            return out + self._grant(unit, prio, kind, ref, now)
+            revoke = m.Revoke(tg=self.tg, cause="preempted", ref=h.ref)
+            return [ToUnit(h.unit, revoke), *self._grant(unit, prio, kind, ref, now)]
         if not policy.queue:
             self._count("denied")
             return [ToUnit(unit, m.Deny(tg=self.tg, cause="busy", ref=ref))]
@@ -109,10 +114,10 @@ class Floor:
             return [ToUnit(unit, m.Deny(tg=self.tg, cause="queue_full", ref=ref))]
         self._count("queued")
         self._arrivals += 1
-        before = self._positions()
-        self.queue.append(_Waiter(unit, prio, kind, ref, self._arrivals))
+        w = _Waiter(unit, prio, kind, ref, self._arrivals)
+        self.queue.append(w)
         self.queue.sort(key=_Waiter.key)
-        return self._queue_changed(before)
+        return [ToUnit(unit, self._queued_msg(w, ref))]
 
     def release(self, unit: str, now: float) -> list[Action]:
         if self.holder is not None and self.holder.unit == unit:
@@ -247,8 +252,7 @@ class Floor:
         if self.queue:
             before = self._positions()
             w = self.queue.pop(0)
-            granted = self._grant(w.unit, w.prio, w.kind, w.ref, now)
-            return granted + self._queue_changed(before, state=False)
+            return self._grant(w.unit, w.prio, w.kind, w.ref, now) + self._queue_changed(before)
         self.seq += 1
         self.since = now
         self.call_until = now + self.group.policy.hang_ms / 1000
@@ -269,16 +273,15 @@ class Floor:
     def _queued_msg(self, w: _Waiter, ref: int | None) -> m.Queued:
         return m.Queued(tg=self.tg, pos=self.queue.index(w) + 1, prio=w.prio, ref=ref)
 
-    def _queue_changed(self, before: dict[str, int], state: bool = True) -> list[Action]:
+    def _queue_changed(self, before: dict[str, int], skip: str | None = None) -> list[Action]:
+        """Tell every waiter (but `skip`) whose position moved; the state shows the length."""
         out: list[Action] = [
             ToUnit(w.unit, m.Queued(tg=self.tg, pos=i, prio=w.prio, ref=w.ref))
             for i, w in enumerate(self.queue, 1)
-            if before.get(w.unit) != i
+            if before.get(w.unit) != i and w.unit != skip
         ]
-        if state:
-            out.append(self._state())
+        out.append(self._state())
         return out
 
     def _state(self) -> StateChanged:
         return StateChanged(self.tg)
-

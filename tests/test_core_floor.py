@@ -1,0 +1,305 @@
+"""The floor rules of PROTOCOL.md, driven through the sans-I/O core with explicit time."""
+
+from __future__ import annotations
+
+import pytest
+
+from esn import messages as m
+from esn.core.actions import StateChanged, ToGroup, ToUnit
+from esn.core.fleet import parse_fleet
+from esn.core.network import Network
+
+FLEET = {
+    "defaults": {"max_talk_ms": 10000, "revoke_grace_ms": 1000, "end_of_media_ms": 3000,
+                 "hang_ms": 2000, "queue_depth": 2, "preempt_threshold": 200},
+    "talkgroup": [
+        {"id": "tg1"},
+        {"id": "nq", "queue": False},
+        {"id": "bc", "broadcast": True},
+        {"id": "closed", "members": ["a"]},
+    ],
+    "unit": [
+        {"id": "disp", "role": "dispatcher", "priority": 250},
+        {"id": "boss", "priority": 220},
+        {"id": "low", "priority": 50},
+    ],
+}
+
+
+@pytest.fixture
+def net() -> Network:
+    n = Network(parse_fleet(FLEET))
+    for u in ("a", "b", "c", "d", "disp", "boss", "low"):
+        n.unit_message(u, m.Affiliate(groups=["tg1", "nq", "bc"]), 0.0)
+    return n
+
+
+def to(actions: list, unit: str) -> list[m.Message]:
+    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
+
+
+def group(actions: list) -> list[m.Message]:
+    return [a.msg for a in actions if isinstance(a, ToGroup)]
+
+
+def req(net: Network, unit: str, now: float, kind: str = "normal", prio: int | None = None,
+        tg: str = "tg1", ref: int | None = None) -> list:
+    return net.floor_message(unit, tg, m.Request(kind=kind, prio=prio, ref=ref), now)
+
+
+def rel(net: Network, unit: str, now: float, tg: str = "tg1") -> list:
+    return net.floor_message(unit, tg, m.Release(), now)
+
+
+def test_idle_request_is_granted_and_group_told(net: Network) -> None:
+    out = req(net, "a", 1.0, ref=7)
+    (granted,) = to(out, "a")
+    assert isinstance(granted, m.Granted)
+    assert (granted.tg, granted.kind, granted.prio, granted.max_ms, granted.ref) == (
+        "tg1", "normal", 100, 10000, 7)
+    (taken,) = group(out)
+    assert isinstance(taken, m.Taken) and taken.talker == "a" and taken.call == granted.call
+    assert StateChanged("tg1") in out
+    state = net.state_msg("tg1")
+    assert (state.floor, state.talker, state.call, state.seq) == ("taken", "a", granted.call, 1)
+
+
+def test_busy_floor_queues_and_threshold_priority_preempts(net: Network) -> None:
+    req(net, "a", 0.0)
+    (q_b,) = to(req(net, "b", 0.1), "b")
+    assert isinstance(q_b, m.Queued) and (q_b.pos, q_b.prio) == (1, 100)
+    out = req(net, "boss", 0.2)  # 220 > 100 and >= preempt_threshold 200
+    assert to(out, "a") == [m.Revoke(tg="tg1", cause="preempted")]
+    assert isinstance(to(out, "boss")[0], m.Granted)
+    assert to(out, "b") == []  # the queue is untouched by a pre-emption
+    assert net.state_msg("tg1").talker == "boss"
+
+
+def test_queue_positions_move_when_a_higher_priority_arrives() -> None:
+    n = Network(parse_fleet({"defaults": {"queue_depth": 8}, "talkgroup": [{"id": "g"}],
+                             "unit": [{"id": "hi", "priority": 150}]}))
+    for u in ("a", "b", "c", "hi"):
+        n.unit_message(u, m.Affiliate(groups=["g"]), 0)
+    req(n, "a", 0, tg="g")
+    assert to(req(n, "b", 1, tg="g"), "b")[0].pos == 1  # type: ignore[attr-defined]
+    assert to(req(n, "c", 2, tg="g"), "c")[0].pos == 2  # type: ignore[attr-defined]
+    out = req(n, "hi", 3, tg="g")  # 150 > 100 but below the threshold: queued first
+    assert [(u, x.pos) for u in ("hi", "b", "c") for x in to(out, u)] == [
+        ("hi", 1), ("b", 2), ("c", 3)]
+    out = rel(n, "a", 4, tg="g")
+    assert isinstance(to(out, "hi")[0], m.Granted)
+    assert [(u, x.pos) for u in ("b", "c") for x in to(out, u)] == [("b", 1), ("c", 2)]
+    assert n.state_msg("g").queue == 2
+
+
+def test_queue_full_and_no_queue_denials(net: Network) -> None:
+    req(net, "a", 0)
+    req(net, "b", 0)
+    req(net, "c", 0)
+    (deny,) = to(req(net, "d", 0), "d")
+    assert isinstance(deny, m.Deny) and deny.cause == "queue_full"
+    req(net, "a", 0, tg="nq")
+    (deny,) = to(req(net, "b", 0, tg="nq"), "b")
+    assert isinstance(deny, m.Deny) and deny.cause == "busy"
+
+
+@pytest.mark.parametrize(
+    ("held", "asked", "preempts"),
+    [
+        (("normal", 100), ("emergency", 1), True),
+        (("imminent", 250), ("emergency", 1), True),
+        (("emergency", 100), ("emergency", 100), False),
+        (("emergency", 100), ("emergency", 101), True),
+        (("normal", 100), ("imminent", 1), True),
+        (("imminent", 100), ("imminent", 100), False),
+        (("imminent", 100), ("imminent", 101), True),
+        (("emergency", 1), ("imminent", 255), False),
+        (("normal", 100), ("normal", 199), False),  # higher but under the threshold
+        (("normal", 100), ("normal", 200), True),
+        (("normal", 220), ("normal", 220), False),  # equal never pre-empts
+        (("imminent", 1), ("normal", 255), False),
+        (("emergency", 1), ("normal", 255), False),
+    ],
+)
+def test_preemption_rules(held: tuple[str, int], asked: tuple[str, int], preempts: bool) -> None:
+    n = Network(parse_fleet({"talkgroup": [{"id": "g"}],
+                             "unit": [{"id": "x", "priority": 255}, {"id": "y", "priority": 255}]}))
+    for u in ("x", "y"):
+        n.unit_message(u, m.Affiliate(groups=["g"]), 0)
+    req(n, "x", 0, kind=held[0], prio=held[1], tg="g")
+    out = req(n, "y", 1, kind=asked[0], prio=asked[1], tg="g")
+    revokes = [x for x in to(out, "x") if isinstance(x, m.Revoke)]
+    got = to(out, "y")[0]
+    if preempts:
+        assert revokes[0].cause == "preempted" and isinstance(got, m.Granted)
+        assert n.state_msg("g").talker == "y"
+    else:
+        assert not revokes and isinstance(got, m.Queued)
+        assert n.state_msg("g").talker == "x"
+
+
+def test_prio_is_capped_at_the_units_priority(net: Network) -> None:
+    (granted,) = to(req(net, "low", 0, prio=255), "low")
+    assert isinstance(granted, m.Granted) and granted.prio == 50
+
+
+def test_repeated_request_with_same_ref_is_idempotent(net: Network) -> None:
+    first = to(req(net, "a", 0, ref=5), "a")[0]
+    again = req(net, "a", 2, ref=5)
+    assert isinstance(again[0], ToUnit) and len(again) == 1  # no new taken, no seq bump
+    assert isinstance(again[0].msg, m.Granted) and again[0].msg.call == first.call  # type: ignore[attr-defined]
+    assert again[0].msg.max_ms == 8000  # type: ignore[attr-defined]
+    q1 = to(req(net, "b", 3, ref=9), "b")[0]
+    q2 = to(req(net, "b", 4, ref=9), "b")[0]
+    assert q1 == q2 and net.state_msg("tg1").queue == 1
+
+
+def test_t2_revokes_then_t3_takes_back_and_grants_the_queue(net: Network) -> None:
+    req(net, "a", 0)
+    req(net, "b", 1)
+    assert net.next_deadline() is not None
+    net.media_drop_reason("a", "tg1", 0)
+    for t in (2.5, 5, 7.5, 9.9):  # keep T1 from firing
+        assert net.media_drop_reason("a", "tg1", t) is None
+        assert net.on_timer(t) == []
+    out = net.on_timer(10.0)
+    assert [(x.T, x.cause) for x in to(out, "a")] == [("revoke", "max_talk_time")]  # type: ignore[attr-defined]
+    assert net.media_drop_reason("a", "tg1", 10.1) == "revoked"
+    assert net.state_msg("tg1").talker == "a"  # still held during the grace time
+    out = net.on_timer(11.0)
+    assert isinstance(to(out, "b")[0], m.Granted)
+    assert net.state_msg("tg1").talker == "b"
+
+
+def test_release_during_grace_ends_talk_at_once() -> None:
+    net2 = Network(parse_fleet({"defaults": {"max_talk_ms": 1000, "end_of_media_ms": 5000},
+                                "talkgroup": [{"id": "g"}]}))
+    net2.unit_message("a", m.Affiliate(groups=["g"]), 0)
+    req(net2, "a", 0, tg="g")
+    net2.on_timer(1.0)
+    out = rel(net2, "a", 1.2, tg="g")
+    assert [x.T for x in group(out)] == ["idle"]
+
+
+def test_t1_no_media_revokes_and_idles(net: Network) -> None:
+    req(net, "a", 0)
+    assert net.media_drop_reason("a", "tg1", 1.0) is None
+    assert net.on_timer(3.9) == []
+    out = net.on_timer(4.0)
+    assert [(x.T, x.cause) for x in to(out, "a")] == [("revoke", "no_media")]  # type: ignore[attr-defined]
+    assert [x.T for x in group(out)] == ["idle"]
+
+
+def test_hang_time_keeps_the_call_then_ends_it(net: Network) -> None:
+    call = to(req(net, "a", 0), "a")[0].call  # type: ignore[attr-defined]
+    rel(net, "a", 1)
+    assert net.state_msg("tg1").call == call
+    assert to(req(net, "b", 2.5), "b")[0].call == call  # type: ignore[attr-defined]
+    rel(net, "b", 3)
+    net.on_timer(5.0)
+    assert net.state_msg("tg1").call is None
+    assert to(req(net, "c", 6), "c")[0].call != call  # type: ignore[attr-defined]
+
+
+def test_media_only_from_the_holder(net: Network) -> None:
+    assert net.media_drop_reason("a", "tg1", 0) == "not_holder"
+    req(net, "a", 0)
+    assert net.media_drop_reason("a", "tg1", 0.1) is None
+    assert net.media_drop_reason("b", "tg1", 0.1) == "not_holder"
+    assert net.media_drop_reason("a", "nope", 0.1) == "unknown_group"
+
+
+def test_receive_only_group_admits_only_dispatchers(net: Network) -> None:
+    (deny,) = to(req(net, "a", 0, tg="bc"), "a")
+    assert isinstance(deny, m.Deny) and deny.cause == "receive_only"
+    assert isinstance(to(req(net, "disp", 0, tg="bc"), "disp")[0], m.Granted)
+
+
+def test_unknown_group_and_not_affiliated(net: Network) -> None:
+    assert to(req(net, "a", 0, tg="zz"), "a")[0].cause == "unknown_group"  # type: ignore[attr-defined]
+    assert to(req(net, "stranger", 0), "stranger")[0].cause == "not_affiliated"  # type: ignore[attr-defined]
+
+
+def test_affiliation_rejects_unknown_and_non_members(net: Network) -> None:
+    (aff,) = to(net.unit_message("b", m.Affiliate(groups=["closed", "zz", "tg1"]), 0), "b")
+    assert isinstance(aff, m.Affiliation)
+    assert "tg1" in aff.groups and "closed" not in aff.groups
+    assert aff.rejected == [{"tg": "closed", "cause": "not_member"},
+                            {"tg": "zz", "cause": "unknown_group"}]
+
+
+def test_offline_releases_floor_and_queue_and_deaffiliates(net: Network) -> None:
+    req(net, "a", 0)
+    req(net, "b", 0)
+    req(net, "c", 0)
+    out = net.presence("b", m.Presence(state="offline"), 1)
+    assert to(out, "c")[0].pos == 1  # type: ignore[attr-defined]
+    out = net.presence("a", m.Presence(state="offline"), 2)
+    assert isinstance(to(out, "c")[0], m.Granted)
+    assert to(req(net, "a", 3), "a")[0].cause == "not_affiliated"  # type: ignore[attr-defined]
+
+
+def test_emergency_request_sets_group_emergency_until_cancel(net: Network) -> None:
+    req(net, "a", 0)
+    out = req(net, "b", 1, kind="emergency")
+    assert net.state_msg("tg1").emergency and net.state_msg("tg1").kind == "emergency"
+    assert to(out, "a")[0].cause == "preempted"  # type: ignore[attr-defined]
+    rel(net, "b", 2)
+    assert net.state_msg("tg1").emergency
+    out = net.unit_message("b", m.EmergencyCancel(tg="tg1"), 3)
+    assert to(out, "b")[0] == m.EmergencyState(tg="tg1", state="cancelled")
+    assert not net.state_msg("tg1").emergency
+
+
+def test_emergency_alert_ack_by_dispatcher_only(net: Network) -> None:
+    out = net.unit_message("a", m.EmergencyAlert(tg="tg1", lat=51.5, lon=-0.1), 0)
+    (ev,) = group(out)
+    assert isinstance(ev, m.Emergency) and ev.unit == "a" and ev.lat == 51.5
+    assert net.state_msg("tg1").emergency
+    err = to(net.unit_message("b", m.EmergencyAck(unit="a", tg="tg1", ref=3), 1), "b")[0]
+    assert isinstance(err, m.Error) and err.cause == "forbidden" and err.ref == 3
+    out = net.unit_message("disp", m.EmergencyAck(unit="a", tg="tg1"), 1)
+    assert to(out, "a")[0] == m.EmergencyState(tg="tg1", state="acknowledged", by="disp")
+
+
+def test_force_release_revokes_with_cause_dispatcher_and_clears_emergency(net: Network) -> None:
+    req(net, "a", 0, kind="emergency")
+    out = net.unit_message("disp", m.ForceRelease(tg="tg1"), 1)
+    assert to(out, "a")[0].cause == "dispatcher"  # type: ignore[attr-defined]
+    assert [x.T for x in group(out)] == ["idle"]
+    state = net.state_msg("tg1")
+    assert state.floor == "idle" and not state.emergency
+
+
+def test_regroup_and_ungroup(net: Network) -> None:
+    out = net.unit_message("disp", m.Regroup(tg="inc-7", units=["a", "b"], name="Fire"), 0)
+    assert to(out, "a")[0] == m.Regrouped(tg="inc-7", name="Fire")
+    assert isinstance(to(req(net, "b", 1, tg="inc-7"), "b")[0], m.Granted)
+    out = net.unit_message("disp", m.Ungroup(tg="inc-7"), 2)
+    assert to(out, "b")[0].cause == "dispatcher"  # type: ignore[attr-defined]
+    assert m.Ungrouped(tg="inc-7") in to(out, "a")
+    assert to(req(net, "a", 3, tg="inc-7"), "a")[0].cause == "unknown_group"  # type: ignore[attr-defined]
+    err = to(net.unit_message("disp", m.Regroup(tg="tg1", units=["a"]), 4), "disp")[0]
+    assert isinstance(err, m.Error) and err.cause == "invalid_field"
+
+
+def test_sds_delivered_queued_and_failed() -> None:
+    n = Network(parse_fleet({"defaults": {"open_registration": False}, "talkgroup": [{"id": "g"}],
+                             "unit": [{"id": "a"}, {"id": "b"}]}))
+    n.presence("a", m.Presence(state="online"), 0)
+    out = n.unit_message("a", m.Sds(to="unit:b", text="hello", ref=1), 0)
+    assert to(out, "a") == [m.SdsStatus(state="queued", ref=1)]
+    out = n.presence("b", m.Presence(state="online"), 1)
+    assert to(out, "b") == [m.Sds(to="unit:b", text="hello", sender="a", ref=1)]
+    out = n.unit_message("b", m.Sds(to="unit:a", text="hi", ref=2), 2)
+    assert to(out, "b") == [m.SdsStatus(state="delivered", ref=2)] and to(out, "a")
+    assert to(n.unit_message("a", m.Sds(to="unit:zz", text="x", ref=3), 3), "a") == [
+        m.SdsStatus(state="failed", ref=3)]
+    assert n.unit_message("zz", m.Sds(to="unit:a", text="x"), 3)[0].msg.cause == "forbidden"  # type: ignore[union-attr]
+
+
+def test_location_spoof_is_dropped_and_counted(net: Network) -> None:
+    assert net.unit_message("a", m.Location(lat=1, lon=2, unit="b"), 0) == []
+    assert net.rejected == {"spoofed": 1}
+    (acc,) = net.unit_message("a", m.Location(lat=1, lon=2, spd=3), 0)
+    assert acc.msg.unit == "a" and acc.msg.spd == 3  # type: ignore[union-attr]
