@@ -1,0 +1,97 @@
+"""An embedded Mosquitto for the demo, the tests and the benchmarks.
+
+Starts Debian's `mosquitto` with `broker_config/mosquitto.conf` on a free loopback port
+and stops it again; `esn demo` and the test harness both use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
+        None)
+    if found is None:
+        raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    return found
+
+
+class Mosquitto:
+    """A Mosquitto process on 127.0.0.1:`port`; `start()` returns once it accepts connections."""
+
+    def __init__(self, port: int | None = None, config: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.config = config or CONFIG_DIR / "mosquitto.conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="esn-mosquitto-")
+        self.log_path = Path(self._dir.name) / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        conf = Path(self._dir.name) / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\n" + self.config.read_text())
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited at start: {self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within {timeout:g} s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

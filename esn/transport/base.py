@@ -1,0 +1,186 @@
+"""The small MQTT interface the server, handsets and console use, and its shared policy.
+
+An implementation owns one MQTT 3.1.1 connection: it connects (once, reporting failure),
+then keeps the link up by itself — jittered exponential back-off, a fresh session,
+every subscription made again — and tells its owner through `on_connect`/`on_disconnect`
+so the owner can republish retained state. Messages published while the link is down are
+dropped and counted (`dropped`): the protocol's retained state and retries recover them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+
+class TransportError(Exception):
+    """The broker could not be reached or refused us; the message is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, username: str | None = None,
+                 password: str | None = None, ca_file: str | None = None) -> BrokerConfig:
+        """`mqtt://HOST:PORT` or `mqtts://HOST:PORT`; credentials in the URL are allowed."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL must be mqtt://HOST:PORT or mqtts://..., got {url!r}")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ValueError(f"bad port in broker URL {url!r}") from None
+        return cls(host=parts.hostname, port=port, tls=tls,
+                   username=username or (unquote(parts.username) if parts.username else None),
+                   password=password or (unquote(parts.password) if parts.password else None),
+                   ca_file=ca_file)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
+
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Full-jitter exponential back-off, so thousands of handsets do not reconnect at once."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+def _ignore_message(topic: str, payload: bytes) -> None:
+    return None
+
+
+def _ignore() -> None:
+    return None
+
+
+class Transport(ABC):
+    """One MQTT connection with its own reconnect policy. Callbacks run on the event loop."""
+
+    def __init__(self, broker: BrokerConfig, *, client_id: str, will: Will | None = None,
+                 keepalive: int = 30, connect_timeout: float = 5.0) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.will = will
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.on_message: Callable[[str, bytes], None] = _ignore_message
+        self.on_connect: Callable[[], None] = _ignore
+        self.on_disconnect: Callable[[], None] = _ignore
+        self.connected = False
+        self.reconnects = 0
+        self.dropped = 0  # publishes attempted while the link was down
+        self._subscriptions: dict[str, int] = {}
+        self._closing = False
+        self._lost = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect once (raising TransportError), then keep the link up in the background."""
+        await self._connect_reporting()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt:{self.client_id}")
+
+    async def stop(self) -> None:
+        """Disconnect cleanly (the broker discards the will) and stop reconnecting."""
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self.connected:
+            self.connected = False
+            await self._disconnect()
+
+    async def subscribe(self, *topics: str, qos: int = 1) -> None:
+        """Subscribe and wait for the broker's SUBACK; kept across reconnects."""
+        for t in topics:
+            self._subscriptions[t] = qos
+        if self.connected:
+            await self._subscribe([(t, qos) for t in topics])
+
+    async def unsubscribe(self, *topics: str) -> None:
+        for t in topics:
+            self._subscriptions.pop(t, None)
+        if self.connected:
+            await self._unsubscribe(list(topics))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        if not self.connected:
+            self.dropped += 1
+            return
+        self._publish(topic, payload, qos, retain)
+
+    # --- for implementations ----------------------------------------------------------
+
+    def _link_lost(self) -> None:
+        self._lost.set()
+
+    async def _connect_reporting(self) -> None:
+        try:
+            await asyncio.wait_for(self._connect_and_subscribe(), self.connect_timeout)
+        except TimeoutError:
+            raise TransportError(f"broker {self.broker.url()} did not answer within "
+                                 f"{self.connect_timeout:g} s") from None
+        self.connected = True
+        self.on_connect()
+
+    async def _connect_and_subscribe(self) -> None:
+        await self._connect()
+        self._lost.clear()
+        if self._subscriptions:
+            await self._subscribe(list(self._subscriptions.items()))
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            await self._lost.wait()
+            self._lost.clear()
+            if self._closing:
+                return
+            self.connected = False
+            self.on_disconnect()
+            attempt = 0
+            while not self._closing:
+                await asyncio.sleep(backoff(attempt))
+                attempt += 1
+                try:
+                    await self._connect_reporting()
+                except (TransportError, OSError):
+                    continue
+                self.reconnects += 1
+                break
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Open a new session, raising TransportError with a one-line reason."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None: ...
+
+    @abstractmethod
+    async def _subscribe(self, subs: list[tuple[str, int]]) -> None: ...
+
+    @abstractmethod
+    async def _unsubscribe(self, topics: list[str]) -> None: ...
+
+    @abstractmethod
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...

@@ -1,0 +1,94 @@
+"""The default transport, on gmqtt: an asyncio-native MQTT client fast enough to relay voice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv311
+
+from esn.transport.base import Transport, TransportError
+
+
+class _Client(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt's own reconnect (fixed delay, no jitter) is handed to the transport's loop."""
+
+    def __init__(self, client_id: str, on_lost: Any, **kwargs: Any) -> None:
+        self._on_lost = on_lost
+        super().__init__(client_id, **kwargs)
+
+    async def reconnect(self, delay: bool = False) -> None:
+        self._on_lost()
+
+
+class GmqttTransport(Transport):
+    _client: _Client | None = None
+
+    async def _connect(self) -> None:
+        will = None
+        if self.will is not None:
+            w = self.will
+            will = gmqtt.Message(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client: _Client = _Client(self.client_id, lambda: self._lost_from(client),
+                                  clean_session=True, will_message=will)
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_suback
+        client.on_unsubscribe = self._on_suback
+        if self.broker.username is not None:
+            client.set_auth_credentials(self.broker.username, self.broker.password)
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        try:
+            await client.connect(self.broker.host, self.broker.port,
+                                 ssl=self.broker.ssl_context() or False,
+                                 keepalive=self.keepalive, version=MQTTv311)
+        except OSError as exc:
+            raise TransportError(f"cannot reach broker {self.broker.url()}: "
+                                 f"{exc.strerror or exc}") from None
+        except gmqtt.mqtt.handler.MQTTConnectError as exc:
+            await _quietly(client.disconnect())
+            raise TransportError(f"broker {self.broker.url()} refused us: {exc}") from None
+        except asyncio.CancelledError:
+            await _quietly(client.disconnect())
+            raise
+        self._client = client
+
+    def _lost_from(self, client: _Client) -> None:
+        if client is self._client:  # a failed or retired session closing late is no news
+            self._link_lost()
+
+    async def _disconnect(self) -> None:
+        if self._client is not None:
+            await _quietly(self._client.disconnect())
+
+    def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
+        self.on_message(topic, payload)
+        return 0
+
+    def _on_suback(self, client: Any, mid: int, *args: Any) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _await_ack(self, mid: int) -> None:
+        fut = self._acks[mid] = asyncio.get_running_loop().create_future()
+        await fut
+
+    async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        assert self._client is not None
+        mid = self._client.subscribe([gmqtt.Subscription(t, qos=q) for t, q in subs])
+        await self._await_ack(mid)
+
+    async def _unsubscribe(self, topics: list[str]) -> None:
+        assert self._client is not None
+        await self._await_ack(self._client.unsubscribe(topics))
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+
+async def _quietly(coro: Any) -> None:
+    with contextlib.suppress(Exception):  # closing a link that is already broken
+        await asyncio.wait_for(coro, 2)

@@ -1,0 +1,80 @@
+"""The alternative transport, on aiomqtt (paho-mqtt underneath): the stack first specified.
+
+paho leaves Nagle's algorithm on; with Mosquitto's delayed ACKs that costs ~40 ms per
+QoS 1 round trip, so TCP_NODELAY is set on its socket here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import aiomqtt
+
+from esn.transport.base import Transport, TransportError
+
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class PahoTransport(Transport):
+    _client: aiomqtt.Client | None = None
+    _reader: asyncio.Task[None] | None = None
+
+    async def _connect(self) -> None:
+        will = None
+        if self.will is not None:
+            w = self.will
+            will = aiomqtt.Will(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client = aiomqtt.Client(
+            self.broker.host, self.broker.port, identifier=self.client_id,
+            username=self.broker.username, password=self.broker.password, will=will,
+            protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
+            keepalive=self.keepalive, tls_context=self.broker.ssl_context(),
+            socket_options=[_NODELAY], timeout=self.connect_timeout,
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"cannot connect to broker {self.broker.url()}: {exc}") from None
+        self._client = client
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._reader = asyncio.create_task(self._read(client))
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        try:
+            async for msg in client.messages:
+                payload = msg.payload if isinstance(msg.payload, bytes) else b""
+                self.on_message(msg.topic.value, payload)
+        except aiomqtt.MqttError:
+            if client is self._client:
+                self._link_lost()
+
+    async def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if self._reader is not None:
+            self._reader.cancel()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+
+    async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        assert self._client is not None
+        await self._client.subscribe(subs)
+
+    async def _unsubscribe(self, topics: list[str]) -> None:
+        assert self._client is not None
+        await self._client.unsubscribe(topics)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        assert self._client is not None
+        # aiomqtt's publish is a coroutine that waits for the PUBACK; we only hand it over
+        task = asyncio.ensure_future(self._client.publish(topic, payload, qos=qos, retain=retain))
+        self._pending.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[Any]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.dropped += 1
