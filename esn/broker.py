@@ -54,10 +54,9 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> Mosquitto:
         conf = Path(self._dir.name) / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\n" + self.config.read_text())
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

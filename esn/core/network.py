@@ -42,7 +42,8 @@ class Network:
         self.rejected: dict[str, int] = {}
         self.wall_offset = wall_offset
         self._sds_store: dict[str, deque[m.Sds]] = {}
-        self._timers: list[tuple[float, str]] = []
+        self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
+        self._armed: dict[str, float] = {}  # tg -> its live deadline in the heap
         self._call_prefix = call_prefix
         self._calls = 0
         self._denied = 0  # denials decided here, before any floor is involved
@@ -237,7 +238,10 @@ class Network:
     def on_timer(self, now: float) -> list[Action]:
         out: list[Action] = []
         while self._timers and self._timers[0][0] <= now:
-            _, tg = heapq.heappop(self._timers)
+            at, tg = heapq.heappop(self._timers)
+            if self._armed.get(tg) != at:
+                continue  # superseded by an earlier wake-up for the same group
+            del self._armed[tg]
             floor = self.floors.get(tg)
             if floor is not None:
                 out += floor.on_timer(now)
@@ -246,8 +250,8 @@ class Network:
 
     # --- views ------------------------------------------------------------------------
 
-    def state_msg(self, tg: str) -> m.State:
-        return self.floors[tg].state_msg(self.wall_offset)
+    def state_msg(self, tg: str, now: float = 0.0) -> m.State:
+        return self._floor(tg, now).state_msg(self.wall_offset)
 
     def outcomes(self) -> dict[str, int]:
         total = {"denied": self._denied}
@@ -269,10 +273,13 @@ class Network:
         return f"{self._call_prefix}{self._calls}"
 
     def _arm(self, floor: Floor) -> None:
-        """Queue the floor's next deadline; stale heap entries fire as no-ops."""
+        """Make sure the floor is woken by its next deadline: one live heap entry per group."""
         deadline = floor.next_deadline()
-        if deadline is not None:
-            heapq.heappush(self._timers, (deadline, floor.tg))
+        armed = self._armed.get(floor.tg)
+        if deadline is None or (armed is not None and armed <= deadline):
+            return  # an earlier wake-up will re-arm it
+        self._armed[floor.tg] = deadline
+        heapq.heappush(self._timers, (deadline, floor.tg))
 
     def _leave_floor(self, unit: str, tg: str, now: float) -> list[Action]:
         floor = self.floors.get(tg)

@@ -1,0 +1,130 @@
+"""The `esn` command line: `esn server`, `esn demo`, `esn bench`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from esn import __version__
+from esn.core.fleet import FleetError, load_fleet
+from esn.runtime import run
+from esn.transport import CLIENTS, BrokerConfig, TransportError
+
+
+class CliError(Exception):
+    """Bad command-line input; the message is the one line to print."""
+
+
+def _broker(args: argparse.Namespace) -> BrokerConfig:
+    try:
+        return BrokerConfig.from_url(
+            args.broker, username=args.username or os.environ.get("ESN_MQTT_USERNAME"),
+            password=args.password or os.environ.get("ESN_MQTT_PASSWORD"), ca_file=args.ca_file)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--broker", required=required, metavar="URL",
+                   help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--username", help="MQTT username (or ESN_MQTT_USERNAME)")
+    p.add_argument("--password", help="MQTT password (or ESN_MQTT_PASSWORD)")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--mqtt-client", choices=CLIENTS, default="gmqtt",
+                   help="MQTT client library (default gmqtt; paho is the aiomqtt/paho stack)")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from esn.server import Config, serve
+
+    fleet = load_fleet(args.fleet)
+    config = Config(broker=_broker(args), server_id=args.server_id, prefix=args.prefix,
+                    metrics_port=args.metrics_port, mqtt_client=args.mqtt_client)
+
+    async def main() -> None:
+        await serve(config, fleet, _stop_on_signals())
+
+    run(main())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from esn.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(duration=args.duration, handsets=args.handsets, groups=args.groups,
+                       mqtt_client=args.mqtt_client, metrics_port=args.metrics_port,
+                       seed=args.seed, broker_url=args.broker)
+    return run(run_demo(opts))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from esn.bench import BenchOptions, run_bench
+
+    return run(run_bench(BenchOptions(seconds=args.seconds, rate=args.rate, out=args.out,
+                                      listeners=args.listeners)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"esn {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("server", help="run the group-communication server")
+    _add_broker_args(p)
+    p.add_argument("--fleet", required=True, metavar="FLEET.toml", help="fleet file")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.add_argument("--server-id", default="esn-1", help="server id (MQTT client id)")
+    p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("demo", help="a complete simulation on an embedded Mosquitto")
+    p.add_argument("--duration", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--handsets", type=int, default=200, metavar="N")
+    p.add_argument("--groups", type=int, default=10, metavar="N")
+    p.add_argument("--mqtt-client", choices=CLIENTS, default="gmqtt")
+    p.add_argument("--metrics-port", type=int, metavar="N",
+                   help="also serve the server's metrics on this port")
+    p.add_argument("--broker", metavar="URL",
+                   help="use this broker instead of starting an embedded Mosquitto")
+    p.add_argument("--seed", type=int, default=1, help="random seed for the traffic mix")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    p.add_argument("--rate", type=int, default=0,
+                   help="offered media packets/s (0: as fast as the relay keeps up)")
+    p.add_argument("--listeners", type=int, default=1, help="group members receiving media")
+    p.add_argument("--out", default="docs/benchmarks.json", help="where to write the figures")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (FleetError, TransportError, CliError, OSError) as exc:
+        print(f"esn {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, FleetError | CliError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""`esn demo`: a complete simulation on an embedded broker, ending in a KPI table.
+
+Starts Mosquitto (unless given a broker), the server as its own process, one dispatcher
+and a few hundred handsets spread over talkgroups, then plays a realistic mix for a set
+time: talk bursts with queuing, location reports, a dispatcher pre-emption, an emergency
+call acknowledged by the dispatcher, a late joiner. It ends with floor access time and
+mouth-to-ear percentiles against the 3GPP TS 22.179 targets, from the handsets' side and
+from the server's own histograms, and exits non-zero when anything it tried failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from esn import messages as m
+from esn.broker import BrokerError, Mosquitto, free_port
+from esn.handset import HAS_PERMISSION, Handset
+from esn.transport import BrokerConfig, TransportError
+
+TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
+GROUP_NAMES = ["Response North", "Response South", "Response East", "Response West",
+               "Traffic", "Firearms", "Custody", "Fire Ops", "Ambulance Ops", "Coastguard"]
+DISPATCHER = "disp-1"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    duration: float = 30.0
+    handsets: int = 200
+    groups: int = 10
+    mqtt_client: str = "gmqtt"
+    metrics_port: int | None = None
+    seed: int = 1
+    broker_url: str | None = None
+    talk_mean_s: float = 2.5  # shorter than NIST's 4.69 s so a 30 s run sees many calls
+    gap_mean_s: float = 2.0
+    location_interval_s: float = 5.0
+
+
+@dataclass
+class Checks:
+    """What the scripted scenes proved; every one must hold for the run to pass."""
+
+    results: dict[str, bool | None] = field(default_factory=dict)
+
+    def expect(self, name: str) -> None:
+        self.results.setdefault(name, None)
+
+    def record(self, name: str, ok: bool) -> None:
+        self.results[name] = ok
+
+
+def fleet_toml(groups: list[str], handsets: list[str], supervisors: set[str]) -> str:
+    lines = ["[defaults]", "max_talk_ms = 20000", "hang_ms = 3000", "end_of_media_ms = 3000",
+             "queue_depth = 8", "preempt_threshold = 200", ""]
+    for i, tg in enumerate(groups):
+        lines += ["[[talkgroup]]", f'id = "{tg}"', f'name = "{GROUP_NAMES[i % len(GROUP_NAMES)]}"',
+                  ""]
+    lines += ["[[talkgroup]]", 'id = "tg-all"', 'name = "All-call"', "broadcast = true", ""]
+    lines += ["[[unit]]", f'id = "{DISPATCHER}"', 'role = "dispatcher"', "priority = 250", ""]
+    for u in sorted(supervisors):
+        lines += ["[[unit]]", f'id = "{u}"', "priority = 220", ""]
+    return "\n".join(lines) + "\n"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """Prometheus' histogram_quantile over cumulative (le, count) buckets."""
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
+        prev_le, prev_count = le, count
+    return math.nan
+
+
+class DemoError(Exception):
+    """The simulation could not be set up; the message is one line."""
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions) -> None:
+        self.opts = opts
+        self.rng = random.Random(opts.seed)
+        self.groups = [f"tg-{1001 + i}" for i in range(opts.groups)]
+        n = max(opts.handsets, 2 * opts.groups)
+        self.unit_ids = [f"u-{i:04d}" for i in range(1, n + 1)]
+        self.supervisors = set(self.unit_ids[:: max(1, n // max(1, opts.groups))][: opts.groups])
+        self.members: dict[str, list[Handset]] = {tg: [] for tg in self.groups}
+        self.handsets: list[Handset] = []
+        self.dispatcher: Handset | None = None
+        self.late_joiner: Handset | None = None
+        self.checks = Checks()
+        self.metrics_port = opts.metrics_port or free_port()
+        self.server_log = Path(tempfile.gettempdir()) / f"esn-demo-server-{self.metrics_port}.log"
+        self.started = 0.0
+        self.stopping = False
+
+    # --- set-up -----------------------------------------------------------------------
+
+    async def start_handsets(self, broker: BrokerConfig) -> None:
+        kw = {"mqtt_client": self.opts.mqtt_client, "keep_inbox": False}
+        self.dispatcher = Handset(DISPATCHER, broker, **kw)  # type: ignore[arg-type]
+        await self.dispatcher.start()
+        await self.dispatcher.affiliate(*self.groups)
+        # the last unit joins late, in the middle of a call
+        *regular, late = self.unit_ids
+        for i, uid in enumerate(regular):
+            h = Handset(uid, broker, home=(51.45 + self.rng.random() * 0.15,
+                                           -0.25 + self.rng.random() * 0.25), **kw)  # type: ignore[arg-type]
+            self.handsets.append(h)
+            self.members[self.groups[i % len(self.groups)]].append(h)
+        self.late_joiner = Handset(late, broker, **kw)  # type: ignore[arg-type]
+        sem = asyncio.Semaphore(50)  # ramp connections without a thundering herd
+
+        async def bring_up(h: Handset, tg: str) -> None:
+            async with sem:
+                await h.start()
+                await h.affiliate(tg, "tg-all")
+                h.start_location_reports(self.opts.location_interval_s)
+
+        await asyncio.gather(*(bring_up(h, tg) for tg, hs in self.members.items() for h in hs))
+        await self.late_joiner.start()
+
+    # --- traffic ----------------------------------------------------------------------
+
+    async def conversation(self, tg: str) -> None:
+        """Members of one group take turns; now and then two press at once and one queues."""
+        members = self.members[tg]
+        while not self.stopping:
+            await asyncio.sleep(self.rng.expovariate(1 / self.opts.gap_mean_s))
+            if self.stopping:
+                return
+            talker = self.rng.choice(members)
+            burst = min(8.0, self.rng.expovariate(1 / self.opts.talk_mean_s))
+            talks = [asyncio.create_task(talker.talk(tg, burst))]
+            if self.rng.random() < 0.25:  # a second member presses shortly after
+                await asyncio.sleep(0.05)
+                other = self.rng.choice([h for h in members if h is not talker])
+                talks.append(asyncio.create_task(other.talk(tg, burst / 2)))
+            await asyncio.gather(*talks, return_exceptions=True)
+
+    async def scene_preemption(self, tg: str) -> None:
+        """The dispatcher breaks into a busy group: the field talker is pre-empted."""
+        name = "dispatcher pre-empts a talking handset"
+        self.checks.expect(name)
+        talker = self.members[tg][0]
+        assert self.dispatcher is not None
+        first = await talker.press(tg)
+        if not isinstance(first, m.Granted):
+            await talker.expect(lambda i: isinstance(i.msg, m.Granted), 10)
+        revoked = talker.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, 5)
+        answer = await self.dispatcher.press(tg, prio=250)
+        ok = isinstance(answer, m.Granted)
+        try:
+            ok = ok and (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
+        except TimeoutError:
+            ok = False
+        await asyncio.sleep(1.5)
+        self.dispatcher.release(tg)
+        self.checks.record(name, ok)
+
+    async def scene_emergency(self, tg: str) -> None:
+        """A unit raises an emergency and takes the floor; the dispatcher acknowledges."""
+        names = ("emergency call takes the floor", "dispatcher acknowledges the emergency")
+        for n in names:
+            self.checks.expect(n)
+        assert self.dispatcher is not None
+        unit = self.members[tg][1]
+        lat, lon = unit.position
+        unit.send(m.EmergencyAlert(tg=tg, lat=lat, lon=lon, ref=unit.next_ref()))
+        answer = await unit.press(tg, kind="emergency")
+        self.checks.record(names[0], isinstance(answer, m.Granted))
+        ack = await self.dispatcher.ask(m.EmergencyAck(unit=unit.unit, tg=tg,
+                                                       ref=self.dispatcher.next_ref()))
+        self.checks.record(names[1], isinstance(ack, m.Ok))
+        await asyncio.sleep(3)
+        unit.release(tg)
+        unit.send(m.EmergencyCancel(tg=tg, ref=unit.next_ref()))
+
+    async def scene_late_entry(self, tg: str) -> None:
+        """A handset switches on mid-call and hears the call at once (late entry)."""
+        name = "late joiner hears the ongoing call"
+        self.checks.expect(name)
+        talker, late = self.members[tg][2], self.late_joiner
+        assert late is not None
+        first = await talker.press(tg)
+        if isinstance(first, m.Granted):
+            await asyncio.sleep(0.3)
+            await late.affiliate(tg)
+            await asyncio.sleep(1.0)
+            talker.release(tg)
+            self.checks.record(name, bool(late.stats.late_entry_s))
+        else:
+            talker.release(tg)
+            self.checks.record(name, False)
+
+    # --- progress and report ------------------------------------------------------------
+
+    def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
+        return out
+
+    def progress_line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        talking = sum(h.floor_state(tg) == HAS_PERMISSION for h in self.handsets for tg in h.groups)
+        access = [x for h in self.handsets for x in h.stats.access_s]
+        m2e = [x for h in self.handsets[:50] for x in h.stats.mouth_to_ear_s[-200:]]
+        online = sum(h.transport.connected for h in self.handsets)
+        return (f"t={elapsed:5.1f}s/{self.opts.duration:g}s  online {online}/{len(self.handsets)}"
+                f"  talking {talking:3d}  grants {len(access):4d}"
+                f"  access p95 {_ms(percentile(access, 0.95))}"
+                f"  mouth-to-ear p95 {_ms(percentile(m2e, 0.95))}")
+
+    async def show_progress(self) -> None:
+        tty = sys.stdout.isatty()
+        while not self.stopping:
+            await asyncio.sleep(1.0 if tty else 5.0)
+            line = self.progress_line()
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
+
+    def report(self, scraped: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
+        everyone = [*self.handsets, *(h for h in (self.dispatcher, self.late_joiner) if h)]
+        rows = [
+            ("Floor access (handset, press→granted)",
+             [x for h in everyone for x in h.stats.access_s]),
+            ("Mouth-to-ear (talker ts→listener)",
+             [x for h in everyone for x in h.stats.mouth_to_ear_s]),
+            ("Late entry (affiliate→first media)",
+             [x for h in everyone for x in h.stats.late_entry_s]),
+        ]
+        print()
+        print(f"{'KPI':42} {'n':>7} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}  target p95")
+        ok = True
+        for name, values in rows:
+            p95 = percentile(values, 0.95)
+            passed = bool(values) and p95 < TARGET_S
+            ok &= passed or name.startswith("Late")
+            verdict = "PASS" if passed else "FAIL"
+            print(f"{name:42} {len(values):7d} {_ms(percentile(values, 0.5)):>9} {_ms(p95):>9} "
+                  f"{_ms(percentile(values, 0.99)):>9} {_ms(max(values, default=math.nan)):>9}"
+                  f"  < 300 ms {verdict}")
+        for metric, label in (("esn_floor_access_seconds", "Floor access (server-side)"),
+                              ("esn_media_relay_seconds", "Media relay (server-side)")):
+            buckets = _buckets(scraped, metric)
+            n = int(buckets[-1][1]) if buckets else 0
+            qs = [_ms(histogram_quantile(buckets, q)) for q in (0.5, 0.95, 0.99)]
+            print(f"{label:42} {n:7d} {qs[0]:>9} {qs[1]:>9} {qs[2]:>9} {'':>9}  (histogram)")
+        outcomes = {lab["outcome"]: int(v)
+                    for lab, v in scraped.get("esn_floor_outcomes_total", [])}
+        relayed = sum(v for lab, v in scraped.get("esn_messages_total", [])
+                      if lab == {"kind": "media", "direction": "out"})
+        dropped = sum(v for _, v in scraped.get("esn_media_dropped_total", []))
+        print()
+        print("Floor outcomes: " + ", ".join(f"{k} {outcomes.get(k, 0)}" for k in (
+            "granted", "queued", "denied", "preempted", "revoked", "released")))
+        print(f"Media packets relayed: {int(relayed)}  (dropped, e.g. after a revoke: "
+              f"{int(dropped)})")
+        print()
+        for name, result in self.checks.results.items():
+            print(f"  {'✔' if result else '✘'} {name}")
+            ok &= bool(result)
+        ok &= outcomes.get("granted", 0) > 0 and relayed > 0
+        return ok
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f} ms"
+
+
+def _buckets(scraped: dict[str, list[tuple[dict[str, str], float]]],
+             metric: str) -> list[tuple[float, float]]:
+    total: dict[float, float] = {}
+    for labels, value in scraped.get(f"{metric}_bucket", []):
+        le = float(labels["le"])
+        total[le] = total.get(le, 0.0) + value
+    return sorted(total.items())
+
+
+async def run_demo(opts: DemoOptions) -> int:
+    demo = Demo(opts)
+    broker_proc: Mosquitto | None = None
+    server: asyncio.subprocess.Process | None = None
+    workdir = tempfile.TemporaryDirectory(prefix="esn-demo-")
+    try:
+        if opts.broker_url is None:
+            broker_proc = Mosquitto().start()
+            url = broker_proc.url
+        else:
+            url = opts.broker_url
+        broker = BrokerConfig.from_url(url)
+        fleet = Path(workdir.name) / "fleet.toml"
+        fleet.write_text(fleet_toml(demo.groups, demo.unit_ids, demo.supervisors))
+        print(f"esn demo: broker {url}, {len(demo.unit_ids)} handsets in {len(demo.groups)} "
+              f"talkgroups, 1 dispatcher, {opts.duration:g} s, MQTT client {opts.mqtt_client}")
+        with open(demo.server_log, "wb") as log:  # noqa: ASYNC230 (a moment, at start)
+            server = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet", str(fleet),
+                "--metrics-port", str(demo.metrics_port), "--mqtt-client", opts.mqtt_client,
+                "--server-id", "esn-demo", stdout=log, stderr=subprocess.STDOUT)
+        print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
+        await _wait_for_server(demo, server)
+        await demo.start_handsets(broker)
+        demo.started = time.monotonic()
+        d = opts.duration
+        tasks = [asyncio.create_task(demo.conversation(tg)) for tg in demo.groups[3:]]
+        tasks.append(asyncio.create_task(demo.show_progress()))
+        scenes = [(0.2, demo.scene_preemption, demo.groups[0]),
+                  (0.4, demo.scene_emergency, demo.groups[1 % len(demo.groups)]),
+                  (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)])]
+        for frac, scene, tg in scenes:
+            tasks.append(asyncio.create_task(_after(frac * d, scene(tg))))
+        await asyncio.sleep(d)
+        demo.stopping = True
+        await asyncio.wait(tasks, timeout=15)
+        for t in tasks:
+            t.cancel()
+        ok = demo.report(demo.scrape())
+        everyone = [*demo.handsets, *(h for h in (demo.dispatcher, demo.late_joiner) if h)]
+        await asyncio.gather(*(h.stop() for h in everyone), return_exceptions=True)
+        server.terminate()
+        rc = await asyncio.wait_for(server.wait(), 10)
+        if rc != 0:
+            print(f"server exited with status {rc}; its log: {demo.server_log}")
+            ok = False
+        print("\nRESULT:", "PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    except (DemoError, BrokerError, TransportError) as exc:
+        print(f"esn demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None and server.returncode is None:
+            server.kill()
+            await server.wait()
+        if broker_proc is not None:
+            broker_proc.close()
+        workdir.cleanup()
+
+
+async def _after(delay: float, coro: Coroutine[Any, Any, None]) -> None:
+    await asyncio.sleep(delay)
+    await coro
+
+
+async def _wait_for_server(demo: Demo, server: asyncio.subprocess.Process) -> None:
+    """Wait until the server answers on its metrics endpoint (it subscribes before that)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if server.returncode is not None:
+            lines = demo.server_log.read_text(errors="replace").strip().splitlines()
+            raise DemoError(f"the server exited at start: {(lines or [''])[-1]}")
+        with contextlib.suppress(OSError):
+            demo.scrape()
+            return
+        await asyncio.sleep(0.05)
+    raise DemoError("the server did not come up within 15 s")

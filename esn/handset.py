@@ -1,0 +1,365 @@
+"""A simulated handset (or any protocol client): the unit side of PROTOCOL.md.
+
+One MQTT connection per unit. It announces presence (with an `offline` will), affiliates
+to groups, runs the client floor states of TS 24.380 per group (no permission, pending
+request with retries, has permission, queued, pending release), sends voice packets while
+it holds the floor and stops them at once on a revoke, reports its position, and measures
+what its user would notice: floor access time (press -> granted) and mouth-to-ear latency
+(talker's `ts` -> packet received). Tests, the demo, the load generator and the console
+all drive the network through this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+
+from esn import codec
+from esn import messages as m
+from esn.topics import Topics
+from esn.transport import BrokerConfig, Transport, Will, make_transport
+
+NO_PERMISSION = "no_permission"
+PENDING_REQUEST = "pending_request"
+HAS_PERMISSION = "has_permission"
+QUEUED = "queued"
+
+REQUEST_RETRY_S = 0.5  # T101-like: re-send an unanswered request (same ref: idempotent)
+REQUEST_TRIES = 4
+AMR_WB_FRAME_BYTES = 33  # 12.65 kbit/s mode, 20 ms
+
+
+@dataclass
+class GroupView:
+    """What this handset knows of one group: its own floor state and the group's."""
+
+    floor: str = NO_PERMISSION
+    talker: str | None = None
+    call: str | None = None
+    emergency: bool = False
+    queue_pos: int | None = None
+    pressed_at: float | None = None
+    joined_at: float | None = None  # for late-entry: affiliation -> first media
+    media_task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Stats:
+    access_s: list[float] = field(default_factory=list)  # press -> granted, not queued
+    queued_access_s: list[float] = field(default_factory=list)  # press -> granted via queue
+    mouth_to_ear_s: list[float] = field(default_factory=list)
+    late_entry_s: list[float] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    msg: m.Message
+
+
+class Handset:
+    def __init__(self, unit: str, broker: BrokerConfig, *, prefix: str = "esn",
+                 mqtt_client: str = "gmqtt", keepalive: int = 30,
+                 media_interval: float = 0.06, frames_per_packet: int = 3,
+                 home: tuple[float, float] = (51.5072, -0.1276), keep_inbox: bool = True) -> None:
+        self.unit = unit
+        self.topics = Topics(prefix)
+        self.media_interval = media_interval
+        self.payload_bytes = AMR_WB_FRAME_BYTES * frames_per_packet
+        self.groups: dict[str, GroupView] = {}
+        self.stats = Stats()
+        self.inbox: list[Inbound] = []
+        self.keep_inbox = keep_inbox
+        self.on_inbound: Callable[[Inbound], None] | None = None
+        self.position = home
+        self._refs = itertools.count(1)
+        self._waiters: list[tuple[Callable[[Inbound], bool], asyncio.Future[Inbound]]] = []
+        self._server_started: int | None = None
+        self._location_task: asyncio.Task[None] | None = None
+        offline = codec.encode(m.Presence(state="offline"))
+        self.transport: Transport = make_transport(
+            mqtt_client, broker, client_id=unit, keepalive=keepalive,
+            will=Will(self.topics.presence(unit), offline))
+        self.transport.on_message = self._on_message
+        self.transport.on_connect = self._on_connect
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        t = self.topics
+        await self.transport.subscribe(t.unit_down(self.unit), t.status("+"))
+        await self.transport.start()
+
+    async def stop(self) -> None:
+        """Leave gracefully: release floors, publish `offline`, disconnect."""
+        for tg, view in self.groups.items():
+            if view.floor in (HAS_PERMISSION, QUEUED, PENDING_REQUEST):
+                self.release(tg)
+        if self._location_task is not None:
+            self._location_task.cancel()
+        self._publish(self.topics.presence(self.unit), m.Presence(state="offline"), retain=True)
+        await self.transport.stop()
+
+    def _on_connect(self) -> None:
+        self._publish(self.topics.presence(self.unit), m.Presence(state="online"), retain=True)
+        if self.groups:  # a reconnect: the server dropped our affiliations when we went away
+            self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
+
+    # --- unit control -------------------------------------------------------------------
+
+    async def affiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
+        t = self.topics
+        now = time.perf_counter()
+        for tg in groups:  # before subscribing: the retained state says if a call is on
+            self.groups.setdefault(tg, GroupView()).joined_at = now
+        await self.transport.subscribe(*[x for tg in groups for x in (t.group_down_all(tg),
+                                                                       t.state(tg))])
+        reply = await self.ask(m.Affiliate(groups=list(groups), ref=next(self._refs)), timeout)
+        assert isinstance(reply, m.Affiliation)
+        for tg in groups:
+            if tg not in reply.groups:
+                self.groups.pop(tg, None)
+                await self.transport.unsubscribe(t.group_down_all(tg), t.state(tg))
+        return reply
+
+    async def ask(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
+        """Send a unit-control message and wait for the reply carrying its `ref`."""
+        waiter = self.expect(lambda i: i.msg.ref == msg.ref and i.topic.endswith("/down"),
+                             timeout)
+        self._send_up(msg)
+        return (await waiter).msg
+
+    def send(self, msg: m.Message) -> None:
+        """Send a unit-control message without waiting (location, emergency, SDS, ...)."""
+        self._send_up(msg)
+
+    def next_ref(self) -> int:
+        return next(self._refs)
+
+    def start_location_reports(self, interval: float) -> None:
+        self._location_task = asyncio.create_task(self._report_location(interval))
+
+    # --- floor control (PTT) ----------------------------------------------------------
+
+    async def press(self, tg: str, kind: str = "normal", prio: int | None = None,
+                    timeout: float = 5.0) -> m.Message:
+        """PTT down: request the floor, re-sending unanswered requests with the same ref.
+
+        Returns the server's first answer: `granted`, `queued` or `deny`.
+        """
+        view = self.groups.setdefault(tg, GroupView())
+        view.floor, view.pressed_at = PENDING_REQUEST, time.perf_counter()
+        ref = next(self._refs)
+        answer = self.expect(
+            lambda i: i.msg.ref == ref and isinstance(i.msg, m.Granted | m.Queued | m.Deny)
+            and getattr(i.msg, "tg", None) == tg, timeout)
+        topic = self.topics.floor_up(tg, self.unit)
+        for _ in range(REQUEST_TRIES):
+            self._publish(topic, m.Request(kind=kind, prio=prio, ref=ref, ts=time.time_ns()))
+            done, _ = await asyncio.wait({answer}, timeout=REQUEST_RETRY_S)
+            if done:
+                break
+        return (await answer).msg
+
+    def release(self, tg: str) -> None:
+        """PTT up: stop media and give up the floor (or leave the queue)."""
+        view = self.groups.setdefault(tg, GroupView())
+        self._stop_media(view)
+        view.floor, view.queue_pos = NO_PERMISSION, None
+        self._publish(self.topics.floor_up(tg, self.unit), m.Release(ts=time.time_ns()))
+
+    async def talk(self, tg: str, seconds: float, kind: str = "normal") -> bool:
+        """Press, talk for `seconds` if granted (waiting in the queue if need be), release."""
+        first = await self.press(tg, kind)
+        view = self.groups[tg]
+        if isinstance(first, m.Queued):
+            with contextlib.suppress(TimeoutError):
+                await self.expect(lambda i: isinstance(i.msg, m.Granted | m.Revoke | m.Deny)
+                                  and getattr(i.msg, "tg", None) == tg, seconds * 3)
+        if view.floor != HAS_PERMISSION:
+            if view.floor == QUEUED:
+                self.release(tg)
+            return False
+        with contextlib.suppress(TimeoutError):
+            # a revoke ends the talk early
+            await self.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, seconds)
+        if view.floor == HAS_PERMISSION:
+            self.release(tg)
+        return True
+
+    def floor_state(self, tg: str) -> str:
+        return self.groups[tg].floor if tg in self.groups else NO_PERMISSION
+
+    # --- waiting on what arrives ------------------------------------------------------
+
+    def expect(self, predicate: Callable[[Inbound], bool],
+               timeout: float = 5.0) -> asyncio.Future[Inbound]:
+        """A future for the next inbound message matching `predicate`, failing after `timeout`."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Inbound] = loop.create_future()
+        entry = (predicate, fut)
+        self._waiters.append(entry)
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError(f"{self.unit}: nothing matching within {timeout} s"))
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+
+        handle = loop.call_later(timeout, expire)
+        fut.add_done_callback(lambda _: handle.cancel())
+        return fut
+
+    # --- inbound ----------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic.endswith("/down/media"):
+            self._on_media(topic, payload)
+            return
+        if not payload:
+            return  # a cleared retained message
+        try:
+            msg = codec.decode(payload)
+        except codec.ProtocolError:
+            self.stats.count("bad_downlink")
+            return
+        self.stats.count(msg.T)
+        self._apply(msg)
+        self._deliver(Inbound(topic, msg))
+
+    def _deliver(self, inbound: Inbound) -> None:
+        if self.keep_inbox:
+            self.inbox.append(inbound)
+        if self.on_inbound is not None:
+            self.on_inbound(inbound)
+        if self._waiters:
+            for entry in list(self._waiters):
+                predicate, fut = entry
+                if not fut.done() and predicate(inbound):
+                    fut.set_result(inbound)
+                    self._waiters.remove(entry)
+
+    def _apply(self, msg: m.Message) -> None:
+        """The client floor state machine."""
+        if isinstance(msg, m.Status):
+            restarted = self._server_started not in (None, msg.started_ts)
+            if msg.state == "online" and restarted and self.groups:
+                # a new server instance knows nothing of our affiliations
+                self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
+            if msg.state == "online":
+                self._server_started = msg.started_ts
+            return
+        tg = getattr(msg, "tg", None)
+        view = self.groups.get(tg) if isinstance(tg, str) else None
+        if view is None:
+            return
+        now = time.perf_counter()
+        if isinstance(msg, m.Granted):
+            if view.floor == HAS_PERMISSION:
+                return  # a repeated grant
+            if view.pressed_at is not None:
+                waited = now - view.pressed_at
+                queued = view.floor == QUEUED
+                (self.stats.queued_access_s if queued else self.stats.access_s).append(waited)
+            view.floor, view.queue_pos, view.call = HAS_PERMISSION, None, msg.call
+            self._start_media(msg.tg, view)
+        elif isinstance(msg, m.Queued):
+            if view.floor in (PENDING_REQUEST, QUEUED):
+                view.floor, view.queue_pos = QUEUED, msg.pos
+        elif isinstance(msg, m.Deny):
+            if view.floor in (PENDING_REQUEST, QUEUED):
+                view.floor, view.queue_pos = NO_PERMISSION, None
+        elif isinstance(msg, m.Revoke):
+            # stop media at once and hand the floor back
+            self._stop_media(view)
+            view.floor = NO_PERMISSION
+            self._publish(self.topics.floor_up(msg.tg, self.unit), m.Release(ts=time.time_ns()))
+        elif isinstance(msg, m.Taken):
+            view.talker, view.call = msg.talker, msg.call
+        elif isinstance(msg, m.Idle):
+            view.talker = None
+        elif isinstance(msg, m.State):
+            view.talker, view.call, view.emergency = msg.talker, msg.call, msg.emergency
+            if msg.floor == "idle":
+                view.joined_at = None  # no call to enter late
+
+    def _on_media(self, topic: str, payload: bytes) -> None:
+        try:
+            obj = msgpack.unpackb(payload)
+            tg, talker, ts = obj["tg"], obj["talker"], obj.get("ts")
+        except Exception:  # any bytes from the wire: count, never crash
+            self.stats.count("bad_media")
+            return
+        if talker == self.unit:
+            return
+        self.stats.count("media_rx")
+        now_ns = time.time_ns()
+        if isinstance(ts, int):
+            self.stats.mouth_to_ear_s.append((now_ns - ts) / 1e9)
+        view = self.groups.get(tg)
+        if view is not None and view.joined_at is not None:
+            self.stats.late_entry_s.append(time.perf_counter() - view.joined_at)
+            view.joined_at = None
+        if self._waiters:
+            self._deliver(Inbound(topic, m.Media(call=str(obj.get("call")), seq=int(
+                obj.get("seq", 0)), data=b"", tg=tg, talker=talker, ts=ts)))
+
+    # --- media and location -----------------------------------------------------------
+
+    def _start_media(self, tg: str, view: GroupView) -> None:
+        self._stop_media(view)
+        if self.media_interval > 0:
+            view.media_task = asyncio.create_task(self._send_media(tg, view.call or ""))
+
+    @staticmethod
+    def _stop_media(view: GroupView) -> None:
+        if view.media_task is not None:
+            view.media_task.cancel()
+            view.media_task = None
+
+    async def _send_media(self, tg: str, call: str) -> None:
+        topic = self.topics.media_up(tg, self.unit)
+        frame = os.urandom(self.payload_bytes)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for seq in itertools.count():
+            packet = {"t": "media", "call": call, "seq": seq, "data": frame, "ts": time.time_ns()}
+            self.transport.publish(topic, msgpack.packb(packet), qos=0)
+            self.stats.count("media_tx")
+            # paced on a fixed schedule, so a slow loop does not stretch the talk burst
+            await asyncio.sleep(max(0.0, start + (seq + 1) * self.media_interval - loop.time()))
+
+    async def _report_location(self, interval: float) -> None:
+        lat, lon = self.position
+        heading = random.uniform(0, 360)
+        while True:
+            speed = random.uniform(0, 15)
+            heading = (heading + random.uniform(-30, 30)) % 360
+            step = speed * interval / 111_000
+            lat = max(-89.9, min(89.9, lat + step * math.cos(math.radians(heading))))
+            lon = max(-179.9, min(179.9, lon + step * math.sin(math.radians(heading))))
+            self.position = (lat, lon)
+            self._send_up(m.Location(lat=lat, lon=lon, acc=5.0, hdg=round(heading, 1),
+                                     spd=round(speed, 1), ts=time.time_ns()))
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+
+    # --- outbound ---------------------------------------------------------------------
+
+    def _send_up(self, msg: m.Message) -> None:
+        self._publish(self.topics.unit_up(self.unit), msg)
+
+    def _publish(self, topic: str, msg: m.Message, retain: bool = False) -> None:
+        self.transport.publish(topic, codec.encode(msg), qos=1, retain=retain)

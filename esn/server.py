@@ -1,0 +1,230 @@
+"""The group-communication server: the core wired to MQTT.
+
+This shell only decodes, calls `esn.core.network.Network`, and performs the actions it
+returns; it also relays media (the hot path), keeps the core's timers on the event loop,
+publishes retained state and status, and measures the critical path for Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from time import perf_counter
+
+import msgpack
+
+from esn import __version__, codec
+from esn import messages as m
+from esn.core.actions import (
+    Action,
+    LocationAccepted,
+    StateChanged,
+    StateCleared,
+    ToGroup,
+    ToUnit,
+)
+from esn.core.fleet import Fleet
+from esn.core.network import Network
+from esn.metrics import ServerMetrics, serve_metrics
+from esn.topics import Topics
+from esn.transport import BrokerConfig, Transport, Will, make_transport
+
+log = logging.getLogger("esn.server")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    broker: BrokerConfig
+    server_id: str = "esn-1"
+    prefix: str = "esn"
+    metrics_port: int | None = None
+    mqtt_client: str = "gmqtt"
+    keepalive: int = 30
+
+
+class Server:
+    def __init__(self, config: Config, fleet: Fleet, metrics: ServerMetrics | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.prefix)
+        self.started_ns = time.time_ns()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        # core time is the loop's monotonic clock; wall_offset turns it into Unix time
+        self.network = Network(fleet, call_prefix=f"{self.started_ns // 1_000_000 % 10**8:x}-",
+                               wall_offset=time.time() - loop.time())
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.watch(self.network)
+        status_topic = self.topics.status(config.server_id)
+        self.transport: Transport = make_transport(
+            config.mqtt_client, config.broker, client_id=config.server_id,
+            keepalive=config.keepalive, will=Will(status_topic, self._status("offline")))
+        self.transport.on_message = self._on_message
+        self.transport.on_connect = self._on_connect
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._http: asyncio.Server | None = None
+        self._accepting = False
+        self._count_msg = self.metrics.messages.labels
+        self._media_in = self._count_msg("media", "in")
+        self._media_out = self._count_msg("media", "out")
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._accepting = True
+        await self.transport.start()
+        await self.transport.subscribe(*self.topics.server_subscriptions())
+        if self.config.metrics_port is not None:
+            self._http = await serve_metrics(self.metrics.registry, self.config.metrics_port)
+        log.info("serving %d talkgroups on %s as %s", len(self.network.groups),
+                 self.config.broker.url(), self.config.server_id)
+
+    async def stop(self) -> None:
+        """Stop taking input, tell peers we are offline, then close the link and endpoint."""
+        self._accepting = False
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.publish(self.topics.status(self.config.server_id),
+                               self._status("offline"), qos=1, retain=True)
+        await self.transport.stop()
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+
+    def _status(self, state: str) -> bytes:
+        return codec.encode(m.Status(state=state, version=__version__, started_ts=self.started_ns))
+
+    def _on_connect(self) -> None:
+        # (re)connected: the broker may have lost every retained message, so write ours again
+        t = self.topics
+        self.transport.publish(t.status(self.config.server_id), self._status("online"), 1, True)
+        now = self._loop.time()
+        for tg in self.network.groups:
+            state = self.network.state_msg(tg, now)
+            self.transport.publish(t.state(tg), codec.encode(state), qos=1, retain=True)
+
+    # --- inbound ----------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if not self._accepting:
+            return
+        received = perf_counter()
+        where = self.topics.parse_inbound(topic)
+        if where is None:
+            self.metrics.count_rejected("bad_topic")
+            return
+        if where.kind == "media":
+            self._relay(where.unit, where.tg or "", payload, received)
+            return
+        if where.kind == "presence" and not payload:
+            return  # a cleared retained presence
+        try:
+            msg = codec.decode(payload)
+        except codec.ProtocolError as exc:
+            self.metrics.count_rejected(exc.cause)
+            if where.kind != "presence":
+                self._send(where.unit, m.Error(cause=exc.cause, detail=exc.detail, ref=exc.ref))
+            return
+        self._count_msg(msg.T, "in").inc()
+        now = self._loop.time()
+        if where.kind == "presence":
+            if not isinstance(msg, m.Presence):
+                self.metrics.count_rejected("invalid_field")
+                return
+            actions = self.network.presence(where.unit, msg, now)
+        elif where.kind == "floor":
+            assert where.tg is not None
+            actions = self.network.floor_message(where.unit, where.tg, msg, now)
+        else:
+            actions = self.network.unit_message(where.unit, msg, now)
+        self._perform(actions)
+        if isinstance(msg, m.Request):
+            for a in actions:
+                if isinstance(a, ToUnit) and a.unit == where.unit and isinstance(a.msg, m.Granted):
+                    self.metrics.floor_access.labels(msg.kind).observe(perf_counter() - received)
+        self._rearm()
+
+    def _relay(self, unit: str, tg: str, payload: bytes, received: float) -> None:
+        """The hot path: one voice packet from the talker to the group."""
+        self._media_in.inc()
+        try:
+            obj = codec.unpack(payload)
+            if obj.get("t") != "media":
+                raise codec.ProtocolError("unknown_type", "media topic carries only media")
+            msg = codec.from_dict(obj)
+        except codec.ProtocolError as exc:
+            self.metrics.count_media_dropped(exc.cause)
+            return
+        assert isinstance(msg, m.Media)
+        if msg.talker is not None and msg.talker != unit:
+            self.metrics.count_media_dropped("spoofed")
+            return
+        reason = self.network.media_drop_reason(unit, tg, self._loop.time())
+        if reason is not None:
+            self.metrics.count_media_dropped(reason)
+            return
+        out = {"t": "media", "tg": tg, "talker": unit, "call": self.network.floors[tg].call,
+               "seq": msg.seq, "data": msg.data, "rts": time.time_ns()}
+        if msg.ts is not None:
+            out["ts"] = msg.ts
+        self.transport.publish(self.topics.media_down(tg), msgpack.packb(out), qos=0)
+        self._media_out.inc()
+        self.metrics.media_relay.observe(perf_counter() - received)
+
+    # --- outbound ---------------------------------------------------------------------
+
+    def _send(self, unit: str, msg: m.Message) -> None:
+        self.transport.publish(self.topics.unit_down(unit), codec.encode(msg), qos=1)
+        self._count_msg(msg.T, "out").inc()
+
+    def _perform(self, actions: list[Action]) -> None:
+        states: dict[str, None] = {}
+        t = self.topics
+        for a in actions:
+            if isinstance(a, ToUnit):
+                self._send(a.unit, a.msg)
+            elif isinstance(a, ToGroup):
+                topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
+                self.transport.publish(topic, codec.encode(a.msg), qos=1)
+                self._count_msg(a.msg.T, "out").inc()
+            elif isinstance(a, StateChanged):
+                states[a.tg] = None
+            elif isinstance(a, StateCleared):
+                states.pop(a.tg, None)
+                self.transport.publish(t.state(a.tg), b"", qos=1, retain=True)
+            elif isinstance(a, LocationAccepted):
+                self.transport.publish(t.location(a.unit), codec.encode(a.msg), qos=1, retain=True)
+        for tg in states:
+            self._publish_state(tg)
+
+    def _publish_state(self, tg: str) -> None:
+        state = self.network.state_msg(tg, self._loop.time())
+        self.transport.publish(self.topics.state(tg), codec.encode(state), qos=1, retain=True)
+
+    # --- timers -----------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        deadline = self.network.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        self._perform(self.network.on_timer(self._loop.time()))
+        self._rearm()
+
+
+async def serve(config: Config, fleet: Fleet, stop: asyncio.Event) -> None:
+    """Run a server until `stop` is set, then shut it down in order."""
+    server = Server(config, fleet)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
