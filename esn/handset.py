@@ -87,8 +87,8 @@ class Handset:
         self.position = home
         self._refs = itertools.count(1)
         self._waiters: list[tuple[Callable[[Inbound], bool], asyncio.Future[Inbound]]] = []
-        self._server_started: int | None = None
         self._location_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
         offline = codec.encode(m.Presence(state="offline"))
         self.transport: Transport = make_transport(
             mqtt_client, broker, client_id=unit, keepalive=keepalive,
@@ -115,8 +115,6 @@ class Handset:
 
     def _on_connect(self) -> None:
         self._publish(self.topics.presence(self.unit), m.Presence(state="online"), retain=True)
-        if self.groups:  # a reconnect: the server dropped our affiliations when we went away
-            self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
 
     # --- unit control -------------------------------------------------------------------
 
@@ -255,14 +253,16 @@ class Handset:
     def _apply(self, msg: m.Message) -> None:
         """The client floor state machine."""
         if isinstance(msg, m.Status):
-            restarted = self._server_started not in (None, msg.started_ts)
-            if msg.state == "online" and restarted and self.groups:
-                # a new server instance knows nothing of our affiliations
+            # The server says online after it (or we) reconnected: it may have lost our
+            # affiliations (a restart, our will firing), so state them again; it is idempotent.
+            if msg.state == "online" and self.groups:
                 self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
-            if msg.state == "online":
-                self._server_started = msg.started_ts
             return
         tg = getattr(msg, "tg", None)
+        if (isinstance(msg, m.Regrouped) and tg not in self.groups) or (
+                isinstance(msg, m.Ungrouped) and tg in self.groups):
+            self._follow_regroup(msg)
+            return
         view = self.groups.get(tg) if isinstance(tg, str) else None
         if view is None:
             return
@@ -295,6 +295,19 @@ class Handset:
             view.talker, view.call, view.emergency = msg.talker, msg.call, msg.emergency
             if msg.floor == "idle":
                 view.joined_at = None  # no call to enter late
+
+    def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
+        """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
+        t = self.topics
+        subs = (t.group_down_all(msg.tg), t.state(msg.tg))
+        if isinstance(msg, m.Regrouped):
+            self.groups[msg.tg] = GroupView()
+            task = asyncio.ensure_future(self.transport.subscribe(*subs))
+        else:
+            self._stop_media(self.groups.pop(msg.tg, GroupView()))
+            task = asyncio.ensure_future(self.transport.unsubscribe(*subs))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _on_media(self, topic: str, payload: bytes) -> None:
         try:

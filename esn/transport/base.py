@@ -139,14 +139,17 @@ class Transport(ABC):
         try:
             await asyncio.wait_for(self._connect_and_subscribe(), self.connect_timeout)
         except TimeoutError:
+            self.connected = False
+            await self._disconnect()
             raise TransportError(f"broker {self.broker.url()} did not answer within "
                                  f"{self.connect_timeout:g} s") from None
-        self.connected = True
         self.on_connect()
 
     async def _connect_and_subscribe(self) -> None:
         await self._connect()
         self._lost.clear()
+        # up from here: retained messages arriving with the SUBACKs may prompt publishes
+        self.connected = True
         if self._subscriptions:
             await self._subscribe(list(self._subscriptions.items()))
 

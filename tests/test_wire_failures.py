@@ -1,0 +1,157 @@
+"""Faults a real deployment sees: a handset dying mid-call, the server and broker going
+away and coming back, and the `esn server` command line's promises."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from esn import messages as m
+from esn.broker import Mosquitto
+from esn.core.fleet import parse_fleet
+from esn.handset import Handset
+from esn.server import Config, Server
+from esn.transport import BrokerConfig, make_transport
+from tests.conftest import FLEET, HandsetFactory, eventually
+
+pytestmark = pytest.mark.broker
+
+DYING_HANDSET = textwrap.dedent("""
+    import asyncio, sys
+    from esn.handset import Handset
+    from esn.transport import BrokerConfig
+    async def main():
+        url, prefix, client = sys.argv[1:4]
+        h = Handset("u1", BrokerConfig.from_url(url), prefix=prefix, mqtt_client=client)
+        await h.start()
+        await h.affiliate("tg-1")
+        answer = await h.press("tg-1")
+        print(answer.T, flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+""")
+
+
+async def test_the_will_releases_the_floor_when_a_handset_dies(
+        server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str,
+        mqtt_client: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DYING_HANDSET, mosquitto.url, prefix, mqtt_client,
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)  # type: ignore[union-attr]
+        assert line.strip() == b"granted"
+        waiting = await handset("u2", "tg-1")
+        assert isinstance(await waiting.press("tg-1"), m.Queued)
+        granted = waiting.expect(lambda i: isinstance(i.msg, m.Granted), timeout=10)
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker publishes the will
+        await granted
+        assert server.network.offline == {"u1"}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_handsets_reaffiliate_when_the_server_restarts(
+        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
+        mqtt_client: str) -> None:
+    a = await handset("u1", "tg-1")
+    await server.stop()
+    replacement = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
+                                mqtt_client=mqtt_client), parse_fleet(FLEET))
+    await replacement.start()
+    try:
+        await eventually(lambda: "u1" in replacement.network.affiliations
+                         and "tg-1" in replacement.network.affiliations["u1"])
+        assert isinstance(await a.press("tg-1"), m.Granted)
+    finally:
+        await replacement.stop()
+
+
+async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_client: str) -> None:
+    with Mosquitto() as own:
+        cfg = BrokerConfig.from_url(own.url)
+        srv = Server(Config(broker=cfg, prefix=prefix, mqtt_client=mqtt_client),
+                     parse_fleet(FLEET))
+        await srv.start()
+        a = Handset("u1", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
+        b = Handset("u2", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
+        try:
+            for h in (a, b):
+                await h.start()
+                await h.affiliate("tg-1")
+            own.stop()
+            await eventually(lambda: not (a.transport.connected or srv.transport.connected))
+            own.start()
+            await eventually(lambda: a.transport.connected and b.transport.connected
+                             and srv.transport.connected, timeout=20)
+            # re-affiliated by the handsets themselves on reconnect
+            await eventually(lambda: {"u1", "u2"} <= set(srv.network.affiliations))
+            media = b.expect(lambda i: isinstance(i.msg, m.Media), timeout=5)
+            assert isinstance(await a.press("tg-1"), m.Granted)
+            await media
+        finally:
+            for h in (a, b):
+                await h.stop()
+            await srv.stop()
+
+
+def esn_server(*args: str) -> list[str]:
+    return [sys.executable, "-m", "esn.cli", "server", *args]
+
+
+async def run(cmd: list[str], timeout: float = 20) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, err.decode()
+
+
+async def test_invalid_fleet_file_is_a_one_line_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    bad = tmp_path / "fleet.toml"
+    bad.write_text('[[talkgroup]]\nid = "tg 1"\n')
+    rc, err = await run(esn_server("--broker", mosquitto.url, "--fleet", str(bad)))
+    assert rc == 2
+    assert err.strip().count("\n") == 0 and "talkgroup[0].id" in err
+    rc, err = await run(esn_server("--broker", mosquitto.url, "--fleet", str(tmp_path / "no")))
+    assert rc == 2 and "cannot read fleet file" in err and err.strip().count("\n") == 0
+
+
+async def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
+    from esn.broker import free_port
+
+    rc, err = await run(esn_server("--broker", f"mqtt://127.0.0.1:{free_port()}",
+                                   "--fleet", str(fleet)))
+    assert rc == 1 and "cannot reach broker" in err and err.strip().count("\n") == 0
+    rc, err = await run(esn_server("--broker", "http://x", "--fleet", str(fleet)))
+    assert rc == 2 and "mqtt://" in err
+
+
+async def test_sigterm_publishes_offline_status_and_exits_zero(
+        tmp_path: Path, mosquitto: Mosquitto, prefix: str) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
+    watcher = make_transport("gmqtt", BrokerConfig.from_url(mosquitto.url), client_id="watch")
+    states: asyncio.Queue[str] = asyncio.Queue()
+    watcher.on_message = lambda t, p: states.put_nowait(msgpack.unpackb(p)["state"]) if p else None
+    await watcher.start()
+    await watcher.subscribe(f"{prefix}/server/+/status")
+    proc = await asyncio.create_subprocess_exec(
+        *esn_server("--broker", mosquitto.url, "--fleet", str(fleet), "--prefix", prefix))
+    try:
+        assert await asyncio.wait_for(states.get(), 20) == "online"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert await asyncio.wait_for(states.get(), 5) == "offline"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await watcher.stop()
