@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -40,11 +39,13 @@ class ServerMetrics:
         self.media_relay = Histogram(
             "esn_media_relay_seconds", "Media packet received to relayed", buckets=BUCKETS,
             registry=r)
-        self.messages = Counter(
-            "esn_messages", "Protocol messages by type and direction", ["kind", "direction"],
-            registry=r)
+        self.messages: dict[tuple[str, str], int] = {}  # (kind, direction) -> count
         self.media_dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+
+    def count_message(self, kind: str, direction: str) -> None:
+        key = (kind, direction)
+        self.messages[key] = self.messages.get(key, 0) + 1
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -69,6 +70,11 @@ class _LiveState(Collector):
         for name in ("granted", "queued", "denied", "preempted", "revoked", "released"):
             outcomes.add_metric([name], found.get(name, 0))
         yield outcomes
+        messages = CounterMetricFamily("esn_messages", "Protocol messages by type and direction",
+                                       labels=["kind", "direction"])
+        for (kind, direction), n in sorted(self.metrics.messages.items()):
+            messages.add_metric([kind, direction], n)
+        yield messages
         yield _counter("esn_rejected", "Rejected peer input by reason", "reason",
                        {**_sum(self.metrics.rejected, net.rejected)})
         yield _counter("esn_media_dropped", "Media packets not relayed, by reason", "reason",

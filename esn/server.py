@@ -66,9 +66,7 @@ class Server:
         self._timer_at: float | None = None
         self._http: asyncio.Server | None = None
         self._accepting = False
-        self._count_msg = self.metrics.messages.labels
-        self._media_in = self._count_msg("media", "in")
-        self._media_out = self._count_msg("media", "out")
+        self._count_msg = self.metrics.count_message
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -127,7 +125,7 @@ class Server:
             if where.kind != "presence":
                 self._send(where.unit, m.Error(cause=exc.cause, detail=exc.detail, ref=exc.ref))
             return
-        self._count_msg(msg.T, "in").inc()
+        self._count_msg(msg.T, "in")
         now = self._loop.time()
         if where.kind == "presence":
             if not isinstance(msg, m.Presence):
@@ -148,16 +146,12 @@ class Server:
 
     def _relay(self, unit: str, tg: str, payload: bytes, received: float) -> None:
         """The hot path: one voice packet from the talker to the group."""
-        self._media_in.inc()
+        self._count_msg("media", "in")
         try:
-            obj = codec.unpack(payload)
-            if obj.get("t") != "media":
-                raise codec.ProtocolError("unknown_type", "media topic carries only media")
-            msg = codec.from_dict(obj)
+            msg = codec.media_from_dict(codec.unpack(payload))
         except codec.ProtocolError as exc:
             self.metrics.count_media_dropped(exc.cause)
             return
-        assert isinstance(msg, m.Media)
         if msg.talker is not None and msg.talker != unit:
             self.metrics.count_media_dropped("spoofed")
             return
@@ -170,14 +164,14 @@ class Server:
         if msg.ts is not None:
             out["ts"] = msg.ts
         self.transport.publish(self.topics.media_down(tg), msgpack.packb(out), qos=0)
-        self._media_out.inc()
+        self._count_msg("media", "out")
         self.metrics.media_relay.observe(perf_counter() - received)
 
     # --- outbound ---------------------------------------------------------------------
 
     def _send(self, unit: str, msg: m.Message) -> None:
         self.transport.publish(self.topics.unit_down(unit), codec.encode(msg), qos=1)
-        self._count_msg(msg.T, "out").inc()
+        self._count_msg(msg.T, "out")
 
     def _perform(self, actions: list[Action]) -> None:
         states: dict[str, None] = {}
@@ -188,7 +182,7 @@ class Server:
             elif isinstance(a, ToGroup):
                 topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
                 self.transport.publish(topic, codec.encode(a.msg), qos=1)
-                self._count_msg(a.msg.T, "out").inc()
+                self._count_msg(a.msg.T, "out")
             elif isinstance(a, StateChanged):
                 states[a.tg] = None
             elif isinstance(a, StateCleared):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from esn.codec import is_id
 
@@ -56,21 +57,26 @@ class Topics:
 
     def parse_inbound(self, topic: str) -> Inbound | None:
         """Classify a topic the server receives; None for anything not of the protocol."""
-        head = self.prefix + "/"
-        if not topic.startswith(head):
-            return None
-        parts = topic[len(head):].split("/")
-        if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
-            kind, unit, tg = parts[2], parts[1], None
-        elif len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in (
-            "floor", "media"
-        ):
-            kind, unit, tg = parts[4], parts[3], parts[1]
-        else:
-            return None
-        if not is_id(unit) or (tg is not None and not is_id(tg)):
-            return None
-        return Inbound(kind, unit, tg)
+        return _parse_inbound(self.prefix, topic)
+
+
+@lru_cache(maxsize=65536)  # the same few topics arrive again with every voice packet
+def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    parts = topic[len(head):].split("/")
+    if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
+        kind, unit, tg = parts[2], parts[1], None
+    elif len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in (
+        "floor", "media"
+    ):
+        kind, unit, tg = parts[4], parts[3], parts[1]
+    else:
+        return None
+    if not is_id(unit) or (tg is not None and not is_id(tg)):
+        return None
+    return Inbound(kind, unit, tg)
 
 
 @dataclass(frozen=True, slots=True)
