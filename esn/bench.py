@@ -142,9 +142,13 @@ async def _relay_throughput(broker: Mosquitto, cfg: BrokerConfig, client: str, f
         await talker.start()
         await talker.affiliate("tg-bench")
         await talker.press("tg-bench")
+        cpu_before = _cpu_seconds(server.pid)
         relay = await _count_through(broker, "esn/tg/tg-bench/up/talker/media",
                                      "esn/tg/tg-bench/down/media", count, opts.listeners,
                                      opts.seconds)
+        cpu = _cpu_seconds(server.pid) - cpu_before
+        relay["server_cpu_s"] = round(cpu, 3)
+        relay["msg_per_server_cpu_s"] = round(relay["received"] / cpu) if cpu > 0 else 0
         await talker.stop()
     finally:
         server.terminate()
@@ -231,12 +235,22 @@ def _print(r: dict[str, Any], opts: BenchOptions) -> None:
     print(f"  {'raw broker (C clients)':28} {raw['msg_per_s']:>9,} msg/s")
     for client, x in r["relay"].items():
         print(f"  {'server relay on ' + client:28} {x['msg_per_s']:>9,} msg/s  "
-              f"= {x['ratio_to_raw']:.1%} of raw, loss {x['loss']:.1%}")
+              f"= {x['ratio_to_raw']:.1%} of raw, loss {x['loss']:.1%}, "
+              f"{x['msg_per_server_cpu_s']:,} msg per server CPU-second")
     print(f"\nLatency at {opts.latency_rate} packets/s (publish -> receive)")
     for name, x in r["latency"].items():
         extra = f"  ({x['p50_ratio_to_direct']}x direct)" if "p50_ratio_to_direct" in x else ""
         print(f"  {name:28} p50 {x['p50_ms']:.3f} ms  p95 {x['p95_ms']:.3f} ms  "
               f"p99 {x['p99_ms']:.3f} ms{extra}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write(path: Path, results: dict[str, Any]) -> None:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from esn import messages as m
-from esn.handset import HAS_PERMISSION, NO_PERMISSION, QUEUED
+from esn.handset import HAS_PERMISSION, NO_PERMISSION, QUEUED, Inbound
 from esn.server import Server
 from tests.conftest import HandsetFactory, eventually
 
 pytestmark = pytest.mark.broker
 
 
-def on_floor(msg_type: type[m.Message], tg: str):  # noqa: ANN201
+def on_floor(msg_type: type[m.Message], tg: str) -> Callable[[Inbound], bool]:
     return lambda i: isinstance(i.msg, msg_type) and getattr(i.msg, "tg", None) == tg
 
 

@@ -10,12 +10,15 @@ dropped and counted (`dropped`): the protocol's retained state and retries recov
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger("esn.transport")
 
 
 class TransportError(Exception):
@@ -160,6 +163,8 @@ class Transport(ABC):
             if self._closing:
                 return
             self.connected = False
+            log.warning("%s: link to broker %s lost; reconnecting", self.client_id,
+                        self.broker.url())
             self.on_disconnect()
             attempt = 0
             while not self._closing:
@@ -167,9 +172,11 @@ class Transport(ABC):
                 attempt += 1
                 try:
                     await self._connect_reporting()
-                except (TransportError, OSError):
+                except (TransportError, OSError) as exc:
+                    log.info("%s: reconnect attempt %d failed: %s", self.client_id, attempt, exc)
                     continue
                 self.reconnects += 1
+                log.warning("%s: reconnected after %d attempt(s)", self.client_id, attempt)
                 break
 
     @abstractmethod

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
 from esn.transport.base import Transport, TransportError
+
+# gmqtt logs every lost connection with a traceback and every late PUBACK after a clean
+# close; the transport reports link state itself, once, in words.
+logging.getLogger("gmqtt").setLevel(logging.ERROR)
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]
