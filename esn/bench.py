@@ -57,8 +57,9 @@ def _packet() -> bytes:
 
 
 async def _count_through(broker: Mosquitto, pub_topic: str, sub_topic: str, count: int,
-                         listeners: int, seconds: float) -> dict[str, float]:
-    """Publish `count` packets with mosquitto_pub; count what each mosquitto_sub gets."""
+                         listeners: int, seconds: float, rate: int = 0) -> dict[str, float]:
+    """Publish `count` packets with mosquitto_pub (`rate`/s, or flat out when 0); count what
+    each mosquitto_sub gets."""
     tool = shutil.which("mosquitto_sub")
     if tool is None:
         raise RuntimeError("mosquitto_sub is not installed (Debian: mosquitto-clients)")
@@ -78,9 +79,10 @@ async def _count_through(broker: Mosquitto, pub_topic: str, sub_topic: str, coun
         f.write(_packet())
         f.flush()
         start = time.perf_counter()
+        pace = ["--repeat-delay", f"{1 / rate:.6f}"] if rate else []
         pub = await asyncio.create_subprocess_exec(
             "mosquitto_pub", "-p", str(broker.port), "-h", "127.0.0.1", "-t", pub_topic,
-            "-f", f.name, "--repeat", str(count), "-q", "0")
+            "-f", f.name, "--repeat", str(count), "-q", "0", *pace)
         results = await asyncio.gather(*(_drain(p, start) for p in subs))
         await pub.wait()
     received = min(n for n, _ in results)
@@ -145,7 +147,7 @@ async def _relay_throughput(broker: Mosquitto, cfg: BrokerConfig, client: str, f
         cpu_before = _cpu_seconds(server.pid)
         relay = await _count_through(broker, "esn/tg/tg-bench/up/talker/media",
                                      "esn/tg/tg-bench/down/media", count, opts.listeners,
-                                     opts.seconds)
+                                     opts.seconds, opts.rate)
         cpu = _cpu_seconds(server.pid) - cpu_before
         relay["server_cpu_s"] = round(cpu, 3)
         relay["msg_per_server_cpu_s"] = round(relay["received"] / cpu) if cpu > 0 else 0
@@ -204,7 +206,7 @@ async def run_bench(opts: BenchOptions) -> int:
         cfg = BrokerConfig.from_url(broker.url)
         print(f"raw broker: mosquitto_pub -> mosquitto_sub, {count} packets ...", flush=True)
         raw = await _count_through(broker, "bench/raw", "bench/raw", count, opts.listeners,
-                                   opts.seconds)
+                                   opts.seconds, opts.rate)
         results["raw"] = raw
         direct = _summary(await _latency_direct(cfg, "gmqtt", opts.latency_rate, opts.seconds))
         results["latency"]["direct_gmqtt"] = direct

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
     p.add_argument("--rate", type=int, default=0,
-                   help="offered media packets/s (0: as fast as the relay keeps up)")
+                   help="offered packets/s in the throughput runs (0: flat out)")
     p.add_argument("--listeners", type=int, default=1, help="group members receiving media")
     p.add_argument("--out", default="docs/benchmarks.json", help="where to write the figures")
     p.set_defaults(func=cmd_bench)

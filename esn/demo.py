@@ -211,7 +211,7 @@ class Demo:
         assert late is not None
         first = await talker.press(tg)
         if isinstance(first, m.Granted):
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3 + self.rng.random() * 0.06)  # anywhere in a packet gap
             await late.affiliate(tg)
             await asyncio.sleep(1.0)
             talker.release(tg)
@@ -237,8 +237,9 @@ class Demo:
         talking = sum(h.floor_state(tg) == HAS_PERMISSION for h in self.handsets for tg in h.groups)
         access = [x for h in self.handsets for x in h.stats.access_s]
         m2e = [x for h in self.handsets[:50] for x in h.stats.mouth_to_ear_s[-200:]]
-        online = sum(h.transport.connected for h in self.handsets)
-        return (f"t={elapsed:5.1f}s/{self.opts.duration:g}s  online {online}/{len(self.handsets)}"
+        units = [*self.handsets, *(h for h in (self.late_joiner,) if h)]
+        online = sum(h.transport.connected for h in units)
+        return (f"t={elapsed:5.1f}s/{self.opts.duration:g}s  online {online}/{len(units)}"
                 f"  talking {talking:3d}  grants {len(access):4d}"
                 f"  access p95 {_ms(percentile(access, 0.95))}"
                 f"  mouth-to-ear p95 {_ms(percentile(m2e, 0.95))}")
