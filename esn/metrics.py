@@ -29,6 +29,13 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            2.5)
 
 
+# reasons exported from the start (at 0), so rate() and alerts work before the first one
+REJECT_REASONS = ("malformed", "unknown_type", "invalid_field", "forbidden", "rate_limited",
+                  "too_large", "bad_topic", "spoofed", "invalid_presence")
+DROP_REASONS = ("not_holder", "revoked", "unknown_group", "malformed", "invalid_field",
+                "too_large", "unknown_type", "spoofed")
+
+
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -76,9 +83,9 @@ class _LiveState(Collector):
             messages.add_metric([kind, direction], n)
         yield messages
         yield _counter("esn_rejected", "Rejected peer input by reason", "reason",
-                       {**_sum(self.metrics.rejected, net.rejected)})
+                       _sum(dict.fromkeys(REJECT_REASONS, 0), self.metrics.rejected, net.rejected))
         yield _counter("esn_media_dropped", "Media packets not relayed, by reason", "reason",
-                       self.metrics.media_dropped)
+                       _sum(dict.fromkeys(DROP_REASONS, 0), self.metrics.media_dropped))
         floors = list(net.floors.values())
         yield GaugeMetricFamily("esn_units_online", "Units whose presence is online",
                                 value=len(net.online))
@@ -90,8 +97,12 @@ class _LiveState(Collector):
                                 value=sum(len(f.queue) for f in floors))
 
 
-def _sum(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+def _sum(*counts: dict[str, int]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
