@@ -98,10 +98,8 @@ class Server:
         # (re)connected: the broker may have lost every retained message, so write ours again
         t = self.topics
         self.transport.publish(t.status(self.config.server_id), self._status("online"), 1, True)
-        now = self._loop.time()
         for tg in self.network.groups:
-            state = self.network.state_msg(tg, now)
-            self.transport.publish(t.state(tg), codec.encode(state), qos=1, retain=True)
+            self._publish_state(tg)
 
     # --- inbound ----------------------------------------------------------------------
 

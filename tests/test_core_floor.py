@@ -165,6 +165,8 @@ def test_t2_revokes_then_t3_takes_back_and_grants_the_queue(net: Network) -> Non
     out = net.on_timer(10.0)
     assert [(x.T, x.cause) for x in to(out, "a")] == [("revoke", "max_talk_time")]  # type: ignore[attr-defined]
     assert net.media_drop_reason("a", "tg1", 10.1) == "revoked"
+    again = to(req(net, "a", 10.2, ref=4), "a")  # asking again does not undo the revoke
+    assert again == [m.Revoke(tg="tg1", cause="max_talk_time", ref=4)]
     assert net.state_msg("tg1").talker == "a"  # still held during the grace time
     out = net.on_timer(11.0)
     assert isinstance(to(out, "b")[0], m.Granted)

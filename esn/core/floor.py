@@ -86,6 +86,8 @@ class Floor:
     def request(self, unit: str, kind: str, prio: int, ref: int | None, now: float) -> list[Action]:
         h = self.holder
         if h is not None and h.unit == unit:
+            if h.revoked_at is not None:  # talk time is up: the answer is still the revoke
+                return [ToUnit(unit, m.Revoke(tg=self.tg, cause="max_talk_time", ref=ref))]
             return [ToUnit(unit, self._granted(h, now, ref))]  # repeated: idempotent
         before = self._positions()
         old = next((w for w in self.queue if w.unit == unit), None)
