@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(duration=args.duration, handsets=args.handsets, groups=args.groups,
                        mqtt_client=args.mqtt_client, metrics_port=args.metrics_port,
-                       seed=args.seed, broker_url=args.broker)
+                       seed=args.seed, broker_url=args.broker, monitoring=args.monitoring)
     return run(run_demo(opts))
 
 
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="URL",
                    help="use this broker instead of starting an embedded Mosquitto")
     p.add_argument("--seed", type=int, default=1, help="random seed for the traffic mix")
+    p.add_argument("--monitoring", action="store_true",
+                   help="also start Prometheus (grafana/prometheus) on the server and handsets")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import math
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from esn import messages as m
 from esn.broker import BrokerError, Mosquitto, free_port
 from esn.handset import HAS_PERMISSION, Handset
+from esn.metrics import HandsetMetrics, serve_metrics
+from esn.monitoring import CONFIG_DIR, MonitoringError, Prometheus
 from esn.transport import BrokerConfig, TransportError
 
 TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
@@ -46,6 +49,7 @@ class DemoOptions:
     metrics_port: int | None = None
     seed: int = 1
     broker_url: str | None = None
+    monitoring: bool = False  # also run Prometheus on the server and the handsets
     talk_mean_s: float = 2.5  # shorter than NIST's 4.69 s so a 30 s run sees many calls
     gap_mean_s: float = 2.0
     location_interval_s: float = 5.0
@@ -116,6 +120,7 @@ class Demo:
         self.dispatcher: Handset | None = None
         self.late_joiner: Handset | None = None
         self.checks = Checks()
+        self.handset_metrics = HandsetMetrics() if opts.monitoring else None
         self.metrics_port = opts.metrics_port or free_port()
         self.server_log = Path(tempfile.gettempdir()) / f"esn-demo-server-{self.metrics_port}.log"
         self.started = 0.0
@@ -124,7 +129,8 @@ class Demo:
     # --- set-up -----------------------------------------------------------------------
 
     async def start_handsets(self, broker: BrokerConfig) -> None:
-        kw = {"mqtt_client": self.opts.mqtt_client, "keep_inbox": False}
+        kw = {"mqtt_client": self.opts.mqtt_client, "keep_inbox": False,
+              "metrics": self.handset_metrics}
         self.dispatcher = Handset(DISPATCHER, broker, **kw)  # type: ignore[arg-type]
         await self.dispatcher.start()
         await self.dispatcher.affiliate(*self.groups)
@@ -313,6 +319,8 @@ async def run_demo(opts: DemoOptions) -> int:
     demo = Demo(opts)
     broker_proc: Mosquitto | None = None
     server: asyncio.subprocess.Process | None = None
+    prometheus: Prometheus | None = None
+    exporter: asyncio.Server | None = None
     workdir = tempfile.TemporaryDirectory(prefix="esn-demo-")
     try:
         if opts.broker_url is None:
@@ -332,6 +340,8 @@ async def run_demo(opts: DemoOptions) -> int:
                 "--server-id", "esn-demo", stdout=log, stderr=subprocess.STDOUT)
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
         await _wait_for_server(demo, server)
+        if demo.handset_metrics is not None:
+            prometheus, exporter = await _start_monitoring(demo)
         await demo.start_handsets(broker)
         demo.started = time.monotonic()
         d = opts.duration
@@ -357,16 +367,41 @@ async def run_demo(opts: DemoOptions) -> int:
             ok = False
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
-    except (DemoError, BrokerError, TransportError) as exc:
+    except (DemoError, BrokerError, TransportError, MonitoringError) as exc:
         print(f"esn demo: {exc}", file=sys.stderr)
         return 1
     finally:
+        if exporter is not None:
+            exporter.close()
+        if prometheus is not None:
+            prometheus.close()
         if server is not None and server.returncode is None:
             server.kill()
             await server.wait()
         if broker_proc is not None:
             broker_proc.close()
         workdir.cleanup()
+
+
+async def _start_monitoring(demo: Demo) -> tuple[Prometheus, asyncio.Server]:
+    """Prometheus on 9090 when free (Grafana's provisioned datasource), scraping both sides."""
+    assert demo.handset_metrics is not None
+    handset_port = free_port()
+    exporter = await serve_metrics(demo.handset_metrics.registry, handset_port)
+    port = 9090 if _port_free(9090) else free_port()
+    prometheus = await asyncio.to_thread(Prometheus(
+        {"server": [f"127.0.0.1:{demo.metrics_port}"],
+         "handsets": [f"127.0.0.1:{handset_port}"]}, port=port).start)
+    print(f"Prometheus: {prometheus.url}  (handset metrics: "
+          f"http://127.0.0.1:{handset_port}/metrics)")
+    print(f"Grafana: GF_PATHS_PROVISIONING={CONFIG_DIR.parent / 'provisioning'} grafana-server"
+          + ("" if port == 9090 else f"  (then point the datasource at {prometheus.url})"))
+    return prometheus, exporter
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 async def _after(delay: float, coro: Coroutine[Any, Any, None]) -> None:

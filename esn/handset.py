@@ -25,6 +25,7 @@ import msgpack
 
 from esn import codec
 from esn import messages as m
+from esn.metrics import HandsetMetrics
 from esn.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
@@ -74,7 +75,8 @@ class Handset:
     def __init__(self, unit: str, broker: BrokerConfig, *, prefix: str = "esn",
                  mqtt_client: str = "gmqtt", keepalive: int = 30,
                  media_interval: float = 0.06, frames_per_packet: int = 3,
-                 home: tuple[float, float] = (51.5072, -0.1276), keep_inbox: bool = True) -> None:
+                 home: tuple[float, float] = (51.5072, -0.1276), keep_inbox: bool = True,
+                 metrics: HandsetMetrics | None = None) -> None:
         self.unit = unit
         self.topics = Topics(prefix)
         self.media_interval = media_interval
@@ -85,6 +87,7 @@ class Handset:
         self.keep_inbox = keep_inbox
         self.on_inbound: Callable[[Inbound], None] | None = None
         self.position = home
+        self.metrics = metrics
         self._refs = itertools.count(1)
         self._waiters: list[tuple[Callable[[Inbound], bool], asyncio.Future[Inbound]]] = []
         self._location_task: asyncio.Task[None] | None = None
@@ -272,8 +275,12 @@ class Handset:
                 return  # a repeated grant
             if view.pressed_at is not None:
                 waited = now - view.pressed_at
-                queued = view.floor == QUEUED
-                (self.stats.queued_access_s if queued else self.stats.access_s).append(waited)
+                if view.floor == QUEUED:
+                    self.stats.queued_access_s.append(waited)
+                else:
+                    self.stats.access_s.append(waited)
+                    if self.metrics is not None:
+                        self.metrics.access.labels(msg.kind).observe(waited)
             view.floor, view.queue_pos, view.call = HAS_PERMISSION, None, msg.call
             self._start_media(msg.tg, view)
         elif isinstance(msg, m.Queued):
@@ -321,11 +328,17 @@ class Handset:
         self.stats.count("media_rx")
         now_ns = time.time_ns()
         if isinstance(ts, int):
-            self.stats.mouth_to_ear_s.append((now_ns - ts) / 1e9)
+            m2e = (now_ns - ts) / 1e9
+            self.stats.mouth_to_ear_s.append(m2e)
+            if self.metrics is not None:
+                self.metrics.mouth_to_ear.observe(m2e)
         view = self.groups.get(tg)
         if view is not None and view.joined_at is not None:
-            self.stats.late_entry_s.append(time.perf_counter() - view.joined_at)
+            late = time.perf_counter() - view.joined_at
+            self.stats.late_entry_s.append(late)
             view.joined_at = None
+            if self.metrics is not None:
+                self.metrics.late_entry.observe(late)
         if self._waiters:
             self._deliver(Inbound(topic, m.Media(call=str(obj.get("call")), seq=int(
                 obj.get("seq", 0)), data=b"", tg=tg, talker=talker, ts=ts)))

@@ -1,13 +1,16 @@
-"""The server's Prometheus metrics (PROTOCOL.md, "Metrics") and their HTTP endpoint.
+"""Prometheus metrics: the server's (PROTOCOL.md, "Metrics"), the handsets', and the endpoint.
 
 Latency histograms and message counters are updated on the critical path; gauges and
 floor outcomes are read from the core's live state when Prometheus scrapes. The endpoint
-is served from the event loop itself, so a scrape never races the core.
+is served from the event loop itself, so a scrape never races the core. Beyond the
+protocol's list the server exports per-talkgroup floor gauges and the broker's own
+figures (from Mosquitto's `$SYS` topics); handsets export what their users notice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
@@ -29,6 +32,14 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
            2.5)
 
 
+# Mosquitto's $SYS topics (cumulative counters and a gauge) -> our metric names
+BROKER_SYS = {
+    "$SYS/broker/clients/connected": "esn_broker_clients_connected",
+    "$SYS/broker/messages/received": "esn_broker_messages_received_total",
+    "$SYS/broker/messages/sent": "esn_broker_messages_sent_total",
+    "$SYS/broker/publish/messages/dropped": "esn_broker_messages_dropped_total",
+}
+
 # reasons exported from the start (at 0), so rate() and alerts work before the first one
 REJECT_REASONS = ("malformed", "unknown_type", "invalid_field", "forbidden", "rate_limited",
                   "too_large", "bad_topic", "spoofed", "invalid_presence")
@@ -47,6 +58,7 @@ class ServerMetrics:
             "esn_media_relay_seconds", "Media packet received to relayed", buckets=BUCKETS,
             registry=r)
         self.messages: dict[tuple[str, str], int] = {}  # (kind, direction) -> count
+        self.broker: dict[str, float] = {}  # $SYS figure -> value, as Mosquitto reports it
         self.media_dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
 
@@ -59,6 +71,12 @@ class ServerMetrics:
 
     def count_media_dropped(self, reason: str) -> None:
         self.media_dropped[reason] = self.media_dropped.get(reason, 0) + 1
+
+    def broker_figure(self, topic: str, payload: bytes) -> None:
+        name = BROKER_SYS.get(topic)
+        if name is not None:
+            with contextlib.suppress(ValueError, IndexError):  # not a figure: nothing to export
+                self.broker[name] = float(payload.split()[0])
 
     def watch(self, network: Network) -> None:
         self.registry.register(_LiveState(network, self))
@@ -95,6 +113,40 @@ class _LiveState(Collector):
                                 value=sum(f.emergency for f in floors))
         yield GaugeMetricFamily("esn_floor_queue_length", "Requests waiting in floor queues",
                                 value=sum(len(f.queue) for f in floors))
+        taken = GaugeMetricFamily("esn_group_floor_taken", "1 while the group's floor is held",
+                                  labels=["tg"])
+        queued = GaugeMetricFamily("esn_group_queue_length", "Requests waiting, per group",
+                                   labels=["tg"])
+        emergency = GaugeMetricFamily("esn_group_emergency", "1 while the group is in emergency",
+                                      labels=["tg"])
+        for f in floors:
+            taken.add_metric([f.tg], f.holder is not None)
+            queued.add_metric([f.tg], len(f.queue))
+            emergency.add_metric([f.tg], f.emergency)
+        yield from (taken, queued, emergency)
+        for name, value in sorted(self.metrics.broker.items()):
+            doc = "Mosquitto $SYS figure, as the broker reports it"
+            if name.endswith("_total"):
+                yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
+            else:
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+class HandsetMetrics:
+    """What the users of simulated handsets notice, for Grafana's end-to-end KPIs."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.access = Histogram("esn_handset_access_seconds",
+                                "PTT press to granted, measured by the handset", ["kind"],
+                                buckets=BUCKETS, registry=r)
+        self.mouth_to_ear = Histogram("esn_mouth_to_ear_seconds",
+                                      "Talker timestamp to media received by a listener",
+                                      buckets=BUCKETS, registry=r)
+        self.late_entry = Histogram("esn_late_entry_seconds",
+                                    "Affiliation during a call to its first media received",
+                                    buckets=BUCKETS, registry=r)
 
 
 def _sum(*counts: dict[str, int]) -> dict[str, int]:

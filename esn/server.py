@@ -27,7 +27,7 @@ from esn.core.actions import (
 )
 from esn.core.fleet import Fleet
 from esn.core.network import Network
-from esn.metrics import ServerMetrics, serve_metrics
+from esn.metrics import BROKER_SYS, ServerMetrics, serve_metrics
 from esn.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
@@ -74,6 +74,7 @@ class Server:
         self._accepting = True
         await self.transport.start()
         await self.transport.subscribe(*self.topics.server_subscriptions())
+        await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         if self.config.metrics_port is not None:
             self._http = await serve_metrics(self.metrics.registry, self.config.metrics_port)
         log.info("serving %d talkgroups on %s as %s", len(self.network.groups),
@@ -107,6 +108,9 @@ class Server:
         if not self._accepting:
             return
         received = perf_counter()
+        if topic.startswith("$SYS/"):
+            self.metrics.broker_figure(topic, payload)
+            return
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")
