@@ -12,7 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grafana_foundation_sdk.builders.common import GraphThresholdsStyleConfig
+from grafana_foundation_sdk.builders.common import (
+    GraphThresholdsStyleConfig,
+    ReduceDataOptions,
+    VizLegendOptions,
+    VizTooltipOptions,
+)
 from grafana_foundation_sdk.builders.dashboard import (
     Dashboard,
     QueryVariable,
@@ -23,7 +28,14 @@ from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models.common import GraphTresholdsStyleMode
+from grafana_foundation_sdk.models.common import (
+    BigValueGraphMode,
+    GraphTresholdsStyleMode,
+    LegendDisplayMode,
+    LegendPlacement,
+    SortOrder,
+    TooltipDisplayMode,
+)
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
     Threshold,
@@ -49,10 +61,17 @@ def thresholds(*steps: tuple[float | None, str]) -> ThresholdsConfig:
         [Threshold(value=v, color=c) for v, c in steps])
 
 
+def timeseries(title: str, unit: str) -> Timeseries:
+    legend = (VizLegendOptions().display_mode(LegendDisplayMode.LIST)
+              .placement(LegendPlacement.BOTTOM).show_legend(True))
+    tooltip = VizTooltipOptions().mode(TooltipDisplayMode.MULTI).sort(SortOrder.DESCENDING)
+    return (Timeseries().title(title).unit(unit).min(0).datasource(DATASOURCE).height(8)
+            .span(12).legend(legend).tooltip(tooltip))
+
+
 def latency(title: str, histogram: str, description: str) -> Timeseries:
     """p50/p95/p99 of a latency histogram, with the 300 ms KPI drawn as a red line."""
-    panel = (Timeseries().title(title).description(description).unit("s").min(0)
-             .datasource(DATASOURCE).height(8).span(12)
+    panel = (timeseries(title, "s").description(description)
              .thresholds(thresholds((None, "green"), (KPI_S, "red")))
              .thresholds_style(GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.LINE)))
     for ref, q in zip("ABC", ("0.5", "0.95", "0.99"), strict=True):
@@ -64,13 +83,13 @@ def latency(title: str, histogram: str, description: str) -> Timeseries:
 
 def stat(title: str, expr: str, *steps: tuple[float | None, str]) -> Stat:
     return (Stat().title(title).datasource(DATASOURCE).height(4).span(6)
-            .with_target(query(expr, title))
+            .with_target(query(expr, title)).graph_mode(BigValueGraphMode.AREA)
+            .reduce_options(ReduceDataOptions().values(False).calcs(["lastNotNull"]))
             .thresholds(thresholds(*(steps or ((None, "blue"),)))))
 
 
 def rates(title: str, expr: str, legend: str, unit: str = "ops") -> Timeseries:
-    return (Timeseries().title(title).unit(unit).min(0).datasource(DATASOURCE)
-            .height(8).span(12).with_target(query(expr, legend)))
+    return timeseries(title, unit).with_target(query(expr, legend))
 
 
 def overview() -> Dashboard:
