@@ -26,6 +26,7 @@ from esn.core.actions import (
     ToUnit,
 )
 from esn.core.fleet import Fleet
+from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
 from esn.metrics import BROKER_SYS, ServerMetrics, serve_metrics
 from esn.topics import Topics
@@ -67,6 +68,8 @@ class Server:
         self._http: asyncio.Server | None = None
         self._accepting = False
         self._count_msg = self.metrics.count_message
+        # answers to garbage are capped per unit, so a flood cannot make us flood the broker
+        self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -124,7 +127,8 @@ class Server:
             msg = codec.decode(payload)
         except codec.ProtocolError as exc:
             self.metrics.count_rejected(exc.cause)
-            if where.kind != "presence":
+            allowed = self._error_replies.check(where.unit, "error", self._loop.time())
+            if where.kind != "presence" and allowed == Verdict.ALLOW:
                 self._send(where.unit, m.Error(cause=exc.cause, detail=exc.detail, ref=exc.ref))
             return
         self._count_msg(msg.T, "in")

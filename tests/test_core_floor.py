@@ -305,3 +305,39 @@ def test_location_spoof_is_dropped_and_counted(net: Network) -> None:
     assert net.rejected == {"spoofed": 1}
     (acc,) = net.unit_message("a", m.Location(lat=1, lon=2, spd=3), 0)
     assert acc.msg.unit == "a" and acc.msg.spd == 3  # type: ignore[union-attr]
+
+
+def test_floor_request_flood_is_rate_limited_and_told_once_per_second() -> None:
+    n = Network(parse_fleet({"talkgroup": [{"id": "g"}],
+                             "limits": {"floor": {"per_s": 5, "burst": 10}}}))
+    n.unit_message("x", m.Affiliate(groups=["g"]), 0)
+    answers = [to(n.floor_message("x", "g", m.Request(ref=i), 1.0), "x") for i in range(30)]
+    decided = [a for a in answers[:10] if a]
+    assert len(decided) == 10  # the burst is served (granted, then repeats of the grant)
+    assert answers[10] == [m.Deny(tg="g", cause="rate_limited", ref=10)]
+    assert all(a == [] for a in answers[11:])  # refused quietly: no amplification
+    assert n.rejected["rate_limited"] == 20
+    # tokens come back at 5/s
+    assert to(n.floor_message("x", "g", m.Request(ref=99), 1.5), "x")[0].T == "granted"
+
+
+def test_location_and_sds_floods_are_rate_limited() -> None:
+    n = Network(parse_fleet({"limits": {"location": {"per_s": 1, "burst": 2},
+                                        "sds": {"per_s": 1, "burst": 1}}}))
+    out = [n.unit_message("x", m.Location(lat=1, lon=1, ref=i), 0) for i in range(4)]
+    assert [type(a[0]).__name__ if a else None for a in out] == [
+        "LocationAccepted", "LocationAccepted", "ToUnit", None]
+    assert out[2][0].msg == m.Error(cause="rate_limited", detail="too many location messages",  # type: ignore[union-attr]
+                                    ref=2)
+    n.unit_message("x", m.Sds(to="unit:y", text="a"), 0)
+    (err,) = to(n.unit_message("x", m.Sds(to="unit:y", text="b", ref=5), 0), "x")
+    assert isinstance(err, m.Error) and err.cause == "rate_limited"
+
+
+def test_limits_in_the_fleet_file_are_checked() -> None:
+    from esn.core.fleet import FleetError
+
+    with pytest.raises(FleetError, match=r"limits\.floor\.per_s: must be a number above 0"):
+        parse_fleet({"limits": {"floor": {"per_s": 0}}})
+    with pytest.raises(FleetError, match="unknown kind 'media'"):
+        parse_fleet({"limits": {"media": {"per_s": 1}}})

@@ -24,6 +24,8 @@ FLEET = parse_fleet({
     "talkgroup": [{"id": "g1"}, {"id": "g2", "queue": False}],
     "unit": [{"id": "u1", "priority": 50}, {"id": "u2", "priority": 160},
              {"id": "u3", "priority": 255}, {"id": "disp", "role": "dispatcher", "priority": 250}],
+    # rate limits have their own tests; here every request must be decided
+    "limits": {"floor": {"per_s": 1e6, "burst": 1e6}},
 })
 
 units = st.sampled_from(UNITS)

@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from esn.codec import is_id
+from esn.core.limits import Rate
+
+# per-unit rate limits by message class; the [limits] table overrides them
+DEFAULT_LIMITS = {
+    "floor": Rate(per_s=5.0, burst=10.0),  # requests, releases and queue status
+    "location": Rate(per_s=2.0, burst=5.0),
+    "sds": Rate(per_s=1.0, burst=5.0),
+}
 
 
 class FleetError(ValueError):
@@ -63,6 +71,7 @@ class Fleet:
     defaults: Policy = Policy()
     unit_priority: int = 100
     open_registration: bool = True
+    limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
 
     def profile(self, unit: str) -> UnitProfile | None:
         """The unit's profile, or None when it is not registered and registration is closed."""
@@ -108,7 +117,7 @@ def _policy(base: Policy, table: dict[str, Any]) -> Policy:
 
 
 def parse_fleet(doc: dict[str, Any]) -> Fleet:
-    unknown = set(doc) - {"defaults", "talkgroup", "unit"}
+    unknown = set(doc) - {"defaults", "talkgroup", "unit", "limits"}
     if unknown:
         raise FleetError(f"unknown top-level key {sorted(unknown)[0]!r}")
     defaults = _checked("defaults", doc.get("defaults", {}), _DEFAULT_KEYS)
@@ -139,7 +148,26 @@ def parse_fleet(doc: dict[str, Any]) -> Fleet:
         if role not in ("handset", "dispatcher"):
             raise FleetError(f"unit {uid!r}: role must be 'handset' or 'dispatcher'")
         units[uid] = UnitProfile(uid, role, u.get("priority", prio))
-    return Fleet(groups, units, policy, prio, defaults.get("open_registration", True))
+    limits = _limits(doc.get("limits", {}))
+    return Fleet(groups, units, policy, prio, defaults.get("open_registration", True), limits)
+
+
+def _limits(table: object) -> dict[str, Rate]:
+    if not isinstance(table, dict):
+        raise FleetError("limits: must be a table")
+    limits = dict(DEFAULT_LIMITS)
+    for kind, spec in table.items():
+        if kind not in DEFAULT_LIMITS:
+            raise FleetError(f"limits: unknown kind {kind!r} (one of {', '.join(DEFAULT_LIMITS)})")
+        if not isinstance(spec, dict) or set(spec) - {"per_s", "burst"}:
+            raise FleetError(f"limits.{kind}: must be {{ per_s = N, burst = N }}")
+        rate = replace(limits[kind], **spec)
+        for name in ("per_s", "burst"):
+            value = getattr(rate, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise FleetError(f"limits.{kind}.{name}: must be a number above 0")
+        limits[kind] = Rate(float(rate.per_s), max(1.0, float(rate.burst)))
+    return limits
 
 
 def load_fleet(path: str | Path) -> Fleet:

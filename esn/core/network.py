@@ -26,6 +26,7 @@ from esn.core.actions import (
 )
 from esn.core.fleet import Fleet, Talkgroup, UnitProfile
 from esn.core.floor import Floor
+from esn.core.limits import RateLimiter, Verdict
 
 SDS_STORE = 50  # short messages kept per offline unit
 
@@ -41,6 +42,7 @@ class Network:
         self.emergencies: set[tuple[str, str]] = set()  # (unit, tg)
         self.rejected: dict[str, int] = {}
         self.wall_offset = wall_offset
+        self.limiter = RateLimiter(fleet.limits)
         self._sds_store: dict[str, deque[m.Sds]] = {}
         self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
         self._armed: dict[str, float] = {}  # tg -> its live deadline in the heap
@@ -59,6 +61,13 @@ class Network:
             return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
         if handler[1] and not profile.is_dispatcher:
             return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
+        kind = _LIMITED.get(type(msg))
+        if kind is not None:
+            verdict = self.limiter.check(unit, kind, now)
+            if verdict == Verdict.REFUSE_AND_TELL:
+                return self._error(unit, msg.ref, "rate_limited", f"too many {kind} messages")
+            if verdict == Verdict.REFUSE_QUIETLY:
+                return self._reject("rate_limited")
         return handler[0](self, profile, msg, now)
 
     def _affiliate(self, p: UnitProfile, msg: m.Affiliate, now: float) -> list[Action]:
@@ -190,6 +199,12 @@ class Network:
         ref = msg.ref
         if not isinstance(msg, m.Request | m.Release | m.QueueStatus):
             return self._error(unit, ref, "unknown_type", f"{msg.T} is not a floor message")
+        verdict = self.limiter.check(unit, "floor", now)
+        if verdict == Verdict.REFUSE_AND_TELL:
+            self._reject("rate_limited")
+            return self._deny(unit, tg, "rate_limited", ref)
+        if verdict == Verdict.REFUSE_QUIETLY:
+            return self._reject("rate_limited")
         if tg not in self.groups:
             return self._deny(unit, tg, "unknown_group", ref)
         if profile is None or tg not in self.affiliations.get(unit, ()):
@@ -301,6 +316,9 @@ class Network:
         self._denied += 1
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
 
+
+# message types under a per-unit rate limit -> the limit's name
+_LIMITED: dict[type[m.Message], str] = {m.Location: "location", m.Sds: "sds"}
 
 # message type -> (handler, dispatcher only)
 _Handler = Callable[[Network, UnitProfile, Any, float], list[Action]]
