@@ -40,9 +40,13 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1:`port`; `start()` returns once it accepts connections."""
 
-    def __init__(self, port: int | None = None, config: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, config: Path | None = None,
+                 complete: bool = False) -> None:
+        """`config` is a profile without listeners (the launcher adds one on `port`), or,
+        with `complete`, a whole configuration with its own listeners on `port`."""
         self.port = port or free_port()
         self.config = config or CONFIG_DIR / "mosquitto.conf"
+        self.complete = complete
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="esn-mosquitto-")
         self.log_path = Path(self._dir.name) / "mosquitto.log"
@@ -53,7 +57,8 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\n" + self.config.read_text())
+        listener = "" if self.complete else f"listener {self.port} 127.0.0.1\n"
+        conf.write_text(listener + self.config.read_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)

@@ -8,10 +8,12 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from esn import __version__
 from esn.core.fleet import FleetError, load_fleet
 from esn.runtime import run
+from esn.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
 
 
@@ -65,8 +67,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     opts = DemoOptions(duration=args.duration, handsets=args.handsets, groups=args.groups,
                        mqtt_client=args.mqtt_client, metrics_port=args.metrics_port,
-                       seed=args.seed, broker_url=args.broker, monitoring=args.monitoring)
+                       seed=args.seed, broker_url=args.broker, monitoring=args.monitoring,
+                       secure=args.secure)
     return run(run_demo(opts))
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from esn.broker import free_port
+    from esn.secure import generate
+
+    fleet = load_fleet(args.fleet)
+    profile = generate(fleet, Path(args.out), port=args.port or free_port(),
+                       tls_port=args.tls_port or free_port(), server_id=args.server_id,
+                       extra_users=tuple(args.user), prefix=args.prefix)
+    print(f"wrote {profile.folder}: mosquitto.conf (listeners 127.0.0.1:{profile.port} and "
+          f"TLS 127.0.0.1:{profile.tls_port}), passwd, acl, credentials.toml, ca.crt")
+    print(f"run: mosquitto -c {profile.conf}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -101,9 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="URL",
                    help="use this broker instead of starting an embedded Mosquitto")
     p.add_argument("--seed", type=int, default=1, help="random seed for the traffic mix")
+    p.add_argument("--secure", action="store_true",
+                   help="run the broker in the secure profile: passwords, ACL, TLS for the server")
     p.add_argument("--monitoring", action="store_true",
                    help="also start Prometheus (grafana/prometheus) on the server and handsets")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("broker-config", help="generate the secure Mosquitto profile from a fleet")
+    p.add_argument("fleet", metavar="FLEET.toml")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the profile to")
+    p.add_argument("--port", type=int, help="plain (authenticated) listener port")
+    p.add_argument("--tls-port", type=int, help="TLS listener port")
+    p.add_argument("--server-id", default="esn-1", help="the server's account")
+    p.add_argument("--user", action="append", default=[],
+                   help="an account for a unit not listed in the fleet file (repeatable)")
+    p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
+    p.set_defaults(func=cmd_broker_config)
 
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
@@ -121,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (FleetError, TransportError, CliError, OSError) as exc:
+    except (FleetError, TransportError, CliError, SecureConfigError, OSError) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FleetError | CliError) else 1
     except KeyboardInterrupt:

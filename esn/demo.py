@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import socket
 import subprocess
@@ -20,8 +21,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from esn import messages as m
 from esn.broker import BrokerError, Mosquitto, free_port
+from esn.core.fleet import load_fleet
 from esn.handset import HAS_PERMISSION, Handset
 from esn.metrics import HandsetMetrics, serve_metrics
 from esn.monitoring import CONFIG_DIR, MonitoringError, Prometheus
+from esn.secure import SecureConfigError, generate
 from esn.transport import BrokerConfig, TransportError
 
 TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
 GROUP_NAMES = ["Response North", "Response South", "Response East", "Response West",
                "Traffic", "Firearms", "Custody", "Fire Ops", "Ambulance Ops", "Coastguard"]
 DISPATCHER = "disp-1"
+SERVER_ID = "esn-demo"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class DemoOptions:
     seed: int = 1
     broker_url: str | None = None
     monitoring: bool = False  # also run Prometheus on the server and the handsets
+    secure: bool = False  # passwords, ACL and TLS (the secure broker profile)
     talk_mean_s: float = 2.5  # shorter than NIST's 4.69 s so a 30 s run sees many calls
     gap_mean_s: float = 2.0
     location_interval_s: float = 5.0
@@ -128,20 +133,21 @@ class Demo:
 
     # --- set-up -----------------------------------------------------------------------
 
-    async def start_handsets(self, broker: BrokerConfig) -> None:
+    async def start_handsets(self, broker_for: Callable[[str], BrokerConfig]) -> None:
+        """`broker_for(unit)`: how that unit connects (its own credentials, if any)."""
         kw = {"mqtt_client": self.opts.mqtt_client, "keep_inbox": False,
               "metrics": self.handset_metrics}
-        self.dispatcher = Handset(DISPATCHER, broker, **kw)  # type: ignore[arg-type]
+        self.dispatcher = Handset(DISPATCHER, broker_for(DISPATCHER), **kw)  # type: ignore[arg-type]
         await self.dispatcher.start()
         await self.dispatcher.affiliate(*self.groups)
         # the last unit joins late, in the middle of a call
         *regular, late = self.unit_ids
         for i, uid in enumerate(regular):
-            h = Handset(uid, broker, home=(51.45 + self.rng.random() * 0.15,
-                                           -0.25 + self.rng.random() * 0.25), **kw)  # type: ignore[arg-type]
+            home = (51.45 + self.rng.random() * 0.15, -0.25 + self.rng.random() * 0.25)
+            h = Handset(uid, broker_for(uid), home=home, **kw)  # type: ignore[arg-type]
             self.handsets.append(h)
             self.members[self.groups[i % len(self.groups)]].append(h)
-        self.late_joiner = Handset(late, broker, **kw)  # type: ignore[arg-type]
+        self.late_joiner = Handset(late, broker_for(late), **kw)  # type: ignore[arg-type]
         sem = asyncio.Semaphore(50)  # ramp connections without a thundering herd
 
         async def bring_up(h: Handset, tg: str) -> None:
@@ -254,6 +260,8 @@ class Demo:
         tty = sys.stdout.isatty()
         while not self.stopping:
             await asyncio.sleep(1.0 if tty else 5.0)
+            if self.stopping:
+                break
             line = self.progress_line()
             print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
 
@@ -323,26 +331,47 @@ async def run_demo(opts: DemoOptions) -> int:
     exporter: asyncio.Server | None = None
     workdir = tempfile.TemporaryDirectory(prefix="esn-demo-")
     try:
-        if opts.broker_url is None:
-            broker_proc = Mosquitto().start()
-            url = broker_proc.url
-        else:
-            url = opts.broker_url
-        broker = BrokerConfig.from_url(url)
         fleet = Path(workdir.name) / "fleet.toml"
         fleet.write_text(fleet_toml(demo.groups, demo.unit_ids, demo.supervisors))
-        print(f"esn demo: broker {url}, {len(demo.unit_ids)} handsets in {len(demo.groups)} "
-              f"talkgroups, 1 dispatcher, {opts.duration:g} s, MQTT client {opts.mqtt_client}")
+        server_args: list[str] = []
+        env = dict(os.environ)
+        if opts.secure:
+            profile = generate(load_fleet(fleet), Path(workdir.name) / "broker",
+                               port=free_port(), tls_port=free_port(), server_id=SERVER_ID,
+                               extra_users=tuple(demo.unit_ids))
+            broker_proc = Mosquitto(profile.port, profile.conf, complete=True).start()
+            url = broker_proc.url
+            # the server over TLS, the handsets over the authenticated plain listener
+            server_url = f"mqtts://127.0.0.1:{profile.tls_port}"
+            server_args = ["--username", SERVER_ID, "--ca-file", str(profile.ca_file)]
+            env["ESN_MQTT_PASSWORD"] = profile.password(SERVER_ID)
+
+            def broker_for(unit: str) -> BrokerConfig:
+                return replace(BrokerConfig.from_url(url), username=unit,
+                               password=profile.password(unit))
+        else:
+            if opts.broker_url is None:
+                broker_proc = Mosquitto().start()
+            url = server_url = opts.broker_url or broker_proc.url  # type: ignore[union-attr]
+            plain = BrokerConfig.from_url(url)
+
+            def broker_for(unit: str) -> BrokerConfig:
+                return plain
+        mode = "secure profile (passwords, ACL, TLS)" if opts.secure else "local profile"
+        print(f"esn demo: broker {url} in the {mode}, {len(demo.unit_ids)} handsets in "
+              f"{len(demo.groups)} talkgroups, 1 dispatcher, {opts.duration:g} s, "
+              f"MQTT client {opts.mqtt_client}")
         with open(demo.server_log, "wb") as log:  # noqa: ASYNC230 (a moment, at start)
             server = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet", str(fleet),
-                "--metrics-port", str(demo.metrics_port), "--mqtt-client", opts.mqtt_client,
-                "--server-id", "esn-demo", stdout=log, stderr=subprocess.STDOUT)
+                sys.executable, "-m", "esn.cli", "server", "--broker", server_url,
+                "--fleet", str(fleet), "--metrics-port", str(demo.metrics_port),
+                "--mqtt-client", opts.mqtt_client, "--server-id", SERVER_ID, *server_args,
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
         await _wait_for_server(demo, server)
         if demo.handset_metrics is not None:
             prometheus, exporter = await _start_monitoring(demo)
-        await demo.start_handsets(broker)
+        await demo.start_handsets(broker_for)
         demo.started = time.monotonic()
         d = opts.duration
         tasks = [asyncio.create_task(demo.conversation(tg)) for tg in demo.groups[3:]]
@@ -367,7 +396,7 @@ async def run_demo(opts: DemoOptions) -> int:
             ok = False
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
-    except (DemoError, BrokerError, TransportError, MonitoringError) as exc:
+    except (DemoError, BrokerError, TransportError, MonitoringError, SecureConfigError) as exc:
         print(f"esn demo: {exc}", file=sys.stderr)
         return 1
     finally:
