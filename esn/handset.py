@@ -44,6 +44,7 @@ class GroupView:
     """What this handset knows of one group: its own floor state and the group's."""
 
     floor: str = NO_PERMISSION
+    kind: str = "normal"  # of our own request or grant
     talker: str | None = None
     call: str | None = None
     emergency: bool = False
@@ -162,7 +163,7 @@ class Handset:
         Returns the server's first answer: `granted`, `queued` or `deny`.
         """
         view = self.groups.setdefault(tg, GroupView())
-        view.floor, view.pressed_at = PENDING_REQUEST, time.perf_counter()
+        view.floor, view.pressed_at, view.kind = PENDING_REQUEST, time.perf_counter(), kind
         ref = next(self._refs)
         answer = self.expect(
             lambda i: i.msg.ref == ref and isinstance(i.msg, m.Granted | m.Queued | m.Deny)
@@ -260,6 +261,7 @@ class Handset:
             # affiliations (a restart, our will firing), so state them again; it is idempotent.
             if msg.state == "online" and self.groups:
                 self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
+                self._reclaim_floors()
             return
         tg = getattr(msg, "tg", None)
         if (isinstance(msg, m.Regrouped) and tg not in self.groups) or (
@@ -281,13 +283,18 @@ class Handset:
                     self.stats.access_s.append(waited)
                     if self.metrics is not None:
                         self.metrics.access.labels(msg.kind).observe(waited)
-            view.floor, view.queue_pos, view.call = HAS_PERMISSION, None, msg.call
-            self._start_media(msg.tg, view)
+            reclaimed = view.media_task is not None and view.call == msg.call
+            view.floor, view.queue_pos, view.call, view.kind = (
+                HAS_PERMISSION, None, msg.call, msg.kind)
+            if not reclaimed:  # a reclaimed call keeps its packet sequence going
+                self._start_media(msg.tg, view)
         elif isinstance(msg, m.Queued):
             if view.floor in (PENDING_REQUEST, QUEUED):
+                self._stop_media(view)  # a reclaim that found the floor taken
                 view.floor, view.queue_pos = QUEUED, msg.pos
         elif isinstance(msg, m.Deny):
             if view.floor in (PENDING_REQUEST, QUEUED):
+                self._stop_media(view)
                 view.floor, view.queue_pos = NO_PERMISSION, None
         elif isinstance(msg, m.Revoke):
             # stop media at once and hand the floor back
@@ -302,6 +309,16 @@ class Handset:
             view.talker, view.call, view.emergency = msg.talker, msg.call, msg.emergency
             if msg.floor == "idle":
                 view.joined_at = None  # no call to enter late
+
+    def _reclaim_floors(self) -> None:
+        """Still talking when the server (or our link) came back: ask for the floor again,
+        so the call goes on. The server answers `granted` if it kept or restored our grant."""
+        for tg, view in self.groups.items():
+            if view.floor == HAS_PERMISSION:
+                # media goes on while the answer is awaited; a reclaim is no access sample
+                view.floor, view.pressed_at = PENDING_REQUEST, None
+                self._publish(self.topics.floor_up(tg, self.unit),
+                              m.Request(kind=view.kind, ref=next(self._refs), ts=time.time_ns()))
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""

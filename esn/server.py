@@ -8,6 +8,7 @@ publishes retained state and status, and measures the critical path for Promethe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Server:
         self._timer_at: float | None = None
         self._http: asyncio.Server | None = None
         self._accepting = False
+        # retained states while recovering at start; {} from construction to the end of it
+        self._recovered: dict[str, m.State] | None = {}
         self._count_msg = self.metrics.count_message
         # answers to garbage are capped per unit, so a flood cannot make us flood the broker
         self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
@@ -78,6 +81,7 @@ class Server:
         await self.transport.start()
         await self.transport.subscribe(*self.topics.server_subscriptions())
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
+        await self._recover()
         if self.config.metrics_port is not None:
             self._http = await serve_metrics(self.metrics.registry, self.config.metrics_port)
         log.info("serving %d talkgroups on %s as %s", len(self.network.groups),
@@ -95,11 +99,60 @@ class Server:
             self._http.close()
             await self._http.wait_closed()
 
+    async def _recover(self, timeout: float = 5.0) -> None:
+        """Read the groups' retained state left by a previous instance and adopt what is
+        still true, so a call survives a server restart (SIGKILL included).
+
+        The retained presence arrives with the subscriptions made before this; a marker
+        sent to our own sync topic comes back after every retained state, so once it is
+        back the picture is complete.
+        """
+        t = self.topics
+        marker = f"{self.started_ns}".encode()
+        self._recovered = {}  # from here until the marker is back, retained states land here
+        self._synced = asyncio.Event()
+        self._sync_marker = marker
+        await self.transport.subscribe(t.all_states(), t.sync(self.config.server_id))
+        self.transport.publish(t.sync(self.config.server_id), marker, qos=1)
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except TimeoutError:
+            log.warning("no echo from the broker within %g s; recovering what arrived", timeout)
+        await self.transport.unsubscribe(t.all_states(), t.sync(self.config.server_id))
+        recovered, self._recovered = self._recovered or {}, None
+        now = self._loop.time()
+        for state in recovered.values():
+            self.network.restore(state, now)  # its state is republished just below
+        self._rearm()
+        self._announce()  # only now: units reclaiming a floor find it restored
+        taken = sum(f.holder is not None for f in self.network.floors.values())
+        if recovered:
+            log.info("read %d retained group states; %d calls go on", len(recovered), taken)
+
+    def _on_recovery(self, topic: str, payload: bytes) -> bool:
+        """During recovery: keep retained states and watch for our marker."""
+        if topic == self.topics.sync(self.config.server_id):
+            if payload == self._sync_marker:
+                self._synced.set()
+            return True
+        tg = self.topics.state_group(topic)
+        if tg is None:
+            return False
+        with contextlib.suppress(codec.ProtocolError):
+            msg = codec.decode(payload) if payload else None
+            if isinstance(msg, m.State) and msg.tg == tg:
+                self._recovered[tg] = msg  # type: ignore[index]
+        return True
+
     def _status(self, state: str) -> bytes:
         return codec.encode(m.Status(state=state, version=__version__, started_ts=self.started_ns))
 
     def _on_connect(self) -> None:
-        # (re)connected: the broker may have lost every retained message, so write ours again
+        if self._recovered is None and self._accepting:  # a reconnect, not the first connect
+            self._announce()
+
+    def _announce(self) -> None:
+        """Status online and every group's state: the broker may have lost all it retained."""
         t = self.topics
         self.transport.publish(t.status(self.config.server_id), self._status("online"), 1, True)
         for tg in self.network.groups:
@@ -113,6 +166,8 @@ class Server:
         received = perf_counter()
         if topic.startswith("$SYS/"):
             self.metrics.broker_figure(topic, payload)
+            return
+        if self._recovered is not None and self._on_recovery(topic, payload):
             return
         where = self.topics.parse_inbound(topic)
         if where is None:

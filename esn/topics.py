@@ -50,6 +50,23 @@ class Topics:
     def status(self, server_id: str) -> str:
         return f"{self.prefix}/server/{server_id}/status"
 
+    def sync(self, server_id: str) -> str:
+        """The server's own echo topic: a marker sent to itself to know a backlog is read."""
+        return f"{self.prefix}/server/{server_id}/sync"
+
+    def all_states(self) -> str:
+        return f"{self.prefix}/tg/+/state"
+
+    def state_group(self, topic: str) -> str | None:
+        """The talkgroup of a retained state topic, else None."""
+        parts = topic.split("/")
+        head = self.prefix.split("/")
+        n = len(head)
+        if (len(parts) == n + 3 and parts[:n] == head and parts[n] == "tg"
+                and parts[n + 2] == "state" and is_id(parts[n + 1])):
+            return parts[n + 1]
+        return None
+
     # what the server subscribes to
     def server_subscriptions(self) -> list[str]:
         p = self.prefix

@@ -341,3 +341,16 @@ def test_limits_in_the_fleet_file_are_checked() -> None:
         parse_fleet({"limits": {"floor": {"per_s": 0}}})
     with pytest.raises(FleetError, match="unknown kind 'media'"):
         parse_fleet({"limits": {"media": {"per_s": 1}}})
+
+
+def test_qos1_duplicates_are_harmless(net: Network) -> None:
+    net.presence("b", m.Presence(state="online"), 0)
+    first = net.unit_message("a", m.Sds(to="unit:b", text="once", ref=7), 0)
+    again = net.unit_message("a", m.Sds(to="unit:b", text="once", ref=7), 0)
+    assert len(to(first, "b")) == 1 and to(again, "b") == []
+    assert to(again, "a") == [m.SdsStatus(state="delivered", ref=7)]
+    req(net, "a", 1, ref=3)
+    assert len(req(net, "a", 1, ref=3)) == 1  # just the grant again
+    rel(net, "a", 2)
+    assert rel(net, "a", 2) == []  # a second release changes nothing
+    assert net.state_msg("tg1").seq == 2

@@ -20,7 +20,7 @@ from esn.server import Config, Server
 from esn.transport import BrokerConfig, make_transport
 from tests.conftest import FLEET, HandsetFactory, eventually
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
 DYING_HANDSET = textwrap.dedent("""
     import asyncio, sys

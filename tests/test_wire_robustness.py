@@ -15,7 +15,7 @@ from esn.transport import BrokerConfig, make_transport
 from esn.transport.base import Transport
 from tests.conftest import HandsetFactory, eventually
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
 
 class RawClient:

@@ -17,7 +17,7 @@ from esn.core.limits import Rate
 
 # per-unit rate limits by message class; the [limits] table overrides them
 DEFAULT_LIMITS = {
-    "floor": Rate(per_s=5.0, burst=10.0),  # requests, releases and queue status
+    "floor": Rate(per_s=5.0, burst=20.0),  # floor requests (PTT presses and their retries)
     "location": Rate(per_s=2.0, burst=5.0),
     "sds": Rate(per_s=1.0, burst=5.0),
 }

@@ -44,6 +44,7 @@ class Network:
         self.wall_offset = wall_offset
         self.limiter = RateLimiter(fleet.limits)
         self._sds_store: dict[str, deque[m.Sds]] = {}
+        self._sds_refs: dict[str, deque[int]] = {}  # recent refs per sender
         self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
         self._armed: dict[str, float] = {}  # tg -> its live deadline in the heap
         self._call_prefix = call_prefix
@@ -126,6 +127,11 @@ class Network:
         return out
 
     def _sds(self, p: UnitProfile, msg: m.Sds, now: float) -> list[Action]:
+        if msg.ref is not None:  # a QoS 1 duplicate must not deliver the text twice
+            seen = self._sds_refs.setdefault(p.id, deque(maxlen=64))
+            if msg.ref in seen:
+                return [ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
+            seen.append(msg.ref)
         scope, _, target = msg.to.partition(":")
         sds = m.Sds(to=msg.to, text=msg.text, sender=p.id, ref=msg.ref)
         if scope == "tg":
@@ -199,7 +205,7 @@ class Network:
         ref = msg.ref
         if not isinstance(msg, m.Request | m.Release | m.QueueStatus):
             return self._error(unit, ref, "unknown_type", f"{msg.T} is not a floor message")
-        verdict = self.limiter.check(unit, "floor", now)
+        verdict = self.limiter.check(unit, "floor", now) if isinstance(msg, m.Request) else ""
         if verdict == Verdict.REFUSE_AND_TELL:
             self._reject("rate_limited")
             return self._deny(unit, tg, "rate_limited", ref)
@@ -243,6 +249,29 @@ class Network:
         out: list[Action] = []
         for tg in sorted(self.affiliations.pop(unit, set())):
             out += self._leave_floor(unit, tg, now)
+        return out
+
+    # --- recovery after a restart ------------------------------------------------------
+
+    def restore(self, state: m.State, now: float) -> list[Action]:
+        """Adopt a group's retained state from before a restart, unless it is stale.
+
+        Stale: the group no longer exists, the talker has since gone offline, or the grant
+        is older than the group's talk time (T2 would have ended it).
+        """
+        group = self.groups.get(state.tg)
+        if group is None:
+            return []
+        age_s = now + self.wall_offset - state.since_ts / 1e9
+        stale = state.floor == "taken" and (
+            state.talker in self.offline or not 0 <= age_s < group.policy.max_talk_ms / 1000)
+        floor = self._floor(state.tg, now)
+        if stale or floor.holder is not None:
+            return [StateChanged(state.tg)] if stale else []
+        out = floor.restore(state, age_s, now)
+        if floor.holder is not None:
+            self.affiliations.setdefault(floor.holder.unit, set()).add(state.tg)
+        self._arm(floor)
         return out
 
     # --- timers -----------------------------------------------------------------------

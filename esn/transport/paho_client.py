@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Any
 
@@ -16,6 +17,9 @@ import aiomqtt
 from esn.transport.base import Transport, TransportError
 
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+# aiomqtt warns once per publish beyond ten in flight; under load that is every packet
+_log = logging.getLogger("esn.transport.aiomqtt")
+_log.setLevel(logging.ERROR)
 
 
 class PahoTransport(Transport):
@@ -32,7 +36,7 @@ class PahoTransport(Transport):
             username=self.broker.username, password=self.broker.password, will=will,
             protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
             keepalive=self.keepalive, tls_context=self.broker.ssl_context(),
-            socket_options=[_NODELAY], timeout=self.connect_timeout,
+            socket_options=[_NODELAY], timeout=self.connect_timeout, logger=_log,
         )
         try:
             await client.__aenter__()

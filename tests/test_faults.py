@@ -1,0 +1,402 @@
+"""The fault and abuse suite (`pytest -m fault`): each test says what it tries, and asserts
+that nothing was lost and the service stayed up.
+
+Servers and handsets that must die run as their own processes and are killed with real
+signals; brokers are killed and restarted on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from esn import messages as m
+from esn.broker import Mosquitto, free_port
+from esn.core.fleet import parse_fleet
+from esn.handset import HAS_PERMISSION, Handset
+from esn.secure import SecureProfile, generate
+from esn.server import Config, Server
+from esn.transport import BrokerConfig, TransportError
+from tests.conftest import FLEET, HandsetFactory, eventually
+
+pytestmark = [pytest.mark.broker, pytest.mark.fault]
+
+FLEET_TOML = """
+[defaults]
+hang_ms = 10000
+[[talkgroup]]
+id = "tg-1"
+[[talkgroup]]
+id = "tg-2"
+[[talkgroup]]
+id = "tg-closed"
+members = ["u1", "disp"]
+[[unit]]
+id = "disp"
+role = "dispatcher"
+priority = 250
+"""
+
+# a handset in its own process: connects, affiliates, optionally talks, then waits
+HANDSET = textwrap.dedent("""
+    import asyncio, sys
+    from esn.handset import Handset
+    from esn.transport import BrokerConfig
+    async def main():
+        url, prefix, unit, keepalive, talk = sys.argv[1:6]
+        h = Handset(unit, BrokerConfig.from_url(url), prefix=prefix, keepalive=int(keepalive),
+                    media_interval=0.02)
+        await h.start()
+        await h.affiliate("tg-1")
+        print((await h.press("tg-1")).T if talk == "talk" else "ready", flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+""")
+
+
+async def spawn_handset(url: str, prefix: str, unit: str, *, keepalive: int = 30,
+                        talk: bool = False) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HANDSET, url, prefix, unit, str(keepalive),
+        "talk" if talk else "listen", stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert line.strip() in (b"granted", b"ready"), line
+    return proc
+
+
+async def end(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+    await proc.wait()
+
+
+async def spawn_server(url: str, prefix: str, fleet: Path) -> asyncio.subprocess.Process:
+    """`esn server` as its own process; returns once it announced itself online."""
+    watcher = Handset("watcher", BrokerConfig.from_url(url), prefix=prefix)
+    await watcher.start()
+    online = watcher.expect(lambda i: isinstance(i.msg, m.Status) and i.msg.state == "online"
+                            and i.topic.endswith("/fault-srv/status"), timeout=20)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet", str(fleet),
+        "--prefix", prefix, "--server-id", "fault-srv")
+    try:
+        # a retained 'online' from a killed predecessor must not count: wait for a fresh one
+        while True:
+            status = (await online).msg
+            assert isinstance(status, m.Status)
+            if status.started_ts != getattr(spawn_server, "last_started", None):
+                spawn_server.last_started = status.started_ts  # type: ignore[attr-defined]
+                return proc
+            online = watcher.expect(lambda i: isinstance(i.msg, m.Status)
+                                    and i.msg.state == "online", timeout=20)
+    finally:
+        await watcher.stop()
+
+
+@pytest.fixture
+def fleet_file(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET_TOML)
+    return path
+
+
+@pytest.fixture
+async def own_broker() -> AsyncIterator[Mosquitto]:
+    """A broker this test may kill."""
+    broker = Mosquitto().start()
+    yield broker
+    broker.close()
+
+
+def media_from(talker: str):
+    return lambda i: isinstance(i.msg, m.Media) and i.msg.talker == talker
+
+
+# --- the server dies ----------------------------------------------------------------------
+
+
+async def test_server_killed_mid_call_the_call_goes_on(own_broker: Mosquitto, fleet_file: Path,
+                                                       prefix: str) -> None:
+    """Tried: SIGKILL the server while u1 talks, start a new one. Expect: the new server
+    adopts the call from the retained state, u2 keeps hearing u1 in the same call."""
+    cfg = BrokerConfig.from_url(own_broker.url)
+    server = await spawn_server(own_broker.url, prefix, fleet_file)
+    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
+    listener = Handset("u2", cfg, prefix=prefix)
+    try:
+        for h in (talker, listener):
+            await h.start()
+            await h.affiliate("tg-1")
+        granted = await talker.press("tg-1")
+        assert isinstance(granted, m.Granted)
+        await listener.expect(media_from("u1"))
+        server.kill()
+        await server.wait()
+        server = await spawn_server(own_broker.url, prefix, fleet_file)
+        heard = listener.expect(media_from("u1"), timeout=10)
+        state = (await heard).msg
+        assert isinstance(state, m.Media) and state.call == granted.call
+        assert talker.floor_state("tg-1") == HAS_PERMISSION
+        # and the floor is really the restored one: release hands it on
+        idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
+        talker.release("tg-1")
+        await idle
+    finally:
+        await talker.stop()
+        await listener.stop()
+        await end(server)
+
+
+async def test_stale_state_is_not_adopted_after_a_restart(own_broker: Mosquitto,
+                                                          fleet_file: Path, prefix: str) -> None:
+    """Tried: the talker leaves while the server is dead. Expect: the new server does not
+    resurrect its call; the group is idle and others can talk."""
+    cfg = BrokerConfig.from_url(own_broker.url)
+    server = await spawn_server(own_broker.url, prefix, fleet_file)
+    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
+    other = Handset("u2", cfg, prefix=prefix)
+    try:
+        for h in (talker, other):
+            await h.start()
+            await h.affiliate("tg-1")
+        await talker.press("tg-1")
+        server.kill()
+        await server.wait()
+        await talker.stop()  # retained presence: offline
+        idle_state = other.expect(lambda i: isinstance(i.msg, m.State) and i.msg.floor == "idle")
+        server = await spawn_server(own_broker.url, prefix, fleet_file)
+        await idle_state
+        await eventually(lambda: other.floor_state("tg-1") == "no_permission")
+        assert isinstance(await other.press("tg-1"), m.Granted)
+    finally:
+        await other.stop()
+        await end(server)
+
+
+# --- the broker dies ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+async def test_broker_restart_mid_call_the_call_goes_on(own_broker: Mosquitto, prefix: str,
+                                                        how: signal.Signals) -> None:
+    """Tried: kill the broker (SIGKILL: no wills; SIGTERM: every will fires) while u1
+    talks, restart it on the same port. Expect: server and handsets reconnect, the server
+    republishes its state, u1 reclaims the floor and u2 hears u1 again."""
+    cfg = BrokerConfig.from_url(own_broker.url)
+    srv = Server(Config(broker=cfg, prefix=prefix, keepalive=5), parse_fleet(FLEET))
+    await srv.start()
+    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
+    listener = Handset("u2", cfg, prefix=prefix)
+    try:
+        for h in (talker, listener):
+            await h.start()
+            await h.affiliate("tg-1")
+        await talker.press("tg-1")
+        await listener.expect(media_from("u1"))
+        own_broker.stop(how)
+        await eventually(lambda: not listener.transport.connected)
+        own_broker.start()
+        await listener.expect(media_from("u1"), timeout=20)
+        assert srv.network.state_msg("tg-1").talker == "u1"
+        assert talker.floor_state("tg-1") == HAS_PERMISSION
+    finally:
+        for h in (talker, listener):
+            await h.stop()
+        await srv.stop()
+
+
+# --- handsets die or stall ----------------------------------------------------------------
+
+
+async def test_a_silently_dead_handset_loses_the_floor_by_its_will(
+        handset: HandsetFactory, mosquitto: Mosquitto, broker: BrokerConfig, prefix: str) -> None:
+    """Tried: freeze (SIGSTOP) a talking handset with keep-alive 2 s: its socket stays open
+    but silent. Expect: the broker gives up on it, its will fires, the server releases the
+    floor and grants the queued unit. (T1 is set long here so that only the will can.)
+
+    MQTT asks the broker to give up after 1.5 keep-alives; Mosquitto 2.0 checks keep-alives
+    every 5 s, so 1.5 x 2 s + 5 s is the bound that can be kept."""
+    slow_t1 = {**FLEET, "defaults": {**FLEET["defaults"], "end_of_media_ms": 60000}}
+    srv = Server(Config(broker=broker, prefix=prefix), parse_fleet(slow_t1))
+    await srv.start()
+    proc = await spawn_handset(mosquitto.url, prefix, "u1", keepalive=2, talk=True)
+    try:
+        waiting = await handset("u2", "tg-1")
+        assert isinstance(await waiting.press("tg-1"), m.Queued)
+        granted = waiting.expect(lambda i: isinstance(i.msg, m.Granted), timeout=15)
+        loop = asyncio.get_running_loop()
+        frozen_at = loop.time()
+        proc.send_signal(signal.SIGSTOP)
+        await granted
+        assert loop.time() - frozen_at <= 1.5 * 2 + 5 + 1
+        assert "u1" in srv.network.offline
+    finally:
+        await end(proc)
+        await srv.stop()
+
+
+@pytest.mark.parametrize("mqtt_client", ["gmqtt"])
+async def test_a_slow_consumer_does_not_slow_anyone_else(
+        server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str) -> None:
+    """Tried: a listener stops reading (SIGSTOP) during a call. Expect: the other listener
+    keeps receiving every packet in order, and the server keeps relaying."""
+    slow = await spawn_handset(mosquitto.url, prefix, "u3")
+    try:
+        talker = await handset("u1", "tg-1")
+        listener = await handset("u2", "tg-1")
+        slow.send_signal(signal.SIGSTOP)
+        await talker.press("tg-1")
+        seqs: list[int] = []
+        done = asyncio.Event()
+
+        def watch(i) -> None:  # type: ignore[no-untyped-def]
+            if isinstance(i.msg, m.Media):
+                seqs.append(i.msg.seq)
+                if len(seqs) >= 100:
+                    done.set()
+
+        listener.on_inbound = watch
+        listener.expect(lambda i: False, timeout=60)  # keeps media flowing into on_inbound
+        await asyncio.wait_for(done.wait(), 30)
+        assert seqs[:100] == list(range(seqs[0], seqs[0] + 100))  # nothing lost, in order
+    finally:
+        await end(slow)
+
+
+async def test_duplicate_client_id_does_not_break_the_service(
+        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
+        mqtt_client: str) -> None:
+    """Tried: a second connection under u1's client id. Expect: the broker drops the older
+    one; no floor stays stuck, and other units are served throughout."""
+    first = await handset("u1", "tg-1")
+    await first.press("tg-1")
+    other = await handset("u2", "tg-2")
+    impostor = Handset("u1", broker, prefix=prefix, mqtt_client=mqtt_client)
+    await impostor.start()
+    try:
+        # the will of the displaced session releases the floor it held
+        await eventually(lambda: server.network.state_msg("tg-1").floor == "idle", timeout=10)
+        assert isinstance(await other.press("tg-2"), m.Granted)
+    finally:
+        await impostor.stop()
+
+
+# --- floods -------------------------------------------------------------------------------
+
+
+async def test_a_floor_request_flood_leaves_other_groups_served(
+        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
+        mqtt_client: str) -> None:
+    """Tried: one unit sends 3000 floor requests as fast as it can. Expect: it is rate
+    limited (told at most about once a second), and a unit in another group gets every
+    one of its grants meanwhile."""
+    flooder = await handset("u9", "tg-1")
+    worker = await handset("u2", "tg-2")
+    denied: list[m.Message] = []
+    flooder.on_inbound = lambda i: denied.append(i.msg) if isinstance(i.msg, m.Deny) else None
+    topic = flooder.topics.floor_up("tg-1", "u9")
+    from esn import codec
+
+    for i in range(3000):
+        flooder.transport.publish(topic, codec.encode(m.Request(ref=10_000 + i)), qos=0)
+    for _ in range(5):
+        assert isinstance(await worker.press("tg-2"), m.Granted)
+        worker.release("tg-2")
+    await eventually(lambda: server.network.rejected.get("rate_limited", 0) >= 2000, timeout=20)
+    assert 1 <= sum(d.cause == "rate_limited" for d in denied) <= 10  # type: ignore[attr-defined]
+
+
+# --- the secure profile -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def secure(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[SecureProfile, Server]]:
+    fleet = parse_fleet({**FLEET, "unit": [*FLEET["unit"], {"id": "u1"}, {"id": "u2"}]})
+    profile = generate(fleet, tmp_path / "broker", port=free_port(), tls_port=free_port(),
+                       server_id="esn-sec", prefix=prefix)
+    broker = Mosquitto(profile.port, profile.conf, complete=True).start()
+    cfg = BrokerConfig.from_url(f"mqtts://127.0.0.1:{profile.tls_port}", username="esn-sec",
+                                password=profile.password("esn-sec"),
+                                ca_file=str(profile.ca_file))
+    srv = Server(Config(broker=cfg, prefix=prefix, server_id="esn-sec"), fleet)
+    await srv.start()
+    try:
+        yield profile, srv
+    finally:
+        await srv.stop()
+        broker.close()
+
+
+def unit_broker(profile: SecureProfile, unit: str, password: str | None = None) -> BrokerConfig:
+    return BrokerConfig.from_url(f"mqtt://127.0.0.1:{profile.port}", username=unit,
+                                 password=password or profile.password(unit))
+
+
+async def test_secure_profile_refuses_a_wrong_password(
+        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    """Tried: connect as u1 with a wrong password, and with no credentials. Expect: refused."""
+    profile, _ = secure
+    for cfg in (unit_broker(profile, "u1", "guess"), BrokerConfig.from_url(
+            f"mqtt://127.0.0.1:{profile.port}")):
+        with pytest.raises(TransportError, match="refused"):
+            await Handset("u1", cfg, prefix=prefix).transport.start()
+
+
+async def test_secure_profile_stops_a_unit_speaking_as_another(
+        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    """Tried: u2 publishes a floor request and a location on u1's topics. Expect: the
+    broker drops both; the server never sees them; u1's own request still works."""
+    profile, srv = secure
+    u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix)
+    u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
+    try:
+        for h in (u1, u2):
+            await h.start()
+            await h.affiliate("tg-1")
+        from esn import codec
+
+        u2.transport.publish(u2.topics.floor_up("tg-1", "u1"), codec.encode(m.Request()), qos=1)
+        u2.transport.publish(u2.topics.unit_up("u1"), codec.encode(m.Location(lat=1, lon=1)), 1)
+        # a round trip of u2's own after the spoofs: had they passed, they came first
+        await u2.ask(m.Affiliate(groups=["tg-1"], ref=u2.next_ref()))
+        assert srv.network.state_msg("tg-1").floor == "idle"
+        assert srv.metrics.messages.get(("location", "in"), 0) == 0
+        assert isinstance(await u1.press("tg-1"), m.Granted)
+    finally:
+        await u1.stop()
+        await u2.stop()
+
+
+async def test_secure_profile_keeps_a_closed_group_to_its_members(
+        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    """Tried: u2, not a member, subscribes to tg-closed while member u1 talks there.
+    Expect: u1's fellow member (the dispatcher) hears it; u2 receives nothing."""
+    profile, _ = secure
+    u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix, media_interval=0.02)
+    disp = Handset("disp", unit_broker(profile, "disp"), prefix=prefix)
+    u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
+    try:
+        for h in (u1, disp, u2):
+            await h.start()
+        await u1.affiliate("tg-closed")
+        await disp.affiliate("tg-closed")
+        reply = await u2.affiliate("tg-closed")  # the server says no ...
+        assert reply.rejected == [{"tg": "tg-closed", "cause": "not_member"}]
+        t = u2.topics  # ... and listening anyway gets nothing from the broker
+        await u2.transport.subscribe(t.group_down_all("tg-closed"), t.state("tg-closed"))
+        await u1.press("tg-closed")
+        for _ in range(5):
+            await disp.expect(media_from("u1"))
+        await u2.ask(m.Affiliate(groups=[], ref=u2.next_ref()))
+        assert not any("tg-closed" in i.topic for i in u2.inbox)
+    finally:
+        for h in (u1, disp, u2):
+            await h.stop()
