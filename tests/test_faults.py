@@ -140,10 +140,12 @@ async def test_server_killed_mid_call_the_call_goes_on(own_broker: Mosquitto, fl
         await listener.expect(media_from("u1"))
         server.kill()
         await server.wait()
+        regranted = talker.expect(lambda i: isinstance(i.msg, m.Granted), timeout=15)
         server = await spawn_server(own_broker.url, prefix, fleet_file)
         heard = listener.expect(media_from("u1"), timeout=10)
-        state = (await heard).msg
-        assert isinstance(state, m.Media) and state.call == granted.call
+        packet = (await heard).msg
+        assert isinstance(packet, m.Media) and packet.call == granted.call
+        assert (await regranted).msg.call == granted.call  # type: ignore[attr-defined]
         assert talker.floor_state("tg-1") == HAS_PERMISSION
         # and the floor is really the restored one: release hands it on
         idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
@@ -206,7 +208,7 @@ async def test_broker_restart_mid_call_the_call_goes_on(own_broker: Mosquitto, p
         own_broker.start()
         await listener.expect(media_from("u1"), timeout=20)
         assert srv.network.state_msg("tg-1").talker == "u1"
-        assert talker.floor_state("tg-1") == HAS_PERMISSION
+        await eventually(lambda: talker.floor_state("tg-1") == HAS_PERMISSION)
     finally:
         for h in (talker, listener):
             await h.stop()
