@@ -72,6 +72,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(opts))
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from esn.console.app import ConsoleApp
+
+    ConsoleApp(_broker(args), args.unit, prefix=args.prefix, mqtt_client=args.mqtt_client,
+               all_call=args.all_call).run()
+    return 0
+
+
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from esn.broker import free_port
     from esn.secure import generate
@@ -123,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitoring", action="store_true",
                    help="also start Prometheus (grafana/prometheus) on the server and handsets")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("console", help="the dispatcher console (a terminal app)")
+    _add_broker_args(p)
+    p.add_argument("--unit", required=True, help="the dispatcher's unit id (role dispatcher)")
+    p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
+    p.add_argument("--all-call", default="tg-all", metavar="TG",
+                   help="the broadcast group for all-calls (default tg-all)")
+    p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("broker-config", help="generate the secure Mosquitto profile from a fleet")
     p.add_argument("fleet", metavar="FLEET.toml")

@@ -99,6 +99,8 @@ class Handset:
             will=Will(self.topics.presence(unit), offline))
         self.transport.on_message = self._on_message
         self.transport.on_connect = self._on_connect
+        self.transport.on_disconnect = lambda: self.on_link(False) if self.on_link else None
+        self.on_link: Callable[[bool], None] | None = None  # told when the link goes down/up
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -119,23 +121,35 @@ class Handset:
 
     def _on_connect(self) -> None:
         self._publish(self.topics.presence(self.unit), m.Presence(state="online"), retain=True)
+        if self.on_link is not None:
+            self.on_link(True)
 
     # --- unit control -------------------------------------------------------------------
 
     async def affiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
-        t = self.topics
         now = time.perf_counter()
         for tg in groups:  # before subscribing: the retained state says if a call is on
             self.groups.setdefault(tg, GroupView()).joined_at = now
-        await self.transport.subscribe(*[x for tg in groups for x in (t.group_down_all(tg),
-                                                                       t.state(tg))])
+        await self.transport.subscribe(*[x for tg in groups for x in self.group_topics(tg)])
         reply = await self.ask(m.Affiliate(groups=list(groups), ref=next(self._refs)), timeout)
         assert isinstance(reply, m.Affiliation)
         for tg in groups:
             if tg not in reply.groups:
                 self.groups.pop(tg, None)
-                await self.transport.unsubscribe(t.group_down_all(tg), t.state(tg))
+                await self.transport.unsubscribe(*self.group_topics(tg))
         return reply
+
+    async def deaffiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
+        reply = await self.ask(m.Deaffiliate(groups=list(groups), ref=next(self._refs)), timeout)
+        assert isinstance(reply, m.Affiliation)
+        for tg in groups:
+            self._stop_media(self.groups.pop(tg, GroupView()))
+        await self.transport.unsubscribe(*[x for tg in groups for x in self.group_topics(tg)])
+        return reply
+
+    def group_topics(self, tg: str) -> tuple[str, ...]:
+        """What a member listens to: the group's down topics and its retained state."""
+        return (self.topics.group_down_all(tg), self.topics.state(tg))
 
     async def ask(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
         """Send a unit-control message and wait for the reply carrying its `ref`."""
@@ -322,8 +336,7 @@ class Handset:
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
-        t = self.topics
-        subs = (t.group_down_all(msg.tg), t.state(msg.tg))
+        subs = self.group_topics(msg.tg)
         if isinstance(msg, m.Regrouped):
             self.groups[msg.tg] = GroupView()
             task = asyncio.ensure_future(self.transport.subscribe(*subs))

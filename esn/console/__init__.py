@@ -1,0 +1,1 @@
+"""The dispatcher console (`esn console`): a Textual app over the handset model."""

@@ -1,0 +1,433 @@
+"""`esn console`: the dispatcher's live screen (Textual).
+
+It connects as a dispatcher unit through the handset model, watches every group's state,
+floor and event topics, every unit's presence and position, and the server's status, and
+keeps them in a `ConsoleModel`; the widgets redraw from the model twice a second. Actions
+go out through the same link, and every answer, refusals included, is shown in words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Header, Input, Label, RichLog, Static
+
+from esn import messages as m
+from esn.console.map import Point, View, render
+from esn.console.model import ConsoleModel, say
+from esn.handset import HAS_PERMISSION, Handset, Inbound
+from esn.transport import BrokerConfig
+
+SORTS = ("unit", "presence", "age", "speed")
+
+
+class DispatcherLink(Handset):
+    """The console's own unit: it listens to monitored groups' voice only, because it
+    watches every group's floor and events through wildcard subscriptions anyway."""
+
+    def group_topics(self, tg: str) -> tuple[str, ...]:
+        return (self.topics.media_down(tg),)
+
+    def watch_topics(self) -> tuple[str, ...]:
+        p = self.topics.prefix
+        return (f"{p}/tg/+/state", f"{p}/tg/+/down/floor", f"{p}/tg/+/down/event",
+                f"{p}/unit/+/presence", f"{p}/loc/+")
+
+
+class Ask(ModalScreen[str | None]):
+    """A one-line question: Enter answers, Escape cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, placeholder: str = "") -> None:
+        super().__init__()
+        self.question = question
+        self.placeholder = placeholder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ask"):
+            yield Label(self.question)
+            yield Input(placeholder=self.placeholder, id="answer")
+
+    @on(Input.Submitted)
+    def answered(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConsoleApp(App[None]):
+    CSS_PATH = Path(__file__).with_name("console.tcss")
+    TITLE = "ESN dispatcher console"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("space", "ptt", "PTT"),
+        Binding("m", "monitor", "Monitor"),
+        Binding("a", "acknowledge", "Ack emergency"),
+        Binding("f", "force_release", "Force release"),
+        Binding("x", "mark", "Mark unit"),
+        Binding("r", "regroup", "Regroup"),
+        Binding("u", "ungroup", "Ungroup"),
+        Binding("s", "sds", "SDS"),
+        Binding("c", "all_call", "All-call"),
+        Binding("o", "sort_units", "Sort"),
+        Binding("g", "filter_group", "Filter"),
+        Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
+        Binding("minus", "zoom(0.5)", "Zoom-", show=False),
+        Binding("H", "pan(-0.25, 0)", show=False),
+        Binding("L", "pan(0.25, 0)", show=False),
+        Binding("K", "pan(0, -0.25)", show=False),
+        Binding("J", "pan(0, 0.25)", show=False),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, broker: BrokerConfig, unit: str, *, prefix: str = "esn",
+                 mqtt_client: str = "gmqtt", all_call: str = "tg-all") -> None:
+        super().__init__()
+        self.model = ConsoleModel(prefix)
+        self.link = DispatcherLink(unit, broker, prefix=prefix, mqtt_client=mqtt_client,
+                                   media_interval=0.06)
+        self.unit_id = unit
+        self.all_call = all_call
+        self.view = View()
+        self.marked: set[str] = set()
+        self.sort = "unit"
+        self.group_filter: str | None = None
+        self.last_access_ms: float | None = None
+        self._drawn = -1
+        self._log_drawn = 0
+        self._link_lost = False
+
+    # --- layout -----------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=True)
+        with Horizontal(id="top"):
+            yield DataTable(id="groups", cursor_type="row", zebra_stripes=True)
+            yield DataTable(id="units", cursor_type="row", zebra_stripes=True)
+        with Horizontal(id="bottom"):
+            yield Static(id="map")
+            yield RichLog(id="log", markup=True, wrap=True)
+        yield Static(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        groups = self.query_one("#groups", DataTable)
+        groups.add_columns("Group", "Floor", "Talker", "Kind/prio", "Queue", "Call", "Emerg",
+                           "Mon")
+        units = self.query_one("#units", DataTable)
+        units.add_columns("Unit", "Presence", "Groups", "Position", "Age", "Speed", "Emerg")
+        self.query_one("#map", Static).border_title = "Map"
+        self.query_one("#log", RichLog).border_title = "Events"
+        groups.border_title, units.border_title = "Talkgroups", "Units"
+        self.connect()
+        self.set_interval(0.5, self.redraw)
+
+    # --- the link to the network --------------------------------------------------------
+
+    @work(exclusive=True, group="link")
+    async def connect(self) -> None:
+        self.link.on_inbound = self.inbound
+        self.link.on_link = self._link_changed
+        await self.link.transport.subscribe(*self.link.watch_topics())
+        try:
+            await self.link.start()
+        except Exception as exc:  # a console must say what failed, not vanish
+            self.model.log(None, f"cannot connect: {exc}", alarm=True)
+            return
+        self.model.log(None, f"connected to {self.link.transport.broker.url()} as {self.unit_id}")
+
+    def _link_changed(self, up: bool) -> None:
+        if not up:
+            self._link_lost = True
+            self.model.log(None, "broker connection lost; reconnecting", alarm=True)
+        elif self._link_lost:
+            self._link_lost = False
+            self.model.log(None, "broker connection back; the screen kept its state")
+
+    def inbound(self, i: Inbound) -> None:
+        msg = i.msg
+        self.model.apply(i.topic, msg)
+        if not i.topic.endswith(f"/unit/{self.unit_id}/down"):
+            return
+        if isinstance(msg, m.Error):
+            self.refused(f"refused: {say(msg.cause)} ({msg.detail})")
+        elif isinstance(msg, m.Deny):
+            self.refused(f"{msg.tg}: floor denied, {say(msg.cause)}")
+        elif isinstance(msg, m.Revoke):
+            self.refused(f"{msg.tg}: floor revoked, {say(msg.cause)}")
+        elif isinstance(msg, m.Queued):
+            self.tell(f"{msg.tg}: queued at position {msg.pos}")
+        elif isinstance(msg, m.SdsStatus):
+            self.tell(f"SDS {msg.state}", warn=msg.state == "failed")
+
+    def tell(self, text: str, warn: bool = False) -> None:
+        self.model.log(None, text, alarm=warn)
+        self.notify(text, severity="warning" if warn else "information", timeout=4)
+
+    def refused(self, text: str) -> None:
+        self.tell(text, warn=True)
+
+    # --- selection ----------------------------------------------------------------------
+
+    def selected_group(self) -> str | None:
+        return _row_key(self.query_one("#groups", DataTable))
+
+    def selected_unit(self) -> str | None:
+        return _row_key(self.query_one("#units", DataTable))
+
+    # --- actions ------------------------------------------------------------------------
+
+    @work(group="actions")
+    async def action_ptt(self, tg: str | None = None) -> None:
+        tg = tg or self.selected_group()
+        if tg is None:
+            return
+        if self.link.floor_state(tg) == HAS_PERMISSION:
+            self.link.release(tg)
+            self.tell(f"{tg}: PTT released")
+            return
+        if tg not in self.link.groups:
+            await self._monitor(tg, True)
+        started = time.perf_counter()
+        answer = await self.link.press(tg, prio=255)
+        if isinstance(answer, m.Granted):
+            self.last_access_ms = (time.perf_counter() - started) * 1000
+            self.tell(f"{tg}: you have the floor ({self.last_access_ms:.1f} ms)")
+
+    def action_all_call(self) -> None:
+        self.action_ptt(self.all_call)
+
+    @work(group="actions")
+    async def action_monitor(self) -> None:
+        tg = self.selected_group()
+        if tg is not None:
+            await self._monitor(tg, tg not in self.link.groups)
+
+    async def _monitor(self, tg: str, on_: bool) -> None:
+        reply = await (self.link.affiliate(tg) if on_ else self.link.deaffiliate(tg))
+        if on_ and tg not in reply.groups:
+            cause = next((r["cause"] for r in reply.rejected if r.get("tg") == tg), "?")
+            self.refused(f"{tg}: cannot monitor, {say(str(cause))}")
+        else:
+            self.tell(f"{tg}: monitoring {'on' if on_ else 'off'}")
+        self.model.group(tg).monitored = tg in self.link.groups
+        self.model.version += 1
+
+    @work(group="actions")
+    async def action_acknowledge(self) -> None:
+        tg = self.selected_group()
+        g = self.model.groups.get(tg or "")
+        unit = g.emergency_unit if g else None
+        if g is None or unit is None:
+            self.refused("no emergency to acknowledge in the selected group")
+            return
+        await self._command(m.EmergencyAck(unit=unit, tg=g.tg, ref=self.link.next_ref()),
+                            f"{g.tg}: emergency of {unit} acknowledged")
+
+    @work(group="actions")
+    async def action_force_release(self) -> None:
+        tg = self.selected_group()
+        if tg is not None:
+            await self._command(m.ForceRelease(tg=tg, ref=self.link.next_ref()),
+                                f"{tg}: floor force-released")
+
+    def action_mark(self) -> None:
+        unit = self.selected_unit()
+        if unit is not None:
+            self.marked ^= {unit}
+            self.model.version += 1
+
+    @work(group="actions")
+    async def action_regroup(self) -> None:
+        units = sorted(self.marked) or [u for u in (self.selected_unit(),) if u]
+        if not units:
+            self.refused("mark units with x first")
+            return
+        tg = await self.push_screen_wait(Ask(f"Regroup {', '.join(units)} into group id:",
+                                             "inc-1"))
+        if not tg:
+            return
+        name = await self.push_screen_wait(Ask(f"Name of {tg} (optional):", tg)) or tg
+        if await self._command(m.Regroup(tg=tg, units=units, name=name,
+                                         ref=self.link.next_ref()),
+                               f"{tg}: regrouped {len(units)} units as {name!r}"):
+            self.marked.clear()
+
+    @work(group="actions")
+    async def action_ungroup(self) -> None:
+        tg = self.selected_group()
+        if tg is not None:
+            await self._command(m.Ungroup(tg=tg, ref=self.link.next_ref()),
+                                f"{tg}: temporary group dissolved")
+
+    @work(group="actions")
+    async def action_sds(self) -> None:
+        focused = self.focused.id if self.focused else None
+        target = (f"unit:{self.selected_unit()}" if focused == "units"
+                  else f"tg:{self.selected_group()}")
+        if target.endswith(":None"):
+            return
+        text = await self.push_screen_wait(Ask(f"Short message to {target}:"))
+        if text:
+            reply = await self.link.ask(m.Sds(to=target, text=text, ref=self.link.next_ref()))
+            if isinstance(reply, m.Error):
+                self.refused(f"SDS refused: {say(reply.cause)}")
+
+    def action_sort_units(self) -> None:
+        self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
+        self.tell(f"units sorted by {self.sort}")
+        self.model.version += 1
+
+    def action_filter_group(self) -> None:
+        tg = self.selected_group()
+        self.group_filter = None if self.group_filter or tg is None else tg
+        self.tell(f"showing {'all groups' if self.group_filter is None else self.group_filter}")
+        self._log_drawn = 0
+        self.query_one("#log", RichLog).clear()
+        self.model.version += 1
+
+    def action_zoom(self, factor: float) -> None:
+        self.view.zoom_by(factor)
+        self.model.version += 1
+
+    def action_pan(self, dx: float, dy: float) -> None:
+        self.view.pan(dx, dy)
+        self.model.version += 1
+
+    async def _command(self, msg: m.Message, done: str) -> bool:
+        try:
+            reply = await self.link.ask(msg)
+        except TimeoutError:
+            self.refused(f"no answer from the server to {msg.T}")
+            return False
+        if isinstance(reply, m.Ok):
+            self.tell(done)
+            return True
+        if isinstance(reply, m.Error):
+            self.refused(f"{msg.T} refused: {say(reply.cause)} ({reply.detail})")
+        return False
+
+    # --- drawing ------------------------------------------------------------------------
+
+    def redraw(self) -> None:
+        self._draw_status()
+        if self.model.version == self._drawn:
+            self._draw_timers()
+            return
+        self._drawn = self.model.version
+        self._draw_groups()
+        self._draw_units()
+        self._draw_map()
+        self._draw_log()
+
+    def _draw_status(self) -> None:
+        link = self.link.transport
+        broker = "connected" if link.connected else "reconnecting…"
+        server = self.model.server_state
+        ptt = [tg for tg, v in self.link.groups.items() if v.floor == HAS_PERMISSION]
+        talk = f"  TALKING in {', '.join(ptt)}" if ptt else ""
+        access = f"  last access {self.last_access_ms:.1f} ms" if self.last_access_ms else ""
+        self.sub_title = f"server {server} · broker {broker}"
+        self.query_one("#status", Static).update(
+            f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}"
+            f"  marked: {', '.join(sorted(self.marked)) or '-'}")
+
+    def _draw_timers(self) -> None:
+        table = self.query_one("#groups", DataTable)
+        for g in self.model.groups.values():
+            if g.floor == "taken" and g.tg in table.rows:
+                table.update_cell(g.tg, table.ordered_columns[5].key, _timer(g.since))
+
+    def _draw_groups(self) -> None:
+        table = self.query_one("#groups", DataTable)
+        rows = {}
+        for g in sorted(self.model.groups.values(), key=lambda g: (not g.emergency, g.tg)):
+            g.monitored = g.tg in self.link.groups
+            emerg = f"[b white on red] SOS {g.emergency_unit or ''} [/]" if g.emergency else ""
+            kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
+            name = f"[b]{g.tg}[/]" if g.monitored else f"[dim]{g.tg}[/]"
+            rows[g.tg] = (name + (" (temp)" if g.temporary else ""), g.floor,
+                          g.talker or "", kind, str(g.queue or ""),
+                          _timer(g.since) if g.floor == "taken" else "", emerg,
+                          "●" if g.monitored else "")
+        _fill(table, rows)
+
+    def _draw_units(self) -> None:
+        table = self.query_one("#units", DataTable)
+        now = time.time()
+        units = [u for u in self.model.units.values()
+                 if self.group_filter is None or self.group_filter in u.groups]
+        key = {"unit": lambda u: u.unit, "presence": lambda u: (u.presence, u.unit),
+               "age": lambda u: -(u.located_at or 0),
+               "speed": lambda u: -(u.spd or 0)}[self.sort]
+        rows = {}
+        for u in sorted(units, key=key):
+            pos = f"{u.lat:.4f},{u.lon:.4f}" if u.lat is not None else ""
+            age = f"{now - u.located_at:.0f}s" if u.located_at else ""
+            mark = "✚ " if u.unit in self.marked else ""
+            emerg = "[b white on red] SOS [/]" if u.emergency else ""
+            presence = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(
+                u.presence, u.presence)
+            rows[u.unit] = (mark + u.unit, presence, ",".join(sorted(u.groups)), pos, age,
+                            f"{u.spd:.1f}" if u.spd is not None else "", emerg)
+        _fill(table, rows)
+
+    def _draw_map(self) -> None:
+        widget = self.query_one("#map", Static)
+        points = [Point(u.unit, u.lat, u.lon, bool(u.emergency))
+                  for u in self.model.units.values() if u.lat is not None and u.lon is not None]
+        size = widget.content_size
+        widget.update(render(points, size.width, size.height, self.view, self.selected_unit()))
+        widget.border_subtitle = f"zoom x{self.view.zoom:g}  (+/- zoom, H J K L pan)"
+
+    def _draw_log(self) -> None:
+        log = self.query_one("#log", RichLog)
+        events = list(self.model.events)
+        for e in events[self._log_drawn:]:
+            if self.group_filter is not None and e.tg not in (None, self.group_filter):
+                continue
+            stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
+            where = f"[cyan]{e.tg}[/] " if e.tg else ""
+            text = f"[b red]{e.text}[/]" if e.alarm else e.text
+            log.write(f"[dim]{stamp}[/] {where}{text}")
+        self._log_drawn = len(events)
+        if len(events) == self.model.events.maxlen:
+            self.model.events.clear()
+            self._log_drawn = 0
+
+    async def on_unmount(self) -> None:
+        await asyncio.wait_for(self.link.stop(), 3)
+
+
+def _row_key(table: DataTable[Any]) -> str | None:
+    if table.row_count == 0:
+        return None
+    key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
+    return str(key.value) if key.value is not None else None
+
+
+def _fill(table: DataTable[Any], rows: Mapping[str, tuple[str, ...]]) -> None:
+    """Bring the table to `rows` (key -> cells) in order, keeping the cursor on its row."""
+    keep = _row_key(table)
+    table.clear()
+    for key, cells in rows.items():
+        table.add_row(*cells, key=key)
+    if keep is not None and keep in rows:
+        table.move_cursor(row=list(rows).index(keep))
+
+
+def _timer(since: float | None) -> str:
+    if since is None:
+        return ""
+    s = max(0, int(time.time() - since))
+    return f"{s // 60}:{s % 60:02d}"

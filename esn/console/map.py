@@ -1,0 +1,81 @@
+"""Unit positions drawn with braille dots: each character cell holds 2 x 4 dots.
+
+The view fits every known position, then zoom and pan move it. A cell holding an
+emergency is red, the selected unit's cell is reversed, so both stand out even where
+units crowd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+
+# braille dot bits by (column, row) inside a cell
+_DOTS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
+
+
+@dataclass(frozen=True)
+class Point:
+    unit: str
+    lat: float
+    lon: float
+    emergency: bool = False
+
+
+@dataclass
+class View:
+    zoom: float = 1.0  # 2.0 shows half the area
+    pan_x: float = 0.0  # in fractions of the visible width
+    pan_y: float = 0.0
+
+    def zoom_by(self, factor: float) -> None:
+        self.zoom = min(256.0, max(0.25, self.zoom * factor))
+
+    def pan(self, dx: float, dy: float) -> None:
+        self.pan_x += dx / self.zoom
+        self.pan_y += dy / self.zoom
+
+
+def bounds(points: list[Point], view: View) -> tuple[float, float, float, float]:
+    """(lat_min, lat_max, lon_min, lon_max) of what the view shows."""
+    lats = [p.lat for p in points]
+    lons = [p.lon for p in points]
+    lat_c, lon_c = (min(lats) + max(lats)) / 2, (min(lons) + max(lons)) / 2
+    lat_h = max((max(lats) - min(lats)) / 2 * 1.1, 0.002) / view.zoom
+    lon_h = max((max(lons) - min(lons)) / 2 * 1.1, 0.002) / view.zoom
+    lat_c -= view.pan_y * 2 * lat_h * view.zoom
+    lon_c += view.pan_x * 2 * lon_h * view.zoom
+    return lat_c - lat_h, lat_c + lat_h, lon_c - lon_h, lon_c + lon_h
+
+
+def render(points: list[Point], width: int, height: int, view: View,
+           selected: str | None = None) -> Text:
+    width, height = max(width, 4), max(height, 2)
+    if not points:
+        return Text("no positions yet", style="dim")
+    lat0, lat1, lon0, lon1 = bounds(points, view)
+    cells: dict[tuple[int, int], int] = {}
+    style: dict[tuple[int, int], str] = {}
+    for p in points:
+        if not (lat0 <= p.lat <= lat1 and lon0 <= p.lon <= lon1):
+            continue
+        x = min(width * 2 - 1, int((p.lon - lon0) / (lon1 - lon0) * width * 2))
+        y = min(height * 4 - 1, int((lat1 - p.lat) / (lat1 - lat0) * height * 4))
+        cell = (x // 2, y // 4)
+        cells[cell] = cells.get(cell, 0) | _DOTS[x % 2][y % 4]
+        if p.unit == selected:
+            style[cell] = "reverse bold yellow"
+        elif p.emergency and style.get(cell) != "reverse bold yellow":
+            style[cell] = "bold red"
+    text = Text()
+    for row in range(height):
+        for col in range(width):
+            bits = cells.get((col, row))
+            if bits is None:
+                text.append(" ")
+            else:
+                text.append(chr(0x2800 + bits), style=style.get((col, row), "green"))
+        if row < height - 1:
+            text.append("\n")
+    return text

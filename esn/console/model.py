@@ -1,0 +1,193 @@
+"""What the dispatcher's screen knows: groups, units, positions and the event log.
+
+Fed with decoded protocol messages and the topic they came on; no I/O, no widgets, so the
+console's logic is tested without a terminal. Every update is idempotent: a retained
+message seen again, or a duplicate delivery, changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from esn import messages as m
+
+
+@dataclass
+class GroupRow:
+    tg: str
+    floor: str = "idle"
+    talker: str | None = None
+    kind: str | None = None
+    prio: int | None = None
+    queue: int = 0
+    call: str | None = None
+    since: float | None = None  # wall clock of the current grant, for the call timer
+    emergency: bool = False
+    emergency_unit: str | None = None
+    monitored: bool = False
+    temporary: bool = False
+    seq: int = -1
+
+
+@dataclass
+class UnitRow:
+    unit: str
+    presence: str = "?"
+    groups: set[str] = field(default_factory=set)  # where it was seen talking or regrouped
+    lat: float | None = None
+    lon: float | None = None
+    spd: float | None = None
+    located_at: float | None = None  # wall clock of the last position
+    emergency: set[str] = field(default_factory=set)  # groups it raised an emergency in
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    tg: str | None
+    text: str
+    alarm: bool = False
+
+
+CAUSES = {
+    "busy": "the floor is busy and the group does not queue",
+    "queue_full": "the queue is full",
+    "receive_only": "the group is receive-only",
+    "not_affiliated": "not affiliated to the group",
+    "unknown_group": "no such group",
+    "rate_limited": "too many requests, slow down",
+    "not_queued": "not in the queue",
+    "forbidden": "not allowed for this unit",
+    "invalid_field": "the server refused a field",
+    "malformed": "the server could not read the message",
+    "unknown_type": "the server does not know this message",
+    "too_large": "the message is too large",
+    "preempted": "pre-empted by a higher priority",
+    "max_talk_time": "talk time is up",
+    "no_media": "no voice for too long",
+    "dispatcher": "released by a dispatcher",
+}
+
+
+def say(cause: str) -> str:
+    return CAUSES.get(cause, cause)
+
+
+class ConsoleModel:
+    def __init__(self, prefix: str = "esn", max_events: int = 2000) -> None:
+        self.prefix = prefix
+        self.groups: dict[str, GroupRow] = {}
+        self.units: dict[str, UnitRow] = {}
+        self.events: deque[Event] = deque(maxlen=max_events)
+        self.server_state = "unknown"
+        self.server_started: int | None = None
+        self.version = 0  # bumped on every change, so the screen redraws only when needed
+
+    def group(self, tg: str) -> GroupRow:
+        return self.groups.setdefault(tg, GroupRow(tg))
+
+    def unit(self, unit: str) -> UnitRow:
+        return self.units.setdefault(unit, UnitRow(unit))
+
+    def log(self, tg: str | None, text: str, alarm: bool = False, at: float | None = None
+            ) -> None:
+        self.events.append(Event(at if at is not None else time.time(), tg, text, alarm))
+        self.version += 1
+
+    def apply(self, topic: str, msg: m.Message) -> None:
+        handler = getattr(self, f"_on_{msg.T}", None)
+        if handler is not None:
+            handler(topic, msg)
+            self.version += 1
+
+    # --- per message type -------------------------------------------------------------
+
+    def _on_state(self, topic: str, msg: m.State) -> None:
+        g = self.group(msg.tg)
+        g.floor, g.talker, g.kind, g.prio, g.queue = (
+            msg.floor, msg.talker, msg.kind, msg.prio, msg.queue)
+        g.call, g.emergency, g.seq = msg.call, msg.emergency, max(g.seq, msg.seq)
+        g.since = msg.since_ts / 1e9 if msg.floor == "taken" else None
+        if not msg.emergency:
+            g.emergency_unit = None
+        if msg.talker:
+            self.unit(msg.talker).groups.add(msg.tg)
+
+    def _on_taken(self, topic: str, msg: m.Taken) -> None:
+        g = self.group(msg.tg)
+        if msg.seq <= g.seq:
+            return  # the state already told us, or a duplicate
+        g.seq, g.floor, g.talker, g.kind, g.prio, g.call = (
+            msg.seq, "taken", msg.talker, msg.kind, msg.prio, msg.call)
+        g.since = time.time()
+        self.unit(msg.talker).groups.add(msg.tg)
+        label = "" if msg.kind == "normal" else f" ({msg.kind})"
+        self.log(msg.tg, f"{msg.talker} talks{label}, prio {msg.prio}",
+                 alarm=msg.kind == "emergency")
+
+    def _on_idle(self, topic: str, msg: m.Idle) -> None:
+        g = self.group(msg.tg)
+        if msg.seq <= g.seq:
+            return
+        g.seq, g.floor, g.talker, g.since = msg.seq, "idle", None, None
+        self.log(msg.tg, "floor idle")
+
+    def _on_emergency(self, topic: str, msg: m.Emergency) -> None:
+        g = self.group(msg.tg)
+        if g.emergency_unit == msg.unit and g.emergency:
+            return
+        g.emergency, g.emergency_unit = True, msg.unit
+        u = self.unit(msg.unit)
+        u.emergency.add(msg.tg)
+        if msg.lat is not None and msg.lon is not None:
+            u.lat, u.lon, u.located_at = msg.lat, msg.lon, time.time()
+        self.log(msg.tg, f"EMERGENCY raised by {msg.unit}", alarm=True)
+
+    def _on_emergency_cancel(self, topic: str, msg: m.EmergencyCancel) -> None:
+        if msg.unit:
+            self.unit(msg.unit).emergency.discard(msg.tg)
+        g = self.group(msg.tg)
+        if g.emergency_unit == msg.unit:
+            g.emergency_unit = None
+        self.log(msg.tg, f"emergency cancelled by {msg.unit}")
+
+    def _on_emergency_state(self, topic: str, msg: m.EmergencyState) -> None:
+        if msg.state == "acknowledged" and "/down/event" in topic:
+            self.log(msg.tg, f"emergency acknowledged by {msg.by}")
+
+    def _on_presence(self, topic: str, msg: m.Presence) -> None:
+        unit = topic.split("/")[-2]
+        u = self.unit(unit)
+        if u.presence != msg.state:
+            if u.presence != "?":
+                self.log(None, f"{unit} {msg.state}")
+            u.presence = msg.state
+
+    def _on_location(self, topic: str, msg: m.Location) -> None:
+        u = self.unit(msg.unit or topic.rsplit("/", 1)[-1])
+        u.lat, u.lon, u.spd = msg.lat, msg.lon, msg.spd
+        u.located_at = msg.ts / 1e9 if msg.ts else time.time()
+
+    def _on_sds(self, topic: str, msg: m.Sds) -> None:
+        tg = msg.to.partition(":")[2] if msg.to.startswith("tg:") else None
+        self.log(tg, f"SDS {msg.sender} → {msg.to}: {msg.text}")
+
+    def _on_regrouped(self, topic: str, msg: m.Regrouped) -> None:
+        g = self.group(msg.tg)
+        if not g.temporary:
+            g.temporary = True
+            self.log(msg.tg, f"temporary group {msg.name or msg.tg} formed")
+
+    def _on_ungrouped(self, topic: str, msg: m.Ungrouped) -> None:
+        if msg.tg in self.groups:
+            del self.groups[msg.tg]
+            for u in self.units.values():
+                u.groups.discard(msg.tg)
+            self.log(msg.tg, "temporary group dissolved")
+
+    def _on_status(self, topic: str, msg: m.Status) -> None:
+        if (msg.state, msg.started_ts) != (self.server_state, self.server_started):
+            self.server_state, self.server_started = msg.state, msg.started_ts
+            self.log(None, f"server {msg.state}", alarm=msg.state != "online")

@@ -1,0 +1,165 @@
+"""The dispatcher console, driven headless with Textual's pilot against a real Mosquitto
+and server, with simulated handsets on the other side."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from textual.widgets import DataTable, Static
+
+from esn import messages as m
+from esn.broker import Mosquitto
+from esn.console.app import ConsoleApp
+from esn.console.map import Point, View, render
+from esn.core.fleet import parse_fleet
+from esn.handset import Handset
+from esn.server import Config, Server
+from esn.transport import BrokerConfig
+from tests.conftest import FLEET, HandsetFactory, eventually
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(params=["gmqtt"])
+def mqtt_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def row(app: ConsoleApp, table: str, key: str) -> list[str]:
+    """The cells of a table row as text; empty cells while the row is not there yet."""
+    t = app.query_one(f"#{table}", DataTable)
+    return [str(c) for c in t.get_row(key)] if key in t.rows else [""] * len(t.columns)
+
+
+async def select(app: ConsoleApp, pilot: Any, table: str, key: str) -> None:
+    """Focus a table and move its cursor to a row, as a dispatcher would with the arrows."""
+    await eventually(lambda: key in app.query_one(f"#{table}", DataTable).rows)
+    t = app.query_one(f"#{table}", DataTable)
+    t.focus()
+    while str(t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value) != key:
+        await pilot.press("down")
+    await pilot.pause()
+
+
+@pytest.fixture
+async def console(server: Server, broker: BrokerConfig, prefix: str
+                  ) -> AsyncIterator[tuple[ConsoleApp, Any]]:
+    app = ConsoleApp(broker, "disp", prefix=prefix)
+    async with app.run_test(size=(180, 50)) as pilot:
+        await eventually(lambda: app.link.transport.connected)
+        await eventually(lambda: app.model.server_state == "online")
+        yield app, pilot
+
+
+async def test_console_shows_a_talker(console: tuple[ConsoleApp, Any],
+                                      handset: HandsetFactory) -> None:
+    app, _ = console
+    u1 = await handset("u1", "tg-1")
+    await u1.press("tg-1")
+    await eventually(lambda: row(app, "groups", "tg-1")[1:3] == ["taken", "u1"])
+    assert any("u1 talks" in e.text for e in app.model.events)
+    u1.release("tg-1")
+    await eventually(lambda: row(app, "groups", "tg-1")[1] == "idle")
+
+
+async def test_console_shows_an_emergency_and_acknowledges_it(
+        console: tuple[ConsoleApp, Any], handset: HandsetFactory) -> None:
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1))
+    await eventually(lambda: "SOS" in row(app, "groups", "tg-1")[6])
+    assert "SOS" in row(app, "units", "u1")[6]
+    acked = u1.expect(lambda i: isinstance(i.msg, m.EmergencyState)
+                      and i.msg.state == "acknowledged")
+    await select(app, pilot, "groups", "tg-1")
+    await pilot.press("a")
+    assert (await acked).msg.by == "disp"  # type: ignore[attr-defined]
+    await eventually(lambda: any("acknowledged by disp" in e.text for e in app.model.events))
+
+
+async def test_console_ptt_preempts_a_handset_and_shows_access_time(
+        console: tuple[ConsoleApp, Any], handset: HandsetFactory) -> None:
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    await u1.press("tg-1")
+    revoked = u1.expect(lambda i: isinstance(i.msg, m.Revoke))
+    await select(app, pilot, "groups", "tg-1")
+    await pilot.press("space")
+    assert (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
+    await eventually(lambda: row(app, "groups", "tg-1")[2] == "disp")
+    await eventually(lambda: "last access" in str(app.query_one("#status", Static).render()))
+    assert app.last_access_ms is not None and app.last_access_ms > 0
+    await pilot.press("space")  # PTT again: release
+    await eventually(lambda: row(app, "groups", "tg-1")[1] == "idle")
+
+
+async def test_console_regroups_marked_units(console: tuple[ConsoleApp, Any],
+                                             handset: HandsetFactory) -> None:
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u2 = await handset("u2", "tg-1")
+    regrouped = [h.expect(lambda i: isinstance(i.msg, m.Regrouped)) for h in (u1, u2)]
+    for unit in ("u1", "u2"):
+        await select(app, pilot, "units", unit)
+        await pilot.press("x")
+    await pilot.press("r")
+    await pilot.press(*"inc-9", "enter")
+    await pilot.press(*"Fire", "enter")
+    for fut in regrouped:
+        assert (await fut).msg == m.Regrouped(tg="inc-9", name="Fire")
+    await eventually(lambda: "(temp)" in "".join(row(app, "groups", "inc-9")))
+    assert not app.marked
+
+
+async def test_console_says_why_the_server_refused(console: tuple[ConsoleApp, Any]) -> None:
+    app, pilot = console
+    await select(app, pilot, "groups", "tg-1")
+    await pilot.press("a")  # nothing to acknowledge
+    await eventually(lambda: any("no emergency" in e.text for e in app.model.events))
+    await pilot.press("u")  # tg-1 is no temporary group: the server refuses
+    await eventually(lambda: any("ungroup refused" in e.text for e in app.model.events))
+
+
+async def test_console_keeps_working_after_a_broker_restart(prefix: str) -> None:
+    with Mosquitto() as own:
+        cfg = BrokerConfig.from_url(own.url)
+        srv = Server(Config(broker=cfg, prefix=prefix), parse_fleet(FLEET))
+        await srv.start()
+        u1 = Handset("u1", cfg, prefix=prefix)
+        app = ConsoleApp(cfg, "disp", prefix=prefix)
+        try:
+            await u1.start()
+            await u1.affiliate("tg-1")
+            async with app.run_test(size=(180, 50)):
+                await eventually(lambda: app.model.server_state == "online")
+                await u1.press("tg-1")
+                await eventually(lambda: row(app, "groups", "tg-1")[2] == "u1")
+                u1.release("tg-1")
+                own.stop()
+                await eventually(lambda: not app.link.transport.connected)
+                own.start()
+                await eventually(lambda: app.link.transport.connected and srv.transport.connected
+                                 and u1.transport.connected, timeout=20)
+                await eventually(lambda: "tg-1" in srv.network.affiliations.get("u1", ()))
+                await u1.press("tg-1")
+                await eventually(lambda: row(app, "groups", "tg-1")[1:3] == ["taken", "u1"])
+                assert any("connection back" in e.text for e in app.model.events)
+        finally:
+            await u1.stop()
+            await srv.stop()
+
+
+def test_map_draws_units_and_marks_emergencies_and_the_selection() -> None:
+    points = [Point("a", 51.50, -0.10), Point("b", 51.60, -0.20, emergency=True),
+              Point("c", 51.40, 0.00)]
+    text = render(points, 20, 6, View(), selected="c")
+    assert text.plain.count("\n") == 5
+    dots = [ch for ch in text.plain if "\u2800" < ch <= "\u28ff"]
+    assert len(dots) == 3
+    styles = {str(span.style) for span in text.spans}
+    assert "bold red" in styles and "reverse bold yellow" in styles
+    zoomed = View()
+    zoomed.zoom_by(8)  # only the centre unit stays in view
+    assert len([ch for ch in render(points, 20, 6, zoomed).plain if ch != " " and ch != "\n"]) == 1
