@@ -41,6 +41,7 @@ TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
 GROUP_NAMES = ["Response North", "Response South", "Response East", "Response West",
                "Traffic", "Firearms", "Custody", "Fire Ops", "Ambulance Ops", "Coastguard"]
 DISPATCHER = "disp-1"
+CONSOLE = "disp-2"  # a second dispatcher account, for `esn console` beside the demo
 SERVER_ID = "esn-demo"
 
 
@@ -81,6 +82,7 @@ def fleet_toml(groups: list[str], handsets: list[str], supervisors: set[str]) ->
                   ""]
     lines += ["[[talkgroup]]", 'id = "tg-all"', 'name = "All-call"', "broadcast = true", ""]
     lines += ["[[unit]]", f'id = "{DISPATCHER}"', 'role = "dispatcher"', "priority = 250", ""]
+    lines += ["[[unit]]", f'id = "{CONSOLE}"', 'role = "dispatcher"', "priority = 250", ""]
     for u in sorted(supervisors):
         lines += ["[[unit]]", f'id = "{u}"', "priority = 220", ""]
     return "\n".join(lines) + "\n"
@@ -368,6 +370,8 @@ async def run_demo(opts: DemoOptions) -> int:
                 "--mqtt-client", opts.mqtt_client, "--server-id", SERVER_ID, *server_args,
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
+        if not opts.secure:
+            print(f"console: esn console --broker {url} --unit {CONSOLE}")
         await _wait_for_server(demo, server)
         if demo.handset_metrics is not None:
             prometheus, exporter = await _start_monitoring(demo)
