@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -17,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from esn.broker import free_port
+from esn.broker import end_process, free_port
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "grafana" / "prometheus"
 
@@ -86,13 +85,8 @@ class Prometheus:
         return body["data"]  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc)
 
     def close(self) -> None:
         self.stop()

@@ -11,7 +11,7 @@ import asyncio
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ import pytest
 from esn import messages as m
 from esn.broker import Mosquitto, free_port
 from esn.core.fleet import parse_fleet
-from esn.handset import HAS_PERMISSION, Handset
+from esn.handset import HAS_PERMISSION, Handset, Inbound
 from esn.secure import SecureProfile, generate
 from esn.server import Config, Server
 from esn.transport import BrokerConfig, TransportError
@@ -116,8 +116,19 @@ async def own_broker() -> AsyncIterator[Mosquitto]:
     broker.close()
 
 
-def media_from(talker: str):
+def media_from(talker: str) -> Callable[[Inbound], bool]:
     return lambda i: isinstance(i.msg, m.Media) and i.msg.talker == talker
+
+
+async def pair(url: str, prefix: str) -> tuple[Handset, Handset]:
+    """u1 and u2, started and affiliated to tg-1; u1 sends voice every 20 ms when talking."""
+    cfg = BrokerConfig.from_url(url)
+    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
+    other = Handset("u2", cfg, prefix=prefix)
+    for h in (talker, other):
+        await h.start()
+        await h.affiliate("tg-1")
+    return talker, other
 
 
 # --- the server dies ----------------------------------------------------------------------
@@ -127,14 +138,9 @@ async def test_server_killed_mid_call_the_call_goes_on(own_broker: Mosquitto, fl
                                                        prefix: str) -> None:
     """Tried: SIGKILL the server while u1 talks, start a new one. Expect: the new server
     adopts the call from the retained state, u2 keeps hearing u1 in the same call."""
-    cfg = BrokerConfig.from_url(own_broker.url)
     server = await spawn_server(own_broker.url, prefix, fleet_file)
-    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
-    listener = Handset("u2", cfg, prefix=prefix)
+    talker, listener = await pair(own_broker.url, prefix)
     try:
-        for h in (talker, listener):
-            await h.start()
-            await h.affiliate("tg-1")
         granted = await talker.press("tg-1")
         assert isinstance(granted, m.Granted)
         await listener.expect(media_from("u1"))
@@ -161,14 +167,9 @@ async def test_stale_state_is_not_adopted_after_a_restart(own_broker: Mosquitto,
                                                           fleet_file: Path, prefix: str) -> None:
     """Tried: the talker leaves while the server is dead. Expect: the new server does not
     resurrect its call; the group is idle and others can talk."""
-    cfg = BrokerConfig.from_url(own_broker.url)
     server = await spawn_server(own_broker.url, prefix, fleet_file)
-    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
-    other = Handset("u2", cfg, prefix=prefix)
+    talker, other = await pair(own_broker.url, prefix)
     try:
-        for h in (talker, other):
-            await h.start()
-            await h.affiliate("tg-1")
         await talker.press("tg-1")
         server.kill()
         await server.wait()
@@ -195,12 +196,8 @@ async def test_broker_restart_mid_call_the_call_goes_on(own_broker: Mosquitto, p
     cfg = BrokerConfig.from_url(own_broker.url)
     srv = Server(Config(broker=cfg, prefix=prefix, keepalive=5), parse_fleet(FLEET))
     await srv.start()
-    talker = Handset("u1", cfg, prefix=prefix, media_interval=0.02)
-    listener = Handset("u2", cfg, prefix=prefix)
+    talker, listener = await pair(own_broker.url, prefix)
     try:
-        for h in (talker, listener):
-            await h.start()
-            await h.affiliate("tg-1")
         await talker.press("tg-1")
         await listener.expect(media_from("u1"))
         own_broker.stop(how)
