@@ -72,6 +72,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(run_demo(opts))
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtest.runner import run_loadtest
+    from loadtest.scenario import ScenarioError, load_scenario
+
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+    return run(run_loadtest(scenario, Path(args.out) if args.out else None))
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     from esn.console.app import ConsoleApp
 
@@ -131,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitoring", action="store_true",
                    help="also start Prometheus (grafana/prometheus) on the server and handsets")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("loadtest", help="drive thousands of handsets from a scenario file")
+    p.add_argument("scenario", metavar="SCENARIO.toml")
+    p.add_argument("--out", metavar="DIR", help="where to write result.json and report.html "
+                   "(default runs/NAME-TIME)")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("console", help="the dispatcher console (a terminal app)")
     _add_broker_args(p)

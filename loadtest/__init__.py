@@ -1,0 +1,1 @@
+"""The load generator (`esn loadtest`): thousands of simulated handsets, open-loop."""

@@ -1,0 +1,149 @@
+"""The load test's report: a KPI table for the terminal and an HTML page with plots.
+
+Plots: each KPI's latency percentile spectrum (from the plan, corrected for coordinated
+omission, and from the actual send) against the 300 ms target, and rates over time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+from pathlib import Path
+from typing import Any
+
+NAMES = {
+    "floor_access": "KPI1 floor access (press→granted, from plan)",
+    "floor_access_sent": "floor access (from actual send)",
+    "mouth_to_ear": "KPI3 mouth-to-ear",
+    "late_entry": "KPI4 late entry",
+    "connect": "connect time",
+    "loop_lag": "generator loop lag",
+}
+TARGETS = {"floor_access": 300.0, "mouth_to_ear": 300.0}
+
+
+def kpi_table(r: dict[str, Any]) -> str:
+    lines = [f"{'KPI':46} {'n':>8} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}  target"]
+    for key, name in NAMES.items():
+        k = r["kpis"][key]
+        if not k.get("n"):
+            lines.append(f"{name:46} {0:8d} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
+            continue
+        target = TARGETS.get(key)
+        verdict = "" if target is None else (
+            f"p95 < {target:g} ms " + ("PASS" if k["p95"] < target else "FAIL"))
+        lines.append(f"{name:46} {k['n']:8d} {k['p50']:8.2f}ms {k['p95']:8.2f}ms "
+                     f"{k['p99']:8.2f}ms {k['max']:8.2f}ms  {verdict}")
+    c = r["counts"]
+    granted = sum(v for k, v in c.items() if k.startswith("granted"))
+    denied = sum(v for k, v in c.items() if k.startswith("denied"))
+    lines.append("")
+    lines.append(f"connected {c.get('connected', 0)}, connect failures "
+                 f"{c.get('connect_failures', 0)}; grants {granted} "
+                 f"(after queuing {c.get('granted_after_queue', 0)}), queued "
+                 f"{c.get('queued', 0)}, denied {denied}, revoked {c.get('revoked', 0)}, "
+                 f"no answer {c.get('no_answer', 0)}")
+    g = r["generator"]
+    lines.append(f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "
+                 f"loop lag p99 {g['loop_lag_p99_ms']:.1f} ms — "
+                 + ("THE GENERATOR LIMITED THIS RUN: its figures overstate the system's "
+                    "latency" if g["limited"] else "kept its schedule"))
+    failed = [k for k, v in r["thresholds"].items() if not v["passed"]]
+    lines.append("thresholds: " + ("all met" if not failed else "missed " + ", ".join(
+        f"{k} ({r['thresholds'][k]['value']} > {r['thresholds'][k]['limit']})" for k in failed)))
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(r: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for key in ("floor_access", "floor_access_sent", "mouth_to_ear", "late_entry"):
+        pts = r["spectra"].get(key) or []
+        if pts:
+            xs = [1 / (1 - min(q, 99.999) / 100) for q, _ in pts]
+            ax.plot(xs, [v for _, v in pts], marker="o", ms=3, label=NAMES[key])
+    ax.axhline(300, color="red", ls="--", lw=1, label="3GPP TS 22.179 target (300 ms)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = [1, 2, 10, 100, 1000, 10000, 100000]
+    ax.set_xticks(ticks, ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Latency by percentile")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out.append(("Latency percentile spectra", _png(fig)))
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    merged: dict[int, dict[str, float]] = {}
+    for series in r["series"]:
+        for p in series:
+            slot = merged.setdefault(int(p["t"]), {"connected": 0, "talking": 0, "grants": 0,
+                                                  "media_rx": 0})
+            for k in slot:
+                slot[k] += p[k]
+    if merged:
+        ts = sorted(merged)
+        t0 = ts[0]
+        x = [t - t0 for t in ts]
+        a1.plot(x, [merged[t]["connected"] for t in ts], label="handsets connected")
+        a1.plot(x, [merged[t]["talking"] for t in ts], label="talking now")
+        a1.legend(fontsize=8)
+        a1.grid(alpha=0.3)
+        rate = [0.0] + [max(0.0, merged[b]["media_rx"] - merged[a]["media_rx"]) / max(b - a, 1)
+                        for a, b in itertools.pairwise(ts)]
+        grants = [0.0] + [max(0.0, merged[b]["grants"] - merged[a]["grants"]) / max(b - a, 1)
+                          for a, b in itertools.pairwise(ts)]
+        a2.plot(x, rate, label="voice packets received /s")
+        a2.plot(x, [g * 100 for g in grants], label="grants /s x 100")
+        a2.set_xlabel("seconds")
+        a2.legend(fontsize=8)
+        a2.grid(alpha=0.3)
+    a1.set_title("Load over time")
+    out.append(("Load over time", _png(fig)))
+    plt.close(fig)
+    return out
+
+
+def _cell(v: object) -> str:
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def write_html(path: Path, r: dict[str, Any]) -> None:
+    rows = "".join(
+        f"<tr><td>{html.escape(NAMES[k])}</td>"
+        + "".join(f"<td>{_cell(r['kpis'][k].get(c))}</td>" for c in ("n", "p50", "p95", "p99",
+                                                                     "max"))
+        + "</tr>" for k in NAMES)
+    figures = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>"
+                      for t, b in plots(r))
+    verdict = "PASS" if r["passed"] else "FAIL"
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>ESN load test — {html.escape(r['scenario']['run']['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}.PASS{{color:green}}.FAIL{{color:#c00}}
+pre{{background:#f6f6f6;padding:1em}}img{{max-width:100%}}</style></head><body>
+<h1>ESN load test: {html.escape(r['scenario']['run']['name'])}
+<span class="{verdict}">{verdict}</span></h1>
+<p>{r['machine']['date']}, {r['workers']} worker(s) on {r['machine']['cpus']} CPUs.</p>
+<table><tr><th>KPI (ms)</th><th>n</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>
+{rows}</table>
+<pre>{html.escape(kpi_table(r))}</pre>
+{figures}
+</body></html>"""
+    path.write_text(page)

@@ -1,0 +1,262 @@
+"""`esn loadtest SCENARIO.toml`: plan the fleet, start the system under test, spread the
+handsets over worker processes, show live progress, then merge and report.
+
+The run fails (exit status 1) when a threshold is missed or handsets could not connect;
+the report also says when the generator, not the system under test, limited the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import queue as queue_mod
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from esn.broker import Mosquitto, free_port
+from esn.core.fleet import load_fleet
+from loadtest.recorder import merge, spectrum_ms, summary_ms
+from loadtest.report import kpi_table, write_html
+from loadtest.scenario import Scenario
+from loadtest.worker import WorkerPlan, run_worker
+
+LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
+OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late
+
+
+def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], str]:
+    """Split the fleet: each talkgroup (and its talkers) lives in one worker, so a burst's
+    competing presses and its listeners' timing share one clock. Returns the plans and the
+    fleet file text for our own server."""
+    f, t = s.fleet, s.traffic
+    if f.fleet_file:
+        fleet = load_fleet(Path(s.path).parent / f.fleet_file)
+        groups = [g.id for g in fleet.groups.values() if not g.broadcast and not g.members]
+        dispatchers = [u.id for u in fleet.units.values() if u.is_dispatcher]
+        fleet_text = (Path(s.path).parent / f.fleet_file).read_text()
+    else:
+        groups = [f"tg-{i:04d}" for i in range(f.talkgroups)]
+        dispatchers = [f"disp-{i}" for i in range(f.dispatchers)]
+        fleet_text = _fleet_toml(groups, dispatchers)
+    units = [f"u-{i:05d}" for i in range(f.handsets)]
+    late, regular = units[len(units) - t.late_joiners:], units[:len(units) - t.late_joiners]
+    owner = {tg: i % workers for i, tg in enumerate(groups)}
+    plans = [WorkerPlan(index=w, broker_url=broker_url, mqtt_client=s.run.mqtt_client,
+                        units=[], talkers={}, dispatchers=dispatchers[w::workers], late=[],
+                        traffic=t, ramp_per_s=s.run.ramp_per_s / workers,
+                        duration_s=s.run.duration_s, share=1 / workers, seed=s.run.seed,
+                        metrics_port=free_port()) for w in range(workers)]
+    n_multi = int(len(regular) * f.multi_group_fraction)
+    for i, unit in enumerate(regular):
+        first = groups[i % len(groups)]
+        mine = [first] + ([groups[(i + 1) % len(groups)]] if i < n_multi and len(groups) > 1
+                          else [])
+        p = plans[owner[first]]
+        p.units.append((unit, mine))
+        p.talkers.setdefault(first, []).append(unit)
+    for i, unit in enumerate(late):
+        tg = groups[i % len(groups)]
+        plans[owner[tg]].late.append((unit, tg))
+    for p in plans:  # dispatchers affiliate to the groups their worker drives
+        if not p.talkers:
+            p.dispatchers = []
+    return plans, fleet_text
+
+
+def _fleet_toml(groups: list[str], dispatchers: list[str]) -> str:
+    lines = ["[defaults]", "queue_depth = 8", "preempt_threshold = 200", ""]
+    for tg in groups:
+        lines += ["[[talkgroup]]", f'id = "{tg}"', ""]
+    for d in dispatchers:
+        lines += ["[[unit]]", f'id = "{d}"', 'role = "dispatcher"', "priority = 250", ""]
+    return "\n".join(lines)
+
+
+async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
+    _raise_fd_limit()
+    workers = s.workers
+    work = Path(tempfile.mkdtemp(prefix="esn-loadtest-"))
+    out = out_dir or Path("runs") / f"{s.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    broker = None if s.run.broker else Mosquitto().start()
+    url = s.run.broker or broker.url  # type: ignore[union-attr]
+    plans, fleet_text = plan(s, workers, url)
+    server = None
+    server_port = free_port()
+    procs: list[multiprocessing.process.BaseProcess] = []
+    try:
+        if s.run.server:
+            (work / "fleet.toml").write_text(fleet_text)
+            server = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet",
+                str(work / "fleet.toml"), "--metrics-port", str(server_port),
+                "--mqtt-client", s.run.mqtt_client, stdout=subprocess.DEVNULL)
+            await _wait_port(server_port)
+        total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
+        print(f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
+              f"{s.fleet.talkgroups} talkgroups, {s.run.duration_s:g} s, broker {url}")
+        print("worker metrics: " + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics"
+                                             for p in plans))
+        ctx = multiprocessing.get_context("spawn")
+        q = ctx.Queue()
+        go = ctx.Event()
+        procs = [ctx.Process(target=run_worker, args=(p, q, go), daemon=True) for p in plans]
+        for proc in procs:
+            proc.start()
+        result = await _drive(s, q, go, workers, total)
+        result["server_metrics"] = _scrape(server_port) if server else {}
+    finally:
+        for proc in procs:
+            proc.join(20)
+            if proc.is_alive():
+                proc.kill()
+        if server is not None:
+            server.terminate()
+            await server.wait()
+        if broker is not None:
+            broker.close()
+    report = build_report(s, result, workers)
+    (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_html(out / "report.html", report)
+    print()
+    print(kpi_table(report))
+    print(f"\nJSON: {out / 'result.json'}\nHTML: {out / 'report.html'}")
+    print("RESULT:", "PASS" if report["passed"] else "FAIL")
+    return 0 if report["passed"] else 1
+
+
+async def _drive(s: Scenario, q: Any, go: Any, workers: int, total: int) -> dict[str, Any]:
+    """Ramp, start everyone together, show progress, collect the finals."""
+    latest: dict[int, dict[str, Any]] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    ready: set[int] = set()
+    started = None
+    tty = sys.stdout.isatty()
+    last_print = 0.0
+    deadline = time.monotonic() + total / s.run.ramp_per_s + 120
+    while len(finals) < workers:
+        try:
+            msg = await asyncio.to_thread(q.get, True, 0.5)
+        except queue_mod.Empty:
+            msg = None
+        if msg is not None:
+            kind, w = msg["kind"], msg["worker"]
+            if kind == "error":
+                raise RuntimeError(f"worker {w} failed: {msg['error']}")
+            if kind == "ready":
+                ready.add(w)
+                if len(ready) == workers:
+                    go.set()
+                    started = time.monotonic()
+                    deadline = started + s.run.duration_s + 60
+            elif kind == "status":
+                latest[w] = msg
+            elif kind == "final":
+                finals[w] = msg
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers did not finish in time ({len(finals)}/{workers})")
+        now = time.monotonic()
+        if latest and now - last_print >= (1 if tty else 5):
+            last_print = now
+            line = _progress(latest, total, started, s.run.duration_s)
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
+    return {"finals": [finals[w] for w in sorted(finals)]}
+
+
+def _progress(latest: dict[int, dict[str, Any]], total: int, started: float | None,
+              duration: float) -> str:
+    v = list(latest.values())
+    elapsed = time.monotonic() - started if started else 0.0
+    phase = ("ramp" if not started else f"t={elapsed:5.1f}/{duration:g}s" if elapsed <= duration
+             else "draining")
+    return (f"{phase}  connected {sum(x['connected'] for x in v)}/{total}"
+            f"  talking {sum(x['talking'] for x in v)}  grants {sum(x['grants'] for x in v)}"
+            f"  access p95 {max(x['access_p95_ms'] for x in v):.1f} ms"
+            f"  mouth-to-ear p95 {max(x['m2e_p95_ms'] for x in v):.1f} ms"
+            f"  loop lag p99 {max(x['lag_p99_ms'] for x in v):.1f} ms")
+
+
+def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str, Any]:
+    finals = result["finals"]
+    hist = merge([f["hist"] for f in finals])
+    counts: dict[str, int] = {}
+    for f in finals:
+        for k, v in f["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    actions = sum(f["actions"] for f in finals)
+    overruns = sum(f["overruns"] for f in finals)
+    kpis = {k: summary_ms(h) for k, h in hist.items()}
+    lag_p99 = kpis["loop_lag"].get("p99", 0.0)
+    generator_limited = lag_p99 > LAG_LIMIT_MS or (actions and overruns / actions > OVERRUN_LIMIT)
+    th = s.thresholds
+    checks = {
+        "floor_access_p95_ms": (kpis["floor_access"].get("p95"), th.floor_access_p95_ms),
+        "mouth_to_ear_p95_ms": (kpis["mouth_to_ear"].get("p95"), th.mouth_to_ear_p95_ms),
+        "late_entry_p95_ms": (kpis["late_entry"].get("p95"), th.late_entry_p95_ms),
+        "connect_failures": (counts.get("connect_failures", 0), th.connect_failures),
+    }
+    verdicts = {k: {"value": v, "limit": lim,
+                    "passed": v is not None and v <= lim}
+                for k, (v, lim) in checks.items()}
+    if s.traffic.late_joiners == 0:
+        verdicts["late_entry_p95_ms"]["passed"] = True
+    return {
+        "scenario": {"path": s.path, **asdict(s)},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "workers": workers,
+        "kpis": kpis,
+        "spectra": {k: spectrum_ms(h) for k, h in hist.items()},
+        "counts": counts,
+        "generator": {"actions": actions, "overruns": overruns, "loop_lag_p99_ms": lag_p99,
+                      "limited": bool(generator_limited)},
+        "thresholds": verdicts,
+        "passed": all(v["passed"] for v in verdicts.values()),
+        "series": [f["series"] for f in finals],
+        "server_metrics": result.get("server_metrics", {}),
+    }
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if not smp.name.endswith(("_bucket", "_created")):
+                key = smp.name + "".join(f"{{{k}={v}}}" for k, v in sorted(smp.labels.items()))
+                out[key] = smp.value
+    return out
+
+
+async def _wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError("the server did not start")
+
+
+def _raise_fd_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the broker inherits it too

@@ -1,0 +1,332 @@
+"""One load-generator worker process: its share of the handsets, each on its own MQTT
+connection, driven on an open-loop schedule.
+
+The worker connects its handsets at its share of the ramp rate, waits for the common
+start signal, then plays the traffic model: for each of its talkgroups a Poisson stream of
+sessions made of talk bursts (sometimes with a competing press), emergencies, dispatcher
+pre-emptions, late joiners and location reports. Every action is launched at its planned
+time whether or not earlier ones have finished. Measurements go to HdrHistograms (and to
+Prometheus on the worker's own port); a status line goes to the parent every second and
+the merged-ready histograms at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from esn import messages as m
+from esn.handset import Handset
+from esn.metrics import HandsetMetrics, serve_metrics
+from esn.transport import BrokerConfig
+from loadtest.recorder import Recorder
+from loadtest.scenario import Traffic
+
+STATUS_EVERY_S = 1.0
+
+
+@dataclass
+class WorkerPlan:
+    index: int
+    broker_url: str
+    mqtt_client: str
+    units: list[tuple[str, list[str]]]  # unit -> groups to affiliate at start
+    talkers: dict[str, list[str]]  # group driven by this worker -> members who talk in it
+    dispatchers: list[str]
+    late: list[tuple[str, str]]  # unit joining group tg in the middle of a call
+    traffic: Traffic
+    ramp_per_s: float
+    duration_s: float
+    share: float  # this worker's share of the fleet, for the per-minute event rates
+    seed: int
+    metrics_port: int
+    prefix: str = "esn"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Fanout:
+    """Hand each handset measurement to the HdrHistograms and to Prometheus."""
+
+    def __init__(self, *observers: Any) -> None:
+        self.observers = observers
+
+    def access(self, seconds: float, kind: str) -> None:
+        for o in self.observers:
+            o.access(seconds, kind)
+
+    def mouth_to_ear(self, seconds: float) -> None:
+        for o in self.observers:
+            o.mouth_to_ear(seconds)
+
+    def late_entry(self, seconds: float) -> None:
+        for o in self.observers:
+            o.late_entry(seconds)
+
+
+class Worker:
+    def __init__(self, plan: WorkerPlan, queue: Any, go: Any) -> None:
+        self.plan = plan
+        self.queue = queue
+        self.go = go
+        self.rng = random.Random(plan.seed * 1000 + plan.index)
+        self.rec = Recorder()
+        self.prom = HandsetMetrics()
+        self.observer = _Fanout(self.rec, self.prom)
+        self.handsets: dict[str, Handset] = {}
+        self.busy: set[str] = set()  # units in a talk burst right now
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.series: list[dict[str, float]] = []
+        self.stopping = False
+        self.t0 = 0.0
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        exporter = await serve_metrics(self.prom.registry, self.plan.metrics_port)
+        lag = asyncio.create_task(self.watch_loop_lag())
+        status = asyncio.create_task(self.report_status())
+        try:
+            await self.connect_all()
+            self.send("ready")
+            await asyncio.to_thread(self.go.wait)
+            self.t0 = loop.time()
+            await self.play()
+        finally:
+            self.stopping = True
+            lag.cancel()
+            status.cancel()
+            exporter.close()
+            self.send("final", hist=self.rec.encode(), actions=self.rec.actions,
+                      overruns=self.rec.overruns, series=self.series)
+            await self.disconnect_all()
+
+    def send(self, kind: str, **data: Any) -> None:
+        self.queue.put({"kind": kind, "worker": self.plan.index, "counts": dict(self.rec.counts),
+                        **data})
+
+    def handset(self, unit: str) -> Handset:
+        cfg = BrokerConfig.from_url(self.plan.broker_url)
+        h = Handset(unit, cfg, prefix=self.plan.prefix, mqtt_client=self.plan.mqtt_client,
+                    media_interval=self.plan.traffic.media_interval_s, keep_inbox=False,
+                    keep_stats=False, metrics=self.observer)
+        self.handsets[unit] = h
+        return h
+
+    async def connect_all(self) -> None:
+        """Connect at the ramp rate, each on its own connection; count failures."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        everyone = [(u, g) for u, g in self.plan.units] + [(d, list(self.plan.talkers))
+                                                          for d in self.plan.dispatchers]
+        everyone += [(u, []) for u, _ in self.plan.late]
+        sem = asyncio.Semaphore(200)
+
+        async def one(i: int, unit: str, groups: list[str]) -> None:
+            await asyncio.sleep(max(0.0, start + i / self.plan.ramp_per_s - loop.time()))
+            async with sem:
+                h = self.handset(unit)
+                began = time.perf_counter()
+                try:
+                    await h.start()
+                    self.rec.observe("connect", time.perf_counter() - began)
+                    if groups:
+                        await h.affiliate(*groups)
+                    self.rec.count("connected")
+                except Exception:  # a refused or timed-out connection is a result, not a crash
+                    self.rec.count("connect_failures")
+
+        await asyncio.gather(*(one(i, u, g) for i, (u, g) in enumerate(everyone)))
+
+    async def disconnect_all(self) -> None:
+        for batch in _chunks(list(self.handsets.values()), 200):
+            await asyncio.gather(*(h.stop() for h in batch), return_exceptions=True)
+
+    # --- the traffic model ------------------------------------------------------------
+
+    async def play(self) -> None:
+        t = self.plan.traffic
+        for h in self.handsets.values():
+            if not h.unit.startswith("disp"):
+                h.start_location_reports(t.location_interval_s)
+        schedules = [asyncio.create_task(self.sessions(tg, members))
+                     for tg, members in self.plan.talkers.items() if len(members) >= 2]
+        if t.emergencies_per_min > 0:
+            rate = t.emergencies_per_min * self.plan.share
+            schedules.append(asyncio.create_task(self.poisson(rate, self.emergency)))
+        if t.preemptions_per_min > 0 and self.plan.dispatchers:
+            rate = t.preemptions_per_min * self.plan.share
+            schedules.append(asyncio.create_task(self.poisson(rate, self.preemption)))
+        for i, (unit, tg) in enumerate(self.plan.late):
+            at = self.plan.duration_s * (i + 1) / (len(self.plan.late) + 1)
+            self.spawn(self.at(at, self.late_entry(unit, tg)))
+        await asyncio.sleep(self.plan.duration_s)
+        self.stopping = True
+        for task in schedules:  # no new actions; the ones under way may finish
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        for task in self.tasks:
+            task.cancel()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def at(self, offset: float, coro: Any) -> None:
+        await asyncio.sleep(max(0.0, self.t0 + offset - asyncio.get_running_loop().time()))
+        if not self.stopping:
+            await coro
+        else:
+            coro.close()
+
+    async def sessions(self, tg: str, members: list[str]) -> None:
+        """Open loop: each burst is launched at its planned time, not after the previous."""
+        t = self.plan.traffic
+        idle_mean = t.mean_session_s * (1 - t.activity) / t.activity
+        planned = self.t0 + self.rng.expovariate(1 / idle_mean)
+        loop = asyncio.get_running_loop()
+        while True:
+            end = planned + self.rng.expovariate(1 / t.mean_session_s)
+            while planned < end:
+                burst = self.rng.expovariate(1 / t.mean_talk_s)
+                await asyncio.sleep(max(0.0, planned - loop.time()))
+                if self.stopping:
+                    return
+                self.spawn(self.burst(tg, members, planned, burst))
+                if self.rng.random() < t.second_speaker:
+                    self.spawn(self.burst(tg, members, planned + 0.2, burst / 2))
+                planned += burst + self.rng.expovariate(2.0)  # a short gap between bursts
+            planned = end + self.rng.expovariate(1 / idle_mean)
+
+    async def burst(self, tg: str, members: list[str], planned: float, seconds: float,
+                    kind: str = "normal", unit: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, planned - loop.time()))
+        free = [u for u in members if u not in self.busy and u in self.handsets]
+        unit = unit or (self.rng.choice(free) if free else None)
+        if unit is None or self.stopping:
+            self.rec.count("skipped_no_free_member")
+            return
+        h = self.handsets[unit]
+        self.busy.add(unit)
+        try:
+            sent = loop.time()
+            self.rec.started(planned, sent)
+            try:
+                answer = await h.press(tg, kind=kind)
+            except TimeoutError:
+                self.rec.count("no_answer")
+                return
+            if isinstance(answer, m.Granted):
+                self.rec.completed("floor_access", planned, sent, loop.time())
+                self.rec.count(f"granted_{kind}")
+            elif isinstance(answer, m.Queued):
+                self.rec.count("queued")
+                with contextlib.suppress(TimeoutError):
+                    await h.expect(lambda i: isinstance(i.msg, m.Granted | m.Deny | m.Revoke)
+                                   and getattr(i.msg, "tg", None) == tg, seconds * 2 + 1)
+                if h.floor_state(tg) != "has_permission":
+                    h.release(tg)  # leave the queue
+                    return
+                self.rec.count("granted_after_queue")
+            else:
+                self.rec.count(f"denied_{getattr(answer, 'cause', '?')}")
+                return
+            with contextlib.suppress(TimeoutError):  # talk; a revoke ends it early
+                await h.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg,
+                               seconds)
+                self.rec.count("revoked")
+            if h.floor_state(tg) == "has_permission":
+                h.release(tg)
+        finally:
+            self.busy.discard(unit)
+
+    async def poisson(self, per_min: float, action: Any) -> None:
+        loop = asyncio.get_running_loop()
+        planned = self.t0
+        while not self.stopping:
+            planned += self.rng.expovariate(per_min / 60)
+            await asyncio.sleep(max(0.0, planned - loop.time()))
+            if not self.stopping:
+                self.spawn(action(planned))
+
+    async def emergency(self, planned: float) -> None:
+        tg, members = self.rng.choice(list(self.plan.talkers.items()))
+        free = [u for u in members if u not in self.busy]
+        if not free:
+            return
+        unit = self.rng.choice(free)
+        h = self.handsets[unit]
+        h.send(m.EmergencyAlert(tg=tg, ref=h.next_ref()))
+        self.rec.count("emergencies")
+        await self.burst(tg, members, planned, 3.0, kind="emergency", unit=unit)
+        h.send(m.EmergencyCancel(tg=tg, ref=h.next_ref()))
+
+    async def preemption(self, planned: float) -> None:
+        tg = self.rng.choice(list(self.plan.talkers))
+        disp = self.rng.choice(self.plan.dispatchers)
+        self.rec.count("dispatcher_presses")
+        await self.burst(tg, [disp], planned, 2.0, unit=disp)
+
+    async def late_entry(self, unit: str, tg: str) -> None:
+        """Switch on in the middle of a call: wait for one, then affiliate."""
+        watcher = self.handsets.get(self.plan.talkers.get(tg, [unit])[0])
+        h = self.handsets.get(unit)
+        if h is None or watcher is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await watcher.expect(lambda i: isinstance(i.msg, m.Taken) and i.msg.tg == tg, 60)
+            await h.affiliate(tg)
+            self.rec.count("late_joins")
+
+    # --- health and status ------------------------------------------------------------
+
+    async def watch_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            self.rec.observe("loop_lag", max(0.0, loop.time() - due))
+
+    async def report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            rx = sum(h.stats.counts.get("media_rx", 0) for h in self.handsets.values())
+            connected = sum(h.transport.connected for h in self.handsets.values())
+            talking = len(self.busy)
+            h = self.rec.hist
+            point = {"t": time.time(), "connected": connected, "talking": talking,
+                     "media_rx": rx, "grants": sum(v for k, v in self.rec.counts.items()
+                                                   if k.startswith("granted"))}
+            self.series.append(point)
+            self.send("status", **point,
+                      access_p95_ms=h["floor_access"].get_value_at_percentile(95) / 1000,
+                      m2e_p95_ms=h["mouth_to_ear"].get_value_at_percentile(95) / 1000,
+                      lag_p99_ms=h["loop_lag"].get_value_at_percentile(99) / 1000,
+                      actions=self.rec.actions, overruns=self.rec.overruns)
+
+
+def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def run_worker(plan: WorkerPlan, queue: Any, go: Any) -> None:
+    """Entry point of a worker process."""
+    import resource
+
+    from esn.runtime import run
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per handset
+    try:
+        run(Worker(plan, queue, go).main())
+    except Exception as exc:  # tell the parent in words rather than vanish
+        queue.put({"kind": "error", "worker": plan.index, "error": f"{type(exc).__name__}: "
+                   f"{exc}"})
+        raise
