@@ -77,7 +77,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.scenario import ScenarioError, load_scenario
 
     try:
-        scenario = load_scenario(args.scenario)
+        scenario = load_scenario(args.scenario, args.set)
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
     return run(run_loadtest(scenario, Path(args.out) if args.out else None))
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", metavar="SCENARIO.toml")
     p.add_argument("--out", metavar="DIR", help="where to write result.json and report.html "
                    "(default runs/NAME-TIME)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a scenario value for this run (repeatable)")
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("console", help="the dispatcher console (a terminal app)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
     return s
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
+    """Read a scenario; `overrides` like "fleet.handsets=5000" change it for one run."""
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
@@ -138,4 +140,14 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"scenario {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and section and name):
+            raise ScenarioError(f"override {item!r} must look like section.key=value")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # a bare word is a string
+        doc.setdefault(section, {})[name] = value
     return parse_scenario(doc, str(path))

@@ -103,3 +103,13 @@ late_joiners = 2
     assert rc == (0 if result["passed"] else 1)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "KPI1 floor access" in html
+
+
+def test_overrides_change_one_run_and_are_checked() -> None:
+    s = load_scenario(SCENARIOS / "city.toml", ["fleet.handsets=2000", "traffic.activity=0.05",
+                                                "run.name=city-2k"])
+    assert (s.fleet.handsets, s.traffic.activity, s.run.name) == (2000, 0.05, "city-2k")
+    with pytest.raises(ScenarioError, match=r"must look like section\.key=value"):
+        load_scenario(SCENARIOS / "city.toml", ["handsets=5"])
+    with pytest.raises(ScenarioError, match=r"\[fleet\] handsets must be int"):
+        load_scenario(SCENARIOS / "city.toml", ["fleet.handsets=lots"])
