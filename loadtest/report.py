@@ -45,6 +45,12 @@ def kpi_table(r: dict[str, Any]) -> str:
                  f"(after queuing {c.get('granted_after_queue', 0)}), queued "
                  f"{c.get('queued', 0)}, denied {denied}, revoked {c.get('revoked', 0)}, "
                  f"no answer {c.get('no_answer', 0)}")
+    sm = r.get("server_metrics") or {}
+    if "esn_floor_access_seconds:p95_ms" in sm:
+        lines.append(f"server side: floor access p95 {sm['esn_floor_access_seconds:p95_ms']} ms, "
+                     f"media relay p95 {sm.get('esn_media_relay_seconds:p95_ms', '-')} ms, "
+                     f"broker dropped {int(sm.get('esn_broker_messages_dropped_total', 0))} "
+                     "messages")
     g = r["generator"]
     lines.append(f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "
                  f"loop lag p99 {g['loop_lag_p99_ms']:.1f} ms — "

@@ -24,6 +24,7 @@ from typing import Any
 
 from esn.broker import Mosquitto, free_port
 from esn.core.fleet import load_fleet
+from esn.demo import histogram_quantile
 from loadtest.recorder import merge, spectrum_ms, summary_ms
 from loadtest.report import kpi_table, write_html
 from loadtest.scenario import Scenario
@@ -237,11 +238,20 @@ def _scrape(port: int) -> dict[str, float]:
     except OSError:
         return {}
     out: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
-            if not smp.name.endswith(("_bucket", "_created")):
+            if smp.name.endswith("_bucket"):  # summed over labels, for server-side quantiles
+                le = float(smp.labels["le"])
+                per = buckets.setdefault(smp.name.removesuffix("_bucket"), {})
+                per[le] = per.get(le, 0.0) + smp.value
+            else:
                 key = smp.name + "".join(f"{{{k}={v}}}" for k, v in sorted(smp.labels.items()))
                 out[key] = smp.value
+    for name, per in buckets.items():
+        for q in (0.5, 0.95, 0.99):
+            value = histogram_quantile(sorted(per.items()), q)
+            out[f"{name}:p{q * 100:g}_ms"] = round(value * 1000, 3)
     return out
 
 

@@ -1,0 +1,166 @@
+"""Our generator beside Locust's MQTT user, on the same workload, measured in one run.
+
+Workload: N clients, each on its own MQTT connection, publish a 60-byte msgpack location
+report at R messages/s (QoS 1) to their own up topic and subscribe to it, for S seconds.
+Each side reports the round trip publish -> delivered back through the broker, and we
+read each generator's CPU time from /proc: messages per CPU-second is the figure that
+tells how many handsets one core can simulate.
+
+    ./run compare --users 500 --rate 2 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from esn.broker import Mosquitto
+
+LOCUSTFILE = '''
+import time, msgpack
+from locust import task, constant_throughput, events
+from locust.contrib.mqtt import MqttUser
+
+class Handset(MqttUser):
+    host = "127.0.0.1"
+    port = {port}
+    wait_time = constant_throughput({rate})
+
+    def on_start(self):
+        self.topic = f"cmp/unit/{{self.client.client_id}}/up"
+        self.client.on_message = self.on_message
+        self.client.subscribe(self.topic, qos=1)
+
+    def on_message(self, client, userdata, message):
+        sent = msgpack.unpackb(message.payload)["ts"]
+        events.request.fire(request_type="MQTT", name="round trip", response_length=0,
+                            response_time=(time.time_ns() - sent) / 1e6, exception=None,
+                            context={{}})
+
+    @task
+    def report_position(self):
+        self.client.publish(self.topic, msgpack.packb(
+            {{"t": "location", "lat": 51.5, "lon": -0.12, "ts": time.time_ns()}}), qos=1)
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, and those of waited-for children (threads are counted in the process)
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_ours(port: int, users: int, rate: float, seconds: float) -> dict[str, float]:
+    """Our transport (gmqtt on uvloop), one process: N connections on one event loop."""
+    code = f"""
+import asyncio, json, time, msgpack
+from esn.transport import BrokerConfig, make_transport
+from esn.runtime import run
+from loadtest.recorder import new_histogram, record_s, summary_ms
+async def main():
+    cfg = BrokerConfig.from_url("mqtt://127.0.0.1:{port}")
+    h = new_histogram(); sent = [0]
+    clients = []
+    for i in range({users}):
+        t = make_transport("gmqtt", cfg, client_id=f"ours-{{i}}")
+        topic = f"cmp/unit/ours-{{i}}/up"
+        t.on_message = lambda tp, p: record_s(h, (time.time_ns() - msgpack.unpackb(p)["ts"]) / 1e9)
+        await t.start(); await t.subscribe(topic, qos=1)
+        clients.append((t, topic))
+    async def one(t, topic):
+        loop = asyncio.get_running_loop(); start = loop.time(); n = 0
+        while loop.time() - start < {seconds}:
+            t.publish(topic, msgpack.packb({{"t": "location", "lat": 51.5, "lon": -0.12,
+                                           "ts": time.time_ns()}}), qos=1)
+            sent[0] += 1; n += 1
+            await asyncio.sleep(max(0, start + n / {rate} - loop.time()))
+    await asyncio.gather(*(one(t, tp) for t, tp in clients))
+    await asyncio.sleep(1)
+    print(json.dumps({{"sent": sent[0], **summary_ms(h)}}))
+run(main())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    out = _finish(proc)
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result | {"cpu_s": out_cpu(proc)}
+
+
+_cpu: dict[int, float] = {}
+
+
+def _finish(proc: subprocess.Popen[str]) -> str:
+    """Wait for the process, sampling its CPU time until it exits (then /proc is gone)."""
+    while proc.poll() is None:
+        try:
+            _cpu[proc.pid] = cpu_seconds(proc.pid)
+        except OSError:
+            break
+        time.sleep(0.2)
+    out, _ = proc.communicate()
+    return out or ""
+
+
+def out_cpu(proc: subprocess.Popen[str]) -> float:
+    return round(_cpu.get(proc.pid, 0.0), 2)
+
+
+def run_locust(port: int, users: int, rate: float, seconds: float) -> dict[str, float]:
+    locust = shutil.which("locust", path=str(Path(sys.executable).parent))
+    if locust is None:
+        raise SystemExit("locust is not installed: ./run compare installs it")
+    with tempfile.TemporaryDirectory() as tmp:
+        lf = Path(tmp) / "locustfile.py"
+        lf.write_text(LOCUSTFILE.format(port=port, rate=rate))
+        proc = subprocess.Popen(
+            [locust, "-f", str(lf), "--headless", "-u", str(users), "-r", str(users),
+             "-t", f"{int(seconds)}s", "--csv", str(Path(tmp) / "stats"), "--only-summary",
+             "--loglevel", "ERROR"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        _finish(proc)
+        rows = list(csv.DictReader((Path(tmp) / "stats_stats.csv").read_text().splitlines()))
+    rt = next((r for r in rows if r["Name"] == "round trip"), None)
+    pub = next((r for r in rows if r["Name"].startswith("publish")), None)
+    if rt is None:
+        return {"error": 1.0, "cpu_s": out_cpu(proc)}
+    return {"n": float(rt["Request Count"]), "p50": float(rt["50%"]), "p95": float(rt["95%"]),
+            "p99": float(rt["99%"]), "max": float(rt["Max Response Time"]),
+            "sent": float(pub["Request Count"]) if pub else 0.0, "cpu_s": out_cpu(proc)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="compare", description=__doc__.split("\n")[0])
+    p.add_argument("--users", type=int, default=500)
+    p.add_argument("--rate", type=float, default=2.0, help="messages/s per user")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--out", default="docs/compare-locust.json")
+    a = p.parse_args(argv)
+    results = {}
+    for name, fn in (("esn (gmqtt, asyncio)", run_ours), ("Locust MqttUser (paho)", run_locust)):
+        with Mosquitto() as broker:
+            print(f"{name}: {a.users} users x {a.rate:g} msg/s for {a.seconds:g} s ...",
+                  flush=True)
+            r = fn(broker.port, a.users, a.rate, a.seconds)
+        r["msg_per_cpu_s"] = round(r.get("n", 0) / r["cpu_s"]) if r.get("cpu_s") else 0
+        results[name] = r
+    print(f"\n{'generator':26} {'delivered':>10} {'CPU s':>7} {'msg/CPU-s':>10} "
+          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for name, r in results.items():
+        print(f"{name:26} {int(r.get('n', 0)):>10} {r['cpu_s']:>7} {r['msg_per_cpu_s']:>10} "
+              f"{r.get('p50', float('nan')):>8.2f} {r.get('p95', float('nan')):>8.2f} "
+              f"{r.get('p99', float('nan')):>8.2f}")
+    Path(a.out).write_text(json.dumps({"users": a.users, "rate": a.rate, "seconds": a.seconds,
+                                       "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
