@@ -37,6 +37,9 @@ class Handset(MqttUser):
     def on_start(self):
         self.topic = f"cmp/unit/{{self.client.client_id}}/up"
         self.client.on_message = self.on_message
+        deadline = time.time() + 10
+        while not self.client.is_connected() and time.time() < deadline:
+            time.sleep(0.05)  # the user connects asynchronously
         self.client.subscribe(self.topic, qos=1)
 
     def on_message(self, client, userdata, message):
@@ -61,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
 def run_ours(port: int, users: int, rate: float, seconds: float) -> dict[str, float]:
     """Our transport (gmqtt on uvloop), one process: N connections on one event loop."""
     code = f"""
-import asyncio, json, time, msgpack
+import asyncio, json, random, time, msgpack
 from esn.transport import BrokerConfig, make_transport
 from esn.runtime import run
 from loadtest.recorder import new_histogram, record_s, summary_ms
@@ -76,7 +79,9 @@ async def main():
         await t.start(); await t.subscribe(topic, qos=1)
         clients.append((t, topic))
     async def one(t, topic):
-        loop = asyncio.get_running_loop(); start = loop.time(); n = 0
+        loop = asyncio.get_running_loop(); n = 0
+        start = loop.time() + random.random() / {rate}  # users out of step, as Locust's are
+        await asyncio.sleep(start - loop.time())
         while loop.time() - start < {seconds}:
             t.publish(topic, msgpack.packb({{"t": "location", "lat": 51.5, "lon": -0.12,
                                            "ts": time.time_ns()}}), qos=1)
@@ -121,18 +126,18 @@ def run_locust(port: int, users: int, rate: float, seconds: float) -> dict[str, 
         lf.write_text(LOCUSTFILE.format(port=port, rate=rate))
         proc = subprocess.Popen(
             [locust, "-f", str(lf), "--headless", "-u", str(users), "-r", str(users),
-             "-t", f"{int(seconds)}s", "--csv", str(Path(tmp) / "stats"), "--only-summary",
-             "--loglevel", "ERROR"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+             "-t", f"{int(seconds)}s", "--stop-timeout", "5", "--csv", str(Path(tmp) / "stats"),
+             "--only-summary", "--loglevel", "ERROR"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, text=True)  # its figures come from the CSV
         _finish(proc)
         rows = list(csv.DictReader((Path(tmp) / "stats_stats.csv").read_text().splitlines()))
     rt = next((r for r in rows if r["Name"] == "round trip"), None)
-    pub = next((r for r in rows if r["Name"].startswith("publish")), None)
+    published = sum(float(r["Request Count"]) for r in rows if r["Name"].startswith("publish:"))
     if rt is None:
         return {"error": 1.0, "cpu_s": out_cpu(proc)}
     return {"n": float(rt["Request Count"]), "p50": float(rt["50%"]), "p95": float(rt["95%"]),
             "p99": float(rt["99%"]), "max": float(rt["Max Response Time"]),
-            "sent": float(pub["Request Count"]) if pub else 0.0, "cpu_s": out_cpu(proc)}
+            "sent": published, "cpu_s": out_cpu(proc)}
 
 
 def main(argv: list[str] | None = None) -> int:
