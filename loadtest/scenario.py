@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from esn.tomlfile import read_toml
+
 
 class ScenarioError(ValueError):
     """The scenario file is invalid; the message is one line naming the key."""
@@ -133,13 +135,7 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
 
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Read a scenario; `overrides` like "fleet.handsets=5000" change it for one run."""
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"scenario {path} is not valid TOML: {exc}") from None
+    doc = read_toml(path, "scenario", ScenarioError)
     for item in overrides:
         key, eq, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")

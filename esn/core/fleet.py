@@ -7,13 +7,13 @@ before it touches the broker.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from esn.codec import is_id
 from esn.core.limits import Rate
+from esn.tomlfile import read_toml
 
 # per-unit rate limits by message class; the [limits] table overrides them
 DEFAULT_LIMITS = {
@@ -171,11 +171,4 @@ def _limits(table: object) -> dict[str, Rate]:
 
 
 def load_fleet(path: str | Path) -> Fleet:
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        raise FleetError(f"cannot read fleet file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise FleetError(f"fleet file {path} is not valid TOML: {exc}") from None
-    return parse_fleet(doc)
+    return parse_fleet(read_toml(path, "fleet file", FleetError))
