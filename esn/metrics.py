@@ -77,6 +77,9 @@ class ServerMetrics:
         if name is not None:
             with contextlib.suppress(ValueError, IndexError):  # not a figure: nothing to export
                 self.broker[name] = float(payload.split()[0])
+            # Mosquitto publishes a $SYS figure only when it changes, and its drop counter
+            # starts at zero: while we can read $SYS and have heard nothing, it is still 0
+            self.broker.setdefault("esn_broker_messages_dropped_total", 0.0)
 
     def watch(self, network: Network) -> None:
         self.registry.register(_LiveState(network, self))
