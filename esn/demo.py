@@ -34,6 +34,7 @@ from esn.core.fleet import load_fleet
 from esn.handset import HAS_PERMISSION, Handset
 from esn.metrics import HandsetMetrics, serve_metrics
 from esn.monitoring import CONFIG_DIR, MonitoringError, Prometheus
+from esn.quantiles import histogram_quantile, percentile
 from esn.secure import SecureConfigError, generate
 from esn.transport import BrokerConfig, TransportError
 
@@ -86,28 +87,6 @@ def fleet_toml(groups: list[str], handsets: list[str], supervisors: set[str]) ->
     for u in sorted(supervisors):
         lines += ["[[unit]]", f'id = "{u}"', "priority = 220", ""]
     return "\n".join(lines) + "\n"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
-    """Prometheus' histogram_quantile over cumulative (le, count) buckets."""
-    if not buckets or buckets[-1][1] == 0:
-        return math.nan
-    rank = q * buckets[-1][1]
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if math.isinf(le):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
-        prev_le, prev_count = le, count
-    return math.nan
 
 
 class DemoError(Exception):

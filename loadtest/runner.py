@@ -24,7 +24,7 @@ from typing import Any
 
 from esn.broker import Mosquitto, free_port
 from esn.core.fleet import load_fleet
-from esn.demo import histogram_quantile
+from esn.quantiles import histogram_quantile
 from loadtest.recorder import merge, spectrum_ms, summary_ms
 from loadtest.report import kpi_table, write_html
 from loadtest.scenario import Scenario
