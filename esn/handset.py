@@ -324,10 +324,7 @@ class Handset:
                 self._stop_media(view)
                 view.floor, view.queue_pos = NO_PERMISSION, None
         elif isinstance(msg, m.Revoke):
-            # stop media at once and hand the floor back
-            self._stop_media(view)
-            view.floor = NO_PERMISSION
-            self._publish(self.topics.floor_up(msg.tg, self.unit), m.Release(ts=time.time_ns()))
+            self.release(msg.tg)  # stop media at once and hand the floor back
         elif isinstance(msg, m.Taken):
             view.talker, view.call = msg.talker, msg.call
         elif isinstance(msg, m.Idle):
