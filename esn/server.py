@@ -109,7 +109,6 @@ class Server:
         """
         t = self.topics
         marker = f"{self.started_ns}".encode()
-        self._recovered = {}  # from here until the marker is back, retained states land here
         self._synced = asyncio.Event()
         self._sync_marker = marker
         await self.transport.subscribe(t.all_states(), t.sync(self.config.server_id))
@@ -122,7 +121,7 @@ class Server:
         recovered, self._recovered = self._recovered or {}, None
         now = self._loop.time()
         for state in recovered.values():
-            self.network.restore(state, now)  # its state is republished just below
+            self.network.restore(state, now)
         self._rearm()
         self._announce()  # only now: units reclaiming a floor find it restored
         taken = sum(f.holder is not None for f in self.network.floors.values())

@@ -175,18 +175,17 @@ class Floor:
         self.emergency_by = None
         return [self._state()]
 
-    def restore(self, state: m.State, age_s: float, now: float) -> list[Action]:
+    def restore(self, state: m.State, age_s: float, now: float) -> None:
         """Take over a floor a previous server instance granted (its retained state)."""
         self.seq = max(self.seq, state.seq)
         if state.floor != "taken" or state.talker is None:
-            return []
+            return
         self.call = state.call or self._new_call_id()
         self.holder = _Holder(state.talker, state.prio or 0, state.kind or "normal", None,
                               granted_at=now - age_s, last_media=now)
         if state.emergency:
             self.emergency_by = state.talker  # the best guess: the state names no originator
         self.since = now - age_s
-        return [self._state()]
 
     # --- timers -----------------------------------------------------------------------
 

@@ -253,26 +253,26 @@ class Network:
 
     # --- recovery after a restart ------------------------------------------------------
 
-    def restore(self, state: m.State, now: float) -> list[Action]:
+    def restore(self, state: m.State, now: float) -> None:
         """Adopt a group's retained state from before a restart, unless it is stale.
 
         Stale: the group no longer exists, the talker has since gone offline, or the grant
-        is older than the group's talk time (T2 would have ended it).
+        is older than the group's talk time (T2 would have ended it). The caller republishes
+        every group's state afterwards, so a stale one is overwritten then.
         """
         group = self.groups.get(state.tg)
         if group is None:
-            return []
+            return
         age_s = now + self.wall_offset - state.since_ts / 1e9
         stale = state.floor == "taken" and (
             state.talker in self.offline or not 0 <= age_s < group.policy.max_talk_ms / 1000)
         floor = self._floor(state.tg, now)
         if stale or floor.holder is not None:
-            return [StateChanged(state.tg)] if stale else []
-        out = floor.restore(state, age_s, now)
+            return
+        floor.restore(state, age_s, now)
         if floor.holder is not None:
             self.affiliations.setdefault(floor.holder.unit, set()).add(state.tg)
         self._arm(floor)
-        return out
 
     # --- timers -----------------------------------------------------------------------
 
