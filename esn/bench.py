@@ -27,7 +27,7 @@ from typing import Any
 
 import msgpack
 
-from esn.broker import Mosquitto, free_port
+from esn.broker import Mosquitto, free_port, wait_listening
 from esn.handset import Handset
 from esn.quantiles import percentile
 from esn.transport import CLIENTS, BrokerConfig, make_transport
@@ -180,14 +180,8 @@ async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.s
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "esn.cli", "server", "--broker", broker.url, "--fleet", str(fleet),
         "--mqtt-client", client, "--metrics-port", str(port), "--server-id", f"bench-{client}")
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return proc
-        except OSError:
-            await asyncio.sleep(0.05)
+    if await wait_listening(port):
+        return proc
     proc.kill()
     raise RuntimeError("the server did not start")
 

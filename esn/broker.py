@@ -6,6 +6,7 @@ and stops it again; `esn demo` and the test harness both use it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -26,6 +27,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def wait_listening(port: int, timeout: float = 15.0) -> bool:
+    """Whether something accepts connections on 127.0.0.1:`port` within `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return True
+    return False
 
 
 def end_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,

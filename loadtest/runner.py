@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from esn.broker import Mosquitto, free_port
+from esn.broker import Mosquitto, free_port, wait_listening
 from esn.core.fleet import load_fleet
 from esn.quantiles import histogram_quantile
 from loadtest.recorder import merge, spectrum_ms, summary_ms
@@ -101,7 +101,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
                 sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet",
                 str(work / "fleet.toml"), "--metrics-port", str(server_port),
                 "--mqtt-client", s.run.mqtt_client, stdout=subprocess.DEVNULL)
-            await _wait_port(server_port)
+            if not await wait_listening(server_port):
+                raise RuntimeError("the server did not start")
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
         print(f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
               f"{s.fleet.talkgroups} talkgroups, {s.run.duration_s:g} s, broker {url}")
@@ -253,18 +254,6 @@ def _scrape(port: int) -> dict[str, float]:
             value = histogram_quantile(sorted(per.items()), q)
             out[f"{name}:p{q * 100:g}_ms"] = round(value * 1000, 3)
     return out
-
-
-async def _wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("the server did not start")
 
 
 def _raise_fd_limit() -> None:
