@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from esn import __version__
-from esn.core.fleet import FleetError, load_fleet
+from esn.core.fleet import FleetError
+from esn.tomlfile import load_fleet
 from esn.runtime import run
-from esn.secure import SecureConfigError
+from esn.tools.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
 
 
@@ -49,7 +50,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from esn.server import Config, serve
+    from esn.server.shell import Config, serve
 
     fleet = load_fleet(args.fleet)
     config = Config(broker=_broker(args), server_id=args.server_id, prefix=args.prefix,
@@ -63,7 +64,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from esn.demo import DemoOptions, run_demo
+    from esn.tools.demo import DemoOptions, run_demo
 
     opts = DemoOptions(duration=args.duration, handsets=args.handsets, groups=args.groups,
                        mqtt_client=args.mqtt_client, metrics_port=args.metrics_port,
@@ -73,8 +74,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from loadtest.runner import run_loadtest
-    from loadtest.scenario import ScenarioError, load_scenario
+    from esn.loadtest.runner import run_loadtest
+    from esn.loadtest.scenario import ScenarioError, load_scenario
 
     try:
         scenario = load_scenario(args.scenario, args.set)
@@ -92,8 +93,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    from esn.broker import free_port
-    from esn.secure import generate
+    from esn.tools.broker import free_port
+    from esn.tools.secure import generate
 
     fleet = load_fleet(args.fleet)
     profile = generate(fleet, Path(args.out), port=args.port or free_port(),
@@ -106,7 +107,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from esn.bench import BenchOptions, run_bench
+    from esn.tools.bench import BenchOptions, run_bench
 
     return run(run_bench(BenchOptions(seconds=args.seconds, rate=args.rate, out=args.out,
                                       listeners=args.listeners)))
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("loadtest", help="drive thousands of handsets from a scenario file")
-    p.add_argument("scenario", metavar="SCENARIO.toml")
+    p.add_argument("scenario", metavar="SCENARIO",
+                   help="a scenario file, or the name of a shipped one: ci-small, city")
     p.add_argument("--out", metavar="DIR", help="where to write result.json and report.html "
                    "(default runs/NAME-TIME)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

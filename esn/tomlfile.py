@@ -1,10 +1,13 @@
-"""Reading a TOML file (fleet, scenario) with one-line errors of the caller's type."""
+"""Reading the TOML files people write (fleets, scenarios) with one-line errors of the
+caller's type; the core only ever sees the parsed document."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from esn.core.fleet import Fleet, FleetError, parse_fleet
 
 
 def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
@@ -16,3 +19,7 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
         raise error(f"cannot read {what} {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    return parse_fleet(read_toml(path, "fleet file", FleetError))

@@ -1,7 +1,9 @@
 """Test harness: a real Mosquitto per session, an in-process server per test.
 
 Every test gets its own topic prefix and server id, so tests sharing the broker never
-see each other's messages. Broker tests run on both MQTT transports.
+see each other's messages. Tests taking `mqtt_client` run three times: on the in-process
+broker (the fast tier, `-m "not broker"`), and on a real Mosquitto with each MQTT stack
+(marked `broker`). Any test that uses the real Mosquitto is marked `broker` here.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from esn.broker import Mosquitto
+from esn.tools.broker import Mosquitto
+from esn.transport.memory import MemoryBroker
 from esn.core.fleet import parse_fleet
-from esn.handset import Handset
-from esn.server import Config, Server
+from esn.client.handset import Handset
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig
 
 _ids = itertools.count(1)
@@ -44,9 +47,25 @@ def mosquitto() -> Iterator[Mosquitto]:
     broker.close()
 
 
+REAL_CLIENTS = ("gmqtt", "paho")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        client = getattr(item, "callspec", None) and item.callspec.params.get("mqtt_client")
+        if "mosquitto" in getattr(item, "fixturenames", ()) or client in REAL_CLIENTS:
+            item.add_marker(pytest.mark.broker)
+
+
 @pytest.fixture
-def broker(mosquitto: Mosquitto) -> BrokerConfig:
-    return BrokerConfig.from_url(mosquitto.url)
+def broker(request: pytest.FixtureRequest, mqtt_client: str) -> Iterator[BrokerConfig]:
+    """The broker of this test's `mqtt_client`: in-process for "memory", else Mosquitto."""
+    if mqtt_client != "memory":
+        yield BrokerConfig.from_url(request.getfixturevalue("mosquitto").url)
+        return
+    memory = MemoryBroker()
+    yield memory.config
+    memory.close()
 
 
 @pytest.fixture
@@ -54,7 +73,7 @@ def prefix() -> str:
     return f"esn-t{next(_ids)}"
 
 
-@pytest.fixture(params=["gmqtt", "paho"])
+@pytest.fixture(params=["memory", *REAL_CLIENTS])
 def mqtt_client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

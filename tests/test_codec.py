@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esn import codec
-from esn import messages as m
+from esn.protocol import codec
+from esn.protocol import messages as m
 
 scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(
     max_size=80) | st.binary(max_size=80)

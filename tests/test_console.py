@@ -9,20 +9,18 @@ from typing import Any
 import pytest
 from textual.widgets import DataTable, Static
 
-from esn import messages as m
-from esn.broker import Mosquitto
+from esn.protocol import messages as m
+from esn.tools.broker import Mosquitto
 from esn.console.app import ConsoleApp
 from esn.console.map import Point, View, render
 from esn.core.fleet import parse_fleet
-from esn.handset import Handset
-from esn.server import Config, Server
+from esn.client.handset import Handset
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory, eventually
 
-pytestmark = pytest.mark.broker
 
-
-@pytest.fixture(params=["gmqtt"])
+@pytest.fixture(params=["memory", "gmqtt"])
 def mqtt_client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -44,9 +42,9 @@ async def select(app: ConsoleApp, pilot: Any, table: str, key: str) -> None:
 
 
 @pytest.fixture
-async def console(server: Server, broker: BrokerConfig, prefix: str
+async def console(server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
                   ) -> AsyncIterator[tuple[ConsoleApp, Any]]:
-    app = ConsoleApp(broker, "disp", prefix=prefix)
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
     async with app.run_test(size=(180, 50)) as pilot:
         await eventually(lambda: app.link.transport.connected)
         await eventually(lambda: app.model.server_state == "online")
@@ -122,6 +120,7 @@ async def test_console_says_why_the_server_refused(console: tuple[ConsoleApp, An
     await eventually(lambda: any("ungroup refused" in e.text for e in app.model.events))
 
 
+@pytest.mark.broker
 async def test_console_keeps_working_after_a_broker_restart(prefix: str) -> None:
     with Mosquitto() as own:
         cfg = BrokerConfig.from_url(own.url)

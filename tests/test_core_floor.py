@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from esn import messages as m
+from esn.protocol import messages as m
 from esn.core.actions import StateChanged, ToGroup, ToUnit
 from esn.core.fleet import parse_fleet
 from esn.core.network import Network

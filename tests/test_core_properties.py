@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from esn import messages as m
+from esn.protocol import messages as m
 from esn.core.actions import ToGroup, ToUnit
 from esn.core.fleet import parse_fleet
 from esn.core.floor import KIND_RANK

@@ -16,16 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from esn import messages as m
-from esn.broker import Mosquitto, free_port
+from esn.protocol import messages as m
+from esn.tools.broker import Mosquitto, free_port
 from esn.core.fleet import parse_fleet
-from esn.handset import HAS_PERMISSION, Handset, Inbound
-from esn.secure import SecureProfile, generate
-from esn.server import Config, Server
+from esn.client.handset import HAS_PERMISSION, Handset, Inbound
+from esn.tools.secure import SecureProfile, generate
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig, TransportError
-from tests.conftest import FLEET, HandsetFactory, eventually
+from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
+
+
+@pytest.fixture(params=REAL_CLIENTS)
+def mqtt_client(request: pytest.FixtureRequest) -> str:
+    """Real processes and real brokers are killed here: the MQTT stacks only."""
+    return str(request.param)
 
 FLEET_TOML = """
 [defaults]
@@ -46,7 +52,7 @@ priority = 250
 # a handset in its own process: connects, affiliates, optionally talks, then waits
 HANDSET = textwrap.dedent("""
     import asyncio, sys
-    from esn.handset import Handset
+    from esn.client.handset import Handset
     from esn.transport import BrokerConfig
     async def main():
         url, prefix, unit, keepalive, talk = sys.argv[1:6]
@@ -302,7 +308,7 @@ async def test_a_floor_request_flood_leaves_other_groups_served(
     denied: list[m.Message] = []
     flooder.on_inbound = lambda i: denied.append(i.msg) if isinstance(i.msg, m.Deny) else None
     topic = flooder.topics.floor_up("tg-1", "u9")
-    from esn import codec
+    from esn.protocol import codec
 
     for i in range(3000):
         flooder.transport.publish(topic, codec.encode(m.Request(ref=10_000 + i)), qos=0)
@@ -360,7 +366,7 @@ async def test_secure_profile_stops_a_unit_speaking_as_another(
         for h in (u1, u2):
             await h.start()
             await h.affiliate("tg-1")
-        from esn import codec
+        from esn.protocol import codec
 
         u2.transport.publish(u2.topics.floor_up("tg-1", "u1"), codec.encode(m.Request()), qos=1)
         u2.transport.publish(u2.topics.unit_up("u1"), codec.encode(m.Location(lat=1, lon=1)), 1)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from esn.core.fleet import FleetError, load_fleet, parse_fleet
+from esn.core.fleet import FleetError, parse_fleet
+from esn.tomlfile import load_fleet
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:

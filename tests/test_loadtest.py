@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.recorder import Recorder, summary_ms
-from loadtest.runner import run_loadtest
-from loadtest.scenario import ScenarioError, load_scenario, parse_scenario
+from esn.loadtest.recorder import Recorder, summary_ms
+from esn.loadtest.runner import run_loadtest
+from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parent.parent / "esn" / "loadtest" / "scenarios"
 
 
 def test_shipped_scenarios_are_valid() -> None:
@@ -113,3 +113,14 @@ def test_overrides_change_one_run_and_are_checked() -> None:
         load_scenario(SCENARIOS / "city.toml", ["handsets=5"])
     with pytest.raises(ScenarioError, match=r"\[fleet\] handsets must be int"):
         load_scenario(SCENARIOS / "city.toml", ["fleet.handsets=lots"])
+
+
+def test_shipped_scenarios_are_found_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    monkeypatch.chdir(tmp_path)  # from any folder, as an installed package is used
+    assert load_scenario("city").run.name == "city"
+    assert load_scenario("ci-small.toml").run.name == "ci-small"
+    (tmp_path / "city.toml").write_text('[run]\nname = "mine"\n')
+    assert load_scenario("city.toml").run.name == "mine"  # a file of that name comes first
+    with pytest.raises(ScenarioError, match="cannot read scenario nowhere"):
+        load_scenario("nowhere")

@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn import messages as m
-from esn.broker import free_port
+from esn.protocol import messages as m
+from esn.tools.broker import free_port
 from esn.core.fleet import parse_fleet
-from esn.server import Config, Server
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
 
-pytestmark = pytest.mark.broker
 
 
 async def http_get(port: int, path: str) -> tuple[str, str]:
@@ -29,16 +28,16 @@ async def http_get(port: int, path: str) -> tuple[str, str]:
 
 
 @pytest.fixture
-async def server(broker: BrokerConfig, prefix: str) -> AsyncIterator[Server]:
+async def server(broker: BrokerConfig, prefix: str, mqtt_client: str) -> AsyncIterator[Server]:
     """The server with its metrics endpoint on."""
     srv = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
-                        metrics_port=free_port()), parse_fleet(FLEET))
+                        metrics_port=free_port(), mqtt_client=mqtt_client), parse_fleet(FLEET))
     await srv.start()
     yield srv
     await srv.stop()
 
 
-@pytest.mark.parametrize("mqtt_client", ["gmqtt"])
+@pytest.mark.parametrize("mqtt_client", ["memory", "gmqtt"])
 async def test_every_protocol_metric_is_served(server: Server, handset: HandsetFactory) -> None:
     a = await handset("u1", "tg-1")
     b = await handset("u2", "tg-1")

@@ -11,21 +11,24 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn import messages as m
-from esn.broker import free_port
+from esn.protocol import messages as m
+from esn.tools.broker import free_port
 from esn.core.fleet import parse_fleet
-from esn.metrics import HandsetMetrics, serve_metrics
-from esn.monitoring import CONFIG_DIR, Prometheus
-from esn.server import Config, Server
+from esn.client.metrics import HandsetMetrics
+from esn.exporter import serve_metrics
+from esn.tools.monitoring import Prometheus
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
 
 pytestmark = pytest.mark.broker
-GRAFANA = CONFIG_DIR.parent
+GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
+CONFIG_DIR = GRAFANA / "prometheus"
 BOARDS = sorted((GRAFANA / "provisioning" / "dashboards").glob("*.json"))
 RULES = CONFIG_DIR / "rules" / "esn.rules.yml"
 

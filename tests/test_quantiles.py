@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from esn.quantiles import histogram_quantile, percentile
+from esn.tools.quantiles import histogram_quantile, percentile
 
 
 def test_percentile_is_the_nearest_rank() -> None:

@@ -12,19 +12,25 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from esn import messages as m
-from esn.broker import Mosquitto
+from esn.protocol import messages as m
+from esn.tools.broker import Mosquitto
 from esn.core.fleet import parse_fleet
-from esn.handset import Handset
-from esn.server import Config, Server
+from esn.client.handset import Handset
+from esn.server.shell import Config, Server
 from esn.transport import BrokerConfig, make_transport
-from tests.conftest import FLEET, HandsetFactory, eventually
+from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
+
+@pytest.fixture(params=REAL_CLIENTS)
+def mqtt_client(request: pytest.FixtureRequest) -> str:
+    """Real processes and real brokers are killed here: the MQTT stacks only."""
+    return str(request.param)
+
 DYING_HANDSET = textwrap.dedent("""
     import asyncio, sys
-    from esn.handset import Handset
+    from esn.client.handset import Handset
     from esn.transport import BrokerConfig
     async def main():
         url, prefix, client = sys.argv[1:4]
@@ -126,7 +132,7 @@ async def test_invalid_fleet_file_is_a_one_line_error(tmp_path: Path, mosquitto:
 async def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
-    from esn.broker import free_port
+    from esn.tools.broker import free_port
 
     rc, err = await run(esn_server("--broker", f"mqtt://127.0.0.1:{free_port()}",
                                    "--fleet", str(fleet)))

@@ -6,12 +6,10 @@ from collections.abc import Callable
 
 import pytest
 
-from esn import messages as m
-from esn.handset import HAS_PERMISSION, NO_PERMISSION, QUEUED, Inbound
-from esn.server import Server
+from esn.protocol import messages as m
+from esn.client.handset import HAS_PERMISSION, NO_PERMISSION, QUEUED, Inbound
+from esn.server.shell import Server
 from tests.conftest import HandsetFactory, eventually
-
-pytestmark = pytest.mark.broker
 
 
 def on_floor(msg_type: type[m.Message], tg: str) -> Callable[[Inbound], bool]:
@@ -156,7 +154,7 @@ async def test_media_from_a_non_holder_is_dropped(server: Server,
 
 
 def encode(msg: m.Message) -> bytes:
-    from esn.codec import encode as enc
+    from esn.protocol.codec import encode as enc
 
     return enc(msg)
 

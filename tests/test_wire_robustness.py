@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 import msgpack
 import pytest
 
-from esn import messages as m
-from esn.server import Server
+from esn.protocol import messages as m
+from esn.server.shell import Server
 from esn.transport import BrokerConfig, make_transport
 from esn.transport.base import Transport
 from tests.conftest import HandsetFactory, eventually
 
-pytestmark = [pytest.mark.broker, pytest.mark.fault]
+pytestmark = pytest.mark.fault
 
 
 class RawClient:

@@ -7,12 +7,10 @@ import asyncio
 import msgpack
 import pytest
 
-from esn import messages as m
-from esn.server import Server
+from esn.protocol import messages as m
+from esn.server.shell import Server
 from esn.transport import BrokerConfig, make_transport
 from tests.conftest import HandsetFactory
-
-pytestmark = pytest.mark.broker
 
 
 async def test_affiliation_reply_lists_accepted_and_rejected(

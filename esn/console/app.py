@@ -21,10 +21,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, RichLog, Static
 
-from esn import messages as m
+from esn.protocol import messages as m
 from esn.console.map import Point, View, render
 from esn.console.model import ConsoleModel, say
-from esn.handset import HAS_PERMISSION, Handset, Inbound
+from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.transport import BrokerConfig
 
 SORTS = ("unit", "presence", "age", "speed")

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from esn import messages as m
+from esn.protocol import messages as m
 
 
 @dataclass

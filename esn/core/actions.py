@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from esn import messages as m
+from esn.protocol import messages as m
 
 
 @dataclass(frozen=True, slots=True)

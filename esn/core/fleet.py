@@ -1,6 +1,6 @@
 """The fleet file (TOML): talkgroups, units, roles, priorities and floor timers.
 
-`parse_fleet` turns the TOML document into frozen value objects or raises `FleetError`
+`parse_fleet` turns the parsed TOML document into frozen value objects or raises `FleetError`
 with a one-line reason naming the offending key, so `esn server` can refuse a bad file
 before it touches the broker.
 """
@@ -8,12 +8,10 @@ before it touches the broker.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from esn.codec import is_id
 from esn.core.limits import Rate
-from esn.tomlfile import read_toml
+from esn.protocol.ids import is_id
 
 # per-unit rate limits by message class; the [limits] table overrides them
 DEFAULT_LIMITS = {
@@ -168,7 +166,3 @@ def _limits(table: object) -> dict[str, Rate]:
                 raise FleetError(f"limits.{kind}.{name}: must be a number above 0")
         limits[kind] = Rate(float(rate.per_s), max(1.0, float(rate.burst)))
     return limits
-
-
-def load_fleet(path: str | Path) -> Fleet:
-    return parse_fleet(read_toml(path, "fleet file", FleetError))

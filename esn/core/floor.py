@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from esn import messages as m
+from esn.protocol import messages as m
 from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
 from esn.core.fleet import Talkgroup
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from esn import messages as m
+from esn.protocol import messages as m
 from esn.core.actions import (
     Action,
     LocationAccepted,

@@ -1,10 +1,11 @@
-"""MQTT transports behind one small interface (`Transport`): gmqtt (default) and aiomqtt/paho."""
+"""MQTT transports behind one small interface (`Transport`): gmqtt (default), aiomqtt/paho,
+and an in-process broker for the fast test tier (`memory`)."""
 
 from __future__ import annotations
 
 from esn.transport.base import BrokerConfig, Transport, TransportError, Will
 
-CLIENTS = ("gmqtt", "paho")
+CLIENTS = ("gmqtt", "paho")  # the MQTT stacks a user can choose; "memory" is for tests
 
 
 def make_transport(kind: str, broker: BrokerConfig, *, client_id: str, will: Will | None = None,
@@ -17,6 +18,10 @@ def make_transport(kind: str, broker: BrokerConfig, *, client_id: str, will: Wil
         from esn.transport.paho_client import PahoTransport
 
         return PahoTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
+    if kind == "memory":
+        from esn.transport.memory import MemoryTransport
+
+        return MemoryTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
     raise ValueError(f"unknown MQTT client {kind!r}; choose one of {', '.join(CLIENTS)}")
 
 

@@ -16,8 +16,9 @@ from time import perf_counter
 
 import msgpack
 
-from esn import __version__, codec
-from esn import messages as m
+from esn import __version__
+from esn.protocol import codec
+from esn.protocol import messages as m
 from esn.core.actions import (
     Action,
     LocationAccepted,
@@ -29,8 +30,9 @@ from esn.core.actions import (
 from esn.core.fleet import Fleet
 from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
-from esn.metrics import BROKER_SYS, ServerMetrics, serve_metrics
-from esn.topics import Topics
+from esn.exporter import serve_metrics
+from esn.server.metrics import BROKER_SYS, ServerMetrics
+from esn.protocol.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 log = logging.getLogger("esn.server")

@@ -27,9 +27,9 @@ from typing import Any
 
 import msgpack
 
-from esn.broker import Mosquitto, free_port, wait_listening
-from esn.handset import Handset
-from esn.quantiles import percentile
+from esn.tools.broker import Mosquitto, free_port, wait_listening
+from esn.client.handset import Handset
+from esn.tools.quantiles import percentile
 from esn.transport import CLIENTS, BrokerConfig, make_transport
 
 PACKET_DATA = bytes(99)  # three 20 ms AMR-WB 12.65 kbit/s frames

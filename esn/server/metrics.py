@@ -1,36 +1,24 @@
-"""Prometheus metrics: the server's (PROTOCOL.md, "Metrics"), the handsets', and the endpoint.
+"""The server's Prometheus metrics (docs/protocol.md, "Metrics").
 
 Latency histograms and message counters are updated on the critical path; gauges and
 floor outcomes are read from the core's live state when Prometheus scrapes. The endpoint
 is served from the event loop itself, so a scrape never races the core. Beyond the
 protocol's list the server exports per-talkgroup floor gauges and the broker's own
-figures (from Mosquitto's `$SYS` topics); handsets export what their users notice.
+figures (from Mosquitto's `$SYS` topics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from prometheus_client import (
-    CollectorRegistry,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from esn.core.network import Network
-
-disable_created_metrics()  # type: ignore[no-untyped-call]
-# `_created` series only add noise to every dashboard query
-
-# 0.3 s and 1 s are the 3GPP TS 22.179 targets; the finer buckets are where we live.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0,
-           2.5)
-
+from esn.exporter import BUCKETS
 
 # Mosquitto's $SYS topics (cumulative counters and a gauge) -> our metric names
 BROKER_SYS = {
@@ -135,33 +123,6 @@ class _LiveState(Collector):
                 yield GaugeMetricFamily(name, doc, value=value)
 
 
-class HandsetMetrics:
-    """What the users of simulated handsets notice, for Grafana's end-to-end KPIs."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.late_entry_s = Histogram("esn_late_entry_seconds",
-                                      "Affiliation during a call to its first media received",
-                                      buckets=BUCKETS, registry=r)
-        self.access_by_kind = Histogram(
-            "esn_handset_access_seconds", "PTT press to granted, measured by the handset",
-            ["kind"], buckets=BUCKETS, registry=r)
-        self.mouth_to_ear_s = Histogram("esn_mouth_to_ear_seconds",
-                                        "Talker timestamp to media received by a listener",
-                                        buckets=BUCKETS, registry=r)
-
-    # the handset's Observer interface
-    def access(self, seconds: float, kind: str) -> None:
-        self.access_by_kind.labels(kind).observe(seconds)
-
-    def mouth_to_ear(self, seconds: float) -> None:
-        self.mouth_to_ear_s.observe(seconds)
-
-    def late_entry(self, seconds: float) -> None:
-        self.late_entry_s.observe(seconds)
-
-
 def _sum(*counts: dict[str, int]) -> dict[str, int]:
     total: dict[str, int] = {}
     for c in counts:
@@ -175,28 +136,3 @@ def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> Counter
     for key, value in sorted(values.items()):
         family.add_metric([key], value)
     return family
-
-
-async def serve_metrics(registry: CollectorRegistry, port: int,
-                        host: str = "127.0.0.1") -> asyncio.Server:
-    """A minimal HTTP endpoint for GET /metrics on the running event loop."""
-    render: Callable[[], bytes] = lambda: generate_latest(registry)  # noqa: E731
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
-                body, status = render(), b"200 OK"
-            else:
-                body, status = b"not found: try /metrics\n", b"404 Not Found"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
-                         b"\r\nContent-Length: " + str(len(body)).encode()
-                         + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port)

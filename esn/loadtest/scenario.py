@@ -133,8 +133,21 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
     return s
 
 
+SHIPPED = Path(__file__).with_name("scenarios")
+
+
+def find_scenario(name: str | Path) -> Path:
+    """A scenario file by path, or one the package ships by name (`city`, `ci-small`)."""
+    path = Path(name)
+    shipped = SHIPPED / f"{path.stem}.toml"
+    if not path.exists() and path.parent == Path(".") and shipped.exists():
+        return shipped
+    return path
+
+
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Read a scenario; `overrides` like "fleet.handsets=5000" change it for one run."""
+    path = find_scenario(path)
     doc = read_toml(path, "scenario", ScenarioError)
     for item in overrides:
         key, eq, raw = item.partition("=")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from esn.broker import Mosquitto
+from esn.tools.broker import Mosquitto
 
 LOCUSTFILE = '''
 import time, msgpack
@@ -67,7 +67,7 @@ def run_ours(port: int, users: int, rate: float, seconds: float) -> dict[str, fl
 import asyncio, json, random, time, msgpack
 from esn.transport import BrokerConfig, make_transport
 from esn.runtime import run
-from loadtest.recorder import new_histogram, record_s, summary_ms
+from esn.loadtest.recorder import new_histogram, record_s, summary_ms
 async def main():
     cfg = BrokerConfig.from_url("mqtt://127.0.0.1:{port}")
     h = new_histogram(); sent = [0]

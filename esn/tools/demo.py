@@ -28,14 +28,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn import messages as m
-from esn.broker import BrokerError, Mosquitto, free_port
-from esn.core.fleet import load_fleet
-from esn.handset import HAS_PERMISSION, Handset
-from esn.metrics import HandsetMetrics, serve_metrics
-from esn.monitoring import CONFIG_DIR, MonitoringError, Prometheus
-from esn.quantiles import histogram_quantile, percentile
-from esn.secure import SecureConfigError, generate
+from esn.protocol import messages as m
+from esn.tools.broker import BrokerError, Mosquitto, free_port
+from esn.tomlfile import load_fleet
+from esn.client.handset import HAS_PERMISSION, Handset
+from esn.client.metrics import HandsetMetrics
+from esn.exporter import serve_metrics
+from esn.tools import shipped
+from esn.tools.monitoring import MonitoringError, Prometheus
+from esn.tools.quantiles import histogram_quantile, percentile
+from esn.tools.secure import SecureConfigError, generate
 from esn.transport import BrokerConfig, TransportError
 
 TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
@@ -406,7 +408,7 @@ async def _start_monitoring(demo: Demo) -> tuple[Prometheus, asyncio.Server]:
          "handsets": [f"127.0.0.1:{handset_port}"]}, port=port).start)
     print(f"Prometheus: {prometheus.url}  (handset metrics: "
           f"http://127.0.0.1:{handset_port}/metrics)")
-    print(f"Grafana: GF_PATHS_PROVISIONING={CONFIG_DIR.parent / 'provisioning'} grafana-server"
+    print(f"Grafana: GF_PATHS_PROVISIONING={shipped('provisioning')} grafana-server"
           + ("" if port == 9090 else f"  (then point the datasource at {prometheus.url})"))
     return prometheus, exporter
 

@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from esn import messages as m
-from esn.handset import Handset
-from esn.metrics import HandsetMetrics, serve_metrics
+from esn.protocol import messages as m
+from esn.client.handset import Handset
+from esn.client.metrics import HandsetMetrics
+from esn.exporter import serve_metrics
 from esn.transport import BrokerConfig
-from loadtest.recorder import Recorder
-from loadtest.scenario import Traffic
+from esn.loadtest.recorder import Recorder
+from esn.loadtest.scenario import Traffic
 
 STATUS_EVERY_S = 1.0
 

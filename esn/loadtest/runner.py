@@ -22,13 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from esn.broker import Mosquitto, free_port, wait_listening
-from esn.core.fleet import load_fleet
-from esn.quantiles import histogram_quantile
-from loadtest.recorder import merge, spectrum_ms, summary_ms
-from loadtest.report import kpi_table, write_html
-from loadtest.scenario import Scenario
-from loadtest.worker import WorkerPlan, run_worker
+from esn.tools.broker import Mosquitto, free_port, wait_listening
+from esn.tomlfile import load_fleet
+from esn.tools.quantiles import histogram_quantile
+from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
+from esn.loadtest.report import kpi_table, write_html
+from esn.loadtest.scenario import Scenario
+from esn.loadtest.worker import WorkerPlan, run_worker
 
 LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
 OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late

@@ -1,6 +1,7 @@
 """An embedded Mosquitto for the demo, the tests and the benchmarks.
 
-Starts Debian's `mosquitto` with `broker_config/mosquitto.conf` on a free loopback port
+Starts Debian's `mosquitto` with the local profile (`broker_config/mosquitto.conf`, shipped
+in the package) on a free loopback port
 and stops it again; `esn demo` and the test harness both use it.
 """
 
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "broker_config"
+from esn.tools import shipped
 
 
 class BrokerError(RuntimeError):
@@ -73,7 +74,7 @@ class Mosquitto:
         """`config` is a profile without listeners (the launcher adds one on `port`), or,
         with `complete`, a whole configuration with its own listeners on `port`."""
         self.port = port or free_port()
-        self.config = config or CONFIG_DIR / "mosquitto.conf"
+        self.config = config or shipped("mosquitto.conf")
         self.complete = complete
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="esn-mosquitto-")

@@ -24,9 +24,9 @@ from typing import Protocol
 
 import msgpack
 
-from esn import codec
-from esn import messages as m
-from esn.topics import Topics
+from esn.protocol import codec
+from esn.protocol import messages as m
+from esn.protocol.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 NO_PERMISSION = "no_permission"

@@ -1,4 +1,5 @@
-"""Debian's Prometheus, started with `grafana/prometheus/` for the demo and the tests.
+"""Debian's Prometheus, started with `grafana/prometheus/` (shipped in the package) for the
+demo and the tests.
 
 The configuration is copied to a scratch folder and the scrape targets written beside it
 (file-based discovery), so the checked-in files stay what a deployment would use.
@@ -16,9 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from esn.broker import end_process, free_port
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "grafana" / "prometheus"
+from esn.tools import shipped
+from esn.tools.broker import end_process, free_port
 
 
 class MonitoringError(RuntimeError):
@@ -44,7 +44,7 @@ class Prometheus:
             raise MonitoringError("prometheus is not installed (Debian: apt install prometheus)")
         root = Path(self._dir.name)
         conf = root / "config"
-        shutil.copytree(CONFIG_DIR, conf)
+        shutil.copytree(shipped("prometheus"), conf)
         for job, hosts in self.targets.items():
             (conf / "targets" / f"{job}.json").write_text(json.dumps([{"targets": hosts}]))
         if self.scrape_interval:

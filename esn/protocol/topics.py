@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from esn.codec import is_id
+from esn.protocol.ids import is_id
 
 
 @dataclass(frozen=True, slots=True)

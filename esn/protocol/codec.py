@@ -8,7 +8,6 @@ so a malformed payload can only ever earn its sender an `error` reply.
 from __future__ import annotations
 
 import math
-import re
 import types
 import typing
 from collections.abc import Callable
@@ -17,13 +16,13 @@ from typing import Any
 
 import msgpack
 
-from esn import messages as m
+from esn.protocol import messages as m
+from esn.protocol.ids import is_id
 
 MAX_PAYLOAD = 64 * 1024
 MAX_LIST = 256
 MAX_TEXT_BYTES = 1000
 MAX_MEDIA_BYTES = 8 * 1024
-ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ID_FIELDS = {"tg", "unit", "talker", "sender"}
 _WIRE_NAME = {"sender": "from"}  # `from` is a Python keyword
 
@@ -36,10 +35,6 @@ class ProtocolError(Exception):
         self.cause = cause
         self.detail = detail
         self.ref = ref
-
-
-def is_id(value: object) -> bool:
-    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
 
 
 # --- field checks: (name, value) -> normalised value, or raise ValueError -------------

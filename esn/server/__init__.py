@@ -1,0 +1,2 @@
+"""The group-communication server: the I/O shell around the core (`shell`) and its
+Prometheus metrics (`metrics`)."""

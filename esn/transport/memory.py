@@ -1,0 +1,150 @@
+"""An MQTT broker inside this process, and the transport that talks to it.
+
+For the fast test tier and for simulations that need no network: the server, handsets and
+the console run end to end in one event loop, in milliseconds. It keeps what the rest of
+the code relies on from a real broker: topic filters with `+` and `#` (which do not match
+`$` topics at the first level), retained messages (an empty payload clears one, a new
+subscriber gets the matching ones first), wills published when a link dies (not on a clean
+disconnect), one session per client id (a second connect takes the first over), and one
+copy of a message per subscriber, delivered in order. Deliveries are scheduled on the
+event loop, never made inside `publish`, so no callback runs re-entrantly. QoS is not
+modelled: nothing is lost while a link is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from esn.transport.base import BrokerConfig, Transport, TransportError
+
+_brokers: dict[int, MemoryBroker] = {}
+_ports = itertools.count(1)
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT 3.1.1 topic filter matching (section 4.7)."""
+    if topic.startswith("$") and pattern[:1] in ("+", "#"):
+        return False
+    want, have = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return True
+        if i >= len(have) or (level != "+" and level != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class MemoryBroker:
+    """A broker reached through `config` by transports made with `mqtt_client="memory"`."""
+
+    def __init__(self) -> None:
+        self.port = next(_ports)
+        self.running = True
+        self.retained: dict[str, bytes] = {}
+        self.sessions: dict[str, MemoryTransport] = {}
+        self.published = 0
+        _brokers[self.port] = self
+
+    @property
+    def config(self) -> BrokerConfig:
+        return BrokerConfig(host="memory", port=self.port)
+
+    def close(self) -> None:
+        """Shut down for good: every link is lost (wills fire), nothing reconnects here."""
+        self.stop()
+        _brokers.pop(self.port, None)
+
+    def stop(self) -> None:
+        """Like a broker process ending: every client's will fires, retained state is gone."""
+        self.running = False
+        for session in list(self.sessions.values()):
+            self.drop(session)
+        self.retained.clear()
+
+    def start(self) -> None:
+        self.running = True
+
+    def drop(self, session: MemoryTransport) -> None:
+        """The client's link dies without a DISCONNECT: its will is published."""
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+            if session.will is not None:
+                w = session.will
+                self.publish(w.topic, w.payload, w.retain)
+            session.link_died()
+
+    # --- what a transport asks of the broker -----------------------------------------
+
+    def connect(self, session: MemoryTransport) -> None:
+        if not self.running:
+            raise TransportError(f"cannot reach broker {session.broker.url()}: broker stopped")
+        old = self.sessions.get(session.client_id)
+        if old is not None:
+            self.drop(old)  # a second connection under one client id takes the first over
+        self.sessions[session.client_id] = session
+
+    def disconnect(self, session: MemoryTransport) -> None:
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+
+    def subscribe(self, session: MemoryTransport, patterns: list[str]) -> None:
+        for topic, payload in list(self.retained.items()):
+            if any(topic_matches(p, topic) for p in patterns):
+                session.deliver_soon(topic, payload)
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.published += 1
+        if retain:
+            if payload:
+                self.retained[topic] = payload
+            else:
+                self.retained.pop(topic, None)
+        for session in list(self.sessions.values()):
+            if any(topic_matches(p, topic) for p in session.filters):
+                session.deliver_soon(topic, payload)
+
+
+class MemoryTransport(Transport):
+    """A `Transport` on a `MemoryBroker`, with the base class's reconnect policy."""
+
+    _session_broker: MemoryBroker | None = None
+
+    @property
+    def filters(self) -> list[str]:
+        return list(self._subscriptions)
+
+    def deliver_soon(self, topic: str, payload: bytes) -> None:
+        asyncio.get_running_loop().call_soon(self._deliver, self._session_broker, topic,
+                                             payload)
+
+    def _deliver(self, via: MemoryBroker | None, topic: str, payload: bytes) -> None:
+        if self.connected and via is self._session_broker:  # not after the link went
+            self.on_message(topic, payload)
+
+    def link_died(self) -> None:
+        self._session_broker = None
+        self._link_lost()
+
+    async def _connect(self) -> None:
+        broker = _brokers.get(self.broker.port)
+        if broker is None:
+            raise TransportError(f"cannot reach broker {self.broker.url()}: no such broker")
+        broker.connect(self)
+        self._session_broker = broker
+
+    async def _disconnect(self) -> None:
+        if self._session_broker is not None:
+            self._session_broker.disconnect(self)
+            self._session_broker = None
+
+    async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
+        if self._session_broker is not None:  # the filters are kept by the base class
+            self._session_broker.subscribe(self, [t for t, _ in subs])
+
+    async def _unsubscribe(self, topics: list[str]) -> None:
+        return None  # the base class has dropped them from the filters already
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self._session_broker is not None:
+            self._session_broker.publish(topic, payload, retain)
