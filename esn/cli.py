@@ -14,6 +14,7 @@ from esn import __version__
 from esn.core.fleet import FleetError
 from esn.tomlfile import load_fleet
 from esn.runtime import run
+from esn.extras import MissingExtra, need
 from esn.tools.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
 
@@ -74,6 +75,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    need("hdrh", "loadtest", "esn loadtest")
+    need("matplotlib", "loadtest", "esn loadtest")
     from esn.loadtest.runner import run_loadtest
     from esn.loadtest.scenario import ScenarioError, load_scenario
 
@@ -85,6 +88,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    need("textual", "console", "esn console")
     from esn.console.app import ConsoleApp
 
     ConsoleApp(_broker(args), args.unit, prefix=args.prefix, mqtt_client=args.mqtt_client,
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (FleetError, TransportError, CliError, SecureConfigError, OSError) as exc:
+    except (FleetError, TransportError, CliError, SecureConfigError, MissingExtra,
+            OSError) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FleetError | CliError) else 1
     except KeyboardInterrupt:

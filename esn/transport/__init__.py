@@ -3,6 +3,7 @@ and an in-process broker for the fast test tier (`memory`)."""
 
 from __future__ import annotations
 
+from esn.extras import need
 from esn.transport.base import BrokerConfig, Transport, TransportError, Will
 
 CLIENTS = ("gmqtt", "paho")  # the MQTT stacks a user can choose; "memory" is for tests
@@ -15,6 +16,7 @@ def make_transport(kind: str, broker: BrokerConfig, *, client_id: str, will: Wil
 
         return GmqttTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
     if kind == "paho":
+        need("aiomqtt", "paho", "the paho MQTT client")
         from esn.transport.paho_client import PahoTransport
 
         return PahoTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
