@@ -12,9 +12,9 @@ from pathlib import Path
 
 from esn import __version__
 from esn.core.fleet import FleetError
-from esn.tomlfile import load_fleet
-from esn.runtime import run
 from esn.extras import MissingExtra, need
+from esn.runtime import run
+from esn.tomlfile import load_fleet
 from esn.tools.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
 
@@ -26,20 +26,28 @@ class CliError(Exception):
 def _broker(args: argparse.Namespace) -> BrokerConfig:
     try:
         return BrokerConfig.from_url(
-            args.broker, username=args.username or os.environ.get("ESN_MQTT_USERNAME"),
-            password=args.password or os.environ.get("ESN_MQTT_PASSWORD"), ca_file=args.ca_file)
+            args.broker,
+            username=args.username or os.environ.get("ESN_MQTT_USERNAME"),
+            password=args.password or os.environ.get("ESN_MQTT_PASSWORD"),
+            ca_file=args.ca_file,
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
 
 def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--broker", required=required, metavar="URL",
-                   help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument(
+        "--broker", required=required, metavar="URL", help="mqtt://HOST:PORT or mqtts://HOST:PORT"
+    )
     p.add_argument("--username", help="MQTT username (or ESN_MQTT_USERNAME)")
     p.add_argument("--password", help="MQTT password (or ESN_MQTT_PASSWORD)")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
-    p.add_argument("--mqtt-client", choices=CLIENTS, default="gmqtt",
-                   help="MQTT client library (default gmqtt; paho is the aiomqtt/paho stack)")
+    p.add_argument(
+        "--mqtt-client",
+        choices=CLIENTS,
+        default="gmqtt",
+        help="MQTT client library (default gmqtt; paho is the aiomqtt/paho stack)",
+    )
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -54,8 +62,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     from esn.server.shell import Config, serve
 
     fleet = load_fleet(args.fleet)
-    config = Config(broker=_broker(args), server_id=args.server_id, prefix=args.prefix,
-                    metrics_port=args.metrics_port, mqtt_client=args.mqtt_client)
+    config = Config(
+        broker=_broker(args),
+        server_id=args.server_id,
+        prefix=args.prefix,
+        metrics_port=args.metrics_port,
+        mqtt_client=args.mqtt_client,
+    )
 
     async def main() -> None:
         await serve(config, fleet, _stop_on_signals())
@@ -67,10 +80,17 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from esn.tools.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(duration=args.duration, handsets=args.handsets, groups=args.groups,
-                       mqtt_client=args.mqtt_client, metrics_port=args.metrics_port,
-                       seed=args.seed, broker_url=args.broker, monitoring=args.monitoring,
-                       secure=args.secure)
+    opts = DemoOptions(
+        duration=args.duration,
+        handsets=args.handsets,
+        groups=args.groups,
+        mqtt_client=args.mqtt_client,
+        metrics_port=args.metrics_port,
+        seed=args.seed,
+        broker_url=args.broker,
+        monitoring=args.monitoring,
+        secure=args.secure,
+    )
     return run(run_demo(opts))
 
 
@@ -91,8 +111,13 @@ def cmd_console(args: argparse.Namespace) -> int:
     need("textual", "console", "esn console")
     from esn.console.app import ConsoleApp
 
-    ConsoleApp(_broker(args), args.unit, prefix=args.prefix, mqtt_client=args.mqtt_client,
-               all_call=args.all_call).run()
+    ConsoleApp(
+        _broker(args),
+        args.unit,
+        prefix=args.prefix,
+        mqtt_client=args.mqtt_client,
+        all_call=args.all_call,
+    ).run()
     return 0
 
 
@@ -101,11 +126,19 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     from esn.tools.secure import generate
 
     fleet = load_fleet(args.fleet)
-    profile = generate(fleet, Path(args.out), port=args.port or free_port(),
-                       tls_port=args.tls_port or free_port(), server_id=args.server_id,
-                       extra_users=tuple(args.user), prefix=args.prefix)
-    print(f"wrote {profile.folder}: mosquitto.conf (listeners 127.0.0.1:{profile.port} and "
-          f"TLS 127.0.0.1:{profile.tls_port}), passwd, acl, credentials.toml, ca.crt")
+    profile = generate(
+        fleet,
+        Path(args.out),
+        port=args.port or free_port(),
+        tls_port=args.tls_port or free_port(),
+        server_id=args.server_id,
+        extra_users=tuple(args.user),
+        prefix=args.prefix,
+    )
+    print(
+        f"wrote {profile.folder}: mosquitto.conf (listeners 127.0.0.1:{profile.port} and "
+        f"TLS 127.0.0.1:{profile.tls_port}), passwd, acl, credentials.toml, ca.crt"
+    )
     print(f"run: mosquitto -c {profile.conf}")
     return 0
 
@@ -113,8 +146,13 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from esn.tools.bench import BenchOptions, run_bench
 
-    return run(run_bench(BenchOptions(seconds=args.seconds, rate=args.rate, out=args.out,
-                                      listeners=args.listeners)))
+    return run(
+        run_bench(
+            BenchOptions(
+                seconds=args.seconds, rate=args.rate, out=args.out, listeners=args.listeners
+            )
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="run the group-communication server")
     _add_broker_args(p)
     p.add_argument("--fleet", required=True, metavar="FLEET.toml", help="fleet file")
-    p.add_argument("--metrics-port", type=int, metavar="N",
-                   help="serve Prometheus metrics on http://127.0.0.1:N/metrics")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics on http://127.0.0.1:N/metrics",
+    )
     p.add_argument("--server-id", default="esn-1", help="server id (MQTT client id)")
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
     p.set_defaults(func=cmd_server)
@@ -137,32 +179,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handsets", type=int, default=200, metavar="N")
     p.add_argument("--groups", type=int, default=10, metavar="N")
     p.add_argument("--mqtt-client", choices=CLIENTS, default="gmqtt")
-    p.add_argument("--metrics-port", type=int, metavar="N",
-                   help="also serve the server's metrics on this port")
-    p.add_argument("--broker", metavar="URL",
-                   help="use this broker instead of starting an embedded Mosquitto")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="N", help="also serve the server's metrics on this port"
+    )
+    p.add_argument(
+        "--broker", metavar="URL", help="use this broker instead of starting an embedded Mosquitto"
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed for the traffic mix")
-    p.add_argument("--secure", action="store_true",
-                   help="run the broker in the secure profile: passwords, ACL, TLS for the server")
-    p.add_argument("--monitoring", action="store_true",
-                   help="also start Prometheus (grafana/prometheus) on the server and handsets")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="run the broker in the secure profile: passwords, ACL, TLS for the server",
+    )
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus (grafana/prometheus) on the server and handsets",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("loadtest", help="drive thousands of handsets from a scenario file")
-    p.add_argument("scenario", metavar="SCENARIO",
-                   help="a scenario file, or the name of a shipped one: ci-small, city")
-    p.add_argument("--out", metavar="DIR", help="where to write result.json and report.html "
-                   "(default runs/NAME-TIME)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a scenario value for this run (repeatable)")
+    p.add_argument(
+        "scenario",
+        metavar="SCENARIO",
+        help="a scenario file, or the name of a shipped one: ci-small, city",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write result.json and report.html (default runs/NAME-TIME)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario value for this run (repeatable)",
+    )
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("console", help="the dispatcher console (a terminal app)")
     _add_broker_args(p)
     p.add_argument("--unit", required=True, help="the dispatcher's unit id (role dispatcher)")
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
-    p.add_argument("--all-call", default="tg-all", metavar="TG",
-                   help="the broadcast group for all-calls (default tg-all)")
+    p.add_argument(
+        "--all-call",
+        default="tg-all",
+        metavar="TG",
+        help="the broadcast group for all-calls (default tg-all)",
+    )
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("broker-config", help="generate the secure Mosquitto profile from a fleet")
@@ -171,15 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="plain (authenticated) listener port")
     p.add_argument("--tls-port", type=int, help="TLS listener port")
     p.add_argument("--server-id", default="esn-1", help="the server's account")
-    p.add_argument("--user", action="append", default=[],
-                   help="an account for a unit not listed in the fleet file (repeatable)")
+    p.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        help="an account for a unit not listed in the fleet file (repeatable)",
+    )
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
     p.set_defaults(func=cmd_broker_config)
 
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
-    p.add_argument("--rate", type=int, default=0,
-                   help="offered packets/s in the throughput runs (0: flat out)")
+    p.add_argument(
+        "--rate", type=int, default=0, help="offered packets/s in the throughput runs (0: flat out)"
+    )
     p.add_argument("--listeners", type=int, default=1, help="group members receiving media")
     p.add_argument("--out", default="docs/benchmarks.json", help="where to write the figures")
     p.set_defaults(func=cmd_bench)
@@ -188,12 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
-    except (FleetError, TransportError, CliError, SecureConfigError, MissingExtra,
-            OSError) as exc:
+    except (FleetError, TransportError, CliError, SecureConfigError, MissingExtra, OSError) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FleetError | CliError) else 1
     except KeyboardInterrupt:

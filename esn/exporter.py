@@ -13,12 +13,12 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # `_created` series only add noise to every dashboard query
 
 # 0.3 s and 1 s are the 3GPP TS 22.179 targets; the finer buckets are where we live.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0,
-           2.5)
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0, 2.5)
 
 
-async def serve_metrics(registry: CollectorRegistry, port: int,
-                        host: str = "127.0.0.1") -> asyncio.Server:
+async def serve_metrics(
+    registry: CollectorRegistry, port: int, host: str = "127.0.0.1"
+) -> asyncio.Server:
     """A minimal HTTP endpoint for GET /metrics on the running event loop."""
     render: Callable[[], bytes] = lambda: generate_latest(registry)  # noqa: E731
 
@@ -30,9 +30,13 @@ async def serve_metrics(registry: CollectorRegistry, port: int,
                 body, status = render(), b"200 OK"
             else:
                 body, status = b"not found: try /metrics\n", b"404 Not Found"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
-                         b"\r\nContent-Length: " + str(len(body)).encode()
-                         + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4"
+                b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass

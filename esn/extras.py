@@ -14,5 +14,6 @@ def need(module: str, extra: str, feature: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError:
-        raise MissingExtra(f"{feature} needs {module}, which is not installed: "
-                           f"pip install 'esn[{extra}]'") from None
+        raise MissingExtra(
+            f"{feature} needs {module}, which is not installed: pip install 'esn[{extra}]'"
+        ) from None

@@ -57,35 +57,60 @@ def rate(metric: str, by: str) -> str:
 
 
 def thresholds(*steps: tuple[float | None, str]) -> ThresholdsConfig:
-    return ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(
-        [Threshold(value=v, color=c) for v, c in steps])
+    return (
+        ThresholdsConfig()
+        .mode(ThresholdsMode.ABSOLUTE)
+        .steps([Threshold(value=v, color=c) for v, c in steps])
+    )
 
 
 def timeseries(title: str, unit: str) -> Timeseries:
-    legend = (VizLegendOptions().display_mode(LegendDisplayMode.LIST)
-              .placement(LegendPlacement.BOTTOM).show_legend(True))
+    legend = (
+        VizLegendOptions()
+        .display_mode(LegendDisplayMode.LIST)
+        .placement(LegendPlacement.BOTTOM)
+        .show_legend(True)
+    )
     tooltip = VizTooltipOptions().mode(TooltipDisplayMode.MULTI).sort(SortOrder.DESCENDING)
-    return (Timeseries().title(title).unit(unit).min(0).datasource(DATASOURCE).height(8)
-            .span(12).legend(legend).tooltip(tooltip))
+    return (
+        Timeseries()
+        .title(title)
+        .unit(unit)
+        .min(0)
+        .datasource(DATASOURCE)
+        .height(8)
+        .span(12)
+        .legend(legend)
+        .tooltip(tooltip)
+    )
 
 
 def latency(title: str, histogram: str, description: str) -> Timeseries:
     """p50/p95/p99 of a latency histogram, with the 300 ms KPI drawn as a red line."""
-    panel = (timeseries(title, "s").description(description)
-             .thresholds(thresholds((None, "green"), (KPI_S, "red")))
-             .thresholds_style(GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.LINE)))
+    panel = (
+        timeseries(title, "s")
+        .description(description)
+        .thresholds(thresholds((None, "green"), (KPI_S, "red")))
+        .thresholds_style(GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.LINE))
+    )
     for ref, q in zip("ABC", ("0.5", "0.95", "0.99"), strict=True):
-        expr = (f"histogram_quantile({q}, sum by (le) "
-                f"(rate({histogram}_bucket[$__rate_interval])))")
+        expr = f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[$__rate_interval])))"
         panel = panel.with_target(query(expr, f"p{round(float(q) * 100)}", ref))
     return panel
 
 
 def stat(title: str, expr: str, *steps: tuple[float | None, str]) -> Stat:
-    return (Stat().title(title).datasource(DATASOURCE).height(4).span(6)
-            .with_target(query(expr, title)).graph_mode(BigValueGraphMode.AREA)
-            .reduce_options(ReduceDataOptions().values(False).calcs(["lastNotNull"]))
-            .thresholds(thresholds(*(steps or ((None, "blue"),)))))
+    return (
+        Stat()
+        .title(title)
+        .datasource(DATASOURCE)
+        .height(4)
+        .span(6)
+        .with_target(query(expr, title))
+        .graph_mode(BigValueGraphMode.AREA)
+        .reduce_options(ReduceDataOptions().values(False).calcs(["lastNotNull"]))
+        .thresholds(thresholds(*(steps or ((None, "blue"),))))
+    )
 
 
 def rates(title: str, expr: str, legend: str, unit: str = "ops") -> Timeseries:
@@ -94,63 +119,134 @@ def rates(title: str, expr: str, legend: str, unit: str = "ops") -> Timeseries:
 
 def overview() -> Dashboard:
     return (
-        Dashboard("ESN push-to-talk — overview").uid("esn-overview")
-        .tags(["esn", "mcptt"]).refresh("5s").time("now-15m", "now")
+        Dashboard("ESN push-to-talk — overview")
+        .uid("esn-overview")
+        .tags(["esn", "mcptt"])
+        .refresh("5s")
+        .time("now-15m", "now")
         .with_row(Row("KPIs against 3GPP TS 22.179 (red line: 300 ms)"))
-        .with_panel(latency("Floor access time — server", "esn_floor_access_seconds",
-                            "Floor request received to granted published (KPI 1)."))
-        .with_panel(latency("Floor access time — handsets", "esn_handset_access_seconds",
-                            "PTT press to granted, as the simulated handsets measure it."))
-        .with_panel(latency("Mouth-to-ear — handsets", "esn_mouth_to_ear_seconds",
-                            "Talker's timestamp to the packet at each listener (KPI 3)."))
-        .with_panel(latency("Media relay — server", "esn_media_relay_seconds",
-                            "Voice packet received to relayed: the server's own share."))
+        .with_panel(
+            latency(
+                "Floor access time — server",
+                "esn_floor_access_seconds",
+                "Floor request received to granted published (KPI 1).",
+            )
+        )
+        .with_panel(
+            latency(
+                "Floor access time — handsets",
+                "esn_handset_access_seconds",
+                "PTT press to granted, as the simulated handsets measure it.",
+            )
+        )
+        .with_panel(
+            latency(
+                "Mouth-to-ear — handsets",
+                "esn_mouth_to_ear_seconds",
+                "Talker's timestamp to the packet at each listener (KPI 3).",
+            )
+        )
+        .with_panel(
+            latency(
+                "Media relay — server",
+                "esn_media_relay_seconds",
+                "Voice packet received to relayed: the server's own share.",
+            )
+        )
         .with_row(Row("Activity"))
         .with_panel(stat("Units online", "sum(esn_units_online)"))
         .with_panel(stat("Calls active", "sum(esn_calls_active)"))
-        .with_panel(stat("Groups in emergency", "sum(esn_groups_in_emergency)",
-                         (None, "green"), (1, "red")))
-        .with_panel(stat("Floor queue length", "sum(esn_floor_queue_length)",
-                         (None, "green"), (5, "orange")))
-        .with_panel(rates("Messages by type", rate("esn_messages_total", "kind, direction"),
-                          "{{kind}} {{direction}}"))
-        .with_panel(rates("Floor outcomes", rate("esn_floor_outcomes_total", "outcome"),
-                          "{{outcome}}"))
+        .with_panel(
+            stat("Groups in emergency", "sum(esn_groups_in_emergency)", (None, "green"), (1, "red"))
+        )
+        .with_panel(
+            stat(
+                "Floor queue length", "sum(esn_floor_queue_length)", (None, "green"), (5, "orange")
+            )
+        )
+        .with_panel(
+            rates(
+                "Messages by type",
+                rate("esn_messages_total", "kind, direction"),
+                "{{kind}} {{direction}}",
+            )
+        )
+        .with_panel(
+            rates("Floor outcomes", rate("esn_floor_outcomes_total", "outcome"), "{{outcome}}")
+        )
         .with_row(Row("Problems"))
-        .with_panel(rates("Rejected input by reason", rate("esn_rejected_total", "reason"),
-                          "{{reason}}"))
-        .with_panel(rates("Media dropped by reason", rate("esn_media_dropped_total", "reason"),
-                          "{{reason}}"))
+        .with_panel(
+            rates("Rejected input by reason", rate("esn_rejected_total", "reason"), "{{reason}}")
+        )
+        .with_panel(
+            rates(
+                "Media dropped by reason", rate("esn_media_dropped_total", "reason"), "{{reason}}"
+            )
+        )
         .with_row(Row("Broker (Mosquitto $SYS)"))
-        .with_panel(rates("Connected clients", "sum(esn_broker_clients_connected)",
-                          "clients", unit="short"))
-        .with_panel(rates("Broker messages", (
-            'label_replace(rate(esn_broker_messages_received_total[$__rate_interval]), '
-            '"direction", "received", "", "") or label_replace(rate('
-            'esn_broker_messages_sent_total[$__rate_interval]), "direction", "sent", "", "") '
-            'or label_replace(rate(esn_broker_messages_dropped_total[$__rate_interval]), '
-            '"direction", "dropped", "", "")'), "{{direction}}"))
+        .with_panel(
+            rates("Connected clients", "sum(esn_broker_clients_connected)", "clients", unit="short")
+        )
+        .with_panel(
+            rates(
+                "Broker messages",
+                (
+                    "label_replace(rate(esn_broker_messages_received_total[$__rate_interval]), "
+                    '"direction", "received", "", "") or label_replace(rate('
+                    "esn_broker_messages_sent_total[$__rate_interval]), "
+                    '"direction", "sent", "", "") '
+                    "or label_replace(rate(esn_broker_messages_dropped_total[$__rate_interval]), "
+                    '"direction", "dropped", "", "")'
+                ),
+                "{{direction}}",
+            )
+        )
     )
 
 
 def talkgroups() -> Dashboard:
     tg = '{tg=~"$tg"}'
     return (
-        Dashboard("ESN push-to-talk — talkgroups").uid("esn-talkgroups")
-        .tags(["esn", "mcptt"]).refresh("5s").time("now-15m", "now")
-        .with_variable(QueryVariable("tg").label("Talkgroup").datasource(DATASOURCE)
-                       .query("label_values(esn_group_floor_taken, tg)")
-                       .multi(True).include_all(True)
-                       .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED))
-        .with_panel(rates("Floor held", f"max by (tg) (esn_group_floor_taken{tg})", "{{tg}}",
-                          unit="bool_on_off"))
-        .with_panel(rates("Share of time the floor is held", "avg by (tg) (avg_over_time("
-                          f"esn_group_floor_taken{tg}[$__rate_interval]))", "{{tg}}",
-                          unit="percentunit"))
-        .with_panel(rates("Queue length", f"max by (tg) (esn_group_queue_length{tg})", "{{tg}}",
-                          unit="short"))
-        .with_panel(rates("Emergency", f"max by (tg) (esn_group_emergency{tg})", "{{tg}}",
-                          unit="bool_yes_no"))
+        Dashboard("ESN push-to-talk — talkgroups")
+        .uid("esn-talkgroups")
+        .tags(["esn", "mcptt"])
+        .refresh("5s")
+        .time("now-15m", "now")
+        .with_variable(
+            QueryVariable("tg")
+            .label("Talkgroup")
+            .datasource(DATASOURCE)
+            .query("label_values(esn_group_floor_taken, tg)")
+            .multi(True)
+            .include_all(True)
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        )
+        .with_panel(
+            rates(
+                "Floor held",
+                f"max by (tg) (esn_group_floor_taken{tg})",
+                "{{tg}}",
+                unit="bool_on_off",
+            )
+        )
+        .with_panel(
+            rates(
+                "Share of time the floor is held",
+                f"avg by (tg) (avg_over_time(esn_group_floor_taken{tg}[$__rate_interval]))",
+                "{{tg}}",
+                unit="percentunit",
+            )
+        )
+        .with_panel(
+            rates(
+                "Queue length", f"max by (tg) (esn_group_queue_length{tg})", "{{tg}}", unit="short"
+            )
+        )
+        .with_panel(
+            rates(
+                "Emergency", f"max by (tg) (esn_group_emergency{tg})", "{{tg}}", unit="bool_yes_no"
+            )
+        )
     )
 
 

@@ -15,18 +15,24 @@ from typing import Any
 
 import pytest
 
-from esn.tools.broker import Mosquitto
-from esn.transport.memory import MemoryBroker
-from esn.core.fleet import parse_fleet
 from esn.client.handset import Handset
+from esn.core.fleet import parse_fleet
 from esn.server.shell import Config, Server
+from esn.tools.broker import Mosquitto
 from esn.transport import BrokerConfig
+from esn.transport.memory import MemoryBroker
 
 _ids = itertools.count(1)
 
 FLEET: dict[str, Any] = {
-    "defaults": {"max_talk_ms": 30000, "revoke_grace_ms": 500, "end_of_media_ms": 5000,
-                 "hang_ms": 1000, "queue_depth": 4, "preempt_threshold": 200},
+    "defaults": {
+        "max_talk_ms": 30000,
+        "revoke_grace_ms": 500,
+        "end_of_media_ms": 5000,
+        "hang_ms": 1000,
+        "queue_depth": 4,
+        "preempt_threshold": 200,
+    },
     "talkgroup": [
         {"id": "tg-1", "name": "Response North"},
         {"id": "tg-2", "name": "Short talk", "max_talk_ms": 400, "revoke_grace_ms": 300},
@@ -52,7 +58,8 @@ REAL_CLIENTS = ("gmqtt", "paho")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        client = getattr(item, "callspec", None) and item.callspec.params.get("mqtt_client")
+        callspec = getattr(item, "callspec", None)
+        client = callspec.params.get("mqtt_client") if callspec is not None else None
         if "mosquitto" in getattr(item, "fixturenames", ()) or client in REAL_CLIENTS:
             item.add_marker(pytest.mark.broker)
 
@@ -80,8 +87,16 @@ def mqtt_client(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def server(broker: BrokerConfig, prefix: str, mqtt_client: str) -> AsyncIterator[Server]:
-    srv = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
-                        mqtt_client=mqtt_client, keepalive=5), parse_fleet(FLEET))
+    srv = Server(
+        Config(
+            broker=broker,
+            prefix=prefix,
+            server_id=f"srv-{prefix}",
+            mqtt_client=mqtt_client,
+            keepalive=5,
+        ),
+        parse_fleet(FLEET),
+    )
     await srv.start()
     yield srv
     await srv.stop()
@@ -91,8 +106,9 @@ HandsetFactory = Callable[..., Awaitable[Handset]]
 
 
 @pytest.fixture
-async def handset(broker: BrokerConfig, prefix: str,
-                  mqtt_client: str) -> AsyncIterator[HandsetFactory]:
+async def handset(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> AsyncIterator[HandsetFactory]:
     """Make started handsets affiliated to `groups`; all are stopped after the test."""
     made: list[Handset] = []
 

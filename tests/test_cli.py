@@ -11,16 +11,38 @@ import pytest
 from esn.cli import main
 
 
-@pytest.mark.parametrize(("argv", "module", "hint"), [
-    (["console", "--broker", "mqtt://127.0.0.1:1", "--unit", "disp"], "textual",
-     "pip install 'esn[console]'"),
-    (["loadtest", "ci-small"], "hdrh", "pip install 'esn[loadtest]'"),
-    (["server", "--broker", "mqtt://127.0.0.1:1", "--fleet", "FLEET", "--mqtt-client", "paho"],
-     "aiomqtt", "pip install 'esn[paho]'"),
-])
-def test_a_missing_extra_is_a_one_line_hint(argv: list[str], module: str, hint: str,
-                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "module", "hint"),
+    [
+        (
+            ["console", "--broker", "mqtt://127.0.0.1:1", "--unit", "disp"],
+            "textual",
+            "pip install 'esn[console]'",
+        ),
+        (["loadtest", "ci-small"], "hdrh", "pip install 'esn[loadtest]'"),
+        (
+            [
+                "server",
+                "--broker",
+                "mqtt://127.0.0.1:1",
+                "--fleet",
+                "FLEET",
+                "--mqtt-client",
+                "paho",
+            ],
+            "aiomqtt",
+            "pip install 'esn[paho]'",
+        ),
+    ],
+)
+def test_a_missing_extra_is_a_one_line_hint(
+    argv: list[str],
+    module: str,
+    hint: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
     argv = [str(fleet) if a == "FLEET" else a for a in argv]

@@ -10,15 +10,28 @@ from hypothesis import strategies as st
 from esn.protocol import codec
 from esn.protocol import messages as m
 
-scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(
-    max_size=80) | st.binary(max_size=80)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=80)
+    | st.binary(max_size=80)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 type_names = st.sampled_from(sorted(m.BY_TYPE)) | st.text(max_size=12)
-field_names = st.sampled_from(sorted({f for c in m.ALL for f in c.__dataclass_fields__}
-                                     | {"t", "ref", "ts", "from"}))
+field_names = st.sampled_from(
+    sorted({f for c in m.ALL for f in c.__dataclass_fields__} | {"t", "ref", "ts", "from"})
+)
 maps = st.dictionaries(field_names, values, max_size=8).flatmap(
-    lambda d: type_names.map(lambda t: {**d, "t": t}))
+    lambda d: type_names.map(lambda t: {**d, "t": t})
+)
 
 
 @settings(max_examples=800, deadline=None)
@@ -46,8 +59,11 @@ def test_any_map_decodes_to_a_valid_message_or_a_protocol_error(obj: dict[str, o
 
 
 @settings(max_examples=800, deadline=None)
-@given(st.dictionaries(st.sampled_from(["t", "call", "seq", "data", "ts", "talker", "tg"]),
-                       values, max_size=7))
+@given(
+    st.dictionaries(
+        st.sampled_from(["t", "call", "seq", "data", "ts", "talker", "tg"]), values, max_size=7
+    )
+)
 def test_media_fast_path_agrees_with_the_generic_decoder(obj: dict[str, object]) -> None:
     obj = {"t": "media", **obj} if "t" not in obj else obj
     try:
@@ -61,19 +77,37 @@ def test_media_fast_path_agrees_with_the_generic_decoder(obj: dict[str, object])
     if isinstance(generic, m.Media):
         assert isinstance(fast, m.Media)
         assert (fast.call, fast.seq, fast.data, fast.ts, fast.talker) == (
-            generic.call, generic.seq, generic.data, generic.ts, generic.talker)
+            generic.call,
+            generic.seq,
+            generic.data,
+            generic.ts,
+            generic.talker,
+        )
     else:
         assert isinstance(fast, str)
 
 
-@pytest.mark.parametrize("msg", [
-    m.Request(kind="emergency", prio=255, ref=1, ts=123),
-    m.Sds(to="tg:tg-1", text="héllo ✓", sender="u1", ref=9),
-    m.Affiliation(groups=["a", "b"], rejected=[{"tg": "c", "cause": "not_member"}]),
-    m.State(tg="g", floor="taken", emergency=True, queue=2, seq=5, since_ts=1, talker="u",
-            call="c1", kind="normal", prio=100),
-    m.Media(call="c1", seq=3, data=b"\x00\xff", ts=5, tg="g", talker="u", rts=6),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.Request(kind="emergency", prio=255, ref=1, ts=123),
+        m.Sds(to="tg:tg-1", text="héllo ✓", sender="u1", ref=9),
+        m.Affiliation(groups=["a", "b"], rejected=[{"tg": "c", "cause": "not_member"}]),
+        m.State(
+            tg="g",
+            floor="taken",
+            emergency=True,
+            queue=2,
+            seq=5,
+            since_ts=1,
+            talker="u",
+            call="c1",
+            kind="normal",
+            prio=100,
+        ),
+        m.Media(call="c1", seq=3, data=b"\x00\xff", ts=5, tg="g", talker="u", rts=6),
+    ],
+)
 def test_round_trip(msg: m.Message) -> None:
     assert codec.decode(codec.encode(msg)) == msg
 

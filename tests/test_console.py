@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from textual.widgets import DataTable, Static
 
-from esn.protocol import messages as m
-from esn.tools.broker import Mosquitto
+from esn.client.handset import Handset
 from esn.console.app import ConsoleApp
 from esn.console.map import Point, View, render
 from esn.core.fleet import parse_fleet
-from esn.client.handset import Handset
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
+from esn.tools.broker import Mosquitto
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory, eventually
 
@@ -42,8 +42,9 @@ async def select(app: ConsoleApp, pilot: Any, table: str, key: str) -> None:
 
 
 @pytest.fixture
-async def console(server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
-                  ) -> AsyncIterator[tuple[ConsoleApp, Any]]:
+async def console(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> AsyncIterator[tuple[ConsoleApp, Any]]:
     app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
     async with app.run_test(size=(180, 50)) as pilot:
         await eventually(lambda: app.link.transport.connected)
@@ -51,8 +52,9 @@ async def console(server: Server, broker: BrokerConfig, prefix: str, mqtt_client
         yield app, pilot
 
 
-async def test_console_shows_a_talker(console: tuple[ConsoleApp, Any],
-                                      handset: HandsetFactory) -> None:
+async def test_console_shows_a_talker(
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
     app, _ = console
     u1 = await handset("u1", "tg-1")
     await u1.press("tg-1")
@@ -63,14 +65,16 @@ async def test_console_shows_a_talker(console: tuple[ConsoleApp, Any],
 
 
 async def test_console_shows_an_emergency_and_acknowledges_it(
-        console: tuple[ConsoleApp, Any], handset: HandsetFactory) -> None:
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
     app, pilot = console
     u1 = await handset("u1", "tg-1")
     u1.send(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1))
     await eventually(lambda: "SOS" in row(app, "groups", "tg-1")[6])
     assert "SOS" in row(app, "units", "u1")[6]
-    acked = u1.expect(lambda i: isinstance(i.msg, m.EmergencyState)
-                      and i.msg.state == "acknowledged")
+    acked = u1.expect(
+        lambda i: isinstance(i.msg, m.EmergencyState) and i.msg.state == "acknowledged"
+    )
     await select(app, pilot, "groups", "tg-1")
     await pilot.press("a")
     assert (await acked).msg.by == "disp"  # type: ignore[attr-defined]
@@ -78,7 +82,8 @@ async def test_console_shows_an_emergency_and_acknowledges_it(
 
 
 async def test_console_ptt_preempts_a_handset_and_shows_access_time(
-        console: tuple[ConsoleApp, Any], handset: HandsetFactory) -> None:
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
     app, pilot = console
     u1 = await handset("u1", "tg-1")
     await u1.press("tg-1")
@@ -93,8 +98,9 @@ async def test_console_ptt_preempts_a_handset_and_shows_access_time(
     await eventually(lambda: row(app, "groups", "tg-1")[1] == "idle")
 
 
-async def test_console_regroups_marked_units(console: tuple[ConsoleApp, Any],
-                                             handset: HandsetFactory) -> None:
+async def test_console_regroups_marked_units(
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
     app, pilot = console
     u1 = await handset("u1", "tg-1")
     u2 = await handset("u2", "tg-1")
@@ -139,8 +145,14 @@ async def test_console_keeps_working_after_a_broker_restart(prefix: str) -> None
                 own.stop()
                 await eventually(lambda: not app.link.transport.connected)
                 own.start()
-                await eventually(lambda: app.link.transport.connected and srv.transport.connected
-                                 and u1.transport.connected, timeout=20)
+                await eventually(
+                    lambda: (
+                        app.link.transport.connected
+                        and srv.transport.connected
+                        and u1.transport.connected
+                    ),
+                    timeout=20,
+                )
                 await eventually(lambda: "tg-1" in srv.network.affiliations.get("u1", ()))
                 await u1.press("tg-1")
                 await eventually(lambda: row(app, "groups", "tg-1")[1:3] == ["taken", "u1"])
@@ -151,8 +163,11 @@ async def test_console_keeps_working_after_a_broker_restart(prefix: str) -> None
 
 
 def test_map_draws_units_and_marks_emergencies_and_the_selection() -> None:
-    points = [Point("a", 51.50, -0.10), Point("b", 51.60, -0.20, emergency=True),
-              Point("c", 51.40, 0.00)]
+    points = [
+        Point("a", 51.50, -0.10),
+        Point("b", 51.60, -0.20, emergency=True),
+        Point("c", 51.40, 0.00),
+    ]
     text = render(points, 20, 6, View(), selected="c")
     assert text.plain.count("\n") == 5
     dots = [ch for ch in text.plain if "\u2800" < ch <= "\u28ff"]

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from esn.protocol import messages as m
-from esn.core.actions import StateChanged, ToGroup, ToUnit
+from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
 from esn.core.fleet import parse_fleet
 from esn.core.network import Network
+from esn.protocol import messages as m
 
 FLEET = {
-    "defaults": {"max_talk_ms": 10000, "revoke_grace_ms": 1000, "end_of_media_ms": 3000,
-                 "hang_ms": 2000, "queue_depth": 2, "preempt_threshold": 200},
+    "defaults": {
+        "max_talk_ms": 10000,
+        "revoke_grace_ms": 1000,
+        "end_of_media_ms": 3000,
+        "hang_ms": 2000,
+        "queue_depth": 2,
+        "preempt_threshold": 200,
+    },
     "talkgroup": [
         {"id": "tg1"},
         {"id": "nq", "queue": False},
@@ -34,20 +40,31 @@ def net() -> Network:
     return n
 
 
-def to(actions: list, unit: str) -> list[m.Message]:
+def to(actions: list[Action], unit: str) -> list[m.Message]:
     return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
 
 
-def group(actions: list) -> list[m.Message]:
+def queued(actions: list[Action], unit: str) -> list[m.Queued]:
+    return [x for x in to(actions, unit) if isinstance(x, m.Queued)]
+
+
+def group(actions: list[Action]) -> list[m.Message]:
     return [a.msg for a in actions if isinstance(a, ToGroup)]
 
 
-def req(net: Network, unit: str, now: float, kind: str = "normal", prio: int | None = None,
-        tg: str = "tg1", ref: int | None = None) -> list:
+def req(
+    net: Network,
+    unit: str,
+    now: float,
+    kind: str = "normal",
+    prio: int | None = None,
+    tg: str = "tg1",
+    ref: int | None = None,
+) -> list[Action]:
     return net.floor_message(unit, tg, m.Request(kind=kind, prio=prio, ref=ref), now)
 
 
-def rel(net: Network, unit: str, now: float, tg: str = "tg1") -> list:
+def rel(net: Network, unit: str, now: float, tg: str = "tg1") -> list[Action]:
     return net.floor_message(unit, tg, m.Release(), now)
 
 
@@ -56,7 +73,12 @@ def test_idle_request_is_granted_and_group_told(net: Network) -> None:
     (granted,) = to(out, "a")
     assert isinstance(granted, m.Granted)
     assert (granted.tg, granted.kind, granted.prio, granted.max_ms, granted.ref) == (
-        "tg1", "normal", 100, 10000, 7)
+        "tg1",
+        "normal",
+        100,
+        10000,
+        7,
+    )
     (taken,) = group(out)
     assert isinstance(taken, m.Taken) and taken.talker == "a" and taken.call == granted.call
     assert StateChanged("tg1") in out
@@ -76,19 +98,29 @@ def test_busy_floor_queues_and_threshold_priority_preempts(net: Network) -> None
 
 
 def test_queue_positions_move_when_a_higher_priority_arrives() -> None:
-    n = Network(parse_fleet({"defaults": {"queue_depth": 8}, "talkgroup": [{"id": "g"}],
-                             "unit": [{"id": "hi", "priority": 150}]}))
+    n = Network(
+        parse_fleet(
+            {
+                "defaults": {"queue_depth": 8},
+                "talkgroup": [{"id": "g"}],
+                "unit": [{"id": "hi", "priority": 150}],
+            }
+        )
+    )
     for u in ("a", "b", "c", "hi"):
         n.unit_message(u, m.Affiliate(groups=["g"]), 0)
     req(n, "a", 0, tg="g")
     assert to(req(n, "b", 1, tg="g"), "b")[0].pos == 1  # type: ignore[attr-defined]
     assert to(req(n, "c", 2, tg="g"), "c")[0].pos == 2  # type: ignore[attr-defined]
     out = req(n, "hi", 3, tg="g")  # 150 > 100 but below the threshold: queued first
-    assert [(u, x.pos) for u in ("hi", "b", "c") for x in to(out, u)] == [
-        ("hi", 1), ("b", 2), ("c", 3)]
+    assert [(u, x.pos) for u in ("hi", "b", "c") for x in queued(out, u)] == [
+        ("hi", 1),
+        ("b", 2),
+        ("c", 3),
+    ]
     out = rel(n, "a", 4, tg="g")
     assert isinstance(to(out, "hi")[0], m.Granted)
-    assert [(u, x.pos) for u in ("b", "c") for x in to(out, u)] == [("b", 1), ("c", 2)]
+    assert [(u, x.pos) for u in ("b", "c") for x in queued(out, u)] == [("b", 1), ("c", 2)]
     assert n.state_msg("g").queue == 2
 
 
@@ -122,8 +154,14 @@ def test_queue_full_and_no_queue_denials(net: Network) -> None:
     ],
 )
 def test_preemption_rules(held: tuple[str, int], asked: tuple[str, int], preempts: bool) -> None:
-    n = Network(parse_fleet({"talkgroup": [{"id": "g"}],
-                             "unit": [{"id": "x", "priority": 255}, {"id": "y", "priority": 255}]}))
+    n = Network(
+        parse_fleet(
+            {
+                "talkgroup": [{"id": "g"}],
+                "unit": [{"id": "x", "priority": 255}, {"id": "y", "priority": 255}],
+            }
+        )
+    )
     for u in ("x", "y"):
         n.unit_message(u, m.Affiliate(groups=["g"]), 0)
     req(n, "x", 0, kind=held[0], prio=held[1], tg="g")
@@ -148,7 +186,7 @@ def test_repeated_request_with_same_ref_is_idempotent(net: Network) -> None:
     again = req(net, "a", 2, ref=5)
     assert isinstance(again[0], ToUnit) and len(again) == 1  # no new taken, no seq bump
     assert isinstance(again[0].msg, m.Granted) and again[0].msg.call == first.call  # type: ignore[attr-defined]
-    assert again[0].msg.max_ms == 8000  # type: ignore[attr-defined]
+    assert again[0].msg.max_ms == 8000
     q1 = to(req(net, "b", 3, ref=9), "b")[0]
     q2 = to(req(net, "b", 4, ref=9), "b")[0]
     assert q1 == q2 and net.state_msg("tg1").queue == 1
@@ -174,8 +212,11 @@ def test_t2_revokes_then_t3_takes_back_and_grants_the_queue(net: Network) -> Non
 
 
 def test_release_during_grace_ends_talk_at_once() -> None:
-    net2 = Network(parse_fleet({"defaults": {"max_talk_ms": 1000, "end_of_media_ms": 5000},
-                                "talkgroup": [{"id": "g"}]}))
+    net2 = Network(
+        parse_fleet(
+            {"defaults": {"max_talk_ms": 1000, "end_of_media_ms": 5000}, "talkgroup": [{"id": "g"}]}
+        )
+    )
     net2.unit_message("a", m.Affiliate(groups=["g"]), 0)
     req(net2, "a", 0, tg="g")
     net2.on_timer(1.0)
@@ -226,8 +267,10 @@ def test_affiliation_rejects_unknown_and_non_members(net: Network) -> None:
     (aff,) = to(net.unit_message("b", m.Affiliate(groups=["closed", "zz", "tg1"]), 0), "b")
     assert isinstance(aff, m.Affiliation)
     assert "tg1" in aff.groups and "closed" not in aff.groups
-    assert aff.rejected == [{"tg": "closed", "cause": "not_member"},
-                            {"tg": "zz", "cause": "unknown_group"}]
+    assert aff.rejected == [
+        {"tg": "closed", "cause": "not_member"},
+        {"tg": "zz", "cause": "unknown_group"},
+    ]
 
 
 def test_offline_releases_floor_and_queue_and_deaffiliates(net: Network) -> None:
@@ -286,8 +329,15 @@ def test_regroup_and_ungroup(net: Network) -> None:
 
 
 def test_sds_delivered_queued_and_failed() -> None:
-    n = Network(parse_fleet({"defaults": {"open_registration": False}, "talkgroup": [{"id": "g"}],
-                             "unit": [{"id": "a"}, {"id": "b"}]}))
+    n = Network(
+        parse_fleet(
+            {
+                "defaults": {"open_registration": False},
+                "talkgroup": [{"id": "g"}],
+                "unit": [{"id": "a"}, {"id": "b"}],
+            }
+        )
+    )
     n.presence("a", m.Presence(state="online"), 0)
     out = n.unit_message("a", m.Sds(to="unit:b", text="hello", ref=1), 0)
     assert to(out, "a") == [m.SdsStatus(state="queued", ref=1)]
@@ -296,7 +346,8 @@ def test_sds_delivered_queued_and_failed() -> None:
     out = n.unit_message("b", m.Sds(to="unit:a", text="hi", ref=2), 2)
     assert to(out, "b") == [m.SdsStatus(state="delivered", ref=2)] and to(out, "a")
     assert to(n.unit_message("a", m.Sds(to="unit:zz", text="x", ref=3), 3), "a") == [
-        m.SdsStatus(state="failed", ref=3)]
+        m.SdsStatus(state="failed", ref=3)
+    ]
     assert n.unit_message("zz", m.Sds(to="unit:a", text="x"), 3)[0].msg.cause == "forbidden"  # type: ignore[union-attr]
 
 
@@ -308,8 +359,9 @@ def test_location_spoof_is_dropped_and_counted(net: Network) -> None:
 
 
 def test_floor_request_flood_is_rate_limited_and_told_once_per_second() -> None:
-    n = Network(parse_fleet({"talkgroup": [{"id": "g"}],
-                             "limits": {"floor": {"per_s": 5, "burst": 10}}}))
+    n = Network(
+        parse_fleet({"talkgroup": [{"id": "g"}], "limits": {"floor": {"per_s": 5, "burst": 10}}})
+    )
     n.unit_message("x", m.Affiliate(groups=["g"]), 0)
     answers = [to(n.floor_message("x", "g", m.Request(ref=i), 1.0), "x") for i in range(30)]
     decided = [a for a in answers[:10] if a]
@@ -322,13 +374,21 @@ def test_floor_request_flood_is_rate_limited_and_told_once_per_second() -> None:
 
 
 def test_location_and_sds_floods_are_rate_limited() -> None:
-    n = Network(parse_fleet({"limits": {"location": {"per_s": 1, "burst": 2},
-                                        "sds": {"per_s": 1, "burst": 1}}}))
+    n = Network(
+        parse_fleet(
+            {"limits": {"location": {"per_s": 1, "burst": 2}, "sds": {"per_s": 1, "burst": 1}}}
+        )
+    )
     out = [n.unit_message("x", m.Location(lat=1, lon=1, ref=i), 0) for i in range(4)]
     assert [type(a[0]).__name__ if a else None for a in out] == [
-        "LocationAccepted", "LocationAccepted", "ToUnit", None]
-    assert out[2][0].msg == m.Error(cause="rate_limited", detail="too many location messages",  # type: ignore[union-attr]
-                                    ref=2)
+        "LocationAccepted",
+        "LocationAccepted",
+        "ToUnit",
+        None,
+    ]
+    told = out[2][0]
+    assert isinstance(told, ToUnit)
+    assert told.msg == m.Error(cause="rate_limited", detail="too many location messages", ref=2)
     n.unit_message("x", m.Sds(to="unit:y", text="a"), 0)
     (err,) = to(n.unit_message("x", m.Sds(to="unit:y", text="b", ref=5), 0), "x")
     assert isinstance(err, m.Error) and err.cause == "rate_limited"

@@ -10,23 +10,35 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from esn.protocol import messages as m
-from esn.core.actions import ToGroup, ToUnit
+from esn.core.actions import Action, ToGroup, ToUnit
 from esn.core.fleet import parse_fleet
 from esn.core.floor import KIND_RANK
 from esn.core.network import Network
+from esn.protocol import messages as m
 
 UNITS = ["u1", "u2", "u3", "u4", "disp"]
 GROUPS = ["g1", "g2"]
-FLEET = parse_fleet({
-    "defaults": {"max_talk_ms": 3000, "revoke_grace_ms": 500, "end_of_media_ms": 1500,
-                 "hang_ms": 1000, "queue_depth": 3, "preempt_threshold": 150},
-    "talkgroup": [{"id": "g1"}, {"id": "g2", "queue": False}],
-    "unit": [{"id": "u1", "priority": 50}, {"id": "u2", "priority": 160},
-             {"id": "u3", "priority": 255}, {"id": "disp", "role": "dispatcher", "priority": 250}],
-    # rate limits have their own tests; here every request must be decided
-    "limits": {"floor": {"per_s": 1e6, "burst": 1e6}},
-})
+FLEET = parse_fleet(
+    {
+        "defaults": {
+            "max_talk_ms": 3000,
+            "revoke_grace_ms": 500,
+            "end_of_media_ms": 1500,
+            "hang_ms": 1000,
+            "queue_depth": 3,
+            "preempt_threshold": 150,
+        },
+        "talkgroup": [{"id": "g1"}, {"id": "g2", "queue": False}],
+        "unit": [
+            {"id": "u1", "priority": 50},
+            {"id": "u2", "priority": 160},
+            {"id": "u3", "priority": 255},
+            {"id": "disp", "role": "dispatcher", "priority": 250},
+        ],
+        # rate limits have their own tests; here every request must be decided
+        "limits": {"floor": {"per_s": 1e6, "burst": 1e6}},
+    }
+)
 
 units = st.sampled_from(UNITS)
 groups = st.sampled_from(GROUPS)
@@ -44,7 +56,7 @@ class FloorMachine(RuleBasedStateMachine):
         self.believes_holding: dict[str, set[str]] = {g: set() for g in GROUPS}
         self.told_pos: dict[tuple[str, str], int] = {}
 
-    def apply(self, actions: list) -> None:
+    def apply(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, ToUnit):
                 msg = a.msg
@@ -75,8 +87,13 @@ class FloorMachine(RuleBasedStateMachine):
         holder = floor.holder if floor else None
         out = self.net.floor_message(unit, tg, m.Request(kind=kind, prio=prio), self.now)
         self.apply(out)
-        if (kind == "emergency" and holder is not None and holder.kind == "normal"
-                and holder.revoked_at is None and tg in self.affiliated[unit]):
+        if (
+            kind == "emergency"
+            and holder is not None
+            and holder.kind == "normal"
+            and holder.revoked_at is None
+            and tg in self.affiliated[unit]
+        ):
             assert self.net.floors[tg].holder.unit == unit, "emergency lost to a normal holder"  # type: ignore[union-attr]
 
     @rule(unit=units, tg=groups)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from esn.protocol import messages as m
-from esn.tools.broker import Mosquitto, free_port
-from esn.core.fleet import parse_fleet
 from esn.client.handset import HAS_PERMISSION, Handset, Inbound
-from esn.tools.secure import SecureProfile, generate
+from esn.core.fleet import parse_fleet
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
+from esn.tools.broker import Mosquitto, free_port
+from esn.tools.secure import SecureProfile, generate
 from esn.transport import BrokerConfig, TransportError
 from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
 
@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.fault]
 def mqtt_client(request: pytest.FixtureRequest) -> str:
     """Real processes and real brokers are killed here: the MQTT stacks only."""
     return str(request.param)
+
 
 FLEET_TOML = """
 [defaults]
@@ -66,11 +67,20 @@ HANDSET = textwrap.dedent("""
 """)
 
 
-async def spawn_handset(url: str, prefix: str, unit: str, *, keepalive: int = 30,
-                        talk: bool = False) -> asyncio.subprocess.Process:
+async def spawn_handset(
+    url: str, prefix: str, unit: str, *, keepalive: int = 30, talk: bool = False
+) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HANDSET, url, prefix, unit, str(keepalive),
-        "talk" if talk else "listen", stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        HANDSET,
+        url,
+        prefix,
+        unit,
+        str(keepalive),
+        "talk" if talk else "listen",
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 20)
     assert line.strip() in (b"granted", b"ready"), line
@@ -88,11 +98,28 @@ async def spawn_server(url: str, prefix: str, fleet: Path) -> asyncio.subprocess
     """`esn server` as its own process; returns once it announced itself online."""
     watcher = Handset("watcher", BrokerConfig.from_url(url), prefix=prefix)
     await watcher.start()
-    online = watcher.expect(lambda i: isinstance(i.msg, m.Status) and i.msg.state == "online"
-                            and i.topic.endswith("/fault-srv/status"), timeout=20)
+    online = watcher.expect(
+        lambda i: (
+            isinstance(i.msg, m.Status)
+            and i.msg.state == "online"
+            and i.topic.endswith("/fault-srv/status")
+        ),
+        timeout=20,
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet", str(fleet),
-        "--prefix", prefix, "--server-id", "fault-srv")
+        sys.executable,
+        "-m",
+        "esn.cli",
+        "server",
+        "--broker",
+        url,
+        "--fleet",
+        str(fleet),
+        "--prefix",
+        prefix,
+        "--server-id",
+        "fault-srv",
+    )
     try:
         # a retained 'online' from a killed predecessor must not count: wait for a fresh one
         while True:
@@ -101,8 +128,9 @@ async def spawn_server(url: str, prefix: str, fleet: Path) -> asyncio.subprocess
             if status.started_ts != getattr(spawn_server, "last_started", None):
                 spawn_server.last_started = status.started_ts  # type: ignore[attr-defined]
                 return proc
-            online = watcher.expect(lambda i: isinstance(i.msg, m.Status)
-                                    and i.msg.state == "online", timeout=20)
+            online = watcher.expect(
+                lambda i: isinstance(i.msg, m.Status) and i.msg.state == "online", timeout=20
+            )
     finally:
         await watcher.stop()
 
@@ -140,8 +168,9 @@ async def pair(url: str, prefix: str) -> tuple[Handset, Handset]:
 # --- the server dies ----------------------------------------------------------------------
 
 
-async def test_server_killed_mid_call_the_call_goes_on(own_broker: Mosquitto, fleet_file: Path,
-                                                       prefix: str) -> None:
+async def test_server_killed_mid_call_the_call_goes_on(
+    own_broker: Mosquitto, fleet_file: Path, prefix: str
+) -> None:
     """Tried: SIGKILL the server while u1 talks, start a new one. Expect: the new server
     adopts the call from the retained state, u2 keeps hearing u1 in the same call."""
     server = await spawn_server(own_broker.url, prefix, fleet_file)
@@ -169,8 +198,9 @@ async def test_server_killed_mid_call_the_call_goes_on(own_broker: Mosquitto, fl
         await end(server)
 
 
-async def test_stale_state_is_not_adopted_after_a_restart(own_broker: Mosquitto,
-                                                          fleet_file: Path, prefix: str) -> None:
+async def test_stale_state_is_not_adopted_after_a_restart(
+    own_broker: Mosquitto, fleet_file: Path, prefix: str
+) -> None:
     """Tried: the talker leaves while the server is dead. Expect: the new server does not
     resurrect its call; the group is idle and others can talk."""
     server = await spawn_server(own_broker.url, prefix, fleet_file)
@@ -194,8 +224,9 @@ async def test_stale_state_is_not_adopted_after_a_restart(own_broker: Mosquitto,
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
-async def test_broker_restart_mid_call_the_call_goes_on(own_broker: Mosquitto, prefix: str,
-                                                        how: signal.Signals) -> None:
+async def test_broker_restart_mid_call_the_call_goes_on(
+    own_broker: Mosquitto, prefix: str, how: signal.Signals
+) -> None:
     """Tried: kill the broker (SIGKILL: no wills; SIGTERM: every will fires) while u1
     talks, restart it on the same port. Expect: server and handsets reconnect, the server
     republishes its state, u1 reclaims the floor and u2 hears u1 again."""
@@ -222,7 +253,8 @@ async def test_broker_restart_mid_call_the_call_goes_on(own_broker: Mosquitto, p
 
 
 async def test_a_silently_dead_handset_loses_the_floor_by_its_will(
-        handset: HandsetFactory, mosquitto: Mosquitto, broker: BrokerConfig, prefix: str) -> None:
+    handset: HandsetFactory, mosquitto: Mosquitto, broker: BrokerConfig, prefix: str
+) -> None:
     """Tried: freeze (SIGSTOP) a talking handset with keep-alive 2 s: its socket stays open
     but silent. Expect: the broker gives up on it, its will fires, the server releases the
     floor and grants the queued unit. (T1 is set long here so that only the will can.)
@@ -250,7 +282,8 @@ async def test_a_silently_dead_handset_loses_the_floor_by_its_will(
 
 @pytest.mark.parametrize("mqtt_client", ["gmqtt"])
 async def test_a_slow_consumer_does_not_slow_anyone_else(
-        server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str) -> None:
+    server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str
+) -> None:
     """Tried: a listener stops reading (SIGSTOP) during a call. Expect: the other listener
     keeps receiving every packet in order, and the server keeps relaying."""
     slow = await spawn_handset(mosquitto.url, prefix, "u3")
@@ -277,8 +310,8 @@ async def test_a_slow_consumer_does_not_slow_anyone_else(
 
 
 async def test_duplicate_client_id_does_not_break_the_service(
-        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
-        mqtt_client: str) -> None:
+    server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
     """Tried: a second connection under u1's client id. Expect: the broker drops the older
     one; no floor stays stuck, and other units are served throughout."""
     first = await handset("u1", "tg-1")
@@ -298,8 +331,8 @@ async def test_duplicate_client_id_does_not_break_the_service(
 
 
 async def test_a_floor_request_flood_leaves_other_groups_served(
-        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
-        mqtt_client: str) -> None:
+    server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
     """Tried: one unit sends 3000 floor requests as fast as it can. Expect: it is rate
     limited (told at most about once a second), and a unit in another group gets every
     one of its grants meanwhile."""
@@ -325,12 +358,21 @@ async def test_a_floor_request_flood_leaves_other_groups_served(
 @pytest.fixture
 async def secure(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[SecureProfile, Server]]:
     fleet = parse_fleet({**FLEET, "unit": [*FLEET["unit"], {"id": "u1"}, {"id": "u2"}]})
-    profile = generate(fleet, tmp_path / "broker", port=free_port(), tls_port=free_port(),
-                       server_id="esn-sec", prefix=prefix)
+    profile = generate(
+        fleet,
+        tmp_path / "broker",
+        port=free_port(),
+        tls_port=free_port(),
+        server_id="esn-sec",
+        prefix=prefix,
+    )
     broker = Mosquitto(profile.port, profile.conf, complete=True).start()
-    cfg = BrokerConfig.from_url(f"mqtts://127.0.0.1:{profile.tls_port}", username="esn-sec",
-                                password=profile.password("esn-sec"),
-                                ca_file=str(profile.ca_file))
+    cfg = BrokerConfig.from_url(
+        f"mqtts://127.0.0.1:{profile.tls_port}",
+        username="esn-sec",
+        password=profile.password("esn-sec"),
+        ca_file=str(profile.ca_file),
+    )
     srv = Server(Config(broker=cfg, prefix=prefix, server_id="esn-sec"), fleet)
     await srv.start()
     try:
@@ -341,22 +383,29 @@ async def secure(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[SecureProfi
 
 
 def unit_broker(profile: SecureProfile, unit: str, password: str | None = None) -> BrokerConfig:
-    return BrokerConfig.from_url(f"mqtt://127.0.0.1:{profile.port}", username=unit,
-                                 password=password or profile.password(unit))
+    return BrokerConfig.from_url(
+        f"mqtt://127.0.0.1:{profile.port}",
+        username=unit,
+        password=password or profile.password(unit),
+    )
 
 
 async def test_secure_profile_refuses_a_wrong_password(
-        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    secure: tuple[SecureProfile, Server], prefix: str
+) -> None:
     """Tried: connect as u1 with a wrong password, and with no credentials. Expect: refused."""
     profile, _ = secure
-    for cfg in (unit_broker(profile, "u1", "guess"), BrokerConfig.from_url(
-            f"mqtt://127.0.0.1:{profile.port}")):
+    for cfg in (
+        unit_broker(profile, "u1", "guess"),
+        BrokerConfig.from_url(f"mqtt://127.0.0.1:{profile.port}"),
+    ):
         with pytest.raises(TransportError, match="refused"):
             await Handset("u1", cfg, prefix=prefix).transport.start()
 
 
 async def test_secure_profile_stops_a_unit_speaking_as_another(
-        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    secure: tuple[SecureProfile, Server], prefix: str
+) -> None:
     """Tried: u2 publishes a floor request and a location on u1's topics. Expect: the
     broker drops both; the server never sees them; u1's own request still works."""
     profile, srv = secure
@@ -381,7 +430,8 @@ async def test_secure_profile_stops_a_unit_speaking_as_another(
 
 
 async def test_secure_profile_keeps_a_closed_group_to_its_members(
-        secure: tuple[SecureProfile, Server], prefix: str) -> None:
+    secure: tuple[SecureProfile, Server], prefix: str
+) -> None:
     """Tried: u2, not a member, subscribes to tg-closed while member u1 talks there.
     Expect: u1's fellow member (the dispatcher) hears it; u2 receives nothing."""
     profile, _ = secure

@@ -33,7 +33,11 @@ priority = 250
     g1, g2 = fleet.groups["tg-1"], fleet.groups["tg-2"]
     assert (g1.name, g1.policy.max_talk_ms, g1.policy.hang_ms) == ("North", 20000, 500)
     assert (g2.policy.hang_ms, g2.broadcast, g2.admits("a"), g2.admits("b")) == (
-        4000, True, True, False)
+        4000,
+        True,
+        True,
+        False,
+    )
     assert fleet.profile("disp").is_dispatcher  # type: ignore[union-attr]
     assert fleet.profile("stranger").priority == 90  # type: ignore[union-attr]
 
@@ -43,17 +47,20 @@ def test_closed_registration_knows_only_listed_units() -> None:
     assert fleet.profile("a") is not None and fleet.profile("b") is None
 
 
-@pytest.mark.parametrize(("doc", "message"), [
-    ({"defaults": {"max_talk_ms": "long"}}, "defaults.max_talk_ms: must be int"),
-    ({"defaults": {"queue_depth": 0}}, "defaults.queue_depth: must be at least 1"),
-    ({"defaults": {"colour": 1}}, "defaults: unknown key 'colour'"),
-    ({"talkgroup": [{"id": "bad id"}]}, "talkgroup[0].id: must be an id"),
-    ({"talkgroup": [{"id": "a"}, {"id": "a"}]}, "talkgroup[1].id: 'a' is defined twice"),
-    ({"talkgroup": [{"id": "a", "members": ["x y"]}]}, "members must be unit ids"),
-    ({"unit": [{"id": "u", "role": "king"}]}, "role must be 'handset' or 'dispatcher'"),
-    ({"unit": [{"id": "u", "priority": 300}]}, "unit[0].priority: must be within 0..255"),
-    ({"units": []}, "unknown top-level key 'units'"),
-])
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"defaults": {"max_talk_ms": "long"}}, "defaults.max_talk_ms: must be int"),
+        ({"defaults": {"queue_depth": 0}}, "defaults.queue_depth: must be at least 1"),
+        ({"defaults": {"colour": 1}}, "defaults: unknown key 'colour'"),
+        ({"talkgroup": [{"id": "bad id"}]}, "talkgroup[0].id: must be an id"),
+        ({"talkgroup": [{"id": "a"}, {"id": "a"}]}, "talkgroup[1].id: 'a' is defined twice"),
+        ({"talkgroup": [{"id": "a", "members": ["x y"]}]}, "members must be unit ids"),
+        ({"unit": [{"id": "u", "role": "king"}]}, "role must be 'handset' or 'dispatcher'"),
+        ({"unit": [{"id": "u", "priority": 300}]}, "unit[0].priority: must be within 0..255"),
+        ({"units": []}, "unknown top-level key 'units'"),
+    ],
+)
 def test_bad_files_are_refused_with_the_key_named(doc: dict[str, object], message: str) -> None:
     with pytest.raises(FleetError) as err:
         parse_fleet(doc)

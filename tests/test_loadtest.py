@@ -21,19 +21,21 @@ def test_shipped_scenarios_are_valid() -> None:
         assert s.fleet.handsets > 0 and s.run.duration_s > 0
 
 
-@pytest.mark.parametrize(("doc", "message"), [
-    ({"run": {"duration_s": 0}}, "[run] duration_s must be above 0"),
-    ({"run": {"durration_s": 5}}, "[run] unknown key 'durration_s'"),
-    ({"run": {"mqtt_client": "mosquitto"}}, "[run] mqtt_client must be gmqtt or paho"),
-    ({"fleet": {"handsets": "many"}}, "[fleet] handsets must be int, got 'many'"),
-    ({"fleet": {"handsets": 10, "talkgroups": 6}}, "at least two per talkgroup"),
-    ({"traffic": {"activity": 1.5}}, "[traffic] activity must be between 0 and 1"),
-    ({"traffic": {"mean_talk_s": 10, "mean_session_s": 5}}, "mean_session_s must be at least"),
-    ({"thresholds": {"floor_access_p95_ms": -1}}, "must not be negative"),
-    ({"servers": {}}, "unknown section [servers]"),
-])
-def test_bad_scenarios_are_refused_with_the_key_named(doc: dict[str, object],
-                                                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"run": {"duration_s": 0}}, "[run] duration_s must be above 0"),
+        ({"run": {"durration_s": 5}}, "[run] unknown key 'durration_s'"),
+        ({"run": {"mqtt_client": "mosquitto"}}, "[run] mqtt_client must be gmqtt or paho"),
+        ({"fleet": {"handsets": "many"}}, "[fleet] handsets must be int, got 'many'"),
+        ({"fleet": {"handsets": 10, "talkgroups": 6}}, "at least two per talkgroup"),
+        ({"traffic": {"activity": 1.5}}, "[traffic] activity must be between 0 and 1"),
+        ({"traffic": {"mean_talk_s": 10, "mean_session_s": 5}}, "mean_session_s must be at least"),
+        ({"thresholds": {"floor_access_p95_ms": -1}}, "must not be negative"),
+        ({"servers": {}}, "unknown section [servers]"),
+    ],
+)
+def test_bad_scenarios_are_refused_with_the_key_named(doc: dict[str, object], message: str) -> None:
     with pytest.raises(ScenarioError) as err:
         parse_scenario(doc)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -92,13 +94,23 @@ late_joiners = 2
     out = tmp_path / "out"
     rc = await run_loadtest(load_scenario(scenario), out)
     result = json.loads((out / "result.json").read_text())
-    for kpi in ("floor_access", "floor_access_sent", "mouth_to_ear", "late_entry", "connect",
-                "loop_lag"):
+    for kpi in (
+        "floor_access",
+        "floor_access_sent",
+        "mouth_to_ear",
+        "late_entry",
+        "connect",
+        "loop_lag",
+    ):
         assert result["kpis"][kpi]["n"] > 0, kpi
         assert result["kpis"][kpi]["p95"] >= result["kpis"][kpi]["p50"]
     assert result["counts"]["connected"] == 42 and "connect_failures" not in result["counts"]
-    assert set(result["thresholds"]) == {"floor_access_p95_ms", "mouth_to_ear_p95_ms",
-                                         "late_entry_p95_ms", "connect_failures"}
+    assert set(result["thresholds"]) == {
+        "floor_access_p95_ms",
+        "mouth_to_ear_p95_ms",
+        "late_entry_p95_ms",
+        "connect_failures",
+    }
     assert result["server_metrics"]["esn_floor_outcomes_total{outcome=granted}"] > 0
     assert rc == (0 if result["passed"] else 1)
     html = (out / "report.html").read_text()
@@ -106,8 +118,10 @@ late_joiners = 2
 
 
 def test_overrides_change_one_run_and_are_checked() -> None:
-    s = load_scenario(SCENARIOS / "city.toml", ["fleet.handsets=2000", "traffic.activity=0.05",
-                                                "run.name=city-2k"])
+    s = load_scenario(
+        SCENARIOS / "city.toml",
+        ["fleet.handsets=2000", "traffic.activity=0.05", "run.name=city-2k"],
+    )
     assert (s.fleet.handsets, s.traffic.activity, s.run.name) == (2000, 0.05, "city-2k")
     with pytest.raises(ScenarioError, match=r"must look like section\.key=value"):
         load_scenario(SCENARIOS / "city.toml", ["handsets=5"])
@@ -115,8 +129,9 @@ def test_overrides_change_one_run_and_are_checked() -> None:
         load_scenario(SCENARIOS / "city.toml", ["fleet.handsets=lots"])
 
 
-def test_shipped_scenarios_are_found_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                             ) -> None:
+def test_shipped_scenarios_are_found_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # from any folder, as an installed package is used
     assert load_scenario("city").run.name == "city"
     assert load_scenario("ci-small.toml").run.name == "ci-small"

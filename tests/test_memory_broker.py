@@ -12,19 +12,22 @@ from esn.transport.memory import MemoryBroker, topic_matches
 from tests.conftest import eventually
 
 
-@pytest.mark.parametrize(("pattern", "topic", "matches"), [
-    ("a/b", "a/b", True),
-    ("a/+", "a/b", True),
-    ("a/+", "a/b/c", False),
-    ("a/#", "a", True),  # '#' also matches the parent level (MQTT 3.1.1, 4.7.1.2)
-    ("a/#", "a/b/c", True),
-    ("+/+/state", "esn/tg/state", True),
-    ("+", "/", False),
-    ("#", "$SYS/broker/clients/connected", False),  # no wildcard matches a $ topic first
-    ("$SYS/broker/#", "$SYS/broker/clients/connected", True),
-    ("esn/tg/+/up/+/+", "esn/tg/tg-1/up/u1/media", True),
-    ("esn/tg/+/up/+/+", "esn/tg/tg-1/up/u1", False),
-])
+@pytest.mark.parametrize(
+    ("pattern", "topic", "matches"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/#", "a", True),  # '#' also matches the parent level (MQTT 3.1.1, 4.7.1.2)
+        ("a/#", "a/b/c", True),
+        ("+/+/state", "esn/tg/state", True),
+        ("+", "/", False),
+        ("#", "$SYS/broker/clients/connected", False),  # no wildcard matches a $ topic first
+        ("$SYS/broker/#", "$SYS/broker/clients/connected", True),
+        ("esn/tg/+/up/+/+", "esn/tg/tg-1/up/u1/media", True),
+        ("esn/tg/+/up/+/+", "esn/tg/tg-1/up/u1", False),
+    ],
+)
 def test_topic_filters(pattern: str, topic: str, matches: bool) -> None:
     assert topic_matches(pattern, topic) is matches
 
@@ -36,8 +39,9 @@ async def memory() -> AsyncIterator[MemoryBroker]:
     broker.close()
 
 
-async def client(broker: MemoryBroker, client_id: str, will: Will | None = None
-                 ) -> tuple[Transport, list[tuple[str, bytes]]]:
+async def client(
+    broker: MemoryBroker, client_id: str, will: Will | None = None
+) -> tuple[Transport, list[tuple[str, bytes]]]:
     t = make_transport("memory", broker.config, client_id=client_id, will=will)
     got: list[tuple[str, bytes]] = []
     t.on_message = lambda topic, payload: got.append((topic, payload))
@@ -46,7 +50,8 @@ async def client(broker: MemoryBroker, client_id: str, will: Will | None = None
 
 
 async def test_retained_messages_reach_late_subscribers_and_empty_payload_clears(
-        memory: MemoryBroker) -> None:
+    memory: MemoryBroker,
+) -> None:
     pub, _ = await client(memory, "pub")
     pub.publish("s/1", b"one", retain=True)
     pub.publish("s/2", b"two", retain=True)
@@ -83,12 +88,14 @@ async def test_one_session_per_client_id(memory: MemoryBroker) -> None:
     assert memory.sessions["u1"] is second
     memory.publish("x", b"1", retain=False)
     await eventually(lambda: got_second == [("x", b"1")])
+    assert got_first == []  # the session taken over hears nothing more
     await first.stop()
     await second.stop()
 
 
 async def test_a_stopped_broker_refuses_and_a_restarted_one_is_found_again(
-        memory: MemoryBroker) -> None:
+    memory: MemoryBroker,
+) -> None:
     t, got = await client(memory, "u1")
     await t.subscribe("x")
     memory.stop()
@@ -103,7 +110,8 @@ async def test_a_stopped_broker_refuses_and_a_restarted_one_is_found_again(
 
 
 async def test_deliveries_keep_their_order_and_never_run_inside_publish(
-        memory: MemoryBroker) -> None:
+    memory: MemoryBroker,
+) -> None:
     pub, _ = await client(memory, "pub")
     sub, got = await client(memory, "sub")
     await sub.subscribe("n")

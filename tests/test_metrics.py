@@ -8,13 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn.protocol import messages as m
-from esn.tools.broker import free_port
 from esn.core.fleet import parse_fleet
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
+from esn.tools.broker import free_port
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
-
 
 
 async def http_get(port: int, path: str) -> tuple[str, str]:
@@ -30,8 +29,16 @@ async def http_get(port: int, path: str) -> tuple[str, str]:
 @pytest.fixture
 async def server(broker: BrokerConfig, prefix: str, mqtt_client: str) -> AsyncIterator[Server]:
     """The server with its metrics endpoint on."""
-    srv = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
-                        metrics_port=free_port(), mqtt_client=mqtt_client), parse_fleet(FLEET))
+    srv = Server(
+        Config(
+            broker=broker,
+            prefix=prefix,
+            server_id=f"srv-{prefix}",
+            metrics_port=free_port(),
+            mqtt_client=mqtt_client,
+        ),
+        parse_fleet(FLEET),
+    )
     await srv.start()
     yield srv
     await srv.stop()
@@ -48,13 +55,24 @@ async def test_every_protocol_metric_is_served(server: Server, handset: HandsetF
     assert server.config.metrics_port is not None
     status, body = await http_get(server.config.metrics_port, "/metrics")
     assert status == "HTTP/1.1 200 OK"
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(body) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body)
+        for s in f.samples
+    }
     names = {name for name, _ in samples}
-    for name in ("esn_floor_access_seconds_bucket", "esn_media_relay_seconds_bucket",
-                 "esn_floor_outcomes_total", "esn_messages_total", "esn_rejected_total",
-                 "esn_media_dropped_total", "esn_units_online", "esn_calls_active",
-                 "esn_groups_in_emergency", "esn_floor_queue_length"):
+    for name in (
+        "esn_floor_access_seconds_bucket",
+        "esn_media_relay_seconds_bucket",
+        "esn_floor_outcomes_total",
+        "esn_messages_total",
+        "esn_rejected_total",
+        "esn_media_dropped_total",
+        "esn_units_online",
+        "esn_calls_active",
+        "esn_groups_in_emergency",
+        "esn_floor_queue_length",
+    ):
         assert name in names, name
     assert samples[("esn_floor_access_seconds_count", (("kind", "emergency"),))] == 1
     assert samples[("esn_floor_outcomes_total", (("outcome", "queued"),))] == 1
@@ -66,8 +84,11 @@ async def test_every_protocol_metric_is_served(server: Server, handset: HandsetF
     assert samples[("esn_calls_active", ())] == 1
     assert samples[("esn_groups_in_emergency", ())] == 1
     assert samples[("esn_floor_queue_length", ())] == 1
-    buckets = {dict(labels)["le"] for (name, labels) in samples
-               if name == "esn_floor_access_seconds_bucket"}
+    buckets = {
+        dict(labels)["le"]
+        for (name, labels) in samples
+        if name == "esn_floor_access_seconds_bucket"
+    }
     assert {"0.001", "0.005", "0.01", "0.05", "0.1", "0.3", "1.0"} <= buckets
     status, _ = await http_get(server.config.metrics_port, "/other")
     assert status == "HTTP/1.1 404 Not Found"

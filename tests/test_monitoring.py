@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn.protocol import messages as m
-from esn.tools.broker import free_port
-from esn.core.fleet import parse_fleet
 from esn.client.metrics import HandsetMetrics
+from esn.core.fleet import parse_fleet
 from esn.exporter import serve_metrics
-from esn.tools.monitoring import Prometheus
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
+from esn.tools.broker import free_port
+from esn.tools.monitoring import Prometheus
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
 
@@ -61,7 +61,8 @@ def test_dashboards_are_what_the_code_builds() -> None:
     assert sorted(built) == [p.name for p in BOARDS]
     for path in BOARDS:
         assert dashboards.render(built[path.name]) == path.read_text(), (
-            f"{path.name} is stale: run python grafana/dashboards.py")
+            f"{path.name} is stale: run python grafana/dashboards.py"
+        )
 
 
 def test_dashboards_round_trip_through_the_grafana_schema() -> None:
@@ -72,25 +73,33 @@ def test_dashboards_round_trip_through_the_grafana_schema() -> None:
         doc = json.loads(path.read_text())
         again = json.loads(JSONEncoder(sort_keys=True).encode(Dashboard.from_json(doc)))
         assert again == doc, path.name
-        assert all(t["datasource"]["uid"] == "esn-prometheus"
-                   for p in doc["panels"] for t in p.get("targets") or [])
+        assert all(
+            t["datasource"]["uid"] == "esn-prometheus"
+            for p in doc["panels"]
+            for t in p.get("targets") or []
+        )
 
 
 def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
-    for args in (["check", "config", str(CONFIG_DIR / "prometheus.yml")],
-                 ["test", "rules", str(CONFIG_DIR / "tests" / "esn.rules.test.yml")]):
+    for args in (
+        ["check", "config", str(CONFIG_DIR / "prometheus.yml")],
+        ["test", "rules", str(CONFIG_DIR / "tests" / "esn.rules.test.yml")],
+    ):
         done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "SUCCESS" in done.stdout + done.stderr
 
 
 @pytest.fixture
-async def live(broker: BrokerConfig, prefix: str,
-               handset: HandsetFactory) -> AsyncIterator[tuple[Prometheus, list[str]]]:
+async def live(
+    broker: BrokerConfig, prefix: str, handset: HandsetFactory
+) -> AsyncIterator[tuple[Prometheus, list[str]]]:
     """A server and handsets under a small load, scraped every second by Prometheus."""
     port = free_port()
-    server = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
-                           metrics_port=port), parse_fleet(FLEET))
+    server = Server(
+        Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}", metrics_port=port),
+        parse_fleet(FLEET),
+    )
     await server.start()
     hm = HandsetMetrics()
     hport = free_port()
@@ -111,9 +120,12 @@ async def live(broker: BrokerConfig, prefix: str,
             b.release("tg-1")
 
     load = asyncio.create_task(traffic())
-    prometheus = await asyncio.to_thread(Prometheus(
-        {"server": [f"127.0.0.1:{port}"], "handsets": [f"127.0.0.1:{hport}"]},
-        scrape_interval="1s").start)
+    prometheus = await asyncio.to_thread(
+        Prometheus(
+            {"server": [f"127.0.0.1:{port}"], "handsets": [f"127.0.0.1:{hport}"]},
+            scrape_interval="1s",
+        ).start
+    )
     try:
         yield prometheus, [f"http://127.0.0.1:{p}/metrics" for p in (port, hport)]
     finally:
@@ -127,7 +139,8 @@ async def live(broker: BrokerConfig, prefix: str,
 
 @pytest.mark.parametrize("mqtt_client", ["gmqtt"])
 async def test_every_panel_query_returns_data_from_a_live_server(
-        live: tuple[Prometheus, list[str]]) -> None:
+    live: tuple[Prometheus, list[str]],
+) -> None:
     prometheus, _ = live
     pending = panel_queries()
     assert len(pending) >= 20
@@ -145,22 +158,31 @@ async def test_every_panel_query_returns_data_from_a_live_server(
 
 @pytest.mark.parametrize("mqtt_client", ["gmqtt"])
 async def test_every_metric_named_by_dashboards_and_rules_is_exported(
-        live: tuple[Prometheus, list[str]]) -> None:
+    live: tuple[Prometheus, list[str]],
+) -> None:
     import urllib.request
 
     _, endpoints = live
 
+    def fetch(url: str) -> str:
+        with urllib.request.urlopen(url) as r:
+            return str(r.read().decode())
+
     async def exported() -> set[str]:
         names: set[str] = set()
         for url in endpoints:
-            text = await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u).read().decode())
+            text = await asyncio.to_thread(fetch, url)
             names |= {f.name for f in text_string_to_metric_families(text)}
             names |= {s.name for f in text_string_to_metric_families(text) for s in f.samples}
         return names
 
     wanted = named_metrics()
-    assert {"esn_floor_access_seconds", "esn_mouth_to_ear_seconds", "esn_group_emergency",
-            "esn_broker_clients_connected"} <= wanted
+    assert {
+        "esn_floor_access_seconds",
+        "esn_mouth_to_ear_seconds",
+        "esn_group_emergency",
+        "esn_broker_clients_connected",
+    } <= wanted
     # the broker's figures come with Mosquitto's next $SYS publication (every 5 s); an HTTP
     # endpoint offers no event to await, so it is read again until they are there
     loop = asyncio.get_running_loop()
@@ -168,4 +190,3 @@ async def test_every_metric_named_by_dashboards_and_rules_is_exported(
     while not wanted <= (found := await exported()) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.5)
     assert wanted <= found, f"named but not exported: {sorted(wanted - found)}"
-

@@ -12,7 +12,10 @@ from esn.tools.quantiles import histogram_quantile, percentile
 def test_percentile_is_the_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 0.5), percentile(values, 0.95), percentile(values, 1.0)) == (
-        50.0, 95.0, 100.0)
+        50.0,
+        95.0,
+        100.0,
+    )
     assert math.isnan(percentile([], 0.5))
 
 

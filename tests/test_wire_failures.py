@@ -12,11 +12,11 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from esn.protocol import messages as m
-from esn.tools.broker import Mosquitto
-from esn.core.fleet import parse_fleet
 from esn.client.handset import Handset
+from esn.core.fleet import parse_fleet
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
+from esn.tools.broker import Mosquitto
 from esn.transport import BrokerConfig, make_transport
 from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
 
@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.fault]
 def mqtt_client(request: pytest.FixtureRequest) -> str:
     """Real processes and real brokers are killed here: the MQTT stacks only."""
     return str(request.param)
+
 
 DYING_HANDSET = textwrap.dedent("""
     import asyncio, sys
@@ -45,11 +46,17 @@ DYING_HANDSET = textwrap.dedent("""
 
 
 async def test_the_will_releases_the_floor_when_a_handset_dies(
-        server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str,
-        mqtt_client: str) -> None:
+    server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str, mqtt_client: str
+) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", DYING_HANDSET, mosquitto.url, prefix, mqtt_client,
-        stdout=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        DYING_HANDSET,
+        mosquitto.url,
+        prefix,
+        mqtt_client,
+        stdout=asyncio.subprocess.PIPE,
+    )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)  # type: ignore[union-attr]
         assert line.strip() == b"granted"
@@ -66,16 +73,22 @@ async def test_the_will_releases_the_floor_when_a_handset_dies(
 
 
 async def test_handsets_reaffiliate_when_the_server_restarts(
-        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
-        mqtt_client: str) -> None:
+    server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
     a = await handset("u1", "tg-1")
     await server.stop()
-    replacement = Server(Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}",
-                                mqtt_client=mqtt_client), parse_fleet(FLEET))
+    replacement = Server(
+        Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}", mqtt_client=mqtt_client),
+        parse_fleet(FLEET),
+    )
     await replacement.start()
     try:
-        await eventually(lambda: "u1" in replacement.network.affiliations
-                         and "tg-1" in replacement.network.affiliations["u1"])
+        await eventually(
+            lambda: (
+                "u1" in replacement.network.affiliations
+                and "tg-1" in replacement.network.affiliations["u1"]
+            )
+        )
         assert isinstance(await a.press("tg-1"), m.Granted)
     finally:
         await replacement.stop()
@@ -84,8 +97,7 @@ async def test_handsets_reaffiliate_when_the_server_restarts(
 async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_client: str) -> None:
     with Mosquitto() as own:
         cfg = BrokerConfig.from_url(own.url)
-        srv = Server(Config(broker=cfg, prefix=prefix, mqtt_client=mqtt_client),
-                     parse_fleet(FLEET))
+        srv = Server(Config(broker=cfg, prefix=prefix, mqtt_client=mqtt_client), parse_fleet(FLEET))
         await srv.start()
         a = Handset("u1", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
         b = Handset("u2", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
@@ -96,8 +108,10 @@ async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_clie
             own.stop()
             await eventually(lambda: not (a.transport.connected or srv.transport.connected))
             own.start()
-            await eventually(lambda: a.transport.connected and b.transport.connected
-                             and srv.transport.connected, timeout=20)
+            await eventually(
+                lambda: a.transport.connected and b.transport.connected and srv.transport.connected,
+                timeout=20,
+            )
             # re-affiliated by the handsets themselves on reconnect
             await eventually(lambda: {"u1", "u2"} <= set(srv.network.affiliations))
             media = b.expect(lambda i: isinstance(i.msg, m.Media), timeout=5)
@@ -134,15 +148,17 @@ async def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:
     fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
     from esn.tools.broker import free_port
 
-    rc, err = await run(esn_server("--broker", f"mqtt://127.0.0.1:{free_port()}",
-                                   "--fleet", str(fleet)))
+    rc, err = await run(
+        esn_server("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", str(fleet))
+    )
     assert rc == 1 and "cannot reach broker" in err and err.strip().count("\n") == 0
     rc, err = await run(esn_server("--broker", "http://x", "--fleet", str(fleet)))
     assert rc == 2 and "mqtt://" in err
 
 
 async def test_sigterm_publishes_offline_status_and_exits_zero(
-        tmp_path: Path, mosquitto: Mosquitto, prefix: str) -> None:
+    tmp_path: Path, mosquitto: Mosquitto, prefix: str
+) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
     watcher = make_transport("gmqtt", BrokerConfig.from_url(mosquitto.url), client_id="watch")
@@ -151,7 +167,8 @@ async def test_sigterm_publishes_offline_status_and_exits_zero(
     await watcher.start()
     await watcher.subscribe(f"{prefix}/server/+/status")
     proc = await asyncio.create_subprocess_exec(
-        *esn_server("--broker", mosquitto.url, "--fleet", str(fleet), "--prefix", prefix))
+        *esn_server("--broker", mosquitto.url, "--fleet", str(fleet), "--prefix", prefix)
+    )
     try:
         assert await asyncio.wait_for(states.get(), 20) == "online"
         proc.send_signal(signal.SIGTERM)

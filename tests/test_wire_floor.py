@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
-from esn.protocol import messages as m
 from esn.client.handset import HAS_PERMISSION, NO_PERMISSION, QUEUED, Inbound
+from esn.protocol import messages as m
 from esn.server.shell import Server
 from tests.conftest import HandsetFactory, eventually
 
@@ -17,7 +15,8 @@ def on_floor(msg_type: type[m.Message], tg: str) -> Callable[[Inbound], bool]:
 
 
 async def test_grant_is_announced_to_the_group_and_media_reaches_listeners(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     talker = await handset("u1", "tg-1")
     listener = await handset("u2", "tg-1")
     taken = listener.expect(on_floor(m.Taken, "tg-1"))
@@ -37,8 +36,9 @@ async def test_grant_is_announced_to_the_group_and_media_reaches_listeners(
     assert listener.stats.mouth_to_ear_s and max(listener.stats.mouth_to_ear_s) < 5
 
 
-async def test_queue_positions_and_grant_on_release(server: Server,
-                                                    handset: HandsetFactory) -> None:
+async def test_queue_positions_and_grant_on_release(
+    server: Server, handset: HandsetFactory
+) -> None:
     a = await handset("u1", "tg-1")
     b = await handset("u2", "tg-1")
     c = await handset("boss", "tg-1")  # priority 220
@@ -78,14 +78,16 @@ async def test_queue_status_and_leaving_the_queue(server: Server, handset: Hands
 
 
 async def test_emergency_preempts_and_puts_the_group_in_emergency(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     a = await handset("u1", "tg-1")
     b = await handset("u2", "tg-1")
     watcher = await handset("u3", "tg-1")
     await a.press("tg-1")
     revoked = a.expect(on_floor(m.Revoke, "tg-1"))
     emergency_state = watcher.expect(
-        lambda i: isinstance(i.msg, m.State) and i.msg.emergency and i.msg.talker == "u2")
+        lambda i: isinstance(i.msg, m.State) and i.msg.emergency and i.msg.talker == "u2"
+    )
     granted = await b.press("tg-1", kind="emergency")
     assert isinstance(granted, m.Granted) and granted.kind == "emergency"
     assert (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
@@ -99,7 +101,8 @@ async def test_emergency_preempts_and_puts_the_group_in_emergency(
 
 
 async def test_max_talk_time_revokes_then_takes_the_floor_back(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     a = await handset("u1", "tg-2")  # max_talk_ms 400
     b = await handset("u2", "tg-2")
     revoked = a.expect(on_floor(m.Revoke, "tg-2"), timeout=3)
@@ -137,18 +140,19 @@ async def test_deny_causes_over_the_wire(server: Server, handset: HandsetFactory
     assert isinstance(await disp.press("tg-bc"), m.Granted)
 
 
-async def test_media_from_a_non_holder_is_dropped(server: Server,
-                                                  handset: HandsetFactory) -> None:
+async def test_media_from_a_non_holder_is_dropped(server: Server, handset: HandsetFactory) -> None:
     holder = await handset("u1", "tg-1", media_interval=0)
     intruder = await handset("u2", "tg-1")
     listener = await handset("u3", "tg-1")
     await holder.press("tg-1")
     heard = listener.expect(lambda i: isinstance(i.msg, m.Media))
-    intruder.transport.publish(intruder.topics.media_up("tg-1", "u2"),
-                               encode(m.Media(call="x", seq=1, data=b"\0" * 99)))
+    intruder.transport.publish(
+        intruder.topics.media_up("tg-1", "u2"), encode(m.Media(call="x", seq=1, data=b"\0" * 99))
+    )
     await eventually(lambda: server.metrics.media_dropped.get("not_holder") == 1)
-    holder.transport.publish(holder.topics.media_up("tg-1", "u1"),
-                             encode(m.Media(call="x", seq=7, data=b"\1" * 99)))
+    holder.transport.publish(
+        holder.topics.media_up("tg-1", "u1"), encode(m.Media(call="x", seq=7, data=b"\1" * 99))
+    )
     got = (await heard).msg
     assert isinstance(got, m.Media) and (got.talker, got.seq) == ("u1", 7)
 
@@ -159,8 +163,9 @@ def encode(msg: m.Message) -> bytes:
     return enc(msg)
 
 
-async def test_floor_access_is_measured_by_the_server(server: Server,
-                                                      handset: HandsetFactory) -> None:
+async def test_floor_access_is_measured_by_the_server(
+    server: Server, handset: HandsetFactory
+) -> None:
     a = await handset("u1", "tg-1")
     await a.press("tg-1")
     reg = server.metrics.registry

@@ -27,7 +27,8 @@ class RawClient:
         self.unit = unit
         self.down: asyncio.Queue[dict[str, object]] = asyncio.Queue()
         transport.on_message = lambda topic, payload: self.down.put_nowait(
-            {"topic": topic, **msgpack.unpackb(payload)})
+            {"topic": topic, **msgpack.unpackb(payload)}
+        )
 
     def send(self, topic: str, payload: bytes | dict[str, object]) -> None:
         raw = payload if isinstance(payload, bytes) else msgpack.packb(payload)
@@ -51,7 +52,8 @@ async def raw(broker: BrokerConfig, prefix: str, mqtt_client: str) -> AsyncItera
 
 
 async def test_third_party_client_gets_floor_with_plain_msgpack(
-        server: Server, raw: RawClient, handset: HandsetFactory) -> None:
+    server: Server, raw: RawClient, handset: HandsetFactory
+) -> None:
     raw.send("unit/ext-1/up", {"t": "affiliate", "groups": ["tg-1"], "ref": 1})
     assert (await raw.next(t="affiliation"))["groups"] == ["tg-1"]
     raw.send("tg/tg-1/up/ext-1/floor", {"t": "request", "ref": 2})
@@ -82,13 +84,24 @@ async def test_third_party_client_gets_floor_with_plain_msgpack(
         (msgpack.packb({"t": "sds", "to": "everyone", "text": "x"}), "invalid_field"),
         (msgpack.packb({"t": "affiliate", "groups": [], "pad": b"\0" * 70000}), "too_large"),
         (msgpack.packb({"t": "force_release", "tg": "tg-1"}), "forbidden"),
-        (msgpack.packb({"t": "granted", "tg": "tg-1", "call": "c", "prio": 1, "kind": "normal",
-                        "max_ms": 1}), "unknown_type"),
+        (
+            msgpack.packb(
+                {
+                    "t": "granted",
+                    "tg": "tg-1",
+                    "call": "c",
+                    "prio": 1,
+                    "kind": "normal",
+                    "max_ms": 1,
+                }
+            ),
+            "unknown_type",
+        ),
     ],
 )
 async def test_bad_unit_input_gets_an_error_and_others_are_still_served(
-        server: Server, raw: RawClient, handset: HandsetFactory, payload: bytes,
-        cause: str) -> None:
+    server: Server, raw: RawClient, handset: HandsetFactory, payload: bytes, cause: str
+) -> None:
     raw.send("unit/ext-1/up", payload)
     error = await raw.next(t="error")
     assert error["cause"] == cause and error["detail"]
@@ -103,8 +116,9 @@ async def test_error_echoes_the_ref(server: Server, raw: RawClient) -> None:
     assert "lon" in str(error["detail"])
 
 
-async def test_bad_floor_and_media_input(server: Server, raw: RawClient,
-                                         handset: HandsetFactory) -> None:
+async def test_bad_floor_and_media_input(
+    server: Server, raw: RawClient, handset: HandsetFactory
+) -> None:
     raw.send("unit/ext-1/up", {"t": "affiliate", "groups": ["tg-1"]})
     await raw.next(t="affiliation")
     raw.send("tg/tg-1/up/ext-1/floor", {"t": "request", "kind": "urgent", "ref": 5})
@@ -116,39 +130,55 @@ async def test_bad_floor_and_media_input(server: Server, raw: RawClient,
     # media garbage is dropped silently and counted: no reply to a voice stream
     raw.send("tg/tg-1/up/ext-1/media", b"\xff" * 10)
     raw.send("tg/tg-1/up/ext-1/media", {"t": "media", "call": "c", "seq": -1, "data": b""})
-    await eventually(lambda: server.metrics.media_dropped.get("malformed") == 1
-                     and server.metrics.media_dropped.get("invalid_field") == 1)
+    await eventually(
+        lambda: (
+            server.metrics.media_dropped.get("malformed") == 1
+            and server.metrics.media_dropped.get("invalid_field") == 1
+        )
+    )
     good = await handset("u1", "tg-1")
     assert isinstance(await good.press("tg-1"), m.Granted)
 
 
-async def test_spoofed_identity_is_ignored(server: Server, raw: RawClient,
-                                           handset: HandsetFactory) -> None:
+async def test_spoofed_identity_is_ignored(
+    server: Server, raw: RawClient, handset: HandsetFactory
+) -> None:
     victim = await handset("u1", "tg-1", media_interval=0)
     await victim.press("tg-1")
     listener = await handset("u2", "tg-1")
     # the topic says ext-1, the content claims to be u1: not relayed
-    raw.send("tg/tg-1/up/ext-1/media",
-             {"t": "media", "call": "c", "seq": 1, "data": b"x", "talker": "u1"})
+    raw.send(
+        "tg/tg-1/up/ext-1/media",
+        {"t": "media", "call": "c", "seq": 1, "data": b"x", "talker": "u1"},
+    )
     await eventually(lambda: server.metrics.media_dropped.get("spoofed") == 1)
     raw.send("unit/ext-1/up", {"t": "location", "lat": 1.0, "lon": 2.0, "unit": "u1"})
     await eventually(lambda: server.network.rejected.get("spoofed") == 1)
     assert not listener.stats.mouth_to_ear_s
 
 
-async def test_garbage_presence_is_counted_not_fatal(server: Server, raw: RawClient,
-                                                     handset: HandsetFactory) -> None:
+async def test_garbage_presence_is_counted_not_fatal(
+    server: Server, raw: RawClient, handset: HandsetFactory
+) -> None:
     raw.transport.publish(f"{raw.prefix}/unit/ext-1/presence", b"\x00garbage", qos=1)
-    raw.transport.publish(f"{raw.prefix}/unit/ext-1/presence",
-                          msgpack.packb({"t": "presence", "state": "sleepy"}), qos=1)
-    await eventually(lambda: server.metrics.rejected.get("malformed") == 1
-                     and server.network.rejected.get("invalid_presence") == 1)
+    raw.transport.publish(
+        f"{raw.prefix}/unit/ext-1/presence",
+        msgpack.packb({"t": "presence", "state": "sleepy"}),
+        qos=1,
+    )
+    await eventually(
+        lambda: (
+            server.metrics.rejected.get("malformed") == 1
+            and server.network.rejected.get("invalid_presence") == 1
+        )
+    )
     good = await handset("u1", "tg-1")
     assert isinstance(await good.press("tg-1"), m.Granted)
 
 
-async def test_a_flood_of_garbage_does_not_stop_grants(server: Server, raw: RawClient,
-                                                     handset: HandsetFactory) -> None:
+async def test_a_flood_of_garbage_does_not_stop_grants(
+    server: Server, raw: RawClient, handset: HandsetFactory
+) -> None:
     for i in range(2000):
         raw.send("unit/ext-1/up", bytes([i % 256]) * (i % 50))
     good = await handset("u1", "tg-1")

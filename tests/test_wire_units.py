@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
-import pytest
 
 from esn.protocol import messages as m
 from esn.server.shell import Server
@@ -14,19 +13,22 @@ from tests.conftest import HandsetFactory
 
 
 async def test_affiliation_reply_lists_accepted_and_rejected(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     u = await handset("u2")
     reply = await u.affiliate("tg-1", "tg-closed", "tg-nope")
     assert reply.groups == ["tg-1"]
-    assert reply.rejected == [{"tg": "tg-closed", "cause": "not_member"},
-                              {"tg": "tg-nope", "cause": "unknown_group"}]
+    assert reply.rejected == [
+        {"tg": "tg-closed", "cause": "not_member"},
+        {"tg": "tg-nope", "cause": "unknown_group"},
+    ]
     reply2 = await u.ask(m.Deaffiliate(groups=["tg-1"], ref=u.next_ref()))
     assert isinstance(reply2, m.Affiliation) and reply2.groups == []
 
 
 async def test_location_is_republished_retained_for_consoles(
-        server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str,
-        mqtt_client: str) -> None:
+    server: Server, handset: HandsetFactory, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
     u = await handset("u1")
     u.send(m.Location(lat=51.5, lon=-0.12, acc=4.0, hdg=90.0, spd=3.5))
     # a console connecting afterwards still sees the last position (retained)
@@ -48,12 +50,18 @@ async def test_location_is_republished_retained_for_consoles(
         await console.stop()
     loc = got[0]
     assert (loc["t"], loc["unit"], loc["lat"], loc["lon"], loc["spd"]) == (
-        "location", "u1", 51.5, -0.12, 3.5)
+        "location",
+        "u1",
+        51.5,
+        -0.12,
+        3.5,
+    )
     assert isinstance(loc["ts"], int)
 
 
 async def test_emergency_alert_is_broadcast_and_acknowledged(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     unit = await handset("u1", "tg-1")
     member = await handset("u2", "tg-1")
     disp = await handset("disp", "tg-1")
@@ -62,8 +70,9 @@ async def test_emergency_alert_is_broadcast_and_acknowledged(
     assert isinstance(raised, m.EmergencyState) and raised.state == "raised"
     ev = (await alert).msg
     assert isinstance(ev, m.Emergency) and (ev.unit, ev.lat, ev.lon) == ("u1", 51.0, -1.0)
-    acked = unit.expect(lambda i: isinstance(i.msg, m.EmergencyState)
-                        and i.msg.state == "acknowledged")
+    acked = unit.expect(
+        lambda i: isinstance(i.msg, m.EmergencyState) and i.msg.state == "acknowledged"
+    )
     ok = await disp.ask(m.EmergencyAck(unit="u1", tg="tg-1", ref=disp.next_ref()))
     assert isinstance(ok, m.Ok)
     assert (await acked).msg.by == "disp"  # type: ignore[attr-defined]
@@ -86,13 +95,15 @@ async def test_sds_to_unit_and_group(server: Server, handset: HandsetFactory) ->
 
 
 async def test_regroup_creates_a_talkable_group_and_ungroup_dissolves_it(
-        server: Server, handset: HandsetFactory) -> None:
+    server: Server, handset: HandsetFactory
+) -> None:
     a = await handset("u1", "tg-1")
     b = await handset("u2", "tg-1")
     disp = await handset("disp")
     regrouped = b.expect(lambda i: isinstance(i.msg, m.Regrouped))
-    ok = await disp.ask(m.Regroup(tg="inc-42", units=["u1", "u2"], name="Incident 42",
-                                  ref=disp.next_ref()))
+    ok = await disp.ask(
+        m.Regroup(tg="inc-42", units=["u1", "u2"], name="Incident 42", ref=disp.next_ref())
+    )
     assert isinstance(ok, m.Ok)
     assert (await regrouped).msg == m.Regrouped(tg="inc-42", name="Incident 42")
     await b.expect(lambda i: isinstance(i.msg, m.State) and i.msg.tg == "inc-42")

@@ -83,11 +83,21 @@ class Inbound:
 
 
 class Handset:
-    def __init__(self, unit: str, broker: BrokerConfig, *, prefix: str = "esn",
-                 mqtt_client: str = "gmqtt", keepalive: int = 30,
-                 media_interval: float = 0.06, frames_per_packet: int = 3,
-                 home: tuple[float, float] = (51.5072, -0.1276), keep_inbox: bool = True,
-                 metrics: Observer | None = None, keep_stats: bool = True) -> None:
+    def __init__(
+        self,
+        unit: str,
+        broker: BrokerConfig,
+        *,
+        prefix: str = "esn",
+        mqtt_client: str = "gmqtt",
+        keepalive: int = 30,
+        media_interval: float = 0.06,
+        frames_per_packet: int = 3,
+        home: tuple[float, float] = (51.5072, -0.1276),
+        keep_inbox: bool = True,
+        metrics: Observer | None = None,
+        keep_stats: bool = True,
+    ) -> None:
         self.unit = unit
         self.topics = Topics(prefix)
         self.media_interval = media_interval
@@ -106,8 +116,12 @@ class Handset:
         self._background: set[asyncio.Future[None]] = set()
         offline = codec.encode(m.Presence(state="offline"))
         self.transport: Transport = make_transport(
-            mqtt_client, broker, client_id=unit, keepalive=keepalive,
-            will=Will(self.topics.presence(unit), offline))
+            mqtt_client,
+            broker,
+            client_id=unit,
+            keepalive=keepalive,
+            will=Will(self.topics.presence(unit), offline),
+        )
         self.transport.on_message = self._on_message
         self.transport.on_connect = self._on_connect
         self.transport.on_disconnect = lambda: self.on_link(False) if self.on_link else None
@@ -164,8 +178,7 @@ class Handset:
 
     async def ask(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
         """Send a unit-control message and wait for the reply carrying its `ref`."""
-        waiter = self.expect(lambda i: i.msg.ref == msg.ref and i.topic.endswith("/down"),
-                             timeout)
+        waiter = self.expect(lambda i: i.msg.ref == msg.ref and i.topic.endswith("/down"), timeout)
         self._send_up(msg)
         return (await waiter).msg
 
@@ -181,8 +194,9 @@ class Handset:
 
     # --- floor control (PTT) ----------------------------------------------------------
 
-    async def press(self, tg: str, kind: str = "normal", prio: int | None = None,
-                    timeout: float = 5.0) -> m.Message:
+    async def press(
+        self, tg: str, kind: str = "normal", prio: int | None = None, timeout: float = 5.0
+    ) -> m.Message:
         """PTT down: request the floor, re-sending unanswered requests with the same ref.
 
         Returns the server's first answer: `granted`, `queued` or `deny`.
@@ -191,8 +205,13 @@ class Handset:
         view.floor, view.pressed_at, view.kind = PENDING_REQUEST, time.perf_counter(), kind
         ref = next(self._refs)
         answer = self.expect(
-            lambda i: i.msg.ref == ref and isinstance(i.msg, m.Granted | m.Queued | m.Deny)
-            and getattr(i.msg, "tg", None) == tg, timeout)
+            lambda i: (
+                i.msg.ref == ref
+                and isinstance(i.msg, m.Granted | m.Queued | m.Deny)
+                and getattr(i.msg, "tg", None) == tg
+            ),
+            timeout,
+        )
         topic = self.topics.floor_up(tg, self.unit)
         for _ in range(REQUEST_TRIES):
             self._publish(topic, m.Request(kind=kind, prio=prio, ref=ref, ts=time.time_ns()))
@@ -214,8 +233,13 @@ class Handset:
         view = self.groups[tg]
         if isinstance(first, m.Queued):
             with contextlib.suppress(TimeoutError):
-                await self.expect(lambda i: isinstance(i.msg, m.Granted | m.Revoke | m.Deny)
-                                  and getattr(i.msg, "tg", None) == tg, seconds * 3)
+                await self.expect(
+                    lambda i: (
+                        isinstance(i.msg, m.Granted | m.Revoke | m.Deny)
+                        and getattr(i.msg, "tg", None) == tg
+                    ),
+                    seconds * 3,
+                )
         if view.floor != HAS_PERMISSION:
             if view.floor == QUEUED:
                 self.release(tg)
@@ -232,8 +256,9 @@ class Handset:
 
     # --- waiting on what arrives ------------------------------------------------------
 
-    def expect(self, predicate: Callable[[Inbound], bool],
-               timeout: float = 5.0) -> asyncio.Future[Inbound]:
+    def expect(
+        self, predicate: Callable[[Inbound], bool], timeout: float = 5.0
+    ) -> asyncio.Future[Inbound]:
         """A future for the next inbound message matching `predicate`, failing after `timeout`."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Inbound] = loop.create_future()
@@ -290,7 +315,8 @@ class Handset:
             return
         tg = getattr(msg, "tg", None)
         if (isinstance(msg, m.Regrouped) and tg not in self.groups) or (
-                isinstance(msg, m.Ungrouped) and tg in self.groups):
+            isinstance(msg, m.Ungrouped) and tg in self.groups
+        ):
             self._follow_regroup(msg)
             return
         view = self.groups.get(tg) if isinstance(tg, str) else None
@@ -312,7 +338,11 @@ class Handset:
                         self.metrics.access(waited, msg.kind)
             reclaimed = view.media_task is not None and view.call == msg.call
             view.floor, view.queue_pos, view.call, view.kind = (
-                HAS_PERMISSION, None, msg.call, msg.kind)
+                HAS_PERMISSION,
+                None,
+                msg.call,
+                msg.kind,
+            )
             if not reclaimed:  # a reclaimed call keeps its packet sequence going
                 self._start_media(msg.tg, view)
         elif isinstance(msg, m.Queued):
@@ -341,8 +371,10 @@ class Handset:
             if view.floor == HAS_PERMISSION:
                 # media goes on while the answer is awaited; a reclaim is no access sample
                 view.floor, view.pressed_at = PENDING_REQUEST, None
-                self._publish(self.topics.floor_up(tg, self.unit),
-                              m.Request(kind=view.kind, ref=next(self._refs), ts=time.time_ns()))
+                self._publish(
+                    self.topics.floor_up(tg, self.unit),
+                    m.Request(kind=view.kind, ref=next(self._refs), ts=time.time_ns()),
+                )
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
@@ -382,8 +414,19 @@ class Handset:
             if self.metrics is not None:
                 self.metrics.late_entry(late)
         if self._waiters:
-            self._deliver(Inbound(topic, m.Media(call=str(obj.get("call")), seq=int(
-                obj.get("seq", 0)), data=b"", tg=tg, talker=talker, ts=ts)))
+            self._deliver(
+                Inbound(
+                    topic,
+                    m.Media(
+                        call=str(obj.get("call")),
+                        seq=int(obj.get("seq", 0)),
+                        data=b"",
+                        tg=tg,
+                        talker=talker,
+                        ts=ts,
+                    ),
+                )
+            )
 
     # --- media and location -----------------------------------------------------------
 
@@ -420,8 +463,16 @@ class Handset:
             lat = max(-89.9, min(89.9, lat + step * math.cos(math.radians(heading))))
             lon = max(-179.9, min(179.9, lon + step * math.sin(math.radians(heading))))
             self.position = (lat, lon)
-            self._send_up(m.Location(lat=lat, lon=lon, acc=5.0, hdg=round(heading, 1),
-                                     spd=round(speed, 1), ts=time.time_ns()))
+            self._send_up(
+                m.Location(
+                    lat=lat,
+                    lon=lon,
+                    acc=5.0,
+                    hdg=round(heading, 1),
+                    spd=round(speed, 1),
+                    ts=time.time_ns(),
+                )
+            )
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
 
     # --- outbound ---------------------------------------------------------------------

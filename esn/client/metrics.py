@@ -13,15 +13,25 @@ class HandsetMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.late_entry_s = Histogram("esn_late_entry_seconds",
-                                      "Affiliation during a call to its first media received",
-                                      buckets=BUCKETS, registry=r)
+        self.late_entry_s = Histogram(
+            "esn_late_entry_seconds",
+            "Affiliation during a call to its first media received",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.access_by_kind = Histogram(
-            "esn_handset_access_seconds", "PTT press to granted, measured by the handset",
-            ["kind"], buckets=BUCKETS, registry=r)
-        self.mouth_to_ear_s = Histogram("esn_mouth_to_ear_seconds",
-                                        "Talker timestamp to media received by a listener",
-                                        buckets=BUCKETS, registry=r)
+            "esn_handset_access_seconds",
+            "PTT press to granted, measured by the handset",
+            ["kind"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.mouth_to_ear_s = Histogram(
+            "esn_mouth_to_ear_seconds",
+            "Talker timestamp to media received by a listener",
+            buckets=BUCKETS,
+            registry=r,
+        )
 
     # the handset's Observer interface
     def access(self, seconds: float, kind: str) -> None:

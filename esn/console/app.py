@@ -21,10 +21,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, RichLog, Static
 
-from esn.protocol import messages as m
+from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.console.map import Point, View, render
 from esn.console.model import ConsoleModel, say
-from esn.client.handset import HAS_PERMISSION, Handset, Inbound
+from esn.protocol import messages as m
 from esn.transport import BrokerConfig
 
 SORTS = ("unit", "presence", "age", "speed")
@@ -39,8 +39,13 @@ class DispatcherLink(Handset):
 
     def watch_topics(self) -> tuple[str, ...]:
         p = self.topics.prefix
-        return (f"{p}/tg/+/state", f"{p}/tg/+/down/floor", f"{p}/tg/+/down/event",
-                f"{p}/unit/+/presence", f"{p}/loc/+")
+        return (
+            f"{p}/tg/+/state",
+            f"{p}/tg/+/down/floor",
+            f"{p}/tg/+/down/event",
+            f"{p}/unit/+/presence",
+            f"{p}/loc/+",
+        )
 
 
 class Ask(ModalScreen[str | None]):
@@ -90,12 +95,20 @@ class ConsoleApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, broker: BrokerConfig, unit: str, *, prefix: str = "esn",
-                 mqtt_client: str = "gmqtt", all_call: str = "tg-all") -> None:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        unit: str,
+        *,
+        prefix: str = "esn",
+        mqtt_client: str = "gmqtt",
+        all_call: str = "tg-all",
+    ) -> None:
         super().__init__()
         self.model = ConsoleModel(prefix)
-        self.link = DispatcherLink(unit, broker, prefix=prefix, mqtt_client=mqtt_client,
-                                   media_interval=0.06)
+        self.link = DispatcherLink(
+            unit, broker, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.06
+        )
         self.unit_id = unit
         self.all_call = all_call
         self.view = View()
@@ -122,8 +135,7 @@ class ConsoleApp(App[None]):
 
     def on_mount(self) -> None:
         groups = self.query_one("#groups", DataTable)
-        groups.add_columns("Group", "Floor", "Talker", "Kind/prio", "Queue", "Call", "Emerg",
-                           "Mon")
+        groups.add_columns("Group", "Floor", "Talker", "Kind/prio", "Queue", "Call", "Emerg", "Mon")
         units = self.query_one("#units", DataTable)
         units.add_columns("Unit", "Presence", "Groups", "Position", "Age", "Speed", "Emerg")
         self.query_one("#map", Static).border_title = "Map"
@@ -231,15 +243,18 @@ class ConsoleApp(App[None]):
         if g is None or unit is None:
             self.refused("no emergency to acknowledge in the selected group")
             return
-        await self._command(m.EmergencyAck(unit=unit, tg=g.tg, ref=self.link.next_ref()),
-                            f"{g.tg}: emergency of {unit} acknowledged")
+        await self._command(
+            m.EmergencyAck(unit=unit, tg=g.tg, ref=self.link.next_ref()),
+            f"{g.tg}: emergency of {unit} acknowledged",
+        )
 
     @work(group="actions")
     async def action_force_release(self) -> None:
         tg = self.selected_group()
         if tg is not None:
-            await self._command(m.ForceRelease(tg=tg, ref=self.link.next_ref()),
-                                f"{tg}: floor force-released")
+            await self._command(
+                m.ForceRelease(tg=tg, ref=self.link.next_ref()), f"{tg}: floor force-released"
+            )
 
     def action_mark(self) -> None:
         unit = self.selected_unit()
@@ -253,28 +268,30 @@ class ConsoleApp(App[None]):
         if not units:
             self.refused("mark units with x first")
             return
-        tg = await self.push_screen_wait(Ask(f"Regroup {', '.join(units)} into group id:",
-                                             "inc-1"))
+        tg = await self.push_screen_wait(Ask(f"Regroup {', '.join(units)} into group id:", "inc-1"))
         if not tg:
             return
         name = await self.push_screen_wait(Ask(f"Name of {tg} (optional):", tg)) or tg
-        if await self._command(m.Regroup(tg=tg, units=units, name=name,
-                                         ref=self.link.next_ref()),
-                               f"{tg}: regrouped {len(units)} units as {name!r}"):
+        if await self._command(
+            m.Regroup(tg=tg, units=units, name=name, ref=self.link.next_ref()),
+            f"{tg}: regrouped {len(units)} units as {name!r}",
+        ):
             self.marked.clear()
 
     @work(group="actions")
     async def action_ungroup(self) -> None:
         tg = self.selected_group()
         if tg is not None:
-            await self._command(m.Ungroup(tg=tg, ref=self.link.next_ref()),
-                                f"{tg}: temporary group dissolved")
+            await self._command(
+                m.Ungroup(tg=tg, ref=self.link.next_ref()), f"{tg}: temporary group dissolved"
+            )
 
     @work(group="actions")
     async def action_sds(self) -> None:
         focused = self.focused.id if self.focused else None
-        target = (f"unit:{self.selected_unit()}" if focused == "units"
-                  else f"tg:{self.selected_group()}")
+        target = (
+            f"unit:{self.selected_unit()}" if focused == "units" else f"tg:{self.selected_group()}"
+        )
         if target.endswith(":None"):
             return
         text = await self.push_screen_wait(Ask(f"Short message to {target}:"))
@@ -340,7 +357,8 @@ class ConsoleApp(App[None]):
         self.sub_title = f"server {server} · broker {broker}"
         self.query_one("#status", Static).update(
             f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}"
-            f"  marked: {', '.join(sorted(self.marked)) or '-'}")
+            f"  marked: {', '.join(sorted(self.marked)) or '-'}"
+        )
 
     def _draw_timers(self) -> None:
         table = self.query_one("#groups", DataTable)
@@ -356,20 +374,32 @@ class ConsoleApp(App[None]):
             emerg = f"[b white on red] SOS {g.emergency_unit or ''} [/]" if g.emergency else ""
             kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
             name = f"[b]{g.tg}[/]" if g.monitored else f"[dim]{g.tg}[/]"
-            rows[g.tg] = (name + (" (temp)" if g.temporary else ""), g.floor,
-                          g.talker or "", kind, str(g.queue or ""),
-                          _timer(g.since) if g.floor == "taken" else "", emerg,
-                          "●" if g.monitored else "")
+            rows[g.tg] = (
+                name + (" (temp)" if g.temporary else ""),
+                g.floor,
+                g.talker or "",
+                kind,
+                str(g.queue or ""),
+                _timer(g.since) if g.floor == "taken" else "",
+                emerg,
+                "●" if g.monitored else "",
+            )
         _fill(table, rows)
 
     def _draw_units(self) -> None:
         table = self.query_one("#units", DataTable)
         now = time.time()
-        units = [u for u in self.model.units.values()
-                 if self.group_filter is None or self.group_filter in u.groups]
-        key = {"unit": lambda u: u.unit, "presence": lambda u: (u.presence, u.unit),
-               "age": lambda u: -(u.located_at or 0),
-               "speed": lambda u: -(u.spd or 0)}[self.sort]
+        units = [
+            u
+            for u in self.model.units.values()
+            if self.group_filter is None or self.group_filter in u.groups
+        ]
+        key = {
+            "unit": lambda u: u.unit,
+            "presence": lambda u: (u.presence, u.unit),
+            "age": lambda u: -(u.located_at or 0),
+            "speed": lambda u: -(u.spd or 0),
+        }[self.sort]
         rows = {}
         for u in sorted(units, key=key):
             pos = f"{u.lat:.4f},{u.lon:.4f}" if u.lat is not None else ""
@@ -377,15 +407,26 @@ class ConsoleApp(App[None]):
             mark = "✚ " if u.unit in self.marked else ""
             emerg = "[b white on red] SOS [/]" if u.emergency else ""
             presence = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(
-                u.presence, u.presence)
-            rows[u.unit] = (mark + u.unit, presence, ",".join(sorted(u.groups)), pos, age,
-                            f"{u.spd:.1f}" if u.spd is not None else "", emerg)
+                u.presence, u.presence
+            )
+            rows[u.unit] = (
+                mark + u.unit,
+                presence,
+                ",".join(sorted(u.groups)),
+                pos,
+                age,
+                f"{u.spd:.1f}" if u.spd is not None else "",
+                emerg,
+            )
         _fill(table, rows)
 
     def _draw_map(self) -> None:
         widget = self.query_one("#map", Static)
-        points = [Point(u.unit, u.lat, u.lon, bool(u.emergency))
-                  for u in self.model.units.values() if u.lat is not None and u.lon is not None]
+        points = [
+            Point(u.unit, u.lat, u.lon, bool(u.emergency))
+            for u in self.model.units.values()
+            if u.lat is not None and u.lon is not None
+        ]
         size = widget.content_size
         widget.update(render(points, size.width, size.height, self.view, self.selected_unit()))
         widget.border_subtitle = f"zoom x{self.view.zoom:g}  (+/- zoom, H J K L pan)"
@@ -393,7 +434,7 @@ class ConsoleApp(App[None]):
     def _draw_log(self) -> None:
         log = self.query_one("#log", RichLog)
         events = list(self.model.events)
-        for e in events[self._log_drawn:]:
+        for e in events[self._log_drawn :]:
             if self.group_filter is not None and e.tg not in (None, self.group_filter):
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(e.at))

@@ -49,8 +49,9 @@ def bounds(points: list[Point], view: View) -> tuple[float, float, float, float]
     return lat_c - lat_h, lat_c + lat_h, lon_c - lon_h, lon_c + lon_h
 
 
-def render(points: list[Point], width: int, height: int, view: View,
-           selected: str | None = None) -> Text:
+def render(
+    points: list[Point], width: int, height: int, view: View, selected: str | None = None
+) -> Text:
     width, height = max(width, 4), max(height, 2)
     if not points:
         return Text("no positions yet", style="dim")

@@ -91,8 +91,7 @@ class ConsoleModel:
     def unit(self, unit: str) -> UnitRow:
         return self.units.setdefault(unit, UnitRow(unit))
 
-    def log(self, tg: str | None, text: str, alarm: bool = False, at: float | None = None
-            ) -> None:
+    def log(self, tg: str | None, text: str, alarm: bool = False, at: float | None = None) -> None:
         self.events.append(Event(at if at is not None else time.time(), tg, text, alarm))
         self.version += 1
 
@@ -107,7 +106,12 @@ class ConsoleModel:
     def _on_state(self, topic: str, msg: m.State) -> None:
         g = self.group(msg.tg)
         g.floor, g.talker, g.kind, g.prio, g.queue = (
-            msg.floor, msg.talker, msg.kind, msg.prio, msg.queue)
+            msg.floor,
+            msg.talker,
+            msg.kind,
+            msg.prio,
+            msg.queue,
+        )
         g.call, g.emergency, g.seq = msg.call, msg.emergency, max(g.seq, msg.seq)
         g.since = msg.since_ts / 1e9 if msg.floor == "taken" else None
         if not msg.emergency:
@@ -120,12 +124,19 @@ class ConsoleModel:
         if msg.seq <= g.seq:
             return  # the state already told us, or a duplicate
         g.seq, g.floor, g.talker, g.kind, g.prio, g.call = (
-            msg.seq, "taken", msg.talker, msg.kind, msg.prio, msg.call)
+            msg.seq,
+            "taken",
+            msg.talker,
+            msg.kind,
+            msg.prio,
+            msg.call,
+        )
         g.since = time.time()
         self.unit(msg.talker).groups.add(msg.tg)
         label = "" if msg.kind == "normal" else f" ({msg.kind})"
-        self.log(msg.tg, f"{msg.talker} talks{label}, prio {msg.prio}",
-                 alarm=msg.kind == "emergency")
+        self.log(
+            msg.tg, f"{msg.talker} talks{label}, prio {msg.prio}", alarm=msg.kind == "emergency"
+        )
 
     def _on_idle(self, topic: str, msg: m.Idle) -> None:
         g = self.group(msg.tg)

@@ -80,8 +80,13 @@ class Fleet:
 
 
 _POLICY_TYPES: dict[str, type] = {
-    "max_talk_ms": int, "revoke_grace_ms": int, "end_of_media_ms": int, "hang_ms": int,
-    "queue": bool, "queue_depth": int, "preempt_threshold": int,
+    "max_talk_ms": int,
+    "revoke_grace_ms": int,
+    "end_of_media_ms": int,
+    "hang_ms": int,
+    "queue": bool,
+    "queue_depth": int,
+    "preempt_threshold": int,
 }
 _DEFAULT_KEYS = {**_POLICY_TYPES, "unit_priority": int, "open_registration": bool}
 _GROUP_KEYS = {"id": str, "name": str, "members": list, "broadcast": bool, **_POLICY_TYPES}
@@ -131,8 +136,13 @@ def parse_fleet(doc: dict[str, Any]) -> Fleet:
         members = g.get("members", [])
         if not all(is_id(x) for x in members):
             raise FleetError(f"talkgroup {gid!r}: members must be unit ids")
-        groups[gid] = Talkgroup(gid, g.get("name", gid), frozenset(members),
-                                g.get("broadcast", False), _policy(policy, g))
+        groups[gid] = Talkgroup(
+            gid,
+            g.get("name", gid),
+            frozenset(members),
+            g.get("broadcast", False),
+            _policy(policy, g),
+        )
     units: dict[str, UnitProfile] = {}
     prio = defaults.get("unit_priority", 100)
     for i, raw in enumerate(doc.get("unit", [])):

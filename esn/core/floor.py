@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from esn.protocol import messages as m
 from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
 from esn.core.fleet import Talkgroup
+from esn.protocol import messages as m
 
 KIND_RANK = {"normal": 0, "imminent": 1, "emergency": 2}
 
@@ -181,8 +181,14 @@ class Floor:
         if state.floor != "taken" or state.talker is None:
             return
         self.call = state.call or self._new_call_id()
-        self.holder = _Holder(state.talker, state.prio or 0, state.kind or "normal", None,
-                              granted_at=now - age_s, last_media=now)
+        self.holder = _Holder(
+            state.talker,
+            state.prio or 0,
+            state.kind or "normal",
+            None,
+            granted_at=now - age_s,
+            last_media=now,
+        )
         if state.emergency:
             self.emergency_by = state.talker  # the best guess: the state names no originator
         self.since = now - age_s
@@ -232,10 +238,16 @@ class Floor:
         """The retained state; `wall_offset` turns this clock into Unix time."""
         h = self.holder
         return m.State(
-            tg=self.tg, floor="taken" if h else "idle", emergency=self.emergency,
-            queue=len(self.queue), seq=self.seq, since_ts=int((self.since + wall_offset) * 1e9),
+            tg=self.tg,
+            floor="taken" if h else "idle",
+            emergency=self.emergency,
+            queue=len(self.queue),
+            seq=self.seq,
+            since_ts=int((self.since + wall_offset) * 1e9),
             call=self.call,
-            talker=h.unit if h else None, kind=h.kind if h else None, prio=h.prio if h else None,
+            talker=h.unit if h else None,
+            kind=h.kind if h else None,
+            prio=h.prio if h else None,
         )
 
     # --- internals --------------------------------------------------------------------
@@ -245,8 +257,14 @@ class Floor:
 
     def _granted(self, h: _Holder, now: float, ref: int | None) -> m.Granted:
         left = h.granted_at + self.group.policy.max_talk_ms / 1000 - now
-        return m.Granted(tg=self.tg, call=self.call or "", prio=h.prio, kind=h.kind,
-                         max_ms=max(0, int(left * 1000)), ref=ref)
+        return m.Granted(
+            tg=self.tg,
+            call=self.call or "",
+            prio=h.prio,
+            kind=h.kind,
+            max_ms=max(0, int(left * 1000)),
+            ref=ref,
+        )
 
     def _grant(self, unit: str, prio: int, kind: str, ref: int | None, now: float) -> list[Action]:
         if self.call is None:
@@ -258,8 +276,11 @@ class Floor:
             self.emergency_by = unit
         self._count("granted")
         taken = m.Taken(tg=self.tg, talker=unit, call=self.call, prio=prio, kind=kind, seq=self.seq)
-        return [ToUnit(unit, self._granted(h, now, ref)), ToGroup(self.tg, "floor", taken),
-                self._state()]
+        return [
+            ToUnit(unit, self._granted(h, now, ref)),
+            ToGroup(self.tg, "floor", taken),
+            self._state(),
+        ]
 
     def _end_talk(self, now: float) -> list[Action]:
         self.holder = None

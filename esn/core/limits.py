@@ -23,8 +23,9 @@ class Verdict:
 
 
 class RateLimiter:
-    def __init__(self, rates: dict[str, Rate], notice_s: float = 1.0, max_keys: int = 100_000
-                 ) -> None:
+    def __init__(
+        self, rates: dict[str, Rate], notice_s: float = 1.0, max_keys: int = 100_000
+    ) -> None:
         self.rates = rates
         self.notice_s = notice_s
         self.max_keys = max_keys

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from esn.protocol import messages as m
 from esn.core.actions import (
     Action,
     LocationAccepted,
@@ -27,6 +26,7 @@ from esn.core.actions import (
 from esn.core.fleet import Fleet, Talkgroup, UnitProfile
 from esn.core.floor import Floor
 from esn.core.limits import RateLimiter, Verdict
+from esn.protocol import messages as m
 
 SDS_STORE = 50  # short messages kept per offline unit
 
@@ -137,8 +137,10 @@ class Network:
         if scope == "tg":
             if target not in self.groups:
                 return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
-            return [ToGroup(target, "event", sds),
-                    ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
+            return [
+                ToGroup(target, "event", sds),
+                ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref)),
+            ]
         if self.fleet.profile(target) is None:
             return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
         if target in self.online:
@@ -148,11 +150,15 @@ class Network:
 
     def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
         if (msg.unit, msg.tg) not in self.emergencies:
-            return self._error(p.id, msg.ref, "invalid_field",
-                               f"{msg.unit} has no emergency in {msg.tg}")
+            return self._error(
+                p.id, msg.ref, "invalid_field", f"{msg.unit} has no emergency in {msg.tg}"
+            )
         acked = m.EmergencyState(tg=msg.tg, state="acknowledged", by=p.id)
-        return [ToUnit(msg.unit, acked), ToGroup(msg.tg, "event", acked),
-                ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+        return [
+            ToUnit(msg.unit, acked),
+            ToGroup(msg.tg, "event", acked),
+            ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref)),
+        ]
 
     def _force_release(self, p: UnitProfile, msg: m.ForceRelease, now: float) -> list[Action]:
         if msg.tg not in self.groups:
@@ -172,8 +178,9 @@ class Network:
             return self._error(p.id, msg.ref, "invalid_field", f"unknown unit {unknown[0]}")
         name = msg.name or (group.name if group else msg.tg)
         members = frozenset(msg.units) | {p.id} | (group.members if group else frozenset())
-        self.groups[msg.tg] = Talkgroup(msg.tg, name, members, False, self.fleet.defaults,
-                                        temporary=True)
+        self.groups[msg.tg] = Talkgroup(
+            msg.tg, name, members, False, self.fleet.defaults, temporary=True
+        )
         out: list[Action] = []
         for unit in (*dict.fromkeys(msg.units), p.id):
             self.affiliations.setdefault(unit, set()).add(msg.tg)
@@ -265,7 +272,8 @@ class Network:
             return
         age_s = now + self.wall_offset - state.since_ts / 1e9
         stale = state.floor == "taken" and (
-            state.talker in self.offline or not 0 <= age_s < group.policy.max_talk_ms / 1000)
+            state.talker in self.offline or not 0 <= age_s < group.policy.max_talk_ms / 1000
+        )
         floor = self._floor(state.tg, now)
         if stale or floor.holder is not None:
             return

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from esn.tools.broker import Mosquitto
 
-LOCUSTFILE = '''
+LOCUSTFILE = """
 import time, msgpack
 from locust import task, constant_throughput, events
 from locust.contrib.mqtt import MqttUser
@@ -52,7 +52,7 @@ class Handset(MqttUser):
     def report_position(self):
         self.client.publish(self.topic, msgpack.packb(
             {{"t": "location", "lat": 51.5, "lon": -0.12, "ts": time.time_ns()}}), qos=1)
-'''
+"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,19 +125,44 @@ def run_locust(port: int, users: int, rate: float, seconds: float) -> dict[str, 
         lf = Path(tmp) / "locustfile.py"
         lf.write_text(LOCUSTFILE.format(port=port, rate=rate))
         proc = subprocess.Popen(
-            [locust, "-f", str(lf), "--headless", "-u", str(users), "-r", str(users),
-             "-t", f"{int(seconds)}s", "--stop-timeout", "5", "--csv", str(Path(tmp) / "stats"),
-             "--only-summary", "--loglevel", "ERROR"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, text=True)  # its figures come from the CSV
+            [
+                locust,
+                "-f",
+                str(lf),
+                "--headless",
+                "-u",
+                str(users),
+                "-r",
+                str(users),
+                "-t",
+                f"{int(seconds)}s",
+                "--stop-timeout",
+                "5",
+                "--csv",
+                str(Path(tmp) / "stats"),
+                "--only-summary",
+                "--loglevel",
+                "ERROR",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )  # its figures come from the CSV
         _finish(proc)
         rows = list(csv.DictReader((Path(tmp) / "stats_stats.csv").read_text().splitlines()))
     rt = next((r for r in rows if r["Name"] == "round trip"), None)
     published = sum(float(r["Request Count"]) for r in rows if r["Name"].startswith("publish:"))
     if rt is None:
         return {"error": 1.0, "cpu_s": out_cpu(proc)}
-    return {"n": float(rt["Request Count"]), "p50": float(rt["50%"]), "p95": float(rt["95%"]),
-            "p99": float(rt["99%"]), "max": float(rt["Max Response Time"]),
-            "sent": published, "cpu_s": out_cpu(proc)}
+    return {
+        "n": float(rt["Request Count"]),
+        "p50": float(rt["50%"]),
+        "p95": float(rt["95%"]),
+        "p99": float(rt["99%"]),
+        "max": float(rt["Max Response Time"]),
+        "sent": published,
+        "cpu_s": out_cpu(proc),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,19 +175,26 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, fn in (("esn (gmqtt, asyncio)", run_ours), ("Locust MqttUser (paho)", run_locust)):
         with Mosquitto() as broker:
-            print(f"{name}: {a.users} users x {a.rate:g} msg/s for {a.seconds:g} s ...",
-                  flush=True)
+            print(f"{name}: {a.users} users x {a.rate:g} msg/s for {a.seconds:g} s ...", flush=True)
             r = fn(broker.port, a.users, a.rate, a.seconds)
         r["msg_per_cpu_s"] = round(r.get("n", 0) / r["cpu_s"]) if r.get("cpu_s") else 0
         results[name] = r
-    print(f"\n{'generator':26} {'delivered':>10} {'CPU s':>7} {'msg/CPU-s':>10} "
-          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    print(
+        f"\n{'generator':26} {'delivered':>10} {'CPU s':>7} {'msg/CPU-s':>10} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+    )
     for name, r in results.items():
-        print(f"{name:26} {int(r.get('n', 0)):>10} {r['cpu_s']:>7} {r['msg_per_cpu_s']:>10} "
-              f"{r.get('p50', float('nan')):>8.2f} {r.get('p95', float('nan')):>8.2f} "
-              f"{r.get('p99', float('nan')):>8.2f}")
-    Path(a.out).write_text(json.dumps({"users": a.users, "rate": a.rate, "seconds": a.seconds,
-                                       "results": results}, indent=2) + "\n")
+        print(
+            f"{name:26} {int(r.get('n', 0)):>10} {r['cpu_s']:>7} {r['msg_per_cpu_s']:>10} "
+            f"{r.get('p50', float('nan')):>8.2f} {r.get('p95', float('nan')):>8.2f} "
+            f"{r.get('p99', float('nan')):>8.2f}"
+        )
+    Path(a.out).write_text(
+        json.dumps(
+            {"users": a.users, "rate": a.rate, "seconds": a.seconds, "results": results}, indent=2
+        )
+        + "\n"
+    )
     print(f"\nwritten to {a.out}")
     return 0
 

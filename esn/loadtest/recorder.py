@@ -17,8 +17,7 @@ from hdrh.histogram import HdrHistogram
 LOWEST_US, HIGHEST_US, DIGITS = 1, 600_000_000, 3  # 1 µs .. 10 min, 3 significant digits
 LATE_S = 0.010  # an action started later than this behind plan is a schedule overrun
 
-KPIS = ("floor_access", "floor_access_sent", "mouth_to_ear", "late_entry", "connect",
-        "loop_lag")
+KPIS = ("floor_access", "floor_access_sent", "mouth_to_ear", "late_entry", "connect", "loop_lag")
 
 
 def new_histogram() -> HdrHistogram:
@@ -32,7 +31,8 @@ def record_s(h: HdrHistogram, seconds: float) -> None:
 @dataclass
 class Recorder:
     hist: dict[str, HdrHistogram] = field(
-        default_factory=lambda: {k: new_histogram() for k in KPIS})
+        default_factory=lambda: {k: new_histogram() for k in KPIS}
+    )
     counts: dict[str, int] = field(default_factory=dict)
     actions: int = 0
     overruns: int = 0

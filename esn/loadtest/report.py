@@ -32,33 +32,57 @@ def kpi_table(r: dict[str, Any]) -> str:
             lines.append(f"{name:46} {0:8d} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
             continue
         target = TARGETS.get(key)
-        verdict = "" if target is None else (
-            f"p95 < {target:g} ms " + ("PASS" if k["p95"] < target else "FAIL"))
-        lines.append(f"{name:46} {k['n']:8d} {k['p50']:8.2f}ms {k['p95']:8.2f}ms "
-                     f"{k['p99']:8.2f}ms {k['max']:8.2f}ms  {verdict}")
+        verdict = (
+            ""
+            if target is None
+            else (f"p95 < {target:g} ms " + ("PASS" if k["p95"] < target else "FAIL"))
+        )
+        lines.append(
+            f"{name:46} {k['n']:8d} {k['p50']:8.2f}ms {k['p95']:8.2f}ms "
+            f"{k['p99']:8.2f}ms {k['max']:8.2f}ms  {verdict}"
+        )
     c = r["counts"]
     granted = sum(v for k, v in c.items() if k.startswith("granted"))
     denied = sum(v for k, v in c.items() if k.startswith("denied"))
     lines.append("")
-    lines.append(f"connected {c.get('connected', 0)}, connect failures "
-                 f"{c.get('connect_failures', 0)}; grants {granted} "
-                 f"(after queuing {c.get('granted_after_queue', 0)}), queued "
-                 f"{c.get('queued', 0)}, denied {denied}, revoked {c.get('revoked', 0)}, "
-                 f"no answer {c.get('no_answer', 0)}")
+    lines.append(
+        f"connected {c.get('connected', 0)}, connect failures "
+        f"{c.get('connect_failures', 0)}; grants {granted} "
+        f"(after queuing {c.get('granted_after_queue', 0)}), queued "
+        f"{c.get('queued', 0)}, denied {denied}, revoked {c.get('revoked', 0)}, "
+        f"no answer {c.get('no_answer', 0)}"
+    )
     sm = r.get("server_metrics") or {}
     if "esn_floor_access_seconds:p95_ms" in sm:
-        lines.append(f"server side: floor access p95 {sm['esn_floor_access_seconds:p95_ms']} ms, "
-                     f"media relay p95 {sm.get('esn_media_relay_seconds:p95_ms', '-')} ms, "
-                     f"broker dropped {int(sm.get('esn_broker_messages_dropped_total', 0))} "
-                     "messages")
+        lines.append(
+            f"server side: floor access p95 {sm['esn_floor_access_seconds:p95_ms']} ms, "
+            f"media relay p95 {sm.get('esn_media_relay_seconds:p95_ms', '-')} ms, "
+            f"broker dropped {int(sm.get('esn_broker_messages_dropped_total', 0))} "
+            "messages"
+        )
     g = r["generator"]
-    lines.append(f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "
-                 f"loop lag p99 {g['loop_lag_p99_ms']:.1f} ms — "
-                 + ("THE GENERATOR LIMITED THIS RUN: its figures overstate the system's "
-                    "latency" if g["limited"] else "kept its schedule"))
+    lines.append(
+        f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "
+        f"loop lag p99 {g['loop_lag_p99_ms']:.1f} ms — "
+        + (
+            "THE GENERATOR LIMITED THIS RUN: its figures overstate the system's latency"
+            if g["limited"]
+            else "kept its schedule"
+        )
+    )
     failed = [k for k, v in r["thresholds"].items() if not v["passed"]]
-    lines.append("thresholds: " + ("all met" if not failed else "missed " + ", ".join(
-        f"{k} ({r['thresholds'][k]['value']} > {r['thresholds'][k]['limit']})" for k in failed)))
+    lines.append(
+        "thresholds: "
+        + (
+            "all met"
+            if not failed
+            else "missed "
+            + ", ".join(
+                f"{k} ({r['thresholds'][k]['value']} > {r['thresholds'][k]['limit']})"
+                for k in failed
+            )
+        )
+    )
     return "\n".join(lines)
 
 
@@ -98,8 +122,9 @@ def plots(r: dict[str, Any]) -> list[tuple[str, str]]:
     merged: dict[int, dict[str, float]] = {}
     for series in r["series"]:
         for p in series:
-            slot = merged.setdefault(int(p["t"]), {"connected": 0, "talking": 0, "grants": 0,
-                                                  "media_rx": 0})
+            slot = merged.setdefault(
+                int(p["t"]), {"connected": 0, "talking": 0, "grants": 0, "media_rx": 0}
+            )
             for k in slot:
                 slot[k] += p[k]
     if merged:
@@ -110,10 +135,14 @@ def plots(r: dict[str, Any]) -> list[tuple[str, str]]:
         a1.plot(x, [merged[t]["talking"] for t in ts], label="talking now")
         a1.legend(fontsize=8)
         a1.grid(alpha=0.3)
-        rate = [0.0] + [max(0.0, merged[b]["media_rx"] - merged[a]["media_rx"]) / max(b - a, 1)
-                        for a, b in itertools.pairwise(ts)]
-        grants = [0.0] + [max(0.0, merged[b]["grants"] - merged[a]["grants"]) / max(b - a, 1)
-                          for a, b in itertools.pairwise(ts)]
+        rate = [0.0] + [
+            max(0.0, merged[b]["media_rx"] - merged[a]["media_rx"]) / max(b - a, 1)
+            for a, b in itertools.pairwise(ts)
+        ]
+        grants = [0.0] + [
+            max(0.0, merged[b]["grants"] - merged[a]["grants"]) / max(b - a, 1)
+            for a, b in itertools.pairwise(ts)
+        ]
         a2.plot(x, rate, label="voice packets received /s")
         a2.plot(x, [g * 100 for g in grants], label="grants /s x 100")
         a2.set_xlabel("seconds")
@@ -132,21 +161,25 @@ def _cell(v: object) -> str:
 def write_html(path: Path, r: dict[str, Any]) -> None:
     rows = "".join(
         f"<tr><td>{html.escape(NAMES[k])}</td>"
-        + "".join(f"<td>{_cell(r['kpis'][k].get(c))}</td>" for c in ("n", "p50", "p95", "p99",
-                                                                     "max"))
-        + "</tr>" for k in NAMES)
-    figures = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>"
-                      for t, b in plots(r))
+        + "".join(
+            f"<td>{_cell(r['kpis'][k].get(c))}</td>" for c in ("n", "p50", "p95", "p99", "max")
+        )
+        + "</tr>"
+        for k in NAMES
+    )
+    figures = "".join(
+        f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{b}'>" for t, b in plots(r)
+    )
     verdict = "PASS" if r["passed"] else "FAIL"
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>ESN load test — {html.escape(r['scenario']['run']['name'])}</title>
+<title>ESN load test — {html.escape(r["scenario"]["run"]["name"])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}.PASS{{color:green}}.FAIL{{color:#c00}}
 pre{{background:#f6f6f6;padding:1em}}img{{max-width:100%}}</style></head><body>
-<h1>ESN load test: {html.escape(r['scenario']['run']['name'])}
+<h1>ESN load test: {html.escape(r["scenario"]["run"]["name"])}
 <span class="{verdict}">{verdict}</span></h1>
-<p>{r['machine']['date']}, {r['workers']} worker(s) on {r['machine']['cpus']} CPUs.</p>
+<p>{r["machine"]["date"]}, {r["workers"]} worker(s) on {r["machine"]["cpus"]} CPUs.</p>
 <table><tr><th>KPI (ms)</th><th>n</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>
 {rows}</table>
 <pre>{html.escape(kpi_table(r))}</pre>

@@ -22,13 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from esn.tools.broker import Mosquitto, free_port, wait_listening
-from esn.tomlfile import load_fleet
-from esn.tools.quantiles import histogram_quantile
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario
 from esn.loadtest.worker import WorkerPlan, run_worker
+from esn.tomlfile import load_fleet
+from esn.tools.broker import Mosquitto, free_port, wait_listening
+from esn.tools.quantiles import histogram_quantile
 
 LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
 OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late
@@ -49,18 +49,32 @@ def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], 
         dispatchers = [f"disp-{i}" for i in range(f.dispatchers)]
         fleet_text = _fleet_toml(groups, dispatchers)
     units = [f"u-{i:05d}" for i in range(f.handsets)]
-    late, regular = units[len(units) - t.late_joiners:], units[:len(units) - t.late_joiners]
+    late, regular = units[len(units) - t.late_joiners :], units[: len(units) - t.late_joiners]
     owner = {tg: i % workers for i, tg in enumerate(groups)}
-    plans = [WorkerPlan(index=w, broker_url=broker_url, mqtt_client=s.run.mqtt_client,
-                        units=[], talkers={}, dispatchers=dispatchers[w::workers], late=[],
-                        traffic=t, ramp_per_s=s.run.ramp_per_s / workers,
-                        duration_s=s.run.duration_s, share=1 / workers, seed=s.run.seed,
-                        metrics_port=free_port()) for w in range(workers)]
+    plans = [
+        WorkerPlan(
+            index=w,
+            broker_url=broker_url,
+            mqtt_client=s.run.mqtt_client,
+            units=[],
+            talkers={},
+            dispatchers=dispatchers[w::workers],
+            late=[],
+            traffic=t,
+            ramp_per_s=s.run.ramp_per_s / workers,
+            duration_s=s.run.duration_s,
+            share=1 / workers,
+            seed=s.run.seed,
+            metrics_port=free_port(),
+        )
+        for w in range(workers)
+    ]
     n_multi = int(len(regular) * f.multi_group_fraction)
     for i, unit in enumerate(regular):
         first = groups[i % len(groups)]
-        mine = [first] + ([groups[(i + 1) % len(groups)]] if i < n_multi and len(groups) > 1
-                          else [])
+        mine = [first] + (
+            [groups[(i + 1) % len(groups)]] if i < n_multi and len(groups) > 1 else []
+        )
         p = plans[owner[first]]
         p.units.append((unit, mine))
         p.talkers.setdefault(first, []).append(unit)
@@ -98,16 +112,31 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         if s.run.server:
             (work / "fleet.toml").write_text(fleet_text)
             server = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "esn.cli", "server", "--broker", url, "--fleet",
-                str(work / "fleet.toml"), "--metrics-port", str(server_port),
-                "--mqtt-client", s.run.mqtt_client, stdout=subprocess.DEVNULL)
+                sys.executable,
+                "-m",
+                "esn.cli",
+                "server",
+                "--broker",
+                url,
+                "--fleet",
+                str(work / "fleet.toml"),
+                "--metrics-port",
+                str(server_port),
+                "--mqtt-client",
+                s.run.mqtt_client,
+                stdout=subprocess.DEVNULL,
+            )
             if not await wait_listening(server_port):
                 raise RuntimeError("the server did not start")
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
-        print(f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
-              f"{s.fleet.talkgroups} talkgroups, {s.run.duration_s:g} s, broker {url}")
-        print("worker metrics: " + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics"
-                                             for p in plans))
+        print(
+            f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
+            f"{s.fleet.talkgroups} talkgroups, {s.run.duration_s:g} s, broker {url}"
+        )
+        print(
+            "worker metrics: "
+            + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics" for p in plans)
+        )
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
         go = ctx.Event()
@@ -174,17 +203,25 @@ async def _drive(s: Scenario, q: Any, go: Any, workers: int, total: int) -> dict
     return {"finals": [finals[w] for w in sorted(finals)]}
 
 
-def _progress(latest: dict[int, dict[str, Any]], total: int, started: float | None,
-              duration: float) -> str:
+def _progress(
+    latest: dict[int, dict[str, Any]], total: int, started: float | None, duration: float
+) -> str:
     v = list(latest.values())
     elapsed = time.monotonic() - started if started else 0.0
-    phase = ("ramp" if not started else f"t={elapsed:5.1f}/{duration:g}s" if elapsed <= duration
-             else "draining")
-    return (f"{phase}  connected {sum(x['connected'] for x in v)}/{total}"
-            f"  talking {sum(x['talking'] for x in v)}  grants {sum(x['grants'] for x in v)}"
-            f"  access p95 {max(x['access_p95_ms'] for x in v):.1f} ms"
-            f"  mouth-to-ear p95 {max(x['m2e_p95_ms'] for x in v):.1f} ms"
-            f"  loop lag p99 {max(x['lag_p99_ms'] for x in v):.1f} ms")
+    phase = (
+        "ramp"
+        if not started
+        else f"t={elapsed:5.1f}/{duration:g}s"
+        if elapsed <= duration
+        else "draining"
+    )
+    return (
+        f"{phase}  connected {sum(x['connected'] for x in v)}/{total}"
+        f"  talking {sum(x['talking'] for x in v)}  grants {sum(x['grants'] for x in v)}"
+        f"  access p95 {max(x['access_p95_ms'] for x in v):.1f} ms"
+        f"  mouth-to-ear p95 {max(x['m2e_p95_ms'] for x in v):.1f} ms"
+        f"  loop lag p99 {max(x['lag_p99_ms'] for x in v):.1f} ms"
+    )
 
 
 def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str, Any]:
@@ -206,21 +243,29 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
         "late_entry_p95_ms": (kpis["late_entry"].get("p95"), th.late_entry_p95_ms),
         "connect_failures": (counts.get("connect_failures", 0), th.connect_failures),
     }
-    verdicts = {k: {"value": v, "limit": lim,
-                    "passed": v is not None and v <= lim}
-                for k, (v, lim) in checks.items()}
+    verdicts = {
+        k: {"value": v, "limit": lim, "passed": v is not None and v <= lim}
+        for k, (v, lim) in checks.items()
+    }
     if s.traffic.late_joiners == 0:
         verdicts["late_entry_p95_ms"]["passed"] = True
     return {
         "scenario": {"path": s.path, **asdict(s)},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
         "workers": workers,
         "kpis": kpis,
         "spectra": {k: spectrum_ms(h) for k, h in hist.items()},
         "counts": counts,
-        "generator": {"actions": actions, "overruns": overruns, "loop_lag_p99_ms": lag_p99,
-                      "limited": bool(generator_limited)},
+        "generator": {
+            "actions": actions,
+            "overruns": overruns,
+            "loop_lag_p99_ms": lag_p99,
+            "limited": bool(generator_limited),
+        },
         "thresholds": verdicts,
         "passed": all(v["passed"] for v in verdicts.values()),
         "series": [f["series"] for f in finals],

@@ -104,8 +104,9 @@ def _section(name: str, cls: type, table: object) -> Any:
 def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
     unknown = set(doc) - set(_SECTIONS)
     if unknown:
-        raise ScenarioError(f"unknown section [{sorted(unknown)[0]}] "
-                            f"(known: {', '.join(_SECTIONS)})")
+        raise ScenarioError(
+            f"unknown section [{sorted(unknown)[0]}] (known: {', '.join(_SECTIONS)})"
+        )
     parts = {name: _section(name, cls, doc.get(name, {})) for name, cls in _SECTIONS.items()}
     s = Scenario(path=path, **parts)
     checks = [
@@ -113,17 +114,23 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
         (s.run.ramp_per_s > 0, "[run] ramp_per_s must be above 0"),
         (s.run.mqtt_client in ("gmqtt", "paho"), "[run] mqtt_client must be gmqtt or paho"),
         (s.fleet.talkgroups >= 1, "[fleet] talkgroups must be at least 1"),
-        (s.fleet.handsets >= 2 * s.fleet.talkgroups,
-         "[fleet] handsets must be at least two per talkgroup"),
+        (
+            s.fleet.handsets >= 2 * s.fleet.talkgroups,
+            "[fleet] handsets must be at least two per talkgroup",
+        ),
         (s.fleet.multi_group_fraction <= 1, "[fleet] multi_group_fraction must be within 0..1"),
         (0 < s.traffic.activity < 1, "[traffic] activity must be between 0 and 1"),
-        (s.traffic.mean_talk_s > 0 and s.traffic.mean_session_s >= s.traffic.mean_talk_s,
-         "[traffic] mean_session_s must be at least mean_talk_s, both above 0"),
+        (
+            s.traffic.mean_talk_s > 0 and s.traffic.mean_session_s >= s.traffic.mean_talk_s,
+            "[traffic] mean_session_s must be at least mean_talk_s, both above 0",
+        ),
         (s.traffic.media_interval_s > 0, "[traffic] media_interval_s must be above 0"),
         (s.traffic.location_interval_s > 0, "[traffic] location_interval_s must be above 0"),
         (s.traffic.second_speaker <= 1, "[traffic] second_speaker must be within 0..1"),
-        (s.traffic.late_joiners < s.fleet.handsets,
-         "[traffic] late_joiners must be fewer than the handsets"),
+        (
+            s.traffic.late_joiners < s.fleet.handsets,
+            "[traffic] late_joiners must be fewer than the handsets",
+        ),
     ]
     for ok, message in checks:
         if not ok:

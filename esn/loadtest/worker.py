@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from esn.protocol import messages as m
 from esn.client.handset import Handset
 from esn.client.metrics import HandsetMetrics
 from esn.exporter import serve_metrics
-from esn.transport import BrokerConfig
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
+from esn.protocol import messages as m
+from esn.transport import BrokerConfig
 
 STATUS_EVERY_S = 1.0
 
@@ -102,19 +102,32 @@ class Worker:
             lag.cancel()
             status.cancel()
             exporter.close()
-            self.send("final", hist=self.rec.encode(), actions=self.rec.actions,
-                      overruns=self.rec.overruns, series=self.series)
+            self.send(
+                "final",
+                hist=self.rec.encode(),
+                actions=self.rec.actions,
+                overruns=self.rec.overruns,
+                series=self.series,
+            )
             await self.disconnect_all()
 
     def send(self, kind: str, **data: Any) -> None:
-        self.queue.put({"kind": kind, "worker": self.plan.index, "counts": dict(self.rec.counts),
-                        **data})
+        self.queue.put(
+            {"kind": kind, "worker": self.plan.index, "counts": dict(self.rec.counts), **data}
+        )
 
     def handset(self, unit: str) -> Handset:
         cfg = BrokerConfig.from_url(self.plan.broker_url)
-        h = Handset(unit, cfg, prefix=self.plan.prefix, mqtt_client=self.plan.mqtt_client,
-                    media_interval=self.plan.traffic.media_interval_s, keep_inbox=False,
-                    keep_stats=False, metrics=self.observer)
+        h = Handset(
+            unit,
+            cfg,
+            prefix=self.plan.prefix,
+            mqtt_client=self.plan.mqtt_client,
+            media_interval=self.plan.traffic.media_interval_s,
+            keep_inbox=False,
+            keep_stats=False,
+            metrics=self.observer,
+        )
         self.handsets[unit] = h
         return h
 
@@ -122,8 +135,9 @@ class Worker:
         """Connect at the ramp rate, each on its own connection; count failures."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        everyone = [(u, g) for u, g in self.plan.units] + [(d, list(self.plan.talkers))
-                                                          for d in self.plan.dispatchers]
+        everyone = [(u, g) for u, g in self.plan.units] + [
+            (d, list(self.plan.talkers)) for d in self.plan.dispatchers
+        ]
         everyone += [(u, []) for u, _ in self.plan.late]
         sem = asyncio.Semaphore(200)
 
@@ -154,8 +168,11 @@ class Worker:
         for h in self.handsets.values():
             if not h.unit.startswith("disp"):
                 h.start_location_reports(t.location_interval_s)
-        schedules = [asyncio.create_task(self.sessions(tg, members))
-                     for tg, members in self.plan.talkers.items() if len(members) >= 2]
+        schedules = [
+            asyncio.create_task(self.sessions(tg, members))
+            for tg, members in self.plan.talkers.items()
+            if len(members) >= 2
+        ]
         if t.emergencies_per_min > 0:
             rate = t.emergencies_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.emergency)))
@@ -205,8 +222,15 @@ class Worker:
                 planned += burst + self.rng.expovariate(2.0)  # a short gap between bursts
             planned = end + self.rng.expovariate(1 / idle_mean)
 
-    async def burst(self, tg: str, members: list[str], planned: float, seconds: float,
-                    kind: str = "normal", unit: str | None = None) -> None:
+    async def burst(
+        self,
+        tg: str,
+        members: list[str],
+        planned: float,
+        seconds: float,
+        kind: str = "normal",
+        unit: str | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, planned - loop.time()))
         free = [u for u in members if u not in self.busy and u in self.handsets]
@@ -230,8 +254,13 @@ class Worker:
             elif isinstance(answer, m.Queued):
                 self.rec.count("queued")
                 with contextlib.suppress(TimeoutError):
-                    await h.expect(lambda i: isinstance(i.msg, m.Granted | m.Deny | m.Revoke)
-                                   and getattr(i.msg, "tg", None) == tg, seconds * 2 + 1)
+                    await h.expect(
+                        lambda i: (
+                            isinstance(i.msg, m.Granted | m.Deny | m.Revoke)
+                            and getattr(i.msg, "tg", None) == tg
+                        ),
+                        seconds * 2 + 1,
+                    )
                 if h.floor_state(tg) != "has_permission":
                     h.release(tg)  # leave the queue
                     return
@@ -240,8 +269,7 @@ class Worker:
                 self.rec.count(f"denied_{getattr(answer, 'cause', '?')}")
                 return
             with contextlib.suppress(TimeoutError):  # talk; a revoke ends it early
-                await h.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg,
-                               seconds)
+                await h.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, seconds)
                 self.rec.count("revoked")
             if h.floor_state(tg) == "has_permission":
                 h.release(tg)
@@ -302,19 +330,27 @@ class Worker:
             connected = sum(h.transport.connected for h in self.handsets.values())
             talking = len(self.busy)
             h = self.rec.hist
-            point = {"t": time.time(), "connected": connected, "talking": talking,
-                     "media_rx": rx, "grants": sum(v for k, v in self.rec.counts.items()
-                                                   if k.startswith("granted"))}
+            point = {
+                "t": time.time(),
+                "connected": connected,
+                "talking": talking,
+                "media_rx": rx,
+                "grants": sum(v for k, v in self.rec.counts.items() if k.startswith("granted")),
+            }
             self.series.append(point)
-            self.send("status", **point,
-                      access_p95_ms=h["floor_access"].get_value_at_percentile(95) / 1000,
-                      m2e_p95_ms=h["mouth_to_ear"].get_value_at_percentile(95) / 1000,
-                      lag_p99_ms=h["loop_lag"].get_value_at_percentile(99) / 1000,
-                      actions=self.rec.actions, overruns=self.rec.overruns)
+            self.send(
+                "status",
+                **point,
+                access_p95_ms=h["floor_access"].get_value_at_percentile(95) / 1000,
+                m2e_p95_ms=h["mouth_to_ear"].get_value_at_percentile(95) / 1000,
+                lag_p99_ms=h["loop_lag"].get_value_at_percentile(99) / 1000,
+                actions=self.rec.actions,
+                overruns=self.rec.overruns,
+            )
 
 
 def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:
-    return [items[i:i + n] for i in range(0, len(items), n)]
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def run_worker(plan: WorkerPlan, queue: Any, go: Any) -> None:
@@ -328,6 +364,5 @@ def run_worker(plan: WorkerPlan, queue: Any, go: Any) -> None:
     try:
         run(Worker(plan, queue, go).main())
     except Exception as exc:  # tell the parent in words rather than vanish
-        queue.put({"kind": "error", "worker": plan.index, "error": f"{type(exc).__name__}: "
-                   f"{exc}"})
+        queue.put({"kind": "error", "worker": plan.index, "error": f"{type(exc).__name__}: {exc}"})
         raise

@@ -62,8 +62,13 @@ class Topics:
         parts = topic.split("/")
         head = self.prefix.split("/")
         n = len(head)
-        if (len(parts) == n + 3 and parts[:n] == head and parts[n] == "tg"
-                and parts[n + 2] == "state" and is_id(parts[n + 1])):
+        if (
+            len(parts) == n + 3
+            and parts[:n] == head
+            and parts[n] == "tg"
+            and parts[n + 2] == "state"
+            and is_id(parts[n + 1])
+        ):
             return parts[n + 1]
         return None
 
@@ -82,11 +87,11 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
     head = prefix + "/"
     if not topic.startswith(head):
         return None
-    parts = topic[len(head):].split("/")
+    parts = topic[len(head) :].split("/")
     if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
         kind, unit, tg = parts[2], parts[1], None
-    elif len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in (
-        "floor", "media"
+    elif (
+        len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in ("floor", "media")
     ):
         kind, unit, tg = parts[4], parts[3], parts[1]
     else:

@@ -9,7 +9,6 @@ figures (from Mosquitto's `$SYS` topics).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -29,10 +28,27 @@ BROKER_SYS = {
 }
 
 # reasons exported from the start (at 0), so rate() and alerts work before the first one
-REJECT_REASONS = ("malformed", "unknown_type", "invalid_field", "forbidden", "rate_limited",
-                  "too_large", "bad_topic", "spoofed", "invalid_presence")
-DROP_REASONS = ("not_holder", "revoked", "unknown_group", "malformed", "invalid_field",
-                "too_large", "unknown_type", "spoofed")
+REJECT_REASONS = (
+    "malformed",
+    "unknown_type",
+    "invalid_field",
+    "forbidden",
+    "rate_limited",
+    "too_large",
+    "bad_topic",
+    "spoofed",
+    "invalid_presence",
+)
+DROP_REASONS = (
+    "not_holder",
+    "revoked",
+    "unknown_group",
+    "malformed",
+    "invalid_field",
+    "too_large",
+    "unknown_type",
+    "spoofed",
+)
 
 
 class ServerMetrics:
@@ -40,11 +56,18 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.floor_access = Histogram(
-            "esn_floor_access_seconds", "Floor request received to granted published",
-            ["kind"], buckets=BUCKETS, registry=r)
+            "esn_floor_access_seconds",
+            "Floor request received to granted published",
+            ["kind"],
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.media_relay = Histogram(
-            "esn_media_relay_seconds", "Media packet received to relayed", buckets=BUCKETS,
-            registry=r)
+            "esn_media_relay_seconds",
+            "Media packet received to relayed",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.messages: dict[tuple[str, str], int] = {}  # (kind, direction) -> count
         self.broker: dict[str, float] = {}  # $SYS figure -> value, as Mosquitto reports it
         self.media_dropped: dict[str, int] = {}
@@ -80,36 +103,59 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         net = self.network
-        outcomes = CounterMetricFamily("esn_floor_outcomes", "Floor control outcomes",
-                                       labels=["outcome"])
+        outcomes = CounterMetricFamily(
+            "esn_floor_outcomes", "Floor control outcomes", labels=["outcome"]
+        )
         found = net.outcomes()
         for name in ("granted", "queued", "denied", "preempted", "revoked", "released"):
             outcomes.add_metric([name], found.get(name, 0))
         yield outcomes
-        messages = CounterMetricFamily("esn_messages", "Protocol messages by type and direction",
-                                       labels=["kind", "direction"])
+        messages = CounterMetricFamily(
+            "esn_messages", "Protocol messages by type and direction", labels=["kind", "direction"]
+        )
         for (kind, direction), n in sorted(self.metrics.messages.items()):
             messages.add_metric([kind, direction], n)
         yield messages
-        yield _counter("esn_rejected", "Rejected peer input by reason", "reason",
-                       _sum(dict.fromkeys(REJECT_REASONS, 0), self.metrics.rejected, net.rejected))
-        yield _counter("esn_media_dropped", "Media packets not relayed, by reason", "reason",
-                       _sum(dict.fromkeys(DROP_REASONS, 0), self.metrics.media_dropped))
+        yield _counter(
+            "esn_rejected",
+            "Rejected peer input by reason",
+            "reason",
+            _sum(dict.fromkeys(REJECT_REASONS, 0), self.metrics.rejected, net.rejected),
+        )
+        yield _counter(
+            "esn_media_dropped",
+            "Media packets not relayed, by reason",
+            "reason",
+            _sum(dict.fromkeys(DROP_REASONS, 0), self.metrics.media_dropped),
+        )
         floors = list(net.floors.values())
-        yield GaugeMetricFamily("esn_units_online", "Units whose presence is online",
-                                value=len(net.online))
-        yield GaugeMetricFamily("esn_calls_active", "Group calls in progress (incl. hang time)",
-                                value=sum(f.call is not None for f in floors))
-        yield GaugeMetricFamily("esn_groups_in_emergency", "Talkgroups in emergency state",
-                                value=sum(f.emergency for f in floors))
-        yield GaugeMetricFamily("esn_floor_queue_length", "Requests waiting in floor queues",
-                                value=sum(len(f.queue) for f in floors))
-        taken = GaugeMetricFamily("esn_group_floor_taken", "1 while the group's floor is held",
-                                  labels=["tg"])
-        queued = GaugeMetricFamily("esn_group_queue_length", "Requests waiting, per group",
-                                   labels=["tg"])
-        emergency = GaugeMetricFamily("esn_group_emergency", "1 while the group is in emergency",
-                                      labels=["tg"])
+        yield GaugeMetricFamily(
+            "esn_units_online", "Units whose presence is online", value=len(net.online)
+        )
+        yield GaugeMetricFamily(
+            "esn_calls_active",
+            "Group calls in progress (incl. hang time)",
+            value=sum(f.call is not None for f in floors),
+        )
+        yield GaugeMetricFamily(
+            "esn_groups_in_emergency",
+            "Talkgroups in emergency state",
+            value=sum(f.emergency for f in floors),
+        )
+        yield GaugeMetricFamily(
+            "esn_floor_queue_length",
+            "Requests waiting in floor queues",
+            value=sum(len(f.queue) for f in floors),
+        )
+        taken = GaugeMetricFamily(
+            "esn_group_floor_taken", "1 while the group's floor is held", labels=["tg"]
+        )
+        queued = GaugeMetricFamily(
+            "esn_group_queue_length", "Requests waiting, per group", labels=["tg"]
+        )
+        emergency = GaugeMetricFamily(
+            "esn_group_emergency", "1 while the group is in emergency", labels=["tg"]
+        )
         for f in floors:
             taken.add_metric([f.tg], f.holder is not None)
             queued.add_metric([f.tg], len(f.queue))

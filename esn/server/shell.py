@@ -17,8 +17,6 @@ from time import perf_counter
 import msgpack
 
 from esn import __version__
-from esn.protocol import codec
-from esn.protocol import messages as m
 from esn.core.actions import (
     Action,
     LocationAccepted,
@@ -31,8 +29,10 @@ from esn.core.fleet import Fleet
 from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
 from esn.exporter import serve_metrics
-from esn.server.metrics import BROKER_SYS, ServerMetrics
+from esn.protocol import codec
+from esn.protocol import messages as m
 from esn.protocol.topics import Topics
+from esn.server.metrics import BROKER_SYS, ServerMetrics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 log = logging.getLogger("esn.server")
@@ -56,14 +56,21 @@ class Server:
         loop = asyncio.get_running_loop()
         self._loop = loop
         # core time is the loop's monotonic clock; wall_offset turns it into Unix time
-        self.network = Network(fleet, call_prefix=f"{self.started_ns // 1_000_000 % 10**8:x}-",
-                               wall_offset=time.time() - loop.time())
+        self.network = Network(
+            fleet,
+            call_prefix=f"{self.started_ns // 1_000_000 % 10**8:x}-",
+            wall_offset=time.time() - loop.time(),
+        )
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch(self.network)
         status_topic = self.topics.status(config.server_id)
         self.transport: Transport = make_transport(
-            config.mqtt_client, config.broker, client_id=config.server_id,
-            keepalive=config.keepalive, will=Will(status_topic, self._status("offline")))
+            config.mqtt_client,
+            config.broker,
+            client_id=config.server_id,
+            keepalive=config.keepalive,
+            will=Will(status_topic, self._status("offline")),
+        )
         self.transport.on_message = self._on_message
         self.transport.on_connect = self._on_connect
         self._timer: asyncio.TimerHandle | None = None
@@ -86,16 +93,21 @@ class Server:
         await self._recover()
         if self.config.metrics_port is not None:
             self._http = await serve_metrics(self.metrics.registry, self.config.metrics_port)
-        log.info("serving %d talkgroups on %s as %s", len(self.network.groups),
-                 self.config.broker.url(), self.config.server_id)
+        log.info(
+            "serving %d talkgroups on %s as %s",
+            len(self.network.groups),
+            self.config.broker.url(),
+            self.config.server_id,
+        )
 
     async def stop(self) -> None:
         """Stop taking input, tell peers we are offline, then close the link and endpoint."""
         self._accepting = False
         if self._timer is not None:
             self._timer.cancel()
-        self.transport.publish(self.topics.status(self.config.server_id),
-                               self._status("offline"), qos=1, retain=True)
+        self.transport.publish(
+            self.topics.status(self.config.server_id), self._status("offline"), qos=1, retain=True
+        )
         await self.transport.stop()
         if self._http is not None:
             self._http.close()
@@ -221,8 +233,15 @@ class Server:
         if reason is not None:
             self.metrics.count_media_dropped(reason)
             return
-        out = {"t": "media", "tg": tg, "talker": unit, "call": self.network.floors[tg].call,
-               "seq": msg.seq, "data": msg.data, "rts": time.time_ns()}
+        out = {
+            "t": "media",
+            "tg": tg,
+            "talker": unit,
+            "call": self.network.floors[tg].call,
+            "seq": msg.seq,
+            "data": msg.data,
+            "rts": time.time_ns(),
+        }
         if msg.ts is not None:
             out["ts"] = msg.ts
         self.transport.publish(self.topics.media_down(tg), msgpack.packb(out), qos=0)

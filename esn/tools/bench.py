@@ -27,8 +27,8 @@ from typing import Any
 
 import msgpack
 
-from esn.tools.broker import Mosquitto, free_port, wait_listening
 from esn.client.handset import Handset
+from esn.tools.broker import Mosquitto, free_port, wait_listening
 from esn.tools.quantiles import percentile
 from esn.transport import CLIENTS, BrokerConfig, make_transport
 
@@ -56,8 +56,15 @@ def _packet() -> bytes:
     return bytes(msgpack.packb(packet))
 
 
-async def _count_through(broker: Mosquitto, pub_topic: str, sub_topic: str, count: int,
-                         listeners: int, seconds: float, rate: int = 0) -> dict[str, float]:
+async def _count_through(
+    broker: Mosquitto,
+    pub_topic: str,
+    sub_topic: str,
+    count: int,
+    listeners: int,
+    seconds: float,
+    rate: int = 0,
+) -> dict[str, float]:
     """Publish `count` packets with mosquitto_pub (`rate`/s, or flat out when 0); count what
     each mosquitto_sub gets."""
     tool = shutil.which("mosquitto_sub")
@@ -66,10 +73,26 @@ async def _count_through(broker: Mosquitto, pub_topic: str, sub_topic: str, coun
     subs = []
     for _ in range(listeners):
         proc = await asyncio.create_subprocess_exec(
-            "stdbuf", "-oL", "mosquitto_sub", "-p", str(broker.port), "-h", "127.0.0.1",
-            "-t", sub_topic, "-d", "-N", "-F", "|", "-W", str(int(seconds * 4 + 60)),
-            "-C", str(count),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            "stdbuf",
+            "-oL",
+            "mosquitto_sub",
+            "-p",
+            str(broker.port),
+            "-h",
+            "127.0.0.1",
+            "-t",
+            sub_topic,
+            "-d",
+            "-N",
+            "-F",
+            "|",
+            "-W",
+            str(int(seconds * 4 + 60)),
+            "-C",
+            str(count),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         assert proc.stdout is not None
         while b"SUBACK" not in (line := await asyncio.wait_for(proc.stdout.readline(), 10)):
             if not line:
@@ -81,14 +104,31 @@ async def _count_through(broker: Mosquitto, pub_topic: str, sub_topic: str, coun
         start = time.perf_counter()
         pace = ["--repeat-delay", f"{1 / rate:.6f}"] if rate else []
         pub = await asyncio.create_subprocess_exec(
-            "mosquitto_pub", "-p", str(broker.port), "-h", "127.0.0.1", "-t", pub_topic,
-            "-f", f.name, "--repeat", str(count), "-q", "0", *pace)
+            "mosquitto_pub",
+            "-p",
+            str(broker.port),
+            "-h",
+            "127.0.0.1",
+            "-t",
+            pub_topic,
+            "-f",
+            f.name,
+            "--repeat",
+            str(count),
+            "-q",
+            "0",
+            *pace,
+        )
         results = await asyncio.gather(*(_drain(p, start) for p in subs))
         await pub.wait()
     received = min(n for n, _ in results)
     elapsed = max(t for _, t in results)
-    return {"sent": count, "received": received, "seconds": round(elapsed, 3),
-            "msg_per_s": round(received / elapsed) if elapsed else 0.0}
+    return {
+        "sent": count,
+        "received": received,
+        "seconds": round(elapsed, 3),
+        "msg_per_s": round(received / elapsed) if elapsed else 0.0,
+    }
 
 
 async def _drain(proc: asyncio.subprocess.Process, start: float) -> tuple[int, float]:
@@ -102,8 +142,7 @@ async def _drain(proc: asyncio.subprocess.Process, start: float) -> tuple[int, f
     return n, last - start
 
 
-async def _latency_direct(cfg: BrokerConfig, client: str, rate: int,
-                          seconds: float) -> list[float]:
+async def _latency_direct(cfg: BrokerConfig, client: str, rate: int, seconds: float) -> list[float]:
     """Publish -> subscribe straight through the broker: the floor under any relay."""
     got: list[float] = []
     pub = make_transport(client, cfg, client_id="bench-pub")
@@ -119,8 +158,7 @@ async def _latency_direct(cfg: BrokerConfig, client: str, rate: int,
     return got
 
 
-async def _latency_relay(cfg: BrokerConfig, client: str, rate: int,
-                         seconds: float) -> list[float]:
+async def _latency_relay(cfg: BrokerConfig, client: str, rate: int, seconds: float) -> list[float]:
     talker = Handset("talker", cfg, mqtt_client=client, media_interval=0)
     listener = Handset("listener", cfg, mqtt_client=client)
     for h in (talker, listener):
@@ -136,8 +174,9 @@ async def _latency_relay(cfg: BrokerConfig, client: str, rate: int,
     return listener.stats.mouth_to_ear_s
 
 
-async def _relay_throughput(broker: Mosquitto, cfg: BrokerConfig, client: str, fleet: Path,
-                            count: int, opts: BenchOptions) -> dict[str, float]:
+async def _relay_throughput(
+    broker: Mosquitto, cfg: BrokerConfig, client: str, fleet: Path, count: int, opts: BenchOptions
+) -> dict[str, float]:
     server = await _with_server(broker, client, fleet)
     try:
         talker = Handset("talker", cfg, media_interval=0)
@@ -145,9 +184,15 @@ async def _relay_throughput(broker: Mosquitto, cfg: BrokerConfig, client: str, f
         await talker.affiliate("tg-bench")
         await talker.press("tg-bench")
         cpu_before = _cpu_seconds(server.pid)
-        relay = await _count_through(broker, "esn/tg/tg-bench/up/talker/media",
-                                     "esn/tg/tg-bench/down/media", count, opts.listeners,
-                                     opts.seconds, opts.rate)
+        relay = await _count_through(
+            broker,
+            "esn/tg/tg-bench/up/talker/media",
+            "esn/tg/tg-bench/down/media",
+            count,
+            opts.listeners,
+            opts.seconds,
+            opts.rate,
+        )
         cpu = _cpu_seconds(server.pid) - cpu_before
         relay["server_cpu_s"] = round(cpu, 3)
         relay["msg_per_server_cpu_s"] = round(relay["received"] / cpu) if cpu > 0 else 0
@@ -171,15 +216,30 @@ async def _paced(send: Any, rate: int, seconds: float) -> None:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), **{f"p{q}_ms": round(percentile(values, q / 100) * 1000, 3)
-                                  for q in (50, 95, 99)}}
+    return {
+        "n": len(values),
+        **{f"p{q}_ms": round(percentile(values, q / 100) * 1000, 3) for q in (50, 95, 99)},
+    }
 
 
 async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.subprocess.Process:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "esn.cli", "server", "--broker", broker.url, "--fleet", str(fleet),
-        "--mqtt-client", client, "--metrics-port", str(port), "--server-id", f"bench-{client}")
+        sys.executable,
+        "-m",
+        "esn.cli",
+        "server",
+        "--broker",
+        broker.url,
+        "--fleet",
+        str(fleet),
+        "--mqtt-client",
+        client,
+        "--metrics-port",
+        str(port),
+        "--server-id",
+        f"bench-{client}",
+    )
     if await wait_listening(port):
         return proc
     proc.kill()
@@ -188,10 +248,16 @@ async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.s
 
 async def run_bench(opts: BenchOptions) -> int:
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "cpu": _cpu_model(), "mosquitto": _mosquitto_version(),
-                    "date": time.strftime("%Y-%m-%d")},
-        "payload_bytes": len(_packet()), "relay": {}, "latency": {},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "cpu": _cpu_model(),
+            "mosquitto": _mosquitto_version(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "payload_bytes": len(_packet()),
+        "relay": {},
+        "latency": {},
     }
     count = opts.rate * int(opts.seconds) if opts.rate else 100_000
     with Mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
@@ -199,8 +265,9 @@ async def run_bench(opts: BenchOptions) -> int:
         fleet.write_text(FLEET)
         cfg = BrokerConfig.from_url(broker.url)
         print(f"raw broker: mosquitto_pub -> mosquitto_sub, {count} packets ...", flush=True)
-        raw = await _count_through(broker, "bench/raw", "bench/raw", count, opts.listeners,
-                                   opts.seconds, opts.rate)
+        raw = await _count_through(
+            broker, "bench/raw", "bench/raw", count, opts.listeners, opts.seconds, opts.rate
+        )
         results["raw"] = raw
         direct = _summary(await _latency_direct(cfg, "gmqtt", opts.latency_rate, opts.seconds))
         results["latency"]["direct_gmqtt"] = direct
@@ -226,18 +293,24 @@ async def run_bench(opts: BenchOptions) -> int:
 
 def _print(r: dict[str, Any], opts: BenchOptions) -> None:
     raw = r["raw"]
-    print(f"\nThroughput ({r['payload_bytes']}-byte voice packets, QoS 0, "
-          f"{opts.listeners} listener(s))")
+    print(
+        f"\nThroughput ({r['payload_bytes']}-byte voice packets, QoS 0, "
+        f"{opts.listeners} listener(s))"
+    )
     print(f"  {'raw broker (C clients)':28} {raw['msg_per_s']:>9,} msg/s")
     for client, x in r["relay"].items():
-        print(f"  {'server relay on ' + client:28} {x['msg_per_s']:>9,} msg/s  "
-              f"= {x['ratio_to_raw']:.1%} of raw, loss {x['loss']:.1%}, "
-              f"{x['msg_per_server_cpu_s']:,} msg per server CPU-second")
+        print(
+            f"  {'server relay on ' + client:28} {x['msg_per_s']:>9,} msg/s  "
+            f"= {x['ratio_to_raw']:.1%} of raw, loss {x['loss']:.1%}, "
+            f"{x['msg_per_server_cpu_s']:,} msg per server CPU-second"
+        )
     print(f"\nLatency at {opts.latency_rate} packets/s (publish -> receive)")
     for name, x in r["latency"].items():
         extra = f"  ({x['p50_ratio_to_direct']}x direct)" if "p50_ratio_to_direct" in x else ""
-        print(f"  {name:28} p50 {x['p50_ms']:.3f} ms  p95 {x['p95_ms']:.3f} ms  "
-              f"p99 {x['p99_ms']:.3f} ms{extra}")
+        print(
+            f"  {name:28} p50 {x['p50_ms']:.3f} ms  p95 {x['p95_ms']:.3f} ms  "
+            f"p99 {x['p99_ms']:.3f} ms{extra}"
+        )
 
 
 def _cpu_seconds(pid: int) -> float:

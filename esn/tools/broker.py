@@ -45,8 +45,9 @@ async def wait_listening(port: int, timeout: float = 15.0) -> bool:
     return False
 
 
-def end_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
-                timeout: float = 10.0) -> None:
+def end_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
     """Signal a helper process and reap it, killing it if it does not go in time."""
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -59,8 +60,8 @@ def end_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
 
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
-        None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+    )
     if found is None:
         raise BrokerError("mosquitto is not installed (Debian: apt-get install mosquitto)")
     return found
@@ -69,8 +70,9 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A Mosquitto process on 127.0.0.1:`port`; `start()` returns once it accepts connections."""
 
-    def __init__(self, port: int | None = None, config: Path | None = None,
-                 complete: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, config: Path | None = None, complete: bool = False
+    ) -> None:
         """`config` is a profile without listeners (the launcher adds one on `port`), or,
         with `complete`, a whole configuration with its own listeners on `port`."""
         self.port = port or free_port()
@@ -89,8 +91,12 @@ class Mosquitto:
         listener = "" if self.complete else f"listener {self.port} 127.0.0.1\n"
         conf.write_text(listener + self.config.read_text())
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -28,21 +28,31 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from esn.protocol import messages as m
-from esn.tools.broker import BrokerError, Mosquitto, free_port
-from esn.tomlfile import load_fleet
 from esn.client.handset import HAS_PERMISSION, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.exporter import serve_metrics
+from esn.protocol import messages as m
+from esn.tomlfile import load_fleet
 from esn.tools import shipped
+from esn.tools.broker import BrokerError, Mosquitto, free_port
 from esn.tools.monitoring import MonitoringError, Prometheus
 from esn.tools.quantiles import histogram_quantile, percentile
 from esn.tools.secure import SecureConfigError, generate
 from esn.transport import BrokerConfig, TransportError
 
 TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
-GROUP_NAMES = ["Response North", "Response South", "Response East", "Response West",
-               "Traffic", "Firearms", "Custody", "Fire Ops", "Ambulance Ops", "Coastguard"]
+GROUP_NAMES = [
+    "Response North",
+    "Response South",
+    "Response East",
+    "Response West",
+    "Traffic",
+    "Firearms",
+    "Custody",
+    "Fire Ops",
+    "Ambulance Ops",
+    "Coastguard",
+]
 DISPATCHER = "disp-1"
 CONSOLE = "disp-2"  # a second dispatcher account, for `esn console` beside the demo
 SERVER_ID = "esn-demo"
@@ -78,11 +88,22 @@ class Checks:
 
 
 def fleet_toml(groups: list[str], handsets: list[str], supervisors: set[str]) -> str:
-    lines = ["[defaults]", "max_talk_ms = 20000", "hang_ms = 3000", "end_of_media_ms = 3000",
-             "queue_depth = 8", "preempt_threshold = 200", ""]
+    lines = [
+        "[defaults]",
+        "max_talk_ms = 20000",
+        "hang_ms = 3000",
+        "end_of_media_ms = 3000",
+        "queue_depth = 8",
+        "preempt_threshold = 200",
+        "",
+    ]
     for i, tg in enumerate(groups):
-        lines += ["[[talkgroup]]", f'id = "{tg}"', f'name = "{GROUP_NAMES[i % len(GROUP_NAMES)]}"',
-                  ""]
+        lines += [
+            "[[talkgroup]]",
+            f'id = "{tg}"',
+            f'name = "{GROUP_NAMES[i % len(GROUP_NAMES)]}"',
+            "",
+        ]
     lines += ["[[talkgroup]]", 'id = "tg-all"', 'name = "All-call"', "broadcast = true", ""]
     lines += ["[[unit]]", f'id = "{DISPATCHER}"', 'role = "dispatcher"', "priority = 250", ""]
     lines += ["[[unit]]", f'id = "{CONSOLE}"', 'role = "dispatcher"', "priority = 250", ""]
@@ -118,8 +139,11 @@ class Demo:
 
     async def start_handsets(self, broker_for: Callable[[str], BrokerConfig]) -> None:
         """`broker_for(unit)`: how that unit connects (its own credentials, if any)."""
-        kw = {"mqtt_client": self.opts.mqtt_client, "keep_inbox": False,
-              "metrics": self.handset_metrics}
+        kw = {
+            "mqtt_client": self.opts.mqtt_client,
+            "keep_inbox": False,
+            "metrics": self.handset_metrics,
+        }
         self.dispatcher = Handset(DISPATCHER, broker_for(DISPATCHER), **kw)  # type: ignore[arg-type]
         await self.dispatcher.start()
         await self.dispatcher.affiliate(*self.groups)
@@ -191,8 +215,9 @@ class Demo:
         unit.send(m.EmergencyAlert(tg=tg, lat=lat, lon=lon, ref=unit.next_ref()))
         answer = await unit.press(tg, kind="emergency")
         self.checks.record(names[0], isinstance(answer, m.Granted))
-        ack = await self.dispatcher.ask(m.EmergencyAck(unit=unit.unit, tg=tg,
-                                                       ref=self.dispatcher.next_ref()))
+        ack = await self.dispatcher.ask(
+            m.EmergencyAck(unit=unit.unit, tg=tg, ref=self.dispatcher.next_ref())
+        )
         self.checks.record(names[1], isinstance(ack, m.Ok))
         await asyncio.sleep(3)
         unit.release(tg)
@@ -234,10 +259,12 @@ class Demo:
         m2e = [x for h in self.handsets[:50] for x in h.stats.mouth_to_ear_s[-200:]]
         units = [*self.handsets, *(h for h in (self.late_joiner,) if h)]
         online = sum(h.transport.connected for h in units)
-        return (f"t={elapsed:5.1f}s/{self.opts.duration:g}s  online {online}/{len(units)}"
-                f"  talking {talking:3d}  grants {len(access):4d}"
-                f"  access p95 {_ms(percentile(access, 0.95))}"
-                f"  mouth-to-ear p95 {_ms(percentile(m2e, 0.95))}")
+        return (
+            f"t={elapsed:5.1f}s/{self.opts.duration:g}s  online {online}/{len(units)}"
+            f"  talking {talking:3d}  grants {len(access):4d}"
+            f"  access p95 {_ms(percentile(access, 0.95))}"
+            f"  mouth-to-ear p95 {_ms(percentile(m2e, 0.95))}"
+        )
 
     async def show_progress(self) -> None:
         tty = sys.stdout.isatty()
@@ -251,12 +278,18 @@ class Demo:
     def report(self, scraped: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
         everyone = [*self.handsets, *(h for h in (self.dispatcher, self.late_joiner) if h)]
         rows = [
-            ("Floor access (handset, press→granted)",
-             [x for h in everyone for x in h.stats.access_s]),
-            ("Mouth-to-ear (talker ts→listener)",
-             [x for h in everyone for x in h.stats.mouth_to_ear_s]),
-            ("Late entry (affiliate→first media)",
-             [x for h in everyone for x in h.stats.late_entry_s]),
+            (
+                "Floor access (handset, press→granted)",
+                [x for h in everyone for x in h.stats.access_s],
+            ),
+            (
+                "Mouth-to-ear (talker ts→listener)",
+                [x for h in everyone for x in h.stats.mouth_to_ear_s],
+            ),
+            (
+                "Late entry (affiliate→first media)",
+                [x for h in everyone for x in h.stats.late_entry_s],
+            ),
         ]
         print()
         print(f"{'KPI':42} {'n':>7} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}  target p95")
@@ -266,25 +299,39 @@ class Demo:
             passed = bool(values) and p95 < TARGET_S
             ok &= passed or name.startswith("Late")
             verdict = "PASS" if passed else "FAIL"
-            print(f"{name:42} {len(values):7d} {_ms(percentile(values, 0.5)):>9} {_ms(p95):>9} "
-                  f"{_ms(percentile(values, 0.99)):>9} {_ms(max(values, default=math.nan)):>9}"
-                  f"  < 300 ms {verdict}")
-        for metric, label in (("esn_floor_access_seconds", "Floor access (server-side)"),
-                              ("esn_media_relay_seconds", "Media relay (server-side)")):
+            print(
+                f"{name:42} {len(values):7d} {_ms(percentile(values, 0.5)):>9} {_ms(p95):>9} "
+                f"{_ms(percentile(values, 0.99)):>9} {_ms(max(values, default=math.nan)):>9}"
+                f"  < 300 ms {verdict}"
+            )
+        for metric, label in (
+            ("esn_floor_access_seconds", "Floor access (server-side)"),
+            ("esn_media_relay_seconds", "Media relay (server-side)"),
+        ):
             buckets = _buckets(scraped, metric)
             n = int(buckets[-1][1]) if buckets else 0
             qs = [_ms(histogram_quantile(buckets, q)) for q in (0.5, 0.95, 0.99)]
             print(f"{label:42} {n:7d} {qs[0]:>9} {qs[1]:>9} {qs[2]:>9} {'':>9}  (histogram)")
-        outcomes = {lab["outcome"]: int(v)
-                    for lab, v in scraped.get("esn_floor_outcomes_total", [])}
-        relayed = sum(v for lab, v in scraped.get("esn_messages_total", [])
-                      if lab == {"kind": "media", "direction": "out"})
+        outcomes = {
+            lab["outcome"]: int(v) for lab, v in scraped.get("esn_floor_outcomes_total", [])
+        }
+        relayed = sum(
+            v
+            for lab, v in scraped.get("esn_messages_total", [])
+            if lab == {"kind": "media", "direction": "out"}
+        )
         dropped = sum(v for _, v in scraped.get("esn_media_dropped_total", []))
         print()
-        print("Floor outcomes: " + ", ".join(f"{k} {outcomes.get(k, 0)}" for k in (
-            "granted", "queued", "denied", "preempted", "revoked", "released")))
-        print(f"Media packets relayed: {int(relayed)}  (dropped, e.g. after a revoke: "
-              f"{int(dropped)})")
+        print(
+            "Floor outcomes: "
+            + ", ".join(
+                f"{k} {outcomes.get(k, 0)}"
+                for k in ("granted", "queued", "denied", "preempted", "revoked", "released")
+            )
+        )
+        print(
+            f"Media packets relayed: {int(relayed)}  (dropped, e.g. after a revoke: {int(dropped)})"
+        )
         print()
         for name, result in self.checks.results.items():
             print(f"  {'✔' if result else '✘'} {name}")
@@ -297,8 +344,9 @@ def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f} ms"
 
 
-def _buckets(scraped: dict[str, list[tuple[dict[str, str], float]]],
-             metric: str) -> list[tuple[float, float]]:
+def _buckets(
+    scraped: dict[str, list[tuple[dict[str, str], float]]], metric: str
+) -> list[tuple[float, float]]:
     total: dict[float, float] = {}
     for labels, value in scraped.get(f"{metric}_bucket", []):
         le = float(labels["le"])
@@ -319,9 +367,14 @@ async def run_demo(opts: DemoOptions) -> int:
         server_args: list[str] = []
         env = dict(os.environ)
         if opts.secure:
-            profile = generate(load_fleet(fleet), Path(workdir.name) / "broker",
-                               port=free_port(), tls_port=free_port(), server_id=SERVER_ID,
-                               extra_users=tuple(demo.unit_ids))
+            profile = generate(
+                load_fleet(fleet),
+                Path(workdir.name) / "broker",
+                port=free_port(),
+                tls_port=free_port(),
+                server_id=SERVER_ID,
+                extra_users=tuple(demo.unit_ids),
+            )
             broker_proc = Mosquitto(profile.port, profile.conf, complete=True).start()
             url = broker_proc.url
             # the server over TLS, the handsets over the authenticated plain listener
@@ -330,8 +383,9 @@ async def run_demo(opts: DemoOptions) -> int:
             env["ESN_MQTT_PASSWORD"] = profile.password(SERVER_ID)
 
             def broker_for(unit: str) -> BrokerConfig:
-                return replace(BrokerConfig.from_url(url), username=unit,
-                               password=profile.password(unit))
+                return replace(
+                    BrokerConfig.from_url(url), username=unit, password=profile.password(unit)
+                )
         else:
             if opts.broker_url is None:
                 broker_proc = Mosquitto().start()
@@ -340,16 +394,34 @@ async def run_demo(opts: DemoOptions) -> int:
 
             def broker_for(unit: str) -> BrokerConfig:
                 return plain
+
         mode = "secure profile (passwords, ACL, TLS)" if opts.secure else "local profile"
-        print(f"esn demo: broker {url} in the {mode}, {len(demo.unit_ids)} handsets in "
-              f"{len(demo.groups)} talkgroups, 1 dispatcher, {opts.duration:g} s, "
-              f"MQTT client {opts.mqtt_client}")
+        print(
+            f"esn demo: broker {url} in the {mode}, {len(demo.unit_ids)} handsets in "
+            f"{len(demo.groups)} talkgroups, 1 dispatcher, {opts.duration:g} s, "
+            f"MQTT client {opts.mqtt_client}"
+        )
         with open(demo.server_log, "wb") as log:  # noqa: ASYNC230 (a moment, at start)
             server = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "esn.cli", "server", "--broker", server_url,
-                "--fleet", str(fleet), "--metrics-port", str(demo.metrics_port),
-                "--mqtt-client", opts.mqtt_client, "--server-id", SERVER_ID, *server_args,
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                sys.executable,
+                "-m",
+                "esn.cli",
+                "server",
+                "--broker",
+                server_url,
+                "--fleet",
+                str(fleet),
+                "--metrics-port",
+                str(demo.metrics_port),
+                "--mqtt-client",
+                opts.mqtt_client,
+                "--server-id",
+                SERVER_ID,
+                *server_args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
         if not opts.secure:
             print(f"console: esn console --broker {url} --unit {CONSOLE}")
@@ -361,9 +433,11 @@ async def run_demo(opts: DemoOptions) -> int:
         d = opts.duration
         tasks = [asyncio.create_task(demo.conversation(tg)) for tg in demo.groups[3:]]
         tasks.append(asyncio.create_task(demo.show_progress()))
-        scenes = [(0.2, demo.scene_preemption, demo.groups[0]),
-                  (0.4, demo.scene_emergency, demo.groups[1 % len(demo.groups)]),
-                  (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)])]
+        scenes = [
+            (0.2, demo.scene_preemption, demo.groups[0]),
+            (0.4, demo.scene_emergency, demo.groups[1 % len(demo.groups)]),
+            (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)]),
+        ]
         for frac, scene, tg in scenes:
             tasks.append(asyncio.create_task(_after(frac * d, scene(tg))))
         await asyncio.sleep(d)
@@ -403,13 +477,22 @@ async def _start_monitoring(demo: Demo) -> tuple[Prometheus, asyncio.Server]:
     handset_port = free_port()
     exporter = await serve_metrics(demo.handset_metrics.registry, handset_port)
     port = 9090 if _port_free(9090) else free_port()
-    prometheus = await asyncio.to_thread(Prometheus(
-        {"server": [f"127.0.0.1:{demo.metrics_port}"],
-         "handsets": [f"127.0.0.1:{handset_port}"]}, port=port).start)
-    print(f"Prometheus: {prometheus.url}  (handset metrics: "
-          f"http://127.0.0.1:{handset_port}/metrics)")
-    print(f"Grafana: GF_PATHS_PROVISIONING={shipped('provisioning')} grafana-server"
-          + ("" if port == 9090 else f"  (then point the datasource at {prometheus.url})"))
+    prometheus = await asyncio.to_thread(
+        Prometheus(
+            {
+                "server": [f"127.0.0.1:{demo.metrics_port}"],
+                "handsets": [f"127.0.0.1:{handset_port}"],
+            },
+            port=port,
+        ).start
+    )
+    print(
+        f"Prometheus: {prometheus.url}  (handset metrics: http://127.0.0.1:{handset_port}/metrics)"
+    )
+    print(
+        f"Grafana: GF_PATHS_PROVISIONING={shipped('provisioning')} grafana-server"
+        + ("" if port == 9090 else f"  (then point the datasource at {prometheus.url})")
+    )
     return prometheus, exporter
 
 

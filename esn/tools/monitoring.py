@@ -26,8 +26,13 @@ class MonitoringError(RuntimeError):
 
 
 class Prometheus:
-    def __init__(self, targets: dict[str, list[str]], *, port: int | None = None,
-                 scrape_interval: str | None = None) -> None:
+    def __init__(
+        self,
+        targets: dict[str, list[str]],
+        *,
+        port: int | None = None,
+        scrape_interval: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.targets = targets  # job file name (server, handsets) -> host:port list
         self.scrape_interval = scrape_interval
@@ -49,15 +54,24 @@ class Prometheus:
             (conf / "targets" / f"{job}.json").write_text(json.dumps([{"targets": hosts}]))
         if self.scrape_interval:
             main = conf / "prometheus.yml"
-            main.write_text(main.read_text().replace(
-                "scrape_interval: 5s", f"scrape_interval: {self.scrape_interval}").replace(
-                "evaluation_interval: 5s", f"evaluation_interval: {self.scrape_interval}"))
+            main.write_text(
+                main.read_text()
+                .replace("scrape_interval: 5s", f"scrape_interval: {self.scrape_interval}")
+                .replace("evaluation_interval: 5s", f"evaluation_interval: {self.scrape_interval}")
+            )
         with open(root / "prometheus.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={conf / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={root / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    binary,
+                    f"--config.file={conf / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={root / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

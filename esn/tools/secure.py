@@ -88,8 +88,8 @@ def conf_text(folder: Path, port: int, tls_port: int) -> str:
 user {getpass.getuser()}
 per_listener_settings false
 allow_anonymous false
-password_file {folder / 'passwd'}
-acl_file {folder / 'acl'}
+password_file {folder / "passwd"}
+acl_file {folder / "acl"}
 # a unit id is its username: nobody can connect under another unit's id
 use_username_as_clientid true
 max_packet_size {MAX_PACKET}
@@ -105,30 +105,46 @@ connection_messages false
 listener {port} 127.0.0.1
 
 listener {tls_port} 127.0.0.1
-cafile {folder / 'ca.crt'}
-certfile {folder / 'server.crt'}
-keyfile {folder / 'server.key'}
+cafile {folder / "ca.crt"}
+certfile {folder / "server.crt"}
+keyfile {folder / "server.key"}
 tls_version tlsv1.2
 """
 
 
-def generate(fleet: Fleet, folder: Path, *, port: int, tls_port: int, server_id: str = "esn-1",
-             extra_users: tuple[str, ...] = (), prefix: str = "esn") -> SecureProfile:
+def generate(
+    fleet: Fleet,
+    folder: Path,
+    *,
+    port: int,
+    tls_port: int,
+    server_id: str = "esn-1",
+    extra_users: tuple[str, ...] = (),
+    prefix: str = "esn",
+) -> SecureProfile:
     """Write the whole profile; units not in the fleet file get no account."""
     for tool in ("mosquitto_passwd", "openssl"):
         if shutil.which(tool) is None:
             raise SecureConfigError(f"{tool} is not installed")
     folder.mkdir(parents=True, exist_ok=True)
-    users = sorted({server_id, *fleet.units, *(u for g in fleet.groups.values()
-                                               for u in g.members), *extra_users})
+    users = sorted(
+        {
+            server_id,
+            *fleet.units,
+            *(u for g in fleet.groups.values() for u in g.members),
+            *extra_users,
+        }
+    )
     passwords = {u: secrets.token_urlsafe(18) for u in users}
     passwd = folder / "passwd"
     passwd.write_text("".join(f"{u}:{pw}\n" for u, pw in passwords.items()))
     passwd.chmod(0o600)
     _run("mosquitto_passwd", "-U", str(passwd))  # hashes the file in place
     creds = folder / "credentials.toml"
-    creds.write_text("# generated passwords; keep this file private\n[passwords]\n"
-                     + "".join(f'"{u}" = "{pw}"\n' for u, pw in passwords.items()))
+    creds.write_text(
+        "# generated passwords; keep this file private\n[passwords]\n"
+        + "".join(f'"{u}" = "{pw}"\n' for u, pw in passwords.items())
+    )
     creds.chmod(0o600)
     (folder / "acl").write_text(acl_text(fleet, server_id, prefix))
     _make_certificates(folder)
@@ -139,14 +155,55 @@ def generate(fleet: Fleet, folder: Path, *, port: int, tls_port: int, server_id:
 def _make_certificates(folder: Path) -> None:
     ca_key, ca_crt = folder / "ca.key", folder / "ca.crt"
     key, csr, crt = folder / "server.key", folder / "server.csr", folder / "server.crt"
-    _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-         "-subj", "/CN=ESN simulator CA", "-keyout", str(ca_key), "-out", str(ca_crt))
-    _run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-keyout", str(key), "-out", str(csr))
+    _run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "365",
+        "-subj",
+        "/CN=ESN simulator CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_crt),
+    )
+    _run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
     ext = folder / "server.ext"
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
-         "-CAcreateserial", "-days", "365", "-extfile", str(ext), "-out", str(crt))
+    _run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_crt),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "365",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
     for f in (ca_key, key):
         f.chmod(0o600)
     csr.unlink()

@@ -9,8 +9,14 @@ from esn.transport.base import BrokerConfig, Transport, TransportError, Will
 CLIENTS = ("gmqtt", "paho")  # the MQTT stacks a user can choose; "memory" is for tests
 
 
-def make_transport(kind: str, broker: BrokerConfig, *, client_id: str, will: Will | None = None,
-                   keepalive: int = 30) -> Transport:
+def make_transport(
+    kind: str,
+    broker: BrokerConfig,
+    *,
+    client_id: str,
+    will: Will | None = None,
+    keepalive: int = 30,
+) -> Transport:
     if kind == "gmqtt":
         from esn.transport.gmqtt_client import GmqttTransport
 

@@ -43,8 +43,14 @@ class BrokerConfig:
     ca_file: str | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, username: str | None = None,
-                 password: str | None = None, ca_file: str | None = None) -> BrokerConfig:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+    ) -> BrokerConfig:
         """`mqtt://HOST:PORT` or `mqtts://HOST:PORT`; credentials in the URL are allowed."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -54,10 +60,14 @@ class BrokerConfig:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
             raise ValueError(f"bad port in broker URL {url!r}") from None
-        return cls(host=parts.hostname, port=port, tls=tls,
-                   username=username or (unquote(parts.username) if parts.username else None),
-                   password=password or (unquote(parts.password) if parts.password else None),
-                   ca_file=ca_file)
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=username or (unquote(parts.username) if parts.username else None),
+            password=password or (unquote(parts.password) if parts.password else None),
+            ca_file=ca_file,
+        )
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
@@ -82,8 +92,15 @@ def _ignore() -> None:
 class Transport(ABC):
     """One MQTT connection with its own reconnect policy. Callbacks run on the event loop."""
 
-    def __init__(self, broker: BrokerConfig, *, client_id: str, will: Will | None = None,
-                 keepalive: int = 30, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        *,
+        client_id: str,
+        will: Will | None = None,
+        keepalive: int = 30,
+        connect_timeout: float = 5.0,
+    ) -> None:
         self.broker = broker
         self.client_id = client_id
         self.will = will
@@ -144,8 +161,9 @@ class Transport(ABC):
         except TimeoutError:
             self.connected = False
             await self._disconnect()
-            raise TransportError(f"broker {self.broker.url()} did not answer within "
-                                 f"{self.connect_timeout:g} s") from None
+            raise TransportError(
+                f"broker {self.broker.url()} did not answer within {self.connect_timeout:g} s"
+            ) from None
         self.on_connect()
 
     async def _connect_and_subscribe(self) -> None:
@@ -163,8 +181,9 @@ class Transport(ABC):
             if self._closing:
                 return
             self.connected = False
-            log.warning("%s: link to broker %s lost; reconnecting", self.client_id,
-                        self.broker.url())
+            log.warning(
+                "%s: link to broker %s lost; reconnecting", self.client_id, self.broker.url()
+            )
             self.on_disconnect()
             attempt = 0
             while not self._closing:

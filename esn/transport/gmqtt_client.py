@@ -36,8 +36,9 @@ class GmqttTransport(Transport):
         if self.will is not None:
             w = self.will
             will = gmqtt.Message(w.topic, w.payload, qos=w.qos, retain=w.retain)
-        client: _Client = _Client(self.client_id, lambda: self._lost_from(client),
-                                  clean_session=True, will_message=will)
+        client: _Client = _Client(
+            self.client_id, lambda: self._lost_from(client), clean_session=True, will_message=will
+        )
         client.on_message = self._on_message
         client.on_subscribe = self._on_suback
         client.on_unsubscribe = self._on_suback
@@ -45,12 +46,17 @@ class GmqttTransport(Transport):
             client.set_auth_credentials(self.broker.username, self.broker.password)
         self._acks: dict[int, asyncio.Future[None]] = {}
         try:
-            await client.connect(self.broker.host, self.broker.port,
-                                 ssl=self.broker.ssl_context() or False,
-                                 keepalive=self.keepalive, version=MQTTv311)
+            await client.connect(
+                self.broker.host,
+                self.broker.port,
+                ssl=self.broker.ssl_context() or False,
+                keepalive=self.keepalive,
+                version=MQTTv311,
+            )
         except OSError as exc:
-            raise TransportError(f"cannot reach broker {self.broker.url()}: "
-                                 f"{exc.strerror or exc}") from None
+            raise TransportError(
+                f"cannot reach broker {self.broker.url()}: {exc.strerror or exc}"
+            ) from None
         except gmqtt.mqtt.handler.MQTTConnectError as exc:
             await _quietly(client.disconnect())
             raise TransportError(f"broker {self.broker.url()} refused us: {exc}") from None

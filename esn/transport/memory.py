@@ -115,8 +115,7 @@ class MemoryTransport(Transport):
         return list(self._subscriptions)
 
     def deliver_soon(self, topic: str, payload: bytes) -> None:
-        asyncio.get_running_loop().call_soon(self._deliver, self._session_broker, topic,
-                                             payload)
+        asyncio.get_running_loop().call_soon(self._deliver, self._session_broker, topic, payload)
 
     def _deliver(self, via: MemoryBroker | None, topic: str, payload: bytes) -> None:
         if self.connected and via is self._session_broker:  # not after the link went

@@ -32,11 +32,19 @@ class PahoTransport(Transport):
             w = self.will
             will = aiomqtt.Will(w.topic, w.payload, qos=w.qos, retain=w.retain)
         client = aiomqtt.Client(
-            self.broker.host, self.broker.port, identifier=self.client_id,
-            username=self.broker.username, password=self.broker.password, will=will,
-            protocol=aiomqtt.ProtocolVersion.V311, clean_session=True,
-            keepalive=self.keepalive, tls_context=self.broker.ssl_context(),
-            socket_options=[_NODELAY], timeout=self.connect_timeout, logger=_log,
+            self.broker.host,
+            self.broker.port,
+            identifier=self.client_id,
+            username=self.broker.username,
+            password=self.broker.password,
+            will=will,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            clean_session=True,
+            keepalive=self.keepalive,
+            tls_context=self.broker.ssl_context(),
+            socket_options=[_NODELAY],
+            timeout=self.connect_timeout,
+            logger=_log,
         )
         try:
             await client.__aenter__()
