@@ -414,3 +414,12 @@ def test_qos1_duplicates_are_harmless(net: Network) -> None:
     rel(net, "a", 2)
     assert rel(net, "a", 2) == []  # a second release changes nothing
     assert net.state_msg("tg1").seq == 2
+
+
+@pytest.mark.parametrize("now", [0.0, 3.3, 234.43537133582825, 262129.22955873786])
+def test_a_fresh_grant_offers_the_whole_talk_time(now: float) -> None:
+    """(granted_at + T2) - now is not exactly T2 in floating point; it must still say 30 s."""
+    n = Network(parse_fleet({"talkgroup": [{"id": "g"}]}))
+    n.unit_message("a", m.Affiliate(groups=["g"]), now)
+    granted = to(req(n, "a", now, tg="g"), "a")[0]
+    assert isinstance(granted, m.Granted) and granted.max_ms == 30000

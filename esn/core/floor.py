@@ -262,7 +262,7 @@ class Floor:
             call=self.call or "",
             prio=h.prio,
             kind=h.kind,
-            max_ms=max(0, int(left * 1000)),
+            max_ms=max(0, round(left * 1000)),
             ref=ref,
         )
 
