@@ -1,12 +1,13 @@
-"""A simulated handset (or any protocol client): the unit side of PROTOCOL.md.
+"""A simulated handset (or any protocol client): the unit side of docs/protocol.md.
 
 One MQTT connection per unit. It announces presence (with an `offline` will), affiliates
-to groups, runs the client floor states of TS 24.380 per group (no permission, pending
-request with retries, has permission, queued, pending release), sends voice packets while
-it holds the floor and stops them at once on a revoke, reports its position, and measures
-what its user would notice: floor access time (press -> granted) and mouth-to-ear latency
-(talker's `ts` -> packet received). Tests, the demo, the load generator and the console
-all drive the network through this class.
+to groups, and is the I/O shell of one `FloorParticipant` per group (`esn.client.floor`,
+the TS 24.380 floor states without I/O): it sends what the participant asks, keeps its
+timers on the event loop, sends voice packets while it holds the floor and stops them at
+once on a revoke. It reports its position and measures what its user would notice: floor
+access time (press -> granted) and mouth-to-ear latency (talker's `ts` -> packet
+received). Tests, the demo, the load generator and the console all drive the network
+through this class; `talk_burst` is the one press-talk-release procedure they share.
 """
 
 from __future__ import annotations
@@ -18,40 +19,86 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import msgpack
 
+from esn.client.floor import (
+    Action,
+    FloorParticipant,
+    FloorState,
+    Outcome,
+    SendRelease,
+    SendRequest,
+    StartMedia,
+    StopMedia,
+    Timers,
+)
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
-NO_PERMISSION = "no_permission"
-PENDING_REQUEST = "pending_request"
-HAS_PERMISSION = "has_permission"
-QUEUED = "queued"
+NO_PERMISSION = FloorState.NO_PERMISSION
+PENDING_REQUEST = FloorState.PENDING_REQUEST
+HAS_PERMISSION = FloorState.HAS_PERMISSION
+QUEUED = FloorState.QUEUED
+PENDING_RELEASE = FloorState.PENDING_RELEASE
 
-REQUEST_RETRY_S = 0.5  # T101-like: re-send an unanswered request (same ref: idempotent)
-REQUEST_TRIES = 4
 AMR_WB_FRAME_BYTES = 33  # 12.65 kbit/s mode, 20 ms
+
+
+class ClientError(Exception):
+    """The server's answer was not what the call asked for."""
+
+
+class Refused(ClientError):
+    """The server answered `error`: the message names its cause and detail."""
+
+    def __init__(self, error: m.Error) -> None:
+        super().__init__(f"{error.cause}: {error.detail}")
+        self.cause = error.cause
+        self.detail = error.detail
+
+
+class UnexpectedReply(ClientError):
+    """The server answered with a message of another type than the request expects."""
+
+    def __init__(self, asked: m.Message, got: m.Message) -> None:
+        super().__init__(f"{asked.T} was answered with {got.T}")
+        self.reply = got
 
 
 @dataclass
 class GroupView:
-    """What this handset knows of one group: its own floor state and the group's."""
+    """This handset's side of one group: its floor participant and the I/O around it."""
 
-    floor: str = NO_PERMISSION
-    kind: str = "normal"  # of our own request or grant
-    talker: str | None = None
-    call: str | None = None
-    emergency: bool = False
-    queue_pos: int | None = None
-    pressed_at: float | None = None
-    joined_at: float | None = None  # for late-entry: affiliation -> first media
+    floor: FloorParticipant
+    joined_at: float | None = None  # for late entry: affiliation -> first media
     media_task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float | None = None  # the participant's deadline the timer is set for
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """How one talk burst went (`Handset.talk_burst`).
+
+    `outcome`: talked (for the time asked), revoked (talked until a revoke), denied,
+    no_answer, or queue_timeout (queued, and not granted in time). `access_s` is press ->
+    granted for a burst that got the floor.
+    """
+
+    outcome: str
+    cause: str | None = None
+    queued: bool = False
+    access_s: float | None = None
+
+    @property
+    def talked(self) -> bool:
+        return self.outcome in ("talked", "revoked")
 
 
 class Observer(Protocol):
@@ -82,6 +129,43 @@ class Inbound:
     msg: m.Message
 
 
+T = TypeVar("T")
+
+
+class Waiters(Generic[T]):
+    """Futures for the next item matching a predicate, each failing after its timeout."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._entries: list[tuple[Callable[[T], bool], asyncio.Future[T]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def add(self, predicate: Callable[[T], bool], timeout: float) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        entry = (predicate, fut)
+        self._entries.append(entry)
+
+        def expire() -> None:
+            if not fut.done():
+                fut.set_exception(TimeoutError(f"{self.name}: nothing matching within {timeout} s"))
+            with contextlib.suppress(ValueError):
+                self._entries.remove(entry)
+
+        handle = loop.call_later(timeout, expire)
+        fut.add_done_callback(lambda _: handle.cancel())
+        return fut
+
+    def offer(self, item: T) -> None:
+        for entry in list(self._entries):
+            predicate, fut = entry
+            if not fut.done() and predicate(item):
+                fut.set_result(item)
+                self._entries.remove(entry)
+
+
 class Handset:
     def __init__(
         self,
@@ -97,11 +181,13 @@ class Handset:
         keep_inbox: bool = True,
         metrics: Observer | None = None,
         keep_stats: bool = True,
+        timers: Timers | None = None,
     ) -> None:
         self.unit = unit
         self.topics = Topics(prefix)
         self.media_interval = media_interval
         self.payload_bytes = AMR_WB_FRAME_BYTES * frames_per_packet
+        self.timers = timers or Timers()
         self.groups: dict[str, GroupView] = {}
         self.stats = Stats()
         self.inbox: list[Inbound] = []
@@ -111,9 +197,11 @@ class Handset:
         self.metrics = metrics
         self.keep_stats = keep_stats  # off for load tests: the observer keeps the figures
         self._refs = itertools.count(1)
-        self._waiters: list[tuple[Callable[[Inbound], bool], asyncio.Future[Inbound]]] = []
+        self._waiters: Waiters[Inbound] = Waiters(unit)
+        self._outcomes: Waiters[tuple[str, Outcome]] = Waiters(unit)
         self._location_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._loop = asyncio.get_running_loop()
         offline = codec.encode(m.Presence(state="offline"))
         self.transport: Transport = make_transport(
             mqtt_client,
@@ -136,9 +224,10 @@ class Handset:
 
     async def stop(self) -> None:
         """Leave gracefully: release floors, publish `offline`, disconnect."""
-        for tg, view in self.groups.items():
-            if view.floor in (HAS_PERMISSION, QUEUED, PENDING_REQUEST):
-                self.release(tg)
+        for tg in self.groups:
+            self.release(tg)
+        for view in self.groups.values():
+            self._idle(view)
         if self._location_task is not None:
             self._location_task.cancel()
         self._publish(self.topics.presence(self.unit), m.Presence(state="offline"), retain=True)
@@ -152,23 +241,34 @@ class Handset:
     # --- unit control -------------------------------------------------------------------
 
     async def affiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
+        """Join groups; raises `Refused` or `UnexpectedReply` when the server will not (and
+        TimeoutError when it does not answer), having forgotten the groups it asked for."""
         now = time.perf_counter()
+        new = [tg for tg in groups if tg not in self.groups]
         for tg in groups:  # before subscribing: the retained state says if a call is on
-            self.groups.setdefault(tg, GroupView()).joined_at = now
+            self._view(tg).joined_at = now
         await self.transport.subscribe(*[x for tg in groups for x in self.group_topics(tg)])
-        reply = await self.ask(m.Affiliate(groups=list(groups), ref=next(self._refs)), timeout)
-        assert isinstance(reply, m.Affiliation)
-        for tg in groups:
-            if tg not in reply.groups:
-                self.groups.pop(tg, None)
-                await self.transport.unsubscribe(*self.group_topics(tg))
+        keep: Collection[str] = [tg for tg in groups if tg not in new]
+        try:
+            reply = await self._ask_for(
+                m.Affiliate(groups=list(groups), ref=self.next_ref()), m.Affiliation, timeout
+            )
+            keep = reply.groups
+        finally:
+            for tg in groups:
+                if tg not in keep:
+                    self._idle(self.groups.pop(tg))
+                    await self.transport.unsubscribe(*self.group_topics(tg))
         return reply
 
     async def deaffiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
-        reply = await self.ask(m.Deaffiliate(groups=list(groups), ref=next(self._refs)), timeout)
-        assert isinstance(reply, m.Affiliation)
+        reply = await self._ask_for(
+            m.Deaffiliate(groups=list(groups), ref=self.next_ref()), m.Affiliation, timeout
+        )
         for tg in groups:
-            self._stop_media(self.groups.pop(tg, GroupView()))
+            view = self.groups.pop(tg, None)
+            if view is not None:
+                self._idle(view)
         await self.transport.unsubscribe(*[x for tg in groups for x in self.group_topics(tg)])
         return reply
 
@@ -181,6 +281,14 @@ class Handset:
         waiter = self.expect(lambda i: i.msg.ref == msg.ref and i.topic.endswith("/down"), timeout)
         self._send_up(msg)
         return (await waiter).msg
+
+    async def _ask_for(self, msg: m.Message, want: type[T], timeout: float) -> T:
+        reply = await self.ask(msg, timeout)
+        if isinstance(reply, want):
+            return reply
+        if isinstance(reply, m.Error):
+            raise Refused(reply)
+        raise UnexpectedReply(msg, reply)
 
     def send(self, msg: m.Message) -> None:
         """Send a unit-control message without waiting (location, emergency, SDS, ...)."""
@@ -197,62 +305,74 @@ class Handset:
     async def press(
         self, tg: str, kind: str = "normal", prio: int | None = None, timeout: float = 5.0
     ) -> m.Message:
-        """PTT down: request the floor, re-sending unanswered requests with the same ref.
+        """PTT down: request the floor (re-sent on T101 while unanswered).
 
-        Returns the server's first answer: `granted`, `queued` or `deny`.
+        Returns the server's first answer: `granted`, `queued` or `deny`; raises
+        TimeoutError when there was none within `timeout`.
         """
-        view = self.groups.setdefault(tg, GroupView())
-        view.floor, view.pressed_at, view.kind = PENDING_REQUEST, time.perf_counter(), kind
-        ref = next(self._refs)
-        answer = self.expect(
-            lambda i: (
-                i.msg.ref == ref
-                and isinstance(i.msg, m.Granted | m.Queued | m.Deny)
-                and getattr(i.msg, "tg", None) == tg
-            ),
-            timeout,
-        )
-        topic = self.topics.floor_up(tg, self.unit)
-        for _ in range(REQUEST_TRIES):
-            self._publish(topic, m.Request(kind=kind, prio=prio, ref=ref, ts=time.time_ns()))
-            done, _ = await asyncio.wait({answer}, timeout=REQUEST_RETRY_S)
-            if done:
-                break
-        return (await answer).msg
+        outcome = await self._press(tg, kind, prio, timeout)
+        if outcome.msg is None:
+            raise TimeoutError(f"{self.unit}: no answer to a floor request in {tg}")
+        return outcome.msg
 
     def release(self, tg: str) -> None:
         """PTT up: stop media and give up the floor (or leave the queue)."""
-        view = self.groups.setdefault(tg, GroupView())
-        self._stop_media(view)
-        view.floor, view.queue_pos = NO_PERMISSION, None
-        self._publish(self.topics.floor_up(tg, self.unit), m.Release(ts=time.time_ns()))
+        view = self.groups.get(tg)
+        if view is not None:
+            self._perform(tg, view, view.floor.release(time.perf_counter()))
+
+    async def talk_burst(
+        self,
+        tg: str,
+        seconds: float,
+        kind: str = "normal",
+        prio: int | None = None,
+        queue_wait: float | None = None,
+    ) -> Burst:
+        """Press, talk for `seconds` once granted (waiting in the queue up to `queue_wait`,
+        by default twice the burst and a second), release. A revoke ends the talk early."""
+        first = await self._press(tg, kind, prio, timeout=self.timers.give_up_s)
+        if first.what in ("denied", "no_answer"):
+            return Burst(first.what, first.cause)
+        queued, granted = first.what == "queued", first
+        if queued:
+            wait = 2 * seconds + 1 if queue_wait is None else queue_wait
+            try:
+                granted = (await self._next_outcome(tg, ("granted", "denied", "no_answer"), wait))[
+                    1
+                ]
+            except TimeoutError:
+                self.release(tg)  # leave the queue
+                return Burst("queue_timeout", queued=True)
+            if granted.what != "granted":
+                return Burst(granted.what, granted.cause, queued=True)
+        try:
+            revoked = (await self._next_outcome(tg, ("revoked",), seconds))[1]
+        except TimeoutError:
+            self.release(tg)
+            return Burst("talked", queued=queued, access_s=granted.waited_s)
+        return Burst("revoked", revoked.cause, queued, granted.waited_s)
 
     async def talk(self, tg: str, seconds: float, kind: str = "normal") -> bool:
-        """Press, talk for `seconds` if granted (waiting in the queue if need be), release."""
-        first = await self.press(tg, kind)
-        view = self.groups[tg]
-        if isinstance(first, m.Queued):
-            with contextlib.suppress(TimeoutError):
-                await self.expect(
-                    lambda i: (
-                        isinstance(i.msg, m.Granted | m.Revoke | m.Deny)
-                        and getattr(i.msg, "tg", None) == tg
-                    ),
-                    seconds * 3,
-                )
-        if view.floor != HAS_PERMISSION:
-            if view.floor == QUEUED:
-                self.release(tg)
-            return False
-        with contextlib.suppress(TimeoutError):
-            # a revoke ends the talk early
-            await self.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, seconds)
-        if view.floor == HAS_PERMISSION:
-            self.release(tg)
-        return True
+        """`talk_burst`, saying only whether the floor was had."""
+        return (await self.talk_burst(tg, seconds, kind)).talked
 
-    def floor_state(self, tg: str) -> str:
-        return self.groups[tg].floor if tg in self.groups else NO_PERMISSION
+    def floor_state(self, tg: str) -> FloorState:
+        view = self.groups.get(tg)
+        return view.floor.state if view is not None else NO_PERMISSION
+
+    async def _press(self, tg: str, kind: str, prio: int | None, timeout: float) -> Outcome:
+        view = self._view(tg)
+        answer = self._next_outcome(tg, ("granted", "queued", "denied", "no_answer"), timeout + 1)
+        now = time.perf_counter()
+        self._perform(tg, view, view.floor.press(kind, prio, self.next_ref(), now, timeout))
+        return (await answer)[1]
+
+    def _next_outcome(
+        self, tg: str, whats: Collection[str], timeout: float
+    ) -> asyncio.Future[tuple[str, Outcome]]:
+        """A future for this group's next outcome of one of these kinds (`[1]` of it)."""
+        return self._outcomes.add(lambda o: o[0] == tg and o[1].what in whats, timeout)
 
     # --- waiting on what arrives ------------------------------------------------------
 
@@ -260,20 +380,7 @@ class Handset:
         self, predicate: Callable[[Inbound], bool], timeout: float = 5.0
     ) -> asyncio.Future[Inbound]:
         """A future for the next inbound message matching `predicate`, failing after `timeout`."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Inbound] = loop.create_future()
-        entry = (predicate, fut)
-        self._waiters.append(entry)
-
-        def expire() -> None:
-            if not fut.done():
-                fut.set_exception(TimeoutError(f"{self.unit}: nothing matching within {timeout} s"))
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(entry)
-
-        handle = loop.call_later(timeout, expire)
-        fut.add_done_callback(lambda _: handle.cancel())
-        return fut
+        return self._waiters.add(predicate, timeout)
 
     # --- inbound ----------------------------------------------------------------------
 
@@ -298,92 +405,43 @@ class Handset:
         if self.on_inbound is not None:
             self.on_inbound(inbound)
         if self._waiters:
-            for entry in list(self._waiters):
-                predicate, fut = entry
-                if not fut.done() and predicate(inbound):
-                    fut.set_result(inbound)
-                    self._waiters.remove(entry)
+            self._waiters.offer(inbound)
 
     def _apply(self, msg: m.Message) -> None:
-        """The client floor state machine."""
+        """Hand the message to the floor participant of its group (or follow a regroup)."""
+        now = time.perf_counter()
         if isinstance(msg, m.Status):
             # The server says online after it (or we) reconnected: it may have lost our
             # affiliations (a restart, our will firing), so state them again; it is idempotent.
+            # A call we were talking in is asked for again, so it goes on.
             if msg.state == "online" and self.groups:
-                self._send_up(m.Affiliate(groups=sorted(self.groups), ref=next(self._refs)))
-                self._reclaim_floors()
+                self._send_up(m.Affiliate(groups=sorted(self.groups), ref=self.next_ref()))
+                for group, each in self.groups.items():
+                    self._perform(group, each, each.floor.server_online(self.next_ref(), now))
             return
         tg = getattr(msg, "tg", None)
+        if not isinstance(tg, str):
+            return
         if (isinstance(msg, m.Regrouped) and tg not in self.groups) or (
             isinstance(msg, m.Ungrouped) and tg in self.groups
         ):
             self._follow_regroup(msg)
             return
-        view = self.groups.get(tg) if isinstance(tg, str) else None
+        view = self.groups.get(tg)
         if view is None:
             return
-        now = time.perf_counter()
-        if isinstance(msg, m.Granted):
-            if view.floor == HAS_PERMISSION:
-                return  # a repeated grant
-            if view.pressed_at is not None:
-                waited = now - view.pressed_at
-                if view.floor == QUEUED:
-                    if self.keep_stats:
-                        self.stats.queued_access_s.append(waited)
-                else:
-                    if self.keep_stats:
-                        self.stats.access_s.append(waited)
-                    if self.metrics is not None:
-                        self.metrics.access(waited, msg.kind)
-            reclaimed = view.media_task is not None and view.call == msg.call
-            view.floor, view.queue_pos, view.call, view.kind = (
-                HAS_PERMISSION,
-                None,
-                msg.call,
-                msg.kind,
-            )
-            if not reclaimed:  # a reclaimed call keeps its packet sequence going
-                self._start_media(msg.tg, view)
-        elif isinstance(msg, m.Queued):
-            if view.floor in (PENDING_REQUEST, QUEUED):
-                self._stop_media(view)  # a reclaim that found the floor taken
-                view.floor, view.queue_pos = QUEUED, msg.pos
-        elif isinstance(msg, m.Deny):
-            if view.floor in (PENDING_REQUEST, QUEUED):
-                self._stop_media(view)
-                view.floor, view.queue_pos = NO_PERMISSION, None
-        elif isinstance(msg, m.Revoke):
-            self.release(msg.tg)  # stop media at once and hand the floor back
-        elif isinstance(msg, m.Taken):
-            view.talker, view.call = msg.talker, msg.call
-        elif isinstance(msg, m.Idle):
-            view.talker = None
-        elif isinstance(msg, m.State):
-            view.talker, view.call, view.emergency = msg.talker, msg.call, msg.emergency
-            if msg.floor == "idle":
-                view.joined_at = None  # no call to enter late
-
-    def _reclaim_floors(self) -> None:
-        """Still talking when the server (or our link) came back: ask for the floor again,
-        so the call goes on. The server answers `granted` if it kept or restored our grant."""
-        for tg, view in self.groups.items():
-            if view.floor == HAS_PERMISSION:
-                # media goes on while the answer is awaited; a reclaim is no access sample
-                view.floor, view.pressed_at = PENDING_REQUEST, None
-                self._publish(
-                    self.topics.floor_up(tg, self.unit),
-                    m.Request(kind=view.kind, ref=next(self._refs), ts=time.time_ns()),
-                )
+        if isinstance(msg, m.State) and msg.floor == "idle":
+            view.joined_at = None  # no call to enter late
+        self._perform(tg, view, view.floor.received(msg, now))
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
         subs = self.group_topics(msg.tg)
         if isinstance(msg, m.Regrouped):
-            self.groups[msg.tg] = GroupView()
+            self._view(msg.tg)
             task = asyncio.ensure_future(self.transport.subscribe(*subs))
         else:
-            self._stop_media(self.groups.pop(msg.tg, GroupView()))
+            self._idle(self.groups.pop(msg.tg))
             task = asyncio.ensure_future(self.transport.unsubscribe(*subs))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -428,12 +486,71 @@ class Handset:
                 )
             )
 
-    # --- media and location -----------------------------------------------------------
+    # --- the floor participant's actions ---------------------------------------------
 
-    def _start_media(self, tg: str, view: GroupView) -> None:
+    def _view(self, tg: str) -> GroupView:
+        view = self.groups.get(tg)
+        if view is None:
+            view = self.groups[tg] = GroupView(FloorParticipant(self.unit, self.timers))
+        return view
+
+    def _perform(self, tg: str, view: GroupView, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendRequest):
+                request = m.Request(kind=a.kind, prio=a.prio, ref=a.ref, ts=time.time_ns())
+                self._publish(self.topics.floor_up(tg, self.unit), request)
+            elif isinstance(a, SendRelease):
+                self._publish(self.topics.floor_up(tg, self.unit), m.Release(ts=time.time_ns()))
+            elif isinstance(a, StartMedia):
+                self._stop_media(view)
+                if self.media_interval > 0:
+                    view.media_task = asyncio.create_task(self._send_media(tg, a.call))
+            elif isinstance(a, StopMedia):
+                self._stop_media(view)
+            else:
+                self._outcome(tg, view, a)
+        self._arm(tg, view)
+
+    def _outcome(self, tg: str, view: GroupView, o: Outcome) -> None:
+        self.stats.count(f"floor_{o.what}")
+        if o.what == "granted" and o.waited_s is not None:
+            if o.via_queue:
+                if self.keep_stats:
+                    self.stats.queued_access_s.append(o.waited_s)
+            else:
+                if self.keep_stats:
+                    self.stats.access_s.append(o.waited_s)
+                if self.metrics is not None:
+                    self.metrics.access(o.waited_s, view.floor.kind)
+        if self._outcomes:
+            self._outcomes.offer((tg, o))
+
+    def _arm(self, tg: str, view: GroupView) -> None:
+        """Wake the participant at its next deadline (T100/T101), if it has one."""
+        deadline = view.floor.next_deadline()
+        if view.timer is not None:
+            if deadline == view.timer_at:
+                return
+            view.timer.cancel()
+            view.timer = None
+        view.timer_at = deadline
+        if deadline is not None:  # the participant's clock is perf_counter, not the loop's
+            delay = max(0.0, deadline - time.perf_counter())
+            view.timer = self._loop.call_later(delay, self._fire, tg, view)
+
+    def _fire(self, tg: str, view: GroupView) -> None:
+        view.timer = None
+        if self.groups.get(tg) is view:
+            self._perform(tg, view, view.floor.on_timer(time.perf_counter()))
+
+    def _idle(self, view: GroupView) -> None:
+        """The view is done with: no voice, no timer."""
         self._stop_media(view)
-        if self.media_interval > 0:
-            view.media_task = asyncio.create_task(self._send_media(tg, view.call or ""))
+        if view.timer is not None:
+            view.timer.cancel()
+        view.timer = view.timer_at = None
+
+    # --- media and location -----------------------------------------------------------
 
     @staticmethod
     def _stop_media(view: GroupView) -> None:

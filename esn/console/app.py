@@ -351,7 +351,7 @@ class ConsoleApp(App[None]):
         link = self.link.transport
         broker = "connected" if link.connected else "reconnecting…"
         server = self.model.server_state
-        ptt = [tg for tg, v in self.link.groups.items() if v.floor == HAS_PERMISSION]
+        ptt = [tg for tg, v in self.link.groups.items() if v.floor.state == HAS_PERMISSION]
         talk = f"  TALKING in {', '.join(ptt)}" if ptt else ""
         access = f"  last access {self.last_access_ms:.1f} ms" if self.last_access_ms else ""
         self.sub_title = f"server {server} · broker {broker}"

@@ -243,36 +243,20 @@ class Worker:
         try:
             sent = loop.time()
             self.rec.started(planned, sent)
-            try:
-                answer = await h.press(tg, kind=kind)
-            except TimeoutError:
-                self.rec.count("no_answer")
-                return
-            if isinstance(answer, m.Granted):
-                self.rec.completed("floor_access", planned, sent, loop.time())
-                self.rec.count(f"granted_{kind}")
-            elif isinstance(answer, m.Queued):
+            burst = await h.talk_burst(tg, seconds, kind)
+            if burst.queued:
                 self.rec.count("queued")
-                with contextlib.suppress(TimeoutError):
-                    await h.expect(
-                        lambda i: (
-                            isinstance(i.msg, m.Granted | m.Deny | m.Revoke)
-                            and getattr(i.msg, "tg", None) == tg
-                        ),
-                        seconds * 2 + 1,
-                    )
-                if h.floor_state(tg) != "has_permission":
-                    h.release(tg)  # leave the queue
-                    return
-                self.rec.count("granted_after_queue")
-            else:
-                self.rec.count(f"denied_{getattr(answer, 'cause', '?')}")
-                return
-            with contextlib.suppress(TimeoutError):  # talk; a revoke ends it early
-                await h.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, seconds)
-                self.rec.count("revoked")
-            if h.floor_state(tg) == "has_permission":
-                h.release(tg)
+            if burst.talked:
+                assert burst.access_s is not None
+                if burst.queued:
+                    self.rec.count("granted_after_queue")
+                else:
+                    self.rec.completed("floor_access", planned, sent, sent + burst.access_s)
+                    self.rec.count(f"granted_{kind}")
+            if burst.outcome == "denied":
+                self.rec.count(f"denied_{burst.cause}")
+            elif burst.outcome in ("revoked", "no_answer"):
+                self.rec.count(burst.outcome)
         finally:
             self.busy.discard(unit)
 

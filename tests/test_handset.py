@@ -1,0 +1,105 @@
+"""The handset as its user meets it: one talk-burst procedure, retries when the server is
+silent, and refusals as typed exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from esn.client.floor import Timers
+from esn.client.handset import HAS_PERMISSION, NO_PERMISSION, Handset, Refused
+from esn.core.fleet import parse_fleet
+from esn.protocol import codec
+from esn.protocol import messages as m
+from esn.server.shell import Config, Server
+from esn.transport import BrokerConfig, make_transport
+from tests.conftest import HandsetFactory, eventually
+
+
+async def test_a_burst_that_gets_the_floor_talks_and_releases(
+    server: Server, handset: HandsetFactory
+) -> None:
+    a = await handset("u1", "tg-1")
+    b = await handset("u2", "tg-1")
+    heard = b.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
+    burst = await a.talk_burst("tg-1", 0.3)
+    assert burst.outcome == "talked" and not burst.queued
+    assert burst.access_s is not None and 0 < burst.access_s < 5
+    await heard
+    await eventually(lambda: a.floor_state("tg-1") == NO_PERMISSION)  # release confirmed
+    assert server.network.floors["tg-1"].holder is None
+
+
+async def test_a_burst_waits_in_the_queue_then_talks(
+    server: Server, handset: HandsetFactory
+) -> None:
+    a = await handset("u1", "tg-1")
+    b = await handset("u2", "tg-1")
+    first = asyncio.create_task(a.talk_burst("tg-1", 0.4))
+    await eventually(lambda: a.floor_state("tg-1") == HAS_PERMISSION)
+    second = await b.talk_burst("tg-1", 0.1)
+    assert (second.outcome, second.queued) == ("talked", True)
+    assert (await first).outcome == "talked"
+    assert b.stats.queued_access_s and not b.stats.access_s  # not an access-time sample
+
+
+async def test_a_burst_says_why_it_got_nothing_or_was_cut_short(
+    server: Server, handset: HandsetFactory
+) -> None:
+    a = await handset("u1", "tg-1", "tg-bc")
+    refused = await a.talk_burst("tg-bc", 0.2)
+    assert (refused.outcome, refused.cause) == ("denied", "receive_only")
+    disp = await handset("disp", "tg-1")
+    talk = asyncio.create_task(a.talk_burst("tg-1", 5))
+    await eventually(lambda: a.floor_state("tg-1") == HAS_PERMISSION)
+    assert isinstance(await disp.press("tg-1"), m.Granted)
+    cut = await talk
+    assert (cut.outcome, cut.cause) == ("revoked", "preempted") and cut.talked
+    disp.release("tg-1")
+
+
+async def test_an_unanswered_press_is_sent_again_then_fails(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    """No server: the request goes out 1 + C101 times (same ref), then the press fails."""
+    timers = Timers(t101=0.05, c101=3, give_up_s=0.4)
+    h = Handset("u1", broker, prefix=prefix, mqtt_client=mqtt_client, timers=timers)
+    spy = make_transport(mqtt_client, broker, client_id="spy")
+    refs: list[int | None] = []
+    spy.on_message = lambda t, p: refs.append(codec.decode(p).ref)
+    await spy.start()
+    await spy.subscribe(f"{prefix}/tg/+/up/+/floor")
+    await h.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await h.press("tg-1")
+        assert h.floor_state("tg-1") == NO_PERMISSION
+        await eventually(lambda: len(refs) == 4)
+        assert len(set(refs)) == 1
+        burst = await h.talk_burst("tg-1", 1.0)
+        assert burst.outcome == "no_answer"
+    finally:
+        await h.stop()
+        await spy.stop()
+
+
+async def test_a_refused_affiliation_is_a_typed_error(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    closed = parse_fleet({"defaults": {"open_registration": False}, "talkgroup": [{"id": "tg-1"}]})
+    srv = Server(
+        Config(broker=broker, prefix=prefix, server_id=f"srv-{prefix}", mqtt_client=mqtt_client),
+        closed,
+    )
+    await srv.start()
+    h = Handset("stranger", broker, prefix=prefix, mqtt_client=mqtt_client)
+    await h.start()
+    try:
+        with pytest.raises(Refused) as refused:
+            await h.affiliate("tg-1")
+        assert refused.value.cause == "forbidden" and "not registered" in str(refused.value)
+        assert h.groups == {}  # nothing left to re-affiliate to when the server restarts
+    finally:
+        await h.stop()
+        await srv.stop()
