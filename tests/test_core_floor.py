@@ -1,4 +1,4 @@
-"""The floor rules of PROTOCOL.md, driven through the sans-I/O core with explicit time."""
+"""The floor rules of docs/protocol.md, driven through the sans-I/O core with explicit time."""
 
 from __future__ import annotations
 

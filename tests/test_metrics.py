@@ -1,4 +1,4 @@
-"""The Prometheus endpoint serves every metric PROTOCOL.md names, with live values."""
+"""The Prometheus endpoint serves every metric docs/protocol.md names, with live values."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.fault
 
 
 class RawClient:
-    """A third-party client that only knows PROTOCOL.md: plain MQTT and msgpack maps."""
+    """A third-party client that only knows docs/protocol.md: plain MQTT and msgpack maps."""
 
     def __init__(self, transport: Transport, prefix: str, unit: str) -> None:
         self.transport = transport

@@ -27,7 +27,7 @@ class FleetError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Per-group floor timers (ms) and queueing; PROTOCOL.md's [defaults]."""
+    """Per-group floor timers (ms) and queueing; the fleet file's [defaults]."""
 
     max_talk_ms: int = 30000  # T2
     revoke_grace_ms: int = 1000  # T3

@@ -1,4 +1,4 @@
-"""Floor control for one talkgroup: the arbitrator of PROTOCOL.md's floor rules.
+"""Floor control for one talkgroup: the arbitrator of docs/protocol.md's floor rules.
 
 Everything that decides who may talk in a group lives in this file. Theory of operation:
 
@@ -35,7 +35,7 @@ KIND_RANK = {"normal": 0, "imminent": 1, "emergency": 2}
 
 
 def preempts(kind: str, prio: int, held_kind: str, held_prio: int, threshold: int) -> bool:
-    """PROTOCOL.md rule 3 (after NIST's MCPTT model)."""
+    """docs/protocol.md, rule 3 (after NIST's MCPTT model)."""
     if kind == "emergency":
         return held_kind != "emergency" or prio > held_prio
     if kind == "imminent":

@@ -1,4 +1,4 @@
-"""Every message of the wire protocol (PROTOCOL.md) as a small frozen value object.
+"""Every message of the wire protocol (docs/protocol.md) as a small frozen value object.
 
 The type tag `t` is the class attribute `T`; `ref` and `ts` are optional on every
 message. A field whose default is `None` is optional on the wire and left out when
@@ -143,7 +143,7 @@ class Regrouped(Message):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ungrouped(Message):
-    """Addition to PROTOCOL.md: a temporary group a unit was in has been dissolved."""
+    """Addition to v1 (docs/protocol.md, 11): a temporary group a unit was in has been dissolved."""
 
     T: ClassVar[str] = "ungrouped"
     tg: str
@@ -151,7 +151,7 @@ class Ungrouped(Message):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ok(Message):
-    """Addition to PROTOCOL.md: a dispatcher command was carried out."""
+    """Addition to v1 (docs/protocol.md, 11): a dispatcher command was carried out."""
 
     T: ClassVar[str] = "ok"
     op: str

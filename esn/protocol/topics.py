@@ -1,4 +1,4 @@
-"""MQTT topic names of PROTOCOL.md: build them, and parse what arrives at the server."""
+"""MQTT topic names of docs/protocol.md: build them, and parse what arrives at the server."""
 
 from __future__ import annotations
 
