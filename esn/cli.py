@@ -15,6 +15,7 @@ from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
 from esn.runtime import run
 from esn.tomlfile import load_fleet
+from esn.tools.processes import ServerStartError
 from esn.tools.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
 
@@ -122,7 +123,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    from esn.tools.broker import free_port
+    from esn.tools.processes import free_port
     from esn.tools.secure import generate
 
     fleet = load_fleet(args.fleet)
@@ -264,7 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (FleetError, TransportError, CliError, SecureConfigError, MissingExtra, OSError) as exc:
+    except (
+        FleetError,
+        TransportError,
+        CliError,
+        SecureConfigError,
+        MissingExtra,
+        ServerStartError,
+        OSError,
+    ) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FleetError | CliError) else 1
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -123,6 +124,34 @@ async def handset(
 
     yield make
     await asyncio.gather(*(h.stop() for h in made), return_exceptions=True)
+
+
+async def spawn_handset(
+    url: str,
+    prefix: str,
+    unit: str,
+    *,
+    keepalive: int = 30,
+    talk: bool = False,
+    mqtt_client: str = "gmqtt",
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A handset in its own process (tests/handset_process.py), affiliated to tg-1; returns
+    the process and the line it printed (`ready`, or the answer to its press)."""
+    args = ["--keepalive", str(keepalive), "--mqtt-client", mqtt_client]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.handset_process",
+        url,
+        prefix,
+        unit,
+        *args,
+        *(["--talk"] if talk else []),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    return proc, line.decode().strip()
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
-import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -20,10 +18,11 @@ from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.core.fleet import parse_fleet
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
-from esn.tools.broker import Mosquitto, free_port
+from esn.tools.broker import Mosquitto
+from esn.tools.processes import free_port, start_server
 from esn.tools.secure import SecureProfile, generate
 from esn.transport import BrokerConfig, TransportError
-from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
+from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually, spawn_handset
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -50,40 +49,12 @@ role = "dispatcher"
 priority = 250
 """
 
-# a handset in its own process: connects, affiliates, optionally talks, then waits
-HANDSET = textwrap.dedent("""
-    import asyncio, sys
-    from esn.client.handset import Handset
-    from esn.transport import BrokerConfig
-    async def main():
-        url, prefix, unit, keepalive, talk = sys.argv[1:6]
-        h = Handset(unit, BrokerConfig.from_url(url), prefix=prefix, keepalive=int(keepalive),
-                    media_interval=0.02)
-        await h.start()
-        await h.affiliate("tg-1")
-        print((await h.press("tg-1")).T if talk == "talk" else "ready", flush=True)
-        await asyncio.Event().wait()
-    asyncio.run(main())
-""")
 
-
-async def spawn_handset(
+async def handset_process(
     url: str, prefix: str, unit: str, *, keepalive: int = 30, talk: bool = False
 ) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        HANDSET,
-        url,
-        prefix,
-        unit,
-        str(keepalive),
-        "talk" if talk else "listen",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 20)
-    assert line.strip() in (b"granted", b"ready"), line
+    proc, said = await spawn_handset(url, prefix, unit, keepalive=keepalive, talk=talk)
+    assert said in ("granted", "ready"), said
     return proc
 
 
@@ -95,44 +66,10 @@ async def end(proc: asyncio.subprocess.Process) -> None:
 
 
 async def spawn_server(url: str, prefix: str, fleet: Path) -> asyncio.subprocess.Process:
-    """`esn server` as its own process; returns once it announced itself online."""
-    watcher = Handset("watcher", BrokerConfig.from_url(url), prefix=prefix)
-    await watcher.start()
-    online = watcher.expect(
-        lambda i: (
-            isinstance(i.msg, m.Status)
-            and i.msg.state == "online"
-            and i.topic.endswith("/fault-srv/status")
-        ),
-        timeout=20,
+    """`esn server` as its own process; returns once it has recovered and is serving."""
+    return await start_server(
+        url, fleet, metrics_port=free_port(), args=("--prefix", prefix, "--server-id", "fault-srv")
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "esn.cli",
-        "server",
-        "--broker",
-        url,
-        "--fleet",
-        str(fleet),
-        "--prefix",
-        prefix,
-        "--server-id",
-        "fault-srv",
-    )
-    try:
-        # a retained 'online' from a killed predecessor must not count: wait for a fresh one
-        while True:
-            status = (await online).msg
-            assert isinstance(status, m.Status)
-            if status.started_ts != getattr(spawn_server, "last_started", None):
-                spawn_server.last_started = status.started_ts  # type: ignore[attr-defined]
-                return proc
-            online = watcher.expect(
-                lambda i: isinstance(i.msg, m.Status) and i.msg.state == "online", timeout=20
-            )
-    finally:
-        await watcher.stop()
 
 
 @pytest.fixture
@@ -264,7 +201,7 @@ async def test_a_silently_dead_handset_loses_the_floor_by_its_will(
     slow_t1 = {**FLEET, "defaults": {**FLEET["defaults"], "end_of_media_ms": 60000}}
     srv = Server(Config(broker=broker, prefix=prefix), parse_fleet(slow_t1))
     await srv.start()
-    proc = await spawn_handset(mosquitto.url, prefix, "u1", keepalive=2, talk=True)
+    proc = await handset_process(mosquitto.url, prefix, "u1", keepalive=2, talk=True)
     try:
         waiting = await handset("u2", "tg-1")
         assert isinstance(await waiting.press("tg-1"), m.Queued)
@@ -286,7 +223,7 @@ async def test_a_slow_consumer_does_not_slow_anyone_else(
 ) -> None:
     """Tried: a listener stops reading (SIGSTOP) during a call. Expect: the other listener
     keeps receiving every packet in order, and the server keeps relaying."""
-    slow = await spawn_handset(mosquitto.url, prefix, "u3")
+    slow = await handset_process(mosquitto.url, prefix, "u3")
     try:
         talker = await handset("u1", "tg-1")
         listener = await handset("u2", "tg-1")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from esn.core.fleet import FleetError, parse_fleet
-from esn.tomlfile import load_fleet
+from esn.tomlfile import dump_fleet, load_fleet
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
@@ -74,3 +74,18 @@ def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[[talkgroup]\n")
     with pytest.raises(FleetError, match="not valid TOML"):
         load_fleet(bad)
+
+
+def test_a_written_fleet_reads_back_as_the_same_fleet(tmp_path: Path) -> None:
+    doc = {
+        "defaults": {"max_talk_ms": 20000, "queue": False, "open_registration": False},
+        "limits": {"floor": {"per_s": 2.5, "burst": 10}},
+        "talkgroup": [
+            {"id": "tg-1", "name": 'Quote " and \\ backslash', "members": ["u1", "disp"]},
+            {"id": "tg-all", "broadcast": True, "hang_ms": 0},
+        ],
+        "unit": [{"id": "disp", "role": "dispatcher", "priority": 250}, {"id": "u1"}],
+    }
+    path = tmp_path / "fleet.toml"
+    path.write_text(dump_fleet(doc))
+    assert load_fleet(path) == parse_fleet(doc)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from esn.core.fleet import parse_fleet
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
-from esn.tools.broker import free_port
+from esn.tools.processes import free_port
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
 

@@ -21,8 +21,8 @@ from esn.core.fleet import parse_fleet
 from esn.exporter import serve_metrics
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
-from esn.tools.broker import free_port
 from esn.tools.monitoring import Prometheus
+from esn.tools.processes import free_port
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET, HandsetFactory
 

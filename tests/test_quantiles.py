@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from esn.tools.quantiles import histogram_quantile, percentile
+from esn.tools.quantiles import buckets, histogram_quantile, percentile
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -28,3 +28,17 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     # in the +Inf bucket the answer is the highest finite bound, as in Prometheus
     assert histogram_quantile([(0.3, 0.0), (math.inf, 4.0)], 0.95) == 0.3
     assert math.isnan(histogram_quantile([], 0.5))
+
+
+def test_scraped_buckets_are_summed_over_the_other_labels() -> None:
+    samples = {
+        "x_bucket": [
+            ({"kind": "normal", "le": "0.1"}, 2.0),
+            ({"kind": "normal", "le": "+Inf"}, 3.0),
+            ({"kind": "emergency", "le": "0.1"}, 1.0),
+            ({"kind": "emergency", "le": "+Inf"}, 1.0),
+        ],
+        "x_count": [({"kind": "normal"}, 3.0)],
+    }
+    assert buckets(samples, "x") == [(0.1, 3.0), (math.inf, 4.0)]
+    assert buckets(samples, "y") == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
-import textwrap
 from pathlib import Path
 
 import msgpack
@@ -17,8 +15,9 @@ from esn.core.fleet import parse_fleet
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
 from esn.tools.broker import Mosquitto
+from esn.tools.processes import server_command
 from esn.transport import BrokerConfig, make_transport
-from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually
+from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually, spawn_handset
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -29,37 +28,14 @@ def mqtt_client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-DYING_HANDSET = textwrap.dedent("""
-    import asyncio, sys
-    from esn.client.handset import Handset
-    from esn.transport import BrokerConfig
-    async def main():
-        url, prefix, client = sys.argv[1:4]
-        h = Handset("u1", BrokerConfig.from_url(url), prefix=prefix, mqtt_client=client)
-        await h.start()
-        await h.affiliate("tg-1")
-        answer = await h.press("tg-1")
-        print(answer.T, flush=True)
-        await asyncio.Event().wait()
-    asyncio.run(main())
-""")
-
-
 async def test_the_will_releases_the_floor_when_a_handset_dies(
     server: Server, handset: HandsetFactory, mosquitto: Mosquitto, prefix: str, mqtt_client: str
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        DYING_HANDSET,
-        mosquitto.url,
-        prefix,
-        mqtt_client,
-        stdout=asyncio.subprocess.PIPE,
+    proc, said = await spawn_handset(
+        mosquitto.url, prefix, "u1", talk=True, mqtt_client=mqtt_client
     )
     try:
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)  # type: ignore[union-attr]
-        assert line.strip() == b"granted"
+        assert said == "granted"
         waiting = await handset("u2", "tg-1")
         assert isinstance(await waiting.press("tg-1"), m.Queued)
         granted = waiting.expect(lambda i: isinstance(i.msg, m.Granted), timeout=10)
@@ -123,10 +99,6 @@ async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_clie
             await srv.stop()
 
 
-def esn_server(*args: str) -> list[str]:
-    return [sys.executable, "-m", "esn.cli", "server", *args]
-
-
 async def run(cmd: list[str], timeout: float = 20) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -136,23 +108,23 @@ async def run(cmd: list[str], timeout: float = 20) -> tuple[int, str]:
 async def test_invalid_fleet_file_is_a_one_line_error(tmp_path: Path, mosquitto: Mosquitto) -> None:
     bad = tmp_path / "fleet.toml"
     bad.write_text('[[talkgroup]]\nid = "tg 1"\n')
-    rc, err = await run(esn_server("--broker", mosquitto.url, "--fleet", str(bad)))
+    rc, err = await run(server_command("--broker", mosquitto.url, "--fleet", str(bad)))
     assert rc == 2
     assert err.strip().count("\n") == 0 and "talkgroup[0].id" in err
-    rc, err = await run(esn_server("--broker", mosquitto.url, "--fleet", str(tmp_path / "no")))
+    rc, err = await run(server_command("--broker", mosquitto.url, "--fleet", str(tmp_path / "no")))
     assert rc == 2 and "cannot read fleet file" in err and err.strip().count("\n") == 0
 
 
 async def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
-    from esn.tools.broker import free_port
+    from esn.tools.processes import free_port
 
     rc, err = await run(
-        esn_server("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", str(fleet))
+        server_command("--broker", f"mqtt://127.0.0.1:{free_port()}", "--fleet", str(fleet))
     )
     assert rc == 1 and "cannot reach broker" in err and err.strip().count("\n") == 0
-    rc, err = await run(esn_server("--broker", "http://x", "--fleet", str(fleet)))
+    rc, err = await run(server_command("--broker", "http://x", "--fleet", str(fleet)))
     assert rc == 2 and "mqtt://" in err
 
 
@@ -167,7 +139,7 @@ async def test_sigterm_publishes_offline_status_and_exits_zero(
     await watcher.start()
     await watcher.subscribe(f"{prefix}/server/+/status")
     proc = await asyncio.create_subprocess_exec(
-        *esn_server("--broker", mosquitto.url, "--fleet", str(fleet), "--prefix", prefix)
+        *server_command("--broker", mosquitto.url, "--fleet", str(fleet), "--prefix", prefix)
     )
     try:
         assert await asyncio.wait_for(states.get(), 20) == "online"

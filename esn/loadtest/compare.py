@@ -12,9 +12,11 @@ tells how many handsets one core can simulate.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -22,37 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgpack
+
+from esn.loadtest.recorder import new_histogram, record_s, summary_ms
+from esn.runtime import run
 from esn.tools.broker import Mosquitto
-
-LOCUSTFILE = """
-import time, msgpack
-from locust import task, constant_throughput, events
-from locust.contrib.mqtt import MqttUser
-
-class Handset(MqttUser):
-    host = "127.0.0.1"
-    port = {port}
-    wait_time = constant_throughput({rate})
-
-    def on_start(self):
-        self.topic = f"cmp/unit/{{self.client.client_id}}/up"
-        self.client.on_message = self.on_message
-        deadline = time.time() + 10
-        while not self.client.is_connected() and time.time() < deadline:
-            time.sleep(0.05)  # the user connects asynchronously
-        self.client.subscribe(self.topic, qos=1)
-
-    def on_message(self, client, userdata, message):
-        sent = msgpack.unpackb(message.payload)["ts"]
-        events.request.fire(request_type="MQTT", name="round trip", response_length=0,
-                            response_time=(time.time_ns() - sent) / 1e6, exception=None,
-                            context={{}})
-
-    @task
-    def report_position(self):
-        self.client.publish(self.topic, msgpack.packb(
-            {{"t": "location", "lat": 51.5, "lon": -0.12, "ts": time.time_ns()}}), qos=1)
-"""
+from esn.transport import BrokerConfig, Transport, make_transport
 
 
 def cpu_seconds(pid: int) -> float:
@@ -63,39 +40,60 @@ def cpu_seconds(pid: int) -> float:
 
 def run_ours(port: int, users: int, rate: float, seconds: float) -> dict[str, float]:
     """Our transport (gmqtt on uvloop), one process: N connections on one event loop."""
-    code = f"""
-import asyncio, json, random, time, msgpack
-from esn.transport import BrokerConfig, make_transport
-from esn.runtime import run
-from esn.loadtest.recorder import new_histogram, record_s, summary_ms
-async def main():
-    cfg = BrokerConfig.from_url("mqtt://127.0.0.1:{port}")
-    h = new_histogram(); sent = [0]
-    clients = []
-    for i in range({users}):
-        t = make_transport("gmqtt", cfg, client_id=f"ours-{{i}}")
-        topic = f"cmp/unit/ours-{{i}}/up"
-        t.on_message = lambda tp, p: record_s(h, (time.time_ns() - msgpack.unpackb(p)["ts"]) / 1e9)
-        await t.start(); await t.subscribe(topic, qos=1)
-        clients.append((t, topic))
-    async def one(t, topic):
-        loop = asyncio.get_running_loop(); n = 0
-        start = loop.time() + random.random() / {rate}  # users out of step, as Locust's are
-        await asyncio.sleep(start - loop.time())
-        while loop.time() - start < {seconds}:
-            t.publish(topic, msgpack.packb({{"t": "location", "lat": 51.5, "lon": -0.12,
-                                           "ts": time.time_ns()}}), qos=1)
-            sent[0] += 1; n += 1
-            await asyncio.sleep(max(0, start + n / {rate} - loop.time()))
-    await asyncio.gather(*(one(t, tp) for t, tp in clients))
-    await asyncio.sleep(1)
-    print(json.dumps({{"sent": sent[0], **summary_ms(h)}}))
-run(main())
-"""
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    args = [
+        "--ours",
+        "--port",
+        str(port),
+        "--users",
+        str(users),
+        "--rate",
+        str(rate),
+        "--seconds",
+        str(seconds),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "esn.loadtest.compare", *args], stdout=subprocess.PIPE, text=True
+    )
     out = _finish(proc)
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return result | {"cpu_s": out_cpu(proc)}
+
+
+async def ours(port: int, users: int, rate: float, seconds: float) -> dict[str, float]:
+    """The workload on our side (in the process `run_ours` measures)."""
+    cfg = BrokerConfig.from_url(f"mqtt://127.0.0.1:{port}")
+    h = new_histogram()
+    sent = 0
+    clients = []
+
+    def heard(topic: str, payload: bytes) -> None:
+        record_s(h, (time.time_ns() - msgpack.unpackb(payload)["ts"]) / 1e9)
+
+    for i in range(users):
+        t = make_transport("gmqtt", cfg, client_id=f"ours-{i}")
+        t.on_message = heard
+        await t.start()
+        await t.subscribe(f"cmp/unit/ours-{i}/up", qos=1)
+        clients.append((t, f"cmp/unit/ours-{i}/up"))
+
+    async def one(t: Transport, topic: str) -> None:
+        nonlocal sent
+        loop = asyncio.get_running_loop()
+        start = loop.time() + random.random() / rate  # users out of step, as Locust's are
+        await asyncio.sleep(start - loop.time())
+        n = 0
+        while loop.time() - start < seconds:
+            report = {"t": "location", "lat": 51.5, "lon": -0.12, "ts": time.time_ns()}
+            t.publish(topic, msgpack.packb(report), qos=1)
+            sent += 1
+            n += 1
+            await asyncio.sleep(max(0, start + n / rate - loop.time()))
+
+    await asyncio.gather(*(one(t, topic) for t, topic in clients))
+    await asyncio.sleep(1)
+    for t, _ in clients:
+        await t.stop()
+    return {"sent": sent, **summary_ms(h)}
 
 
 _cpu: dict[int, float] = {}
@@ -121,14 +119,13 @@ def run_locust(port: int, users: int, rate: float, seconds: float) -> dict[str, 
     locust = shutil.which("locust", path=str(Path(sys.executable).parent))
     if locust is None:
         raise SystemExit("locust is not installed: ./run compare installs it")
+    env = {**os.environ, "ESN_COMPARE_PORT": str(port), "ESN_COMPARE_RATE": str(rate)}
     with tempfile.TemporaryDirectory() as tmp:
-        lf = Path(tmp) / "locustfile.py"
-        lf.write_text(LOCUSTFILE.format(port=port, rate=rate))
         proc = subprocess.Popen(
             [
                 locust,
                 "-f",
-                str(lf),
+                str(Path(__file__).with_name("locustfile.py")),
                 "--headless",
                 "-u",
                 str(users),
@@ -147,6 +144,7 @@ def run_locust(port: int, users: int, rate: float, seconds: float) -> dict[str, 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             text=True,
+            env=env,
         )  # its figures come from the CSV
         _finish(proc)
         rows = list(csv.DictReader((Path(tmp) / "stats_stats.csv").read_text().splitlines()))
@@ -171,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=2.0, help="messages/s per user")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", default="docs/compare-locust.json")
+    p.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)  # run_ours' child
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.ours:
+        print(json.dumps(run(ours(a.port, a.users, a.rate, a.seconds))))
+        return 0
     results = {}
     for name, fn in (("esn (gmqtt, asyncio)", run_ours), ("Locust MqttUser (paho)", run_locust)):
         with Mosquitto() as broker:

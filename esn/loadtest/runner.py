@@ -13,8 +13,6 @@ import multiprocessing
 import os
 import platform
 import queue as queue_mod
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +24,11 @@ from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario
 from esn.loadtest.worker import WorkerPlan, run_worker
-from esn.tomlfile import load_fleet
-from esn.tools.broker import Mosquitto, free_port, wait_listening
-from esn.tools.quantiles import histogram_quantile
+from esn.tomlfile import dump_fleet, load_fleet
+from esn.tools.broker import Mosquitto
+from esn.tools.monitoring import scrape
+from esn.tools.processes import free_port, raise_fd_limit, start_server
+from esn.tools.quantiles import buckets, histogram_quantile
 
 LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
 OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late
@@ -47,7 +47,13 @@ def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], 
     else:
         groups = [f"tg-{i:04d}" for i in range(f.talkgroups)]
         dispatchers = [f"disp-{i}" for i in range(f.dispatchers)]
-        fleet_text = _fleet_toml(groups, dispatchers)
+        fleet_text = dump_fleet(
+            {
+                "defaults": {"queue_depth": 8, "preempt_threshold": 200},
+                "talkgroup": [{"id": tg} for tg in groups],
+                "unit": [{"id": d, "role": "dispatcher", "priority": 250} for d in dispatchers],
+            }
+        )
     units = [f"u-{i:05d}" for i in range(f.handsets)]
     late, regular = units[len(units) - t.late_joiners :], units[: len(units) - t.late_joiners]
     owner = {tg: i % workers for i, tg in enumerate(groups)}
@@ -87,17 +93,8 @@ def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], 
     return plans, fleet_text
 
 
-def _fleet_toml(groups: list[str], dispatchers: list[str]) -> str:
-    lines = ["[defaults]", "queue_depth = 8", "preempt_threshold = 200", ""]
-    for tg in groups:
-        lines += ["[[talkgroup]]", f'id = "{tg}"', ""]
-    for d in dispatchers:
-        lines += ["[[unit]]", f'id = "{d}"', 'role = "dispatcher"', "priority = 250", ""]
-    return "\n".join(lines)
-
-
 async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
-    _raise_fd_limit()
+    raise_fd_limit()  # before the broker starts: it inherits the limit
     workers = s.workers
     work = Path(tempfile.mkdtemp(prefix="esn-loadtest-"))
     out = out_dir or Path("runs") / f"{s.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -111,23 +108,13 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     try:
         if s.run.server:
             (work / "fleet.toml").write_text(fleet_text)
-            server = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "esn.cli",
-                "server",
-                "--broker",
+            server = await start_server(
                 url,
-                "--fleet",
-                str(work / "fleet.toml"),
-                "--metrics-port",
-                str(server_port),
-                "--mqtt-client",
-                s.run.mqtt_client,
-                stdout=subprocess.DEVNULL,
+                work / "fleet.toml",
+                metrics_port=server_port,
+                mqtt_client=s.run.mqtt_client,
+                log=work / "server.log",
             )
-            if not await wait_listening(server_port):
-                raise RuntimeError("the server did not start")
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
         print(
             f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
@@ -274,33 +261,19 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
 
 
 def _scrape(port: int) -> dict[str, float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """The server's figures for result.json, with quantiles of its histograms."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        samples = scrape(port)
     except OSError:
         return {}
     out: dict[str, float] = {}
-    buckets: dict[str, dict[float, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name.endswith("_bucket"):  # summed over labels, for server-side quantiles
-                le = float(smp.labels["le"])
-                per = buckets.setdefault(smp.name.removesuffix("_bucket"), {})
-                per[le] = per.get(le, 0.0) + smp.value
-            else:
-                key = smp.name + "".join(f"{{{k}={v}}}" for k, v in sorted(smp.labels.items()))
-                out[key] = smp.value
-    for name, per in buckets.items():
-        for q in (0.5, 0.95, 0.99):
-            value = histogram_quantile(sorted(per.items()), q)
-            out[f"{name}:p{q * 100:g}_ms"] = round(value * 1000, 3)
+    for name, values in samples.items():
+        if name.endswith("_bucket"):  # summed over labels, for server-side quantiles
+            metric = name.removesuffix("_bucket")
+            for q in (0.5, 0.95, 0.99):
+                value = histogram_quantile(buckets(samples, metric), q)
+                out[f"{metric}:p{q * 100:g}_ms"] = round(value * 1000, 3)
+            continue
+        for labels, value in values:
+            out[name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))] = value
     return out
-
-
-def _raise_fd_limit() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the broker inherits it too

@@ -339,12 +339,10 @@ def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:
 
 def run_worker(plan: WorkerPlan, queue: Any, go: Any) -> None:
     """Entry point of a worker process."""
-    import resource
-
     from esn.runtime import run
+    from esn.tools.processes import raise_fd_limit
 
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one socket per handset
+    raise_fd_limit()
     try:
         run(Worker(plan, queue, go).main())
     except Exception as exc:  # tell the parent in words rather than vanish

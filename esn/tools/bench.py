@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from typing import Any
 import msgpack
 
 from esn.client.handset import Handset
-from esn.tools.broker import Mosquitto, free_port, wait_listening
+from esn.tools.broker import Mosquitto
+from esn.tools.processes import free_port, start_server
 from esn.tools.quantiles import percentile
 from esn.transport import CLIENTS, BrokerConfig, make_transport
 
@@ -223,27 +223,13 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.subprocess.Process:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "esn.cli",
-        "server",
-        "--broker",
+    return await start_server(
         broker.url,
-        "--fleet",
-        str(fleet),
-        "--mqtt-client",
-        client,
-        "--metrics-port",
-        str(port),
-        "--server-id",
-        f"bench-{client}",
+        fleet,
+        metrics_port=free_port(),
+        mqtt_client=client,
+        args=("--server-id", f"bench-{client}"),
     )
-    if await wait_listening(port):
-        return proc
-    proc.kill()
-    raise RuntimeError("the server did not start")
 
 
 async def run_bench(opts: BenchOptions) -> int:

@@ -7,7 +7,6 @@ and stops it again; `esn demo` and the test harness both use it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -18,44 +17,11 @@ import time
 from pathlib import Path
 
 from esn.tools import shipped
+from esn.tools.processes import end_process, free_port
 
 
 class BrokerError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_listening(port: int, timeout: float = 15.0) -> bool:
-    """Whether something accepts connections on 127.0.0.1:`port` within `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return True
-    return False
-
-
-def end_process(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0
-) -> None:
-    """Signal a helper process and reap it, killing it if it does not go in time."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def mosquitto_binary() -> str:

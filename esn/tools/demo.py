@@ -11,32 +11,28 @@ from the server's own histograms, and exits non-zero when anything it tried fail
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import random
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from esn.client.handset import HAS_PERMISSION, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.exporter import serve_metrics
 from esn.protocol import messages as m
-from esn.tomlfile import load_fleet
+from esn.tomlfile import dump_fleet, load_fleet
 from esn.tools import shipped
-from esn.tools.broker import BrokerError, Mosquitto, free_port
-from esn.tools.monitoring import MonitoringError, Prometheus
-from esn.tools.quantiles import histogram_quantile, percentile
+from esn.tools.broker import BrokerError, Mosquitto
+from esn.tools.monitoring import MonitoringError, Prometheus, Samples, scrape
+from esn.tools.processes import ServerStartError, free_port, start_server
+from esn.tools.quantiles import buckets, histogram_quantile, percentile
 from esn.tools.secure import SecureConfigError, generate
 from esn.transport import BrokerConfig, TransportError
 
@@ -87,29 +83,25 @@ class Checks:
         self.results[name] = ok
 
 
-def fleet_toml(groups: list[str], handsets: list[str], supervisors: set[str]) -> str:
-    lines = [
-        "[defaults]",
-        "max_talk_ms = 20000",
-        "hang_ms = 3000",
-        "end_of_media_ms = 3000",
-        "queue_depth = 8",
-        "preempt_threshold = 200",
-        "",
+def fleet_doc(groups: list[str], supervisors: set[str]) -> dict[str, Any]:
+    """The demo's fleet: its talkgroups and an all-call group, two dispatchers, and one
+    supervisor (a handset of higher priority) per group; every other unit registers freely."""
+    talkgroups: list[dict[str, Any]] = [
+        {"id": tg, "name": GROUP_NAMES[i % len(GROUP_NAMES)]} for i, tg in enumerate(groups)
     ]
-    for i, tg in enumerate(groups):
-        lines += [
-            "[[talkgroup]]",
-            f'id = "{tg}"',
-            f'name = "{GROUP_NAMES[i % len(GROUP_NAMES)]}"',
-            "",
-        ]
-    lines += ["[[talkgroup]]", 'id = "tg-all"', 'name = "All-call"', "broadcast = true", ""]
-    lines += ["[[unit]]", f'id = "{DISPATCHER}"', 'role = "dispatcher"', "priority = 250", ""]
-    lines += ["[[unit]]", f'id = "{CONSOLE}"', 'role = "dispatcher"', "priority = 250", ""]
-    for u in sorted(supervisors):
-        lines += ["[[unit]]", f'id = "{u}"', "priority = 220", ""]
-    return "\n".join(lines) + "\n"
+    talkgroups.append({"id": "tg-all", "name": "All-call", "broadcast": True})
+    dispatchers = [{"id": d, "role": "dispatcher", "priority": 250} for d in (DISPATCHER, CONSOLE)]
+    return {
+        "defaults": {
+            "max_talk_ms": 20000,
+            "hang_ms": 3000,
+            "end_of_media_ms": 3000,
+            "queue_depth": 8,
+            "preempt_threshold": 200,
+        },
+        "talkgroup": talkgroups,
+        "unit": [*dispatchers, *({"id": u, "priority": 220} for u in sorted(supervisors))],
+    }
 
 
 class DemoError(Exception):
@@ -242,15 +234,8 @@ class Demo:
 
     # --- progress and report ------------------------------------------------------------
 
-    def scrape(self) -> dict[str, list[tuple[dict[str, str], float]]]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            text = resp.read().decode()
-        out: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out.setdefault(s.name, []).append((s.labels, s.value))
-        return out
+    def scrape(self) -> Samples:
+        return scrape(self.metrics_port, timeout=2)
 
     def progress_line(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -275,7 +260,7 @@ class Demo:
             line = self.progress_line()
             print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
 
-    def report(self, scraped: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
+    def report(self, scraped: Samples) -> bool:
         everyone = [*self.handsets, *(h for h in (self.dispatcher, self.late_joiner) if h)]
         rows = [
             (
@@ -308,9 +293,9 @@ class Demo:
             ("esn_floor_access_seconds", "Floor access (server-side)"),
             ("esn_media_relay_seconds", "Media relay (server-side)"),
         ):
-            buckets = _buckets(scraped, metric)
-            n = int(buckets[-1][1]) if buckets else 0
-            qs = [_ms(histogram_quantile(buckets, q)) for q in (0.5, 0.95, 0.99)]
+            counts = buckets(scraped, metric)
+            n = int(counts[-1][1]) if counts else 0
+            qs = [_ms(histogram_quantile(counts, q)) for q in (0.5, 0.95, 0.99)]
             print(f"{label:42} {n:7d} {qs[0]:>9} {qs[1]:>9} {qs[2]:>9} {'':>9}  (histogram)")
         outcomes = {
             lab["outcome"]: int(v) for lab, v in scraped.get("esn_floor_outcomes_total", [])
@@ -344,16 +329,6 @@ def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f} ms"
 
 
-def _buckets(
-    scraped: dict[str, list[tuple[dict[str, str], float]]], metric: str
-) -> list[tuple[float, float]]:
-    total: dict[float, float] = {}
-    for labels, value in scraped.get(f"{metric}_bucket", []):
-        le = float(labels["le"])
-        total[le] = total.get(le, 0.0) + value
-    return sorted(total.items())
-
-
 async def run_demo(opts: DemoOptions) -> int:
     demo = Demo(opts)
     broker_proc: Mosquitto | None = None
@@ -363,7 +338,7 @@ async def run_demo(opts: DemoOptions) -> int:
     workdir = tempfile.TemporaryDirectory(prefix="esn-demo-")
     try:
         fleet = Path(workdir.name) / "fleet.toml"
-        fleet.write_text(fleet_toml(demo.groups, demo.unit_ids, demo.supervisors))
+        fleet.write_text(dump_fleet(fleet_doc(demo.groups, demo.supervisors)))
         server_args: list[str] = []
         env = dict(os.environ)
         if opts.secure:
@@ -401,31 +376,18 @@ async def run_demo(opts: DemoOptions) -> int:
             f"{len(demo.groups)} talkgroups, 1 dispatcher, {opts.duration:g} s, "
             f"MQTT client {opts.mqtt_client}"
         )
-        with open(demo.server_log, "wb") as log:  # noqa: ASYNC230 (a moment, at start)
-            server = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "esn.cli",
-                "server",
-                "--broker",
-                server_url,
-                "--fleet",
-                str(fleet),
-                "--metrics-port",
-                str(demo.metrics_port),
-                "--mqtt-client",
-                opts.mqtt_client,
-                "--server-id",
-                SERVER_ID,
-                *server_args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+        server = await start_server(
+            server_url,
+            fleet,
+            metrics_port=demo.metrics_port,
+            mqtt_client=opts.mqtt_client,
+            args=("--server-id", SERVER_ID, *server_args),
+            env=env,
+            log=demo.server_log,
+        )
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
         if not opts.secure:
             print(f"console: esn console --broker {url} --unit {CONSOLE}")
-        await _wait_for_server(demo, server)
         if demo.handset_metrics is not None:
             prometheus, exporter = await _start_monitoring(demo)
         await demo.start_handsets(broker_for)
@@ -455,7 +417,14 @@ async def run_demo(opts: DemoOptions) -> int:
             ok = False
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
-    except (DemoError, BrokerError, TransportError, MonitoringError, SecureConfigError) as exc:
+    except (
+        DemoError,
+        BrokerError,
+        TransportError,
+        MonitoringError,
+        SecureConfigError,
+        ServerStartError,
+    ) as exc:
         print(f"esn demo: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -504,17 +473,3 @@ def _port_free(port: int) -> bool:
 async def _after(delay: float, coro: Coroutine[Any, Any, None]) -> None:
     await asyncio.sleep(delay)
     await coro
-
-
-async def _wait_for_server(demo: Demo, server: asyncio.subprocess.Process) -> None:
-    """Wait until the server answers on its metrics endpoint (it subscribes before that)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if server.returncode is not None:
-            lines = demo.server_log.read_text(errors="replace").strip().splitlines()
-            raise DemoError(f"the server exited at start: {(lines or [''])[-1]}")
-        with contextlib.suppress(OSError):
-            demo.scrape()
-            return
-        await asyncio.sleep(0.05)
-    raise DemoError("the server did not come up within 15 s")

@@ -1,5 +1,5 @@
 """Debian's Prometheus, started with `grafana/prometheus/` (shipped in the package) for the
-demo and the tests.
+demo and the tests, and `scrape` for reading any /metrics endpoint.
 
 The configuration is copied to a scratch folder and the scrape targets written beside it
 (file-based discovery), so the checked-in files stay what a deployment would use.
@@ -17,12 +17,28 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from esn.tools import shipped
-from esn.tools.broker import end_process, free_port
+from esn.tools.processes import end_process, free_port
 
 
 class MonitoringError(RuntimeError):
     pass
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]  # sample name -> (labels, value)
+
+
+def scrape(port: int, timeout: float = 5.0) -> Samples:
+    """Every sample a /metrics endpoint on 127.0.0.1:`port` serves; OSError if unreachable."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
 
 
 class Prometheus:

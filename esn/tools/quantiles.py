@@ -25,3 +25,14 @@ def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
             return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
         prev_le, prev_count = le, count
     return math.nan
+
+
+def buckets(
+    samples: dict[str, list[tuple[dict[str, str], float]]], metric: str
+) -> list[tuple[float, float]]:
+    """A scraped histogram's cumulative (le, count) buckets, summed over its other labels."""
+    total: dict[float, float] = {}
+    for labels, value in samples.get(f"{metric}_bucket", []):
+        le = float(labels["le"])
+        total[le] = total.get(le, 0.0) + value
+    return sorted(total.items())
