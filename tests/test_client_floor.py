@@ -28,7 +28,7 @@ def state_of(p: FloorParticipant) -> FloorState:
     return p.state
 
 
-def granted(call: str = "c1", kind: str = "normal") -> m.Granted:
+def granted(call: str = "c1", kind: m.Kind = "normal") -> m.Granted:
     return m.Granted(tg="g", call=call, prio=100, kind=kind, max_ms=30000)
 
 
@@ -222,7 +222,7 @@ class ParticipantMachine(RuleBasedStateMachine):
             self.apply(self.p.on_timer(d))
 
     @rule(kind=KINDS)
-    def press(self, kind: str) -> None:
+    def press(self, kind: m.Kind) -> None:
         self.ref += 1
         self.apply(self.p.press(kind, None, self.ref, self.now))
 
@@ -237,7 +237,7 @@ class ParticipantMachine(RuleBasedStateMachine):
         self.apply(self.p.server_online(self.ref, self.now))
 
     @rule(call=st.sampled_from(["c1", "c2"]), kind=KINDS)
-    def granted(self, call: str, kind: str) -> None:
+    def granted(self, call: str, kind: m.Kind) -> None:
         self.apply(self.p.received(granted(call, kind), self.now))
 
     @rule(pos=st.integers(1, 8))

@@ -123,3 +123,36 @@ def test_ref_is_echoed_even_when_the_message_is_invalid() -> None:
         codec.decode(msgpack.packb({"t": "location", "lat": 1, "ref": 77}))
     assert (err.value.cause, err.value.ref) == ("invalid_field", 77)
     assert "location.lon is required" in err.value.detail
+
+
+@pytest.mark.parametrize(
+    ("obj", "detail"),
+    [
+        (
+            {"t": "request", "kind": "urgent"},
+            "request.kind must be one of normal, imminent, emergency",
+        ),
+        (
+            {
+                "t": "state",
+                "tg": "g",
+                "floor": "open",
+                "emergency": False,
+                "queue": 0,
+                "seq": 1,
+                "since_ts": 0,
+            },
+            "state.floor must be one of idle, taken",
+        ),
+    ],
+)
+def test_closed_choices_are_checked(obj: dict[str, object], detail: str) -> None:
+    with pytest.raises(codec.ProtocolError) as err:
+        codec.from_dict(obj)
+    assert (err.value.cause, err.value.detail) == ("invalid_field", detail)
+
+
+def test_a_cause_this_version_does_not_know_still_decodes() -> None:
+    """A newer server may add causes; receivers tolerate them (docs/protocol.md)."""
+    msg = codec.from_dict({"t": "deny", "tg": "g", "cause": "maintenance"})
+    assert msg == m.Deny(tg="g", cause="maintenance")

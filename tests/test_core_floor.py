@@ -56,7 +56,7 @@ def req(
     net: Network,
     unit: str,
     now: float,
-    kind: str = "normal",
+    kind: m.Kind = "normal",
     prio: int | None = None,
     tg: str = "tg1",
     ref: int | None = None,
@@ -153,7 +153,9 @@ def test_queue_full_and_no_queue_denials(net: Network) -> None:
         (("emergency", 1), ("normal", 255), False),
     ],
 )
-def test_preemption_rules(held: tuple[str, int], asked: tuple[str, int], preempts: bool) -> None:
+def test_preemption_rules(
+    held: tuple[m.Kind, int], asked: tuple[m.Kind, int], preempts: bool
+) -> None:
     n = Network(
         parse_fleet(
             {

@@ -82,7 +82,7 @@ class FloorMachine(RuleBasedStateMachine):
         self.affiliated[unit] |= tgs
 
     @rule(unit=units, tg=groups, kind=kinds, prio=st.integers(0, 255) | st.none())
-    def request(self, unit: str, tg: str, kind: str, prio: int | None) -> None:
+    def request(self, unit: str, tg: str, kind: m.Kind, prio: int | None) -> None:
         floor = self.net.floors.get(tg)
         holder = floor.holder if floor else None
         out = self.net.floor_message(unit, tg, m.Request(kind=kind, prio=prio), self.now)

@@ -57,7 +57,7 @@ class Timers:
 
 @dataclass(frozen=True, slots=True)
 class SendRequest:
-    kind: str
+    kind: m.Kind
     prio: int | None
     ref: int
 
@@ -101,7 +101,7 @@ class FloorParticipant:
         self.unit = unit
         self.timers = timers or Timers()
         self.state = FloorState.NO_PERMISSION
-        self.kind = "normal"  # of our own request or grant
+        self.kind: m.Kind = "normal"  # of our own request or grant
         self.prio: int | None = None
         self.ref: int | None = None
         self.pressed_at: float | None = None  # None for a reclaim: no access sample
@@ -119,7 +119,7 @@ class FloorParticipant:
     # --- inputs ------------------------------------------------------------------------
 
     def press(
-        self, kind: str, prio: int | None, ref: int, now: float, give_up_s: float | None = None
+        self, kind: m.Kind, prio: int | None, ref: int, now: float, give_up_s: float | None = None
     ) -> list[Action]:
         """PTT down (or pressed again, say upgraded to emergency): request the floor."""
         self.pressed_at = now
@@ -147,29 +147,26 @@ class FloorParticipant:
 
     def received(self, msg: m.Message, now: float) -> list[Action]:
         """A message about this group: an answer to us, or the group's floor news."""
-        if isinstance(msg, m.Granted):
-            return self._granted(msg, now)
-        if isinstance(msg, m.Queued):
-            return self._queued(msg)
-        if isinstance(msg, m.Deny):
-            if self.state not in (FloorState.PENDING_REQUEST, FloorState.QUEUED):
+        match msg:
+            case m.Granted():
+                return self._granted(msg, now)
+            case m.Queued():
+                return self._queued(msg)
+            case m.Deny() if self.state in (FloorState.PENDING_REQUEST, FloorState.QUEUED):
+                out = self._stop_media()
+                self._to(FloorState.NO_PERMISSION)
+                return [*out, Outcome("denied", msg.cause, msg=msg)]
+            case m.Revoke() if self.media:  # else nothing of ours is left to revoke
+                self._to(FloorState.PENDING_RELEASE, now + self.timers.t100)
+                return [StopMedia(), SendRelease(), Outcome("revoked", msg.cause, msg=msg)]
+            case m.Taken():
+                self.talker, self.call = msg.talker, msg.call
+            case m.Idle():
+                self.talker = None
+            case m.State():
+                self.talker, self.call, self.emergency = msg.talker, msg.call, msg.emergency
+            case _:
                 return []
-            out = self._stop_media()
-            self._to(FloorState.NO_PERMISSION)
-            return [*out, Outcome("denied", msg.cause, msg=msg)]
-        if isinstance(msg, m.Revoke):
-            if not self.media:  # nothing of ours to revoke any more
-                return []
-            self._to(FloorState.PENDING_RELEASE, now + self.timers.t100)
-            return [StopMedia(), SendRelease(), Outcome("revoked", msg.cause, msg=msg)]
-        if isinstance(msg, m.Taken):
-            self.talker, self.call = msg.talker, msg.call
-        elif isinstance(msg, m.Idle):
-            self.talker = None
-        elif isinstance(msg, m.State):
-            self.talker, self.call, self.emergency = msg.talker, msg.call, msg.emergency
-        else:
-            return []
         if self.state is FloorState.PENDING_RELEASE and self.talker != self.unit:
             self._to(FloorState.NO_PERMISSION)  # the group shows the floor has left us
         return []

@@ -303,7 +303,7 @@ class Handset:
     # --- floor control (PTT) ----------------------------------------------------------
 
     async def press(
-        self, tg: str, kind: str = "normal", prio: int | None = None, timeout: float = 5.0
+        self, tg: str, kind: m.Kind = "normal", prio: int | None = None, timeout: float = 5.0
     ) -> m.Message:
         """PTT down: request the floor (re-sent on T101 while unanswered).
 
@@ -325,7 +325,7 @@ class Handset:
         self,
         tg: str,
         seconds: float,
-        kind: str = "normal",
+        kind: m.Kind = "normal",
         prio: int | None = None,
         queue_wait: float | None = None,
     ) -> Burst:
@@ -353,7 +353,7 @@ class Handset:
             return Burst("talked", queued=queued, access_s=granted.waited_s)
         return Burst("revoked", revoked.cause, queued, granted.waited_s)
 
-    async def talk(self, tg: str, seconds: float, kind: str = "normal") -> bool:
+    async def talk(self, tg: str, seconds: float, kind: m.Kind = "normal") -> bool:
         """`talk_burst`, saying only whether the floor was had."""
         return (await self.talk_burst(tg, seconds, kind)).talked
 
@@ -361,7 +361,7 @@ class Handset:
         view = self.groups.get(tg)
         return view.floor.state if view is not None else NO_PERMISSION
 
-    async def _press(self, tg: str, kind: str, prio: int | None, timeout: float) -> Outcome:
+    async def _press(self, tg: str, kind: m.Kind, prio: int | None, timeout: float) -> Outcome:
         view = self._view(tg)
         answer = self._next_outcome(tg, ("granted", "queued", "denied", "no_answer"), timeout + 1)
         now = time.perf_counter()
@@ -496,19 +496,21 @@ class Handset:
 
     def _perform(self, tg: str, view: GroupView, actions: list[Action]) -> None:
         for a in actions:
-            if isinstance(a, SendRequest):
-                request = m.Request(kind=a.kind, prio=a.prio, ref=a.ref, ts=time.time_ns())
-                self._publish(self.topics.floor_up(tg, self.unit), request)
-            elif isinstance(a, SendRelease):
-                self._publish(self.topics.floor_up(tg, self.unit), m.Release(ts=time.time_ns()))
-            elif isinstance(a, StartMedia):
-                self._stop_media(view)
-                if self.media_interval > 0:
-                    view.media_task = asyncio.create_task(self._send_media(tg, a.call))
-            elif isinstance(a, StopMedia):
-                self._stop_media(view)
-            else:
-                self._outcome(tg, view, a)
+            match a:
+                case SendRequest():
+                    request = m.Request(kind=a.kind, prio=a.prio, ref=a.ref, ts=time.time_ns())
+                    self._publish(self.topics.floor_up(tg, self.unit), request)
+                case SendRelease():
+                    release = m.Release(ts=time.time_ns())
+                    self._publish(self.topics.floor_up(tg, self.unit), release)
+                case StartMedia():
+                    self._stop_media(view)
+                    if self.media_interval > 0:
+                        view.media_task = asyncio.create_task(self._send_media(tg, a.call))
+                case StopMedia():
+                    self._stop_media(view)
+                case Outcome():
+                    self._outcome(tg, view, a)
         self._arm(tg, view)
 
     def _outcome(self, tg: str, view: GroupView, o: Outcome) -> None:

@@ -96,10 +96,34 @@ class ConsoleModel:
         self.version += 1
 
     def apply(self, topic: str, msg: m.Message) -> None:
-        handler = getattr(self, f"_on_{msg.T}", None)
-        if handler is not None:
-            handler(topic, msg)
-            self.version += 1
+        match msg:
+            case m.State():
+                self._on_state(topic, msg)
+            case m.Taken():
+                self._on_taken(topic, msg)
+            case m.Idle():
+                self._on_idle(topic, msg)
+            case m.Emergency():
+                self._on_emergency(topic, msg)
+            case m.EmergencyCancel():
+                self._on_emergency_cancel(topic, msg)
+            case m.EmergencyState():
+                self._on_emergency_state(topic, msg)
+            case m.Presence():
+                self._on_presence(topic, msg)
+            case m.Location():
+                self._on_location(topic, msg)
+            case m.Sds():
+                self._on_sds(topic, msg)
+            case m.Regrouped():
+                self._on_regrouped(topic, msg)
+            case m.Ungrouped():
+                self._on_ungrouped(topic, msg)
+            case m.Status():
+                self._on_status(topic, msg)
+            case _:
+                return
+        self.version += 1
 
     # --- per message type -------------------------------------------------------------
 

@@ -26,15 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
 from esn.core.fleet import Talkgroup
 from esn.protocol import messages as m
 
-KIND_RANK = {"normal": 0, "imminent": 1, "emergency": 2}
+KIND_RANK: dict[m.Kind, int] = {"normal": 0, "imminent": 1, "emergency": 2}
+
+# what became of floor requests and grants, counted per group (esn_floor_outcomes_total)
+Outcome = Literal["granted", "queued", "denied", "preempted", "revoked", "released"]
 
 
-def preempts(kind: str, prio: int, held_kind: str, held_prio: int, threshold: int) -> bool:
+def preempts(kind: m.Kind, prio: int, held_kind: m.Kind, held_prio: int, threshold: int) -> bool:
     """docs/protocol.md, rule 3 (after NIST's MCPTT model)."""
     if kind == "emergency":
         return held_kind != "emergency" or prio > held_prio
@@ -47,7 +51,7 @@ def preempts(kind: str, prio: int, held_kind: str, held_prio: int, threshold: in
 class _Holder:
     unit: str
     prio: int
-    kind: str
+    kind: m.Kind
     ref: int | None
     granted_at: float
     last_media: float
@@ -58,7 +62,7 @@ class _Holder:
 class _Waiter:
     unit: str
     prio: int
-    kind: str
+    kind: m.Kind
     ref: int | None
     arrival: int
 
@@ -79,15 +83,17 @@ class Floor:
         self.emergency_by: str | None = None
         self.since = now
         self._arrivals = 0
-        self.outcomes: dict[str, int] = {}
+        self.outcomes: dict[Outcome, int] = {}
 
     # --- inputs -----------------------------------------------------------------------
 
-    def request(self, unit: str, kind: str, prio: int, ref: int | None, now: float) -> list[Action]:
+    def request(
+        self, unit: str, kind: m.Kind, prio: int, ref: int | None, now: float
+    ) -> list[Action]:
         h = self.holder
         if h is not None and h.unit == unit:
             if h.revoked_at is not None:  # talk time is up: the answer is still the revoke
-                return [ToUnit(unit, m.Revoke(tg=self.tg, cause="max_talk_time", ref=ref))]
+                return [self._revoke(unit, "max_talk_time", ref)]
             return [ToUnit(unit, self._granted(h, now, ref))]  # repeated: idempotent
         before = self._positions()
         old = next((w for w in self.queue if w.unit == unit), None)
@@ -98,7 +104,9 @@ class Floor:
         out = self._decide(unit, kind, prio, ref, now)
         return out + self._queue_changed(before, skip=unit)
 
-    def _decide(self, unit: str, kind: str, prio: int, ref: int | None, now: float) -> list[Action]:
+    def _decide(
+        self, unit: str, kind: m.Kind, prio: int, ref: int | None, now: float
+    ) -> list[Action]:
         h = self.holder
         if h is None:
             return self._grant(unit, prio, kind, ref, now)
@@ -106,14 +114,16 @@ class Floor:
         if h.revoked_at is None and preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
             self._count("preempted")
             self.holder = None
-            revoke = m.Revoke(tg=self.tg, cause="preempted", ref=h.ref)
-            return [ToUnit(h.unit, revoke), *self._grant(unit, prio, kind, ref, now)]
+            return [
+                self._revoke(h.unit, "preempted", h.ref),
+                *self._grant(unit, prio, kind, ref, now),
+            ]
         if not policy.queue:
             self._count("denied")
-            return [ToUnit(unit, m.Deny(tg=self.tg, cause="busy", ref=ref))]
+            return [self._deny(unit, "busy", ref)]
         if len(self.queue) >= policy.queue_depth:
             self._count("denied")
-            return [ToUnit(unit, m.Deny(tg=self.tg, cause="queue_full", ref=ref))]
+            return [self._deny(unit, "queue_full", ref)]
         self._count("queued")
         self._arrivals += 1
         w = _Waiter(unit, prio, kind, ref, self._arrivals)
@@ -131,7 +141,7 @@ class Floor:
         for w in self.queue:
             if w.unit == unit:
                 return [ToUnit(unit, self._queued_msg(w, ref))]
-        return [ToUnit(unit, m.Deny(tg=self.tg, cause="not_queued", ref=ref))]
+        return [self._deny(unit, "not_queued", ref)]
 
     def media_drop_reason(self, unit: str, now: float) -> str | None:
         """None if media from `unit` is to be relayed (and T1 restarts), else why not."""
@@ -155,7 +165,7 @@ class Floor:
         h = self.holder
         if h is not None:
             self._count("revoked")
-            out.append(ToUnit(h.unit, m.Revoke(tg=self.tg, cause="dispatcher", ref=h.ref)))
+            out.append(self._revoke(h.unit, "dispatcher", h.ref))
             self.emergency_by = None
             return out + self._end_talk(now)
         if self.emergency_by is not None:
@@ -217,11 +227,10 @@ class Floor:
             if now >= h.granted_at + p.max_talk_ms / 1000:  # T2
                 self._count("revoked")
                 h.revoked_at = now
-                return [ToUnit(h.unit, m.Revoke(tg=self.tg, cause="max_talk_time", ref=h.ref))]
+                return [self._revoke(h.unit, "max_talk_time", h.ref)]
             if now >= h.last_media + p.end_of_media_ms / 1000:  # T1
                 self._count("revoked")
-                revoke = m.Revoke(tg=self.tg, cause="no_media", ref=h.ref)
-                return [ToUnit(h.unit, revoke), *self._end_talk(now)]
+                return [self._revoke(h.unit, "no_media", h.ref), *self._end_talk(now)]
             return []
         if self.call is not None and now >= self.call_until:  # hang time over: call ends
             self.call = None
@@ -252,8 +261,14 @@ class Floor:
 
     # --- internals --------------------------------------------------------------------
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: Outcome) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _revoke(self, unit: str, cause: m.RevokeCause, ref: int | None) -> ToUnit:
+        return ToUnit(unit, m.Revoke(tg=self.tg, cause=cause, ref=ref))
+
+    def _deny(self, unit: str, cause: m.DenyCause, ref: int | None) -> ToUnit:
+        return ToUnit(unit, m.Deny(tg=self.tg, cause=cause, ref=ref))
 
     def _granted(self, h: _Holder, now: float, ref: int | None) -> m.Granted:
         left = h.granted_at + self.group.policy.max_talk_ms / 1000 - now
@@ -266,7 +281,9 @@ class Floor:
             ref=ref,
         )
 
-    def _grant(self, unit: str, prio: int, kind: str, ref: int | None, now: float) -> list[Action]:
+    def _grant(
+        self, unit: str, prio: int, kind: m.Kind, ref: int | None, now: float
+    ) -> list[Action]:
         if self.call is None:
             self.call = self._new_call_id()
         self.seq += 1

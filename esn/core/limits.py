@@ -8,6 +8,7 @@ flood the broker on its behalf.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,9 +17,9 @@ class Rate:
     burst: float
 
 
-class Verdict:
+class Verdict(Enum):
     ALLOW = "allow"
-    REFUSE_AND_TELL = "refuse_and_tell"
+    REFUSE_AND_TELL = "refuse_and_tell"  # refused; the first refusal in `notice_s` is told
     REFUSE_QUIETLY = "refuse_quietly"
 
 
@@ -32,7 +33,7 @@ class RateLimiter:
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # -> (tokens, at)
         self._told: dict[tuple[str, str], float] = {}
 
-    def check(self, unit: str, kind: str, now: float) -> str:
+    def check(self, unit: str, kind: str, now: float) -> Verdict:
         rate = self.rates.get(kind)
         if rate is None:
             return Verdict.ALLOW

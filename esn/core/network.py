@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Literal
 
 from esn.core.actions import (
     Action,
@@ -29,6 +28,9 @@ from esn.core.limits import RateLimiter, Verdict
 from esn.protocol import messages as m
 
 SDS_STORE = 50  # short messages kept per offline unit
+
+# why the core refused input without (or besides) an error reply; counted in `rejected`
+RejectReason = m.ErrorCause | Literal["spoofed", "invalid_presence"]
 
 
 class Network:
@@ -57,19 +59,37 @@ class Network:
         profile = self.fleet.profile(unit)
         if profile is None:
             return self._error(unit, msg.ref, "forbidden", f"unit {unit} is not registered")
-        handler = _UNIT_HANDLERS.get(type(msg))
-        if handler is None:
-            return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
-        if handler[1] and not profile.is_dispatcher:
+        if type(msg) in _DISPATCHER_ONLY and not profile.is_dispatcher:
             return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
         kind = _LIMITED.get(type(msg))
         if kind is not None:
             verdict = self.limiter.check(unit, kind, now)
-            if verdict == Verdict.REFUSE_AND_TELL:
+            if verdict is Verdict.REFUSE_AND_TELL:
                 return self._error(unit, msg.ref, "rate_limited", f"too many {kind} messages")
-            if verdict == Verdict.REFUSE_QUIETLY:
+            if verdict is Verdict.REFUSE_QUIETLY:
                 return self._reject("rate_limited")
-        return handler[0](self, profile, msg, now)
+        match msg:
+            case m.Affiliate():
+                return self._affiliate(profile, msg, now)
+            case m.Deaffiliate():
+                return self._deaffiliate(profile, msg, now)
+            case m.Location():
+                return self._location(profile, msg, now)
+            case m.EmergencyAlert():
+                return self._emergency_alert(profile, msg, now)
+            case m.EmergencyCancel():
+                return self._emergency_cancel(profile, msg, now)
+            case m.Sds():
+                return self._sds(profile, msg, now)
+            case m.EmergencyAck():
+                return self._emergency_ack(profile, msg, now)
+            case m.ForceRelease():
+                return self._force_release(profile, msg, now)
+            case m.Regroup():
+                return self._regroup(profile, msg, now)
+            case m.Ungroup():
+                return self._ungroup(profile, msg, now)
+        return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
 
     def _affiliate(self, p: UnitProfile, msg: m.Affiliate, now: float) -> list[Action]:
         mine = self.affiliations.setdefault(p.id, set())
@@ -212,26 +232,28 @@ class Network:
         ref = msg.ref
         if not isinstance(msg, m.Request | m.Release | m.QueueStatus):
             return self._error(unit, ref, "unknown_type", f"{msg.T} is not a floor message")
-        verdict = self.limiter.check(unit, "floor", now) if isinstance(msg, m.Request) else ""
-        if verdict == Verdict.REFUSE_AND_TELL:
-            self._reject("rate_limited")
-            return self._deny(unit, tg, "rate_limited", ref)
-        if verdict == Verdict.REFUSE_QUIETLY:
-            return self._reject("rate_limited")
+        if isinstance(msg, m.Request):
+            verdict = self.limiter.check(unit, "floor", now)
+            if verdict is Verdict.REFUSE_AND_TELL:
+                self._reject("rate_limited")
+                return self._deny(unit, tg, "rate_limited", ref)
+            if verdict is Verdict.REFUSE_QUIETLY:
+                return self._reject("rate_limited")
         if tg not in self.groups:
             return self._deny(unit, tg, "unknown_group", ref)
         if profile is None or tg not in self.affiliations.get(unit, ()):
             return self._deny(unit, tg, "not_affiliated", ref)
         floor = self._floor(tg, now)
-        if isinstance(msg, m.Release):
-            out = floor.release(unit, now)
-        elif isinstance(msg, m.QueueStatus):
-            return floor.queue_status(unit, ref)
-        elif self.groups[tg].broadcast and not profile.is_dispatcher:
-            return self._deny(unit, tg, "receive_only", ref)
-        else:
-            prio = profile.priority if msg.prio is None else min(msg.prio, profile.priority)
-            out = floor.request(unit, msg.kind, prio, ref, now)
+        match msg:
+            case m.Release():
+                out = floor.release(unit, now)
+            case m.QueueStatus():
+                return floor.queue_status(unit, ref)
+            case m.Request() if self.groups[tg].broadcast and not profile.is_dispatcher:
+                return self._deny(unit, tg, "receive_only", ref)
+            case m.Request():
+                prio = profile.priority if msg.prio is None else min(msg.prio, profile.priority)
+                out = floor.request(unit, msg.kind, prio, ref, now)
         self._arm(floor)
         return out
 
@@ -341,15 +363,15 @@ class Network:
         self._arm(floor)
         return out
 
-    def _reject(self, reason: str) -> list[Action]:
+    def _reject(self, reason: RejectReason) -> list[Action]:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         return []
 
-    def _error(self, unit: str, ref: int | None, cause: str, detail: str) -> list[Action]:
+    def _error(self, unit: str, ref: int | None, cause: m.ErrorCause, detail: str) -> list[Action]:
         self._reject(cause)
         return [ToUnit(unit, m.Error(cause=cause, detail=detail, ref=ref))]
 
-    def _deny(self, unit: str, tg: str, cause: str, ref: int | None) -> list[Action]:
+    def _deny(self, unit: str, tg: str, cause: m.DenyCause, ref: int | None) -> list[Action]:
         self._denied += 1
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
 
@@ -357,17 +379,5 @@ class Network:
 # message types under a per-unit rate limit -> the limit's name
 _LIMITED: dict[type[m.Message], str] = {m.Location: "location", m.Sds: "sds"}
 
-# message type -> (handler, dispatcher only)
-_Handler = Callable[[Network, UnitProfile, Any, float], list[Action]]
-_UNIT_HANDLERS: dict[type[m.Message], tuple[_Handler, bool]] = {
-    m.Affiliate: (Network._affiliate, False),
-    m.Deaffiliate: (Network._deaffiliate, False),
-    m.Location: (Network._location, False),
-    m.EmergencyAlert: (Network._emergency_alert, False),
-    m.EmergencyCancel: (Network._emergency_cancel, False),
-    m.Sds: (Network._sds, False),
-    m.EmergencyAck: (Network._emergency_ack, True),
-    m.ForceRelease: (Network._force_release, True),
-    m.Regroup: (Network._regroup, True),
-    m.Ungroup: (Network._ungroup, True),
-}
+# commands only a unit of role dispatcher may give
+_DISPATCHER_ONLY = frozenset({m.EmergencyAck, m.ForceRelease, m.Regroup, m.Ungroup})

@@ -228,7 +228,7 @@ class Worker:
         members: list[str],
         planned: float,
         seconds: float,
-        kind: str = "normal",
+        kind: m.Kind = "normal",
         unit: str | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()

@@ -58,8 +58,6 @@ def _check_str(name: str, v: object) -> str:
         raise ValueError("must be a string")
     if name in _ID_FIELDS and not is_id(v):
         raise ValueError("must be an id [A-Za-z0-9_.-]{1,64}")
-    if name == "kind" and v not in m.KINDS:
-        raise ValueError(f"must be one of {', '.join(m.KINDS)}")
     if name == "to":
         scope, _, ident = v.partition(":")
         if scope not in ("unit", "tg") or not is_id(ident):
@@ -137,6 +135,17 @@ _CHECKS: dict[str, Callable[[str, object], Any]] = {
 _Spec = tuple[tuple[str, str, Callable[[str, object], Any], bool], ...]
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
+    """The check of a `Literal` field: one of its strings."""
+
+    def check(name: str, v: object) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return str(v)
+
+    return check
+
+
 def _spec(cls: type[m.Message]) -> _Spec:
     hints = typing.get_type_hints(cls)
     out = []
@@ -146,9 +155,13 @@ def _spec(cls: type[m.Message]) -> _Spec:
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if typing.get_origin(hint) in (types.UnionType, typing.Union) else hint
-        key = base.__name__ if isinstance(base, type) else str(base).replace("typing.", "")
+        if typing.get_origin(base) is typing.Literal:
+            check = _choice(typing.get_args(base))
+        else:
+            key = base.__name__ if isinstance(base, type) else str(base).replace("typing.", "")
+            check = _CHECKS[key]
         required = f.default is MISSING and f.default_factory is MISSING
-        out.append((f.name, _WIRE_NAME.get(f.name, f.name), _CHECKS[key], required))
+        out.append((f.name, _WIRE_NAME.get(f.name, f.name), check, required))
     return tuple(out)
 
 

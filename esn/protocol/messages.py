@@ -9,9 +9,28 @@ is where peer input is validated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
-KINDS = ("normal", "imminent", "emergency")
+# Fields typed with these are checked on decode. Causes are typed where they are made (the
+# server sends only these) but decoded as plain strings: a newer server may add causes,
+# and a receiver must tolerate them (docs/protocol.md, "Versioning").
+Kind = Literal["normal", "imminent", "emergency"]
+FloorStatus = Literal["idle", "taken"]
+DenyCause = Literal[
+    "busy",
+    "queue_full",
+    "receive_only",
+    "not_affiliated",
+    "unknown_group",
+    "rate_limited",
+    "not_queued",
+]
+RevokeCause = Literal["preempted", "max_talk_time", "no_media", "dispatcher"]
+ErrorCause = Literal[
+    "malformed", "unknown_type", "invalid_field", "forbidden", "rate_limited", "too_large"
+]
+
+KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -178,7 +197,7 @@ class Emergency(Message):
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Request(Message):
     T: ClassVar[str] = "request"
-    kind: str = "normal"
+    kind: Kind = "normal"
     prio: int | None = None
 
 
@@ -198,7 +217,7 @@ class Granted(Message):
     tg: str
     call: str
     prio: int
-    kind: str
+    kind: Kind
     max_ms: int
 
 
@@ -231,7 +250,7 @@ class Taken(Message):
     talker: str
     call: str
     prio: int
-    kind: str
+    kind: Kind
     seq: int
 
 
@@ -247,14 +266,14 @@ class Idle(Message):
 class State(Message):
     T: ClassVar[str] = "state"
     tg: str
-    floor: str
+    floor: FloorStatus
     emergency: bool
     queue: int
     seq: int
     since_ts: int
     talker: str | None = None
     call: str | None = None
-    kind: str | None = None
+    kind: Kind | None = None
     prio: int | None = None
 
 

@@ -258,19 +258,21 @@ class Server:
         states: dict[str, None] = {}
         t = self.topics
         for a in actions:
-            if isinstance(a, ToUnit):
-                self._send(a.unit, a.msg)
-            elif isinstance(a, ToGroup):
-                topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
-                self.transport.publish(topic, codec.encode(a.msg), qos=1)
-                self._count_msg(a.msg.T, "out")
-            elif isinstance(a, StateChanged):
-                states[a.tg] = None
-            elif isinstance(a, StateCleared):
-                states.pop(a.tg, None)
-                self.transport.publish(t.state(a.tg), b"", qos=1, retain=True)
-            elif isinstance(a, LocationAccepted):
-                self.transport.publish(t.location(a.unit), codec.encode(a.msg), qos=1, retain=True)
+            match a:
+                case ToUnit():
+                    self._send(a.unit, a.msg)
+                case ToGroup():
+                    topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
+                    self.transport.publish(topic, codec.encode(a.msg), qos=1)
+                    self._count_msg(a.msg.T, "out")
+                case StateChanged():
+                    states[a.tg] = None
+                case StateCleared():
+                    states.pop(a.tg, None)
+                    self.transport.publish(t.state(a.tg), b"", qos=1, retain=True)
+                case LocationAccepted():
+                    location = codec.encode(a.msg)
+                    self.transport.publish(t.location(a.unit), location, qos=1, retain=True)
         for tg in states:
             self._publish_state(tg)
 
