@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from esn.core.fleet import FleetError, parse_fleet
+from esn.protocol.codec import MAX_PAYLOAD
 from esn.tomlfile import dump_fleet, load_fleet
+from esn.tools.secure import MAX_PACKET
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
@@ -89,3 +91,13 @@ def test_a_written_fleet_reads_back_as_the_same_fleet(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text(dump_fleet(doc))
     assert load_fleet(path) == parse_fleet(doc)
+
+
+def test_both_broker_profiles_cap_packets_alike_and_above_what_the_codec_accepts() -> None:
+    conf = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto.conf"
+    local = next(
+        int(line.split()[1])
+        for line in conf.read_text().splitlines()
+        if line.startswith("max_packet_size")
+    )
+    assert local == MAX_PACKET > MAX_PAYLOAD

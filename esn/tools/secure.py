@@ -20,7 +20,7 @@ from pathlib import Path
 
 from esn.core.fleet import Fleet
 
-MAX_PACKET = 131072  # the codec accepts 64 KiB payloads; anything this large is not ours
+MAX_PACKET = 131072  # as broker_config/mosquitto.conf: twice the largest payload we accept
 
 
 class SecureConfigError(RuntimeError):
