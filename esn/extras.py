@@ -9,11 +9,17 @@ class MissingExtra(ImportError):
     """A feature's optional dependencies are missing; the message says what to install."""
 
 
-def need(module: str, extra: str, feature: str) -> None:
-    """Raise `MissingExtra` unless `module` imports (`extra` names the pip extra)."""
+def installed(module: str) -> bool:
     try:
         importlib.import_module(module)
     except ImportError:
+        return False
+    return True
+
+
+def need(module: str, extra: str, feature: str) -> None:
+    """Raise `MissingExtra` unless `module` imports (`extra` names the pip extra)."""
+    if not installed(module):
         raise MissingExtra(
             f"{feature} needs {module}, which is not installed: pip install 'esn[{extra}]'"
-        ) from None
+        )

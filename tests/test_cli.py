@@ -50,3 +50,11 @@ def test_a_missing_extra_is_a_one_line_hint(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and hint in err, err
+
+
+def test_the_bench_runs_the_stacks_that_are_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from esn.transport import available_clients
+
+    assert available_clients() == ["gmqtt", "paho"]
+    monkeypatch.setitem(sys.modules, "aiomqtt", None)  # a plain `pip install .`
+    assert available_clients() == ["gmqtt"]

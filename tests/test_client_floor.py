@@ -106,10 +106,8 @@ def test_revoke_stops_voice_at_once_and_releases() -> None:
     out = p.received(m.Revoke(tg="g", cause="preempted"), 1.0)
     assert out[:2] == [StopMedia(), SendRelease()]
     assert outcomes(out) == [("revoked", "preempted")]
-    assert state_of(p) is S.PENDING_RELEASE and not p.media
-    # the group shows the floor went to someone else: the release is confirmed
-    p.received(m.Taken(tg="g", talker="boss", call="c1", prio=250, kind="normal", seq=3), 1.01)
-    assert state_of(p) is S.NO_PERMISSION and p.next_deadline() is None
+    # the server takes a revoked floor back itself: no release to confirm, no T100
+    assert state_of(p) is S.NO_PERMISSION and not p.media and p.next_deadline() is None
 
 
 def test_a_revoke_for_a_floor_we_do_not_hold_is_ignored() -> None:

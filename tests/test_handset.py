@@ -4,6 +4,7 @@ silent, and refusals as typed exceptions."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -13,7 +14,7 @@ from esn.core.fleet import parse_fleet
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
-from esn.transport import BrokerConfig, make_transport
+from esn.transport import BrokerConfig, Transport, make_transport
 from tests.conftest import HandsetFactory, eventually
 
 
@@ -97,9 +98,87 @@ async def test_a_refused_affiliation_is_a_typed_error(
     await h.start()
     try:
         with pytest.raises(Refused) as refused:
-            await h.affiliate("tg-1")
+            await h.affiliate("tg-1", "tg-1")  # twice: forgetting it once must be enough
         assert refused.value.cause == "forbidden" and "not registered" in str(refused.value)
         assert h.groups == {}  # nothing left to re-affiliate to when the server restarts
     finally:
         await h.stop()
         await srv.stop()
+
+
+def test_a_handset_and_the_console_can_be_built_before_their_loop_runs() -> None:
+    """`esn console` builds its app (and its handset) before Textual starts the loop."""
+    from esn.console.app import ConsoleApp
+
+    Handset("u1", BrokerConfig())
+    ConsoleApp(BrokerConfig(), "disp")
+
+
+async def fake_server(
+    broker: BrokerConfig, prefix: str, mqtt_client: str, *answers: m.Message
+) -> Transport:
+    """Answers every floor request with `answers`, published back to back."""
+    t = make_transport(mqtt_client, broker, client_id="fake-server")
+
+    def on_request(topic: str, payload: bytes) -> None:
+        request = codec.decode(payload)
+        if isinstance(request, m.Request):
+            unit = topic.split("/")[-2]
+            for answer in answers:
+                reply = dataclasses.replace(answer, ref=request.ref)
+                t.publish(f"{prefix}/unit/{unit}/down", codec.encode(reply), qos=1)
+
+    t.on_message = on_request
+    await t.start()
+    await t.subscribe(f"{prefix}/tg/+/up/+/floor")
+    return t
+
+
+GRANT = m.Granted(tg="tg-1", call="c1", prio=100, kind="normal", max_ms=30000)
+
+
+@pytest.mark.parametrize(
+    ("answers", "outcome", "queued"),
+    [
+        ((m.Queued(tg="tg-1", pos=1, prio=100), GRANT), "talked", True),
+        ((GRANT, m.Revoke(tg="tg-1", cause="preempted")), "revoked", False),
+    ],
+)
+async def test_answers_arriving_together_are_all_heard(
+    broker: BrokerConfig,
+    prefix: str,
+    mqtt_client: str,
+    answers: tuple[m.Message, ...],
+    outcome: str,
+    queued: bool,
+) -> None:
+    server = await fake_server(broker, prefix, mqtt_client, *answers)
+    h = Handset("u1", broker, prefix=prefix, mqtt_client=mqtt_client)
+    await h.start()
+    try:
+        burst = await h.talk_burst("tg-1", 0.3, queue_wait=2)
+        assert (burst.outcome, burst.queued) == (outcome, queued)
+    finally:
+        await h.stop()
+        await server.stop()
+
+
+async def test_a_burst_tells_its_outcomes_as_they_happen(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """The load generator counts a grant when it comes, not when the talk is over."""
+    a = await handset("u1", "tg-1")
+    told: list[str] = []
+    burst = asyncio.create_task(a.talk_burst("tg-1", 30, on_outcome=lambda o: told.append(o.what)))
+    await eventually(lambda: told == ["granted"])
+    assert not burst.done()
+    burst.cancel()
+    a.release("tg-1")
+
+
+async def test_affiliating_twice_to_one_group_in_one_call_is_harmless(
+    server: Server, handset: HandsetFactory
+) -> None:
+    h = await handset("u1")
+    reply = await h.affiliate("tg-1", "tg-1", "tg-nope")
+    assert reply.groups == ["tg-1"] and list(h.groups) == ["tg-1"]

@@ -13,7 +13,8 @@ Theory of operation:
   same `ref` (the server treats a repeat as the same request) every `t101` seconds, at
   most C101 times; when `give_up_s` has passed with no answer the press ends `no_answer`.
 * `granted` starts voice, `queued` waits (no timer: the server tells us when we move),
-  `deny` ends the press. A `revoke` stops voice at once and releases.
+  `deny` ends the press. A `revoke` stops voice at once and sends `release` once; the
+  server takes a revoked floor back by itself, so there is nothing to wait for.
 * PTT up (`release`) stops voice and sends `release`. T100: until the group's floor
   events or state show someone else (or nobody) holding it, the release is sent again
   every `t100` seconds, at most C100 times, then the participant stops waiting.
@@ -114,7 +115,6 @@ class FloorParticipant:
         self._since = 0.0  # when the request now out was first sent
         self._give_up_s = self.timers.give_up_s
         self._tries = 0
-        self.transitions = 0
 
     # --- inputs ------------------------------------------------------------------------
 
@@ -157,7 +157,9 @@ class FloorParticipant:
                 self._to(FloorState.NO_PERMISSION)
                 return [*out, Outcome("denied", msg.cause, msg=msg)]
             case m.Revoke() if self.media:  # else nothing of ours is left to revoke
-                self._to(FloorState.PENDING_RELEASE, now + self.timers.t100)
+                # the server takes a revoked floor back by itself: nothing to confirm
+                self.media = False
+                self._to(FloorState.NO_PERMISSION)
                 return [StopMedia(), SendRelease(), Outcome("revoked", msg.cause, msg=msg)]
             case m.Taken():
                 self.talker, self.call = msg.talker, msg.call
@@ -253,4 +255,3 @@ class FloorParticipant:
         self.state = state
         self._deadline = deadline
         self._tries = 0
-        self.transitions += 1

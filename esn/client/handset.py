@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -80,6 +81,10 @@ class GroupView:
     media_task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
     timer_at: float | None = None  # the participant's deadline the timer is set for
+    # what became of the current press, in order, until a burst reads it: several may
+    # arrive in one socket read (queued then granted), and none may be lost between waits
+    outcomes: deque[Outcome] = field(default_factory=lambda: deque(maxlen=16))
+    news: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +203,8 @@ class Handset:
         self.keep_stats = keep_stats  # off for load tests: the observer keeps the figures
         self._refs = itertools.count(1)
         self._waiters: Waiters[Inbound] = Waiters(unit)
-        self._outcomes: Waiters[tuple[str, Outcome]] = Waiters(unit)
         self._location_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._loop = asyncio.get_running_loop()
         offline = codec.encode(m.Presence(state="offline"))
         self.transport: Transport = make_transport(
             mqtt_client,
@@ -243,6 +246,7 @@ class Handset:
     async def affiliate(self, *groups: str, timeout: float = 5.0) -> m.Affiliation:
         """Join groups; raises `Refused` or `UnexpectedReply` when the server will not (and
         TimeoutError when it does not answer), having forgotten the groups it asked for."""
+        groups = tuple(dict.fromkeys(groups))
         now = time.perf_counter()
         new = [tg for tg in groups if tg not in self.groups]
         for tg in groups:  # before subscribing: the retained state says if a call is on
@@ -257,7 +261,9 @@ class Handset:
         finally:
             for tg in groups:
                 if tg not in keep:
-                    self._idle(self.groups.pop(tg))
+                    view = self.groups.pop(tg, None)  # an `ungrouped` may have taken it
+                    if view is not None:
+                        self._idle(view)
                     await self.transport.unsubscribe(*self.group_topics(tg))
         return reply
 
@@ -328,29 +334,33 @@ class Handset:
         kind: m.Kind = "normal",
         prio: int | None = None,
         queue_wait: float | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> Burst:
         """Press, talk for `seconds` once granted (waiting in the queue up to `queue_wait`,
-        by default twice the burst and a second), release. A revoke ends the talk early."""
+        by default twice the burst and a second), release. A revoke ends the talk early.
+        `on_outcome` is told each outcome (queued, granted, ...) as the burst meets it."""
+        tell = on_outcome or (lambda o: None)
         first = await self._press(tg, kind, prio, timeout=self.timers.give_up_s)
+        tell(first)
         if first.what in ("denied", "no_answer"):
             return Burst(first.what, first.cause)
         queued, granted = first.what == "queued", first
         if queued:
             wait = 2 * seconds + 1 if queue_wait is None else queue_wait
             try:
-                granted = (await self._next_outcome(tg, ("granted", "denied", "no_answer"), wait))[
-                    1
-                ]
+                granted = await self._next_outcome(tg, ("granted", "denied", "no_answer"), wait)
             except TimeoutError:
                 self.release(tg)  # leave the queue
                 return Burst("queue_timeout", queued=True)
+            tell(granted)
             if granted.what != "granted":
                 return Burst(granted.what, granted.cause, queued=True)
         try:
-            revoked = (await self._next_outcome(tg, ("revoked",), seconds))[1]
+            revoked = await self._next_outcome(tg, ("revoked",), seconds)
         except TimeoutError:
             self.release(tg)
             return Burst("talked", queued=queued, access_s=granted.waited_s)
+        tell(revoked)
         return Burst("revoked", revoked.cause, queued, granted.waited_s)
 
     async def talk(self, tg: str, seconds: float, kind: m.Kind = "normal") -> bool:
@@ -363,16 +373,24 @@ class Handset:
 
     async def _press(self, tg: str, kind: m.Kind, prio: int | None, timeout: float) -> Outcome:
         view = self._view(tg)
-        answer = self._next_outcome(tg, ("granted", "queued", "denied", "no_answer"), timeout + 1)
+        view.outcomes.clear()  # what came of earlier presses answers nothing now
         now = time.perf_counter()
         self._perform(tg, view, view.floor.press(kind, prio, self.next_ref(), now, timeout))
-        return (await answer)[1]
+        return await self._next_outcome(
+            tg, ("granted", "queued", "denied", "no_answer"), timeout + 1
+        )
 
-    def _next_outcome(
-        self, tg: str, whats: Collection[str], timeout: float
-    ) -> asyncio.Future[tuple[str, Outcome]]:
-        """A future for this group's next outcome of one of these kinds (`[1]` of it)."""
-        return self._outcomes.add(lambda o: o[0] == tg and o[1].what in whats, timeout)
+    async def _next_outcome(self, tg: str, whats: Collection[str], timeout: float) -> Outcome:
+        """The group's next outcome of one of these kinds (earlier other ones are passed)."""
+        view = self._view(tg)
+        async with asyncio.timeout(timeout):
+            while True:
+                while view.outcomes:
+                    outcome = view.outcomes.popleft()
+                    if outcome.what in whats:
+                        return outcome
+                view.news.clear()
+                await view.news.wait()
 
     # --- waiting on what arrives ------------------------------------------------------
 
@@ -524,8 +542,8 @@ class Handset:
                     self.stats.access_s.append(o.waited_s)
                 if self.metrics is not None:
                     self.metrics.access(o.waited_s, view.floor.kind)
-        if self._outcomes:
-            self._outcomes.offer((tg, o))
+        view.outcomes.append(o)
+        view.news.set()
 
     def _arm(self, tg: str, view: GroupView) -> None:
         """Wake the participant at its next deadline (T100/T101), if it has one."""
@@ -538,7 +556,8 @@ class Handset:
         view.timer_at = deadline
         if deadline is not None:  # the participant's clock is perf_counter, not the loop's
             delay = max(0.0, deadline - time.perf_counter())
-            view.timer = self._loop.call_later(delay, self._fire, tg, view)
+            loop = asyncio.get_running_loop()
+            view.timer = loop.call_later(delay, self._fire, tg, view)
 
     def _fire(self, tg: str, view: GroupView) -> None:
         view.timer = None

@@ -12,6 +12,7 @@ import os
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
     return s
 
 
-SHIPPED = Path(__file__).with_name("scenarios")
+SHIPPED = Path(str(resources.files("esn.loadtest").joinpath("scenarios")))
 
 
 def find_scenario(name: str | Path) -> Path:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from esn.client.floor import Outcome
 from esn.client.handset import Handset
 from esn.client.metrics import HandsetMetrics
 from esn.exporter import serve_metrics
@@ -243,20 +244,20 @@ class Worker:
         try:
             sent = loop.time()
             self.rec.started(planned, sent)
-            burst = await h.talk_burst(tg, seconds, kind)
-            if burst.queued:
-                self.rec.count("queued")
-            if burst.talked:
-                assert burst.access_s is not None
-                if burst.queued:
+
+            def record(o: Outcome) -> None:  # as it happens: a run may end mid-burst
+                if o.what == "granted" and o.via_queue:
                     self.rec.count("granted_after_queue")
-                else:
-                    self.rec.completed("floor_access", planned, sent, sent + burst.access_s)
+                elif o.what == "granted":
+                    assert o.waited_s is not None
+                    self.rec.completed("floor_access", planned, sent, sent + o.waited_s)
                     self.rec.count(f"granted_{kind}")
-            if burst.outcome == "denied":
-                self.rec.count(f"denied_{burst.cause}")
-            elif burst.outcome in ("revoked", "no_answer"):
-                self.rec.count(burst.outcome)
+                elif o.what == "denied":
+                    self.rec.count(f"denied_{o.cause}")
+                else:
+                    self.rec.count(o.what)  # queued, revoked, no_answer
+
+            await h.talk_burst(tg, seconds, kind, on_outcome=record)
         finally:
             self.busy.discard(unit)
 

@@ -1,4 +1,4 @@
-"""The wire codec: msgpack bytes <-> `esn.messages` objects.
+"""The wire codec: msgpack bytes <-> `esn.protocol.messages` objects.
 
 `decode` is the only door for peer input. Whatever bytes arrive, it returns a valid
 message or raises `ProtocolError` (cause, detail, ref) — never any other exception —

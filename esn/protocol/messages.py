@@ -2,7 +2,7 @@
 
 The type tag `t` is the class attribute `T`; `ref` and `ts` are optional on every
 message. A field whose default is `None` is optional on the wire and left out when
-unset. These classes carry data only; `esn.codec` turns them into bytes and back and
+unset. These classes carry data only; `esn.protocol.codec` turns them into bytes and back and
 is where peer input is validated.
 """
 

@@ -30,7 +30,7 @@ from esn.client.handset import Handset
 from esn.tools.broker import Mosquitto
 from esn.tools.processes import free_port, start_server
 from esn.tools.quantiles import percentile
-from esn.transport import CLIENTS, BrokerConfig, make_transport
+from esn.transport import CLIENTS, BrokerConfig, available_clients, make_transport
 
 PACKET_DATA = bytes(99)  # three 20 ms AMR-WB 12.65 kbit/s frames
 FLEET = """
@@ -228,6 +228,7 @@ async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.s
         fleet,
         metrics_port=free_port(),
         mqtt_client=client,
+        log=fleet.with_name(f"server-{client}.log"),  # its last line, should it not start
         args=("--server-id", f"bench-{client}"),
     )
 
@@ -258,6 +259,9 @@ async def run_bench(opts: BenchOptions) -> int:
         direct = _summary(await _latency_direct(cfg, "gmqtt", opts.latency_rate, opts.seconds))
         results["latency"]["direct_gmqtt"] = direct
         for client in CLIENTS:
+            if client not in available_clients():
+                print(f"server relay on {client}: skipped, pip install 'esn[{client}]'")
+                continue
             print(f"server relay on {client} ...", flush=True)
             relay = await _relay_throughput(broker, cfg, client, fleet, count, opts)
             relay["ratio_to_raw"] = round(relay["msg_per_s"] / max(raw["msg_per_s"], 1), 3)

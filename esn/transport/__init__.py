@@ -3,10 +3,16 @@ and an in-process broker for the fast test tier (`memory`)."""
 
 from __future__ import annotations
 
-from esn.extras import need
+from esn.extras import installed, need
 from esn.transport.base import BrokerConfig, Transport, TransportError, Will
 
 CLIENTS = ("gmqtt", "paho")  # the MQTT stacks a user can choose; "memory" is for tests
+_NEEDS = {"paho": "aiomqtt"}  # stack -> the module its extra (esn[paho]) brings
+
+
+def available_clients() -> list[str]:
+    """The MQTT stacks installed here (paho is an extra)."""
+    return [c for c in CLIENTS if c not in _NEEDS or installed(_NEEDS[c])]
 
 
 def make_transport(
@@ -33,4 +39,12 @@ def make_transport(
     raise ValueError(f"unknown MQTT client {kind!r}; choose one of {', '.join(CLIENTS)}")
 
 
-__all__ = ["CLIENTS", "BrokerConfig", "Transport", "TransportError", "Will", "make_transport"]
+__all__ = [
+    "CLIENTS",
+    "BrokerConfig",
+    "Transport",
+    "TransportError",
+    "Will",
+    "available_clients",
+    "make_transport",
+]
