@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
-from esn.core.fleet import parse_fleet
+from esn.core.fleet import FleetError, parse_fleet
 from esn.core.network import Network
 from esn.protocol import messages as m
 
@@ -425,3 +425,85 @@ def test_a_fresh_grant_offers_the_whole_talk_time(now: float) -> None:
     n.unit_message("a", m.Affiliate(groups=["g"]), now)
     granted = to(req(n, "a", now, tg="g"), "a")[0]
     assert isinstance(granted, m.Granted) and granted.max_ms == 30000
+
+
+# --- emergencies and membership (issue 11, findings 4 and 8) -------------------------------
+
+
+def alert(net: Network, unit: str, tg: str = "tg1") -> list[Action]:
+    return net.unit_message(unit, m.EmergencyAlert(tg=tg, ref=1), 0.0)
+
+
+def cancel(net: Network, unit: str, tg: str = "tg1") -> list[Action]:
+    return net.unit_message(unit, m.EmergencyCancel(tg=tg, ref=2), 0.0)
+
+
+def test_the_group_stays_in_emergency_while_any_alert_is_open(net: Network) -> None:
+    alert(net, "a")
+    alert(net, "b")
+    cancel(net, "a")
+    assert net.state_msg("tg1").emergency  # b's is still open
+    assert isinstance(to(cancel(net, "a"), "a")[0], m.Error)  # a has none left to cancel
+    cancel(net, "b")
+    assert not net.state_msg("tg1").emergency
+
+
+def test_an_emergency_call_without_an_alert_can_be_acknowledged(net: Network) -> None:
+    req(net, "a", 0, kind="emergency")
+    out = net.unit_message("disp", m.EmergencyAck(unit="a", tg="tg1", ref=5), 0.1)
+    assert to(out, "disp") == [m.Ok(op="emergency_ack", ref=5)]
+    assert m.EmergencyState(tg="tg1", state="acknowledged", by="disp") in to(out, "a")
+    assert isinstance(to(cancel(net, "a"), "a")[0], m.EmergencyState)  # and cancelled by it
+
+
+def test_a_talker_raising_its_own_call_to_emergency_gets_an_emergency_call(
+    net: Network,
+) -> None:
+    first = to(req(net, "a", 0), "a")[0]
+    out = req(net, "a", 1, kind="emergency")
+    granted = to(out, "a")[0]
+    assert isinstance(first, m.Granted) and isinstance(granted, m.Granted)
+    assert (granted.kind, granted.call) == ("emergency", first.call)
+    (taken,) = group(out)
+    assert isinstance(taken, m.Taken) and taken.kind == "emergency" and taken.talker == "a"
+    state = net.state_msg("tg1")
+    assert (state.kind, state.emergency, state.talker) == ("emergency", True, "a")
+
+
+def test_an_emergency_takes_a_floor_in_its_revoke_grace_at_once(net: Network) -> None:
+    req(net, "a", 0)
+    revoke = to(net.on_timer(10.0), "a")  # T2: revoke, T3 grace of 1 s begins
+    assert [type(x) for x in revoke] == [m.Revoke]
+    out = req(net, "b", 10.2, kind="emergency")
+    assert isinstance(to(out, "b")[0], m.Granted)  # not after the grace: now
+    assert to(out, "a") == []  # told to stop already: no second revoke
+    assert net.floors["tg1"].holder is not None and net.floors["tg1"].holder.unit == "b"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_talk_ms", 0),
+        ("max_talk_ms", 2**31),
+        ("end_of_media_ms", 0),
+        ("hang_ms", 2**31),
+    ],
+)
+def test_timers_must_fit_the_wire(key: str, value: int) -> None:
+    with pytest.raises(FleetError, match=f"defaults.{key}"):
+        parse_fleet({"defaults": {key: value}})
+
+
+def test_a_non_member_cannot_raise_an_alert_or_send_short_data_to_a_closed_group(
+    net: Network,
+) -> None:
+    for msg in (m.EmergencyAlert(tg="closed", ref=1), m.Sds(to="tg:closed", text="hi", ref=2)):
+        out = net.unit_message("b", msg, 0.0)
+        assert [(type(x), getattr(x, "cause", None)) for x in to(out, "b")] == [
+            (m.Error, "forbidden")
+        ], msg
+        assert group(out) == []
+    assert not net.state_msg("closed").emergency
+    for unit in ("a", "disp"):  # the member, and a dispatcher, may
+        assert group(net.unit_message(unit, m.Sds(to="tg:closed", text="hi", ref=3), 0.0))
+    assert group(alert(net, "a", "closed")) and net.state_msg("closed").emergency

@@ -91,7 +91,6 @@ class FloorMachine(RuleBasedStateMachine):
             kind == "emergency"
             and holder is not None
             and holder.kind == "normal"
-            and holder.revoked_at is None
             and tg in self.affiliated[unit]
         ):
             assert self.net.floors[tg].holder.unit == unit, "emergency lost to a normal holder"  # type: ignore[union-attr]

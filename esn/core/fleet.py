@@ -107,12 +107,19 @@ def _checked(where: str, table: object, allowed: dict[str, type]) -> dict[str, A
     return table
 
 
+# the least value of a policy key; a timer must also fit the wire's max_ms (2^31 - 1 ms)
+_LEAST = {"queue_depth": 1, "max_talk_ms": 1, "end_of_media_ms": 1}
+_MOST_MS = 2**31 - 1
+
+
 def _check_range(where: str, key: str, value: Any) -> None:
     if key in ("priority", "unit_priority", "preempt_threshold") and not 0 <= value <= 255:
         raise FleetError(f"{where}: must be within 0..255, got {value}")
-    least = 1 if key == "queue_depth" else 0
+    least = _LEAST.get(key, 0)
     if key in _POLICY_TYPES and value < least:
         raise FleetError(f"{where}: must be at least {least}, got {value}")
+    if key.endswith("_ms") and value > _MOST_MS:
+        raise FleetError(f"{where}: must be at most {_MOST_MS} (about 24 days), got {value}")
 
 
 def _policy(base: Policy, table: dict[str, Any]) -> Policy:

@@ -80,7 +80,9 @@ class Floor:
         self.call: str | None = None
         self.call_until = 0.0  # hang-time end while idle
         self.seq = 0
-        self.emergency_by: str | None = None
+        # units with an open emergency here (an alert, or a granted emergency request), in
+        # the order raised: the group is in emergency while any is open
+        self.emergencies: dict[str, None] = {}
         self.since = now
         self._arrivals = 0
         self.outcomes: dict[Outcome, int] = {}
@@ -94,6 +96,8 @@ class Floor:
         if h is not None and h.unit == unit:
             if h.revoked_at is not None:  # talk time is up: the answer is still the revoke
                 return [self._revoke(unit, "max_talk_time", ref)]
+            if KIND_RANK[kind] > KIND_RANK[h.kind]:
+                return self._upgrade(h, kind, prio, ref, now)
             return [ToUnit(unit, self._granted(h, now, ref))]  # repeated: idempotent
         before = self._positions()
         old = next((w for w in self.queue if w.unit == unit), None)
@@ -111,13 +115,13 @@ class Floor:
         if h is None:
             return self._grant(unit, prio, kind, ref, now)
         policy = self.group.policy
-        if h.revoked_at is None and preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
+        if preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
             self._count("preempted")
             self.holder = None
-            return [
-                self._revoke(h.unit, "preempted", h.ref),
-                *self._grant(unit, prio, kind, ref, now),
-            ]
+            granted = self._grant(unit, prio, kind, ref, now)
+            if h.revoked_at is not None:  # in its T3 grace: it was told to stop already
+                return granted
+            return [self._revoke(h.unit, "preempted", h.ref), *granted]
         if not policy.queue:
             self._count("denied")
             return [self._deny(unit, "busy", ref)]
@@ -166,24 +170,24 @@ class Floor:
         if h is not None:
             self._count("revoked")
             out.append(self._revoke(h.unit, "dispatcher", h.ref))
-            self.emergency_by = None
+            self.emergencies.clear()
             return out + self._end_talk(now)
-        if self.emergency_by is not None:
-            self.emergency_by = None
+        if self.emergencies:
+            self.emergencies.clear()
             out.append(self._state())
         return out
 
     def raise_emergency(self, unit: str) -> list[Action]:
-        if self.emergency_by is not None:
+        if unit in self.emergencies:
             return []
-        self.emergency_by = unit
-        return [self._state()]
+        self.emergencies[unit] = None
+        return [self._state()] if len(self.emergencies) == 1 else []
 
     def cancel_emergency(self, unit: str) -> list[Action]:
-        if self.emergency_by != unit:
+        """The unit's own emergency ends; the group's only when no other is open."""
+        if self.emergencies.pop(unit, "none") is not None:
             return []
-        self.emergency_by = None
-        return [self._state()]
+        return [] if self.emergencies else [self._state()]
 
     def restore(self, state: m.State, age_s: float, now: float) -> None:
         """Take over a floor a previous server instance granted (its retained state)."""
@@ -200,7 +204,7 @@ class Floor:
             last_media=now,
         )
         if state.emergency:
-            self.emergency_by = state.talker  # the best guess: the state names no originator
+            self.emergencies[state.talker] = None  # the best guess: the state names no originator
         self.since = now - age_s
 
     # --- timers -----------------------------------------------------------------------
@@ -241,7 +245,7 @@ class Floor:
 
     @property
     def emergency(self) -> bool:
-        return self.emergency_by is not None
+        return bool(self.emergencies)
 
     def state_msg(self, wall_offset: float) -> m.State:
         """The retained state; `wall_offset` turns this clock into Unix time."""
@@ -263,6 +267,23 @@ class Floor:
 
     def _count(self, outcome: Outcome) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _upgrade(
+        self, h: _Holder, kind: m.Kind, prio: int, ref: int | None, now: float
+    ) -> list[Action]:
+        """The holder raises its own call (normal -> imminent -> emergency): same grant, a
+        higher kind; the group is told again, and an emergency call puts it in emergency."""
+        h.kind, h.prio = kind, max(h.prio, prio)
+        if kind == "emergency":
+            self.emergencies.setdefault(h.unit, None)
+        self.seq += 1
+        call = self.call or ""
+        taken = m.Taken(tg=self.tg, talker=h.unit, call=call, prio=h.prio, kind=kind, seq=self.seq)
+        return [
+            ToUnit(h.unit, self._granted(h, now, ref)),
+            ToGroup(self.tg, "floor", taken),
+            self._state(),
+        ]
 
     def _revoke(self, unit: str, cause: m.RevokeCause, ref: int | None) -> ToUnit:
         return ToUnit(unit, m.Revoke(tg=self.tg, cause=cause, ref=ref))
@@ -289,8 +310,8 @@ class Floor:
         self.seq += 1
         self.since = now
         h = self.holder = _Holder(unit, prio, kind, ref, now, now)
-        if kind == "emergency" and self.emergency_by is None:
-            self.emergency_by = unit
+        if kind == "emergency":
+            self.emergencies.setdefault(unit, None)
         self._count("granted")
         taken = m.Taken(tg=self.tg, talker=unit, call=self.call, prio=prio, kind=kind, seq=self.seq)
         return [

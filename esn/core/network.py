@@ -41,7 +41,6 @@ class Network:
         self.affiliations: dict[str, set[str]] = {}  # unit -> groups
         self.online: set[str] = set()
         self.offline: set[str] = set()
-        self.emergencies: set[tuple[str, str]] = set()  # (unit, tg)
         self.rejected: dict[str, int] = {}
         self.wall_offset = wall_offset
         self.limiter = RateLimiter(fleet.limits)
@@ -121,9 +120,9 @@ class Network:
         return [LocationAccepted(p.id, replace(msg, unit=p.id, ts=ts, ref=None))]
 
     def _emergency_alert(self, p: UnitProfile, msg: m.EmergencyAlert, now: float) -> list[Action]:
-        if msg.tg not in self.groups:
-            return self._error(p.id, msg.ref, "invalid_field", f"unknown group {msg.tg}")
-        self.emergencies.add((p.id, msg.tg))
+        refused = self._not_for(p, msg.tg, msg.ref)
+        if refused:
+            return refused
         ts = int((now + self.wall_offset) * 1e9)
         event = m.Emergency(unit=p.id, tg=msg.tg, lat=msg.lat, lon=msg.lon, ts=ts)
         return [
@@ -134,17 +133,13 @@ class Network:
 
     def _emergency_cancel(self, p: UnitProfile, msg: m.EmergencyCancel, now: float) -> list[Action]:
         floor = self.floors.get(msg.tg)
-        originator = floor is not None and floor.emergency_by == p.id
-        if (p.id, msg.tg) not in self.emergencies and not originator:
+        if floor is None or p.id not in floor.emergencies:
             return self._error(p.id, msg.ref, "invalid_field", f"no emergency of yours in {msg.tg}")
-        self.emergencies.discard((p.id, msg.tg))
         out: list[Action] = [
             ToGroup(msg.tg, "event", m.EmergencyCancel(tg=msg.tg, unit=p.id)),
             ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="cancelled", ref=msg.ref)),
         ]
-        if floor is not None:
-            out += floor.cancel_emergency(p.id)
-        return out
+        return out + floor.cancel_emergency(p.id)
 
     def _sds(self, p: UnitProfile, msg: m.Sds, now: float) -> list[Action]:
         if msg.ref is not None:  # a QoS 1 duplicate must not deliver the text twice
@@ -157,6 +152,9 @@ class Network:
         if scope == "tg":
             if target not in self.groups:
                 return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
+            refused = self._not_for(p, target, msg.ref)
+            if refused:
+                return refused
             return [
                 ToGroup(target, "event", sds),
                 ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref)),
@@ -169,7 +167,8 @@ class Network:
         return [ToUnit(p.id, m.SdsStatus(state="queued", ref=msg.ref))]
 
     def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
-        if (msg.unit, msg.tg) not in self.emergencies:
+        floor = self.floors.get(msg.tg)
+        if floor is None or msg.unit not in floor.emergencies:
             return self._error(
                 p.id, msg.ref, "invalid_field", f"{msg.unit} has no emergency in {msg.tg}"
             )
@@ -183,7 +182,6 @@ class Network:
     def _force_release(self, p: UnitProfile, msg: m.ForceRelease, now: float) -> list[Action]:
         if msg.tg not in self.groups:
             return self._error(p.id, msg.ref, "invalid_field", f"unknown group {msg.tg}")
-        self.emergencies = {e for e in self.emergencies if e[1] != msg.tg}
         floor = self._floor(msg.tg, now)
         out = floor.force_release(now)
         self._arm(floor)
@@ -221,7 +219,6 @@ class Network:
                 out.append(ToUnit(unit, m.Ungrouped(tg=msg.tg)))
         del self.groups[msg.tg]
         self.floors.pop(msg.tg, None)
-        self.emergencies = {e for e in self.emergencies if e[1] != msg.tg}
         out = [a for a in out if not isinstance(a, StateChanged)]
         return [*out, StateCleared(msg.tg), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
 
@@ -362,6 +359,16 @@ class Network:
         out = floor.unit_gone(unit, now)
         self._arm(floor)
         return out
+
+    def _not_for(self, p: UnitProfile, tg: str, ref: int | None) -> list[Action]:
+        """The error to send when the unit may not address group `tg`, else nothing: the
+        group must exist, and a members-only group takes only members (and dispatchers)."""
+        group = self.groups.get(tg)
+        if group is None:
+            return self._error(p.id, ref, "invalid_field", f"unknown group {tg}")
+        if not group.admits(p.id) and not p.is_dispatcher:
+            return self._error(p.id, ref, "forbidden", f"{p.id} is not a member of {tg}")
+        return []
 
     def _reject(self, reason: RejectReason) -> list[Action]:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
