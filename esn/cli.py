@@ -13,7 +13,7 @@ from pathlib import Path
 from esn import __version__
 from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
-from esn.runtime import run
+from esn.runtime import Throttle, run
 from esn.tomlfile import load_fleet
 from esn.tools.processes import ServerStartError
 from esn.tools.secure import SecureConfigError
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:  # every library's lines, too
+        handler.addFilter(Throttle())
     try:
         return int(args.func(args))
     except (

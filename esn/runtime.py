@@ -1,8 +1,10 @@
-"""Running a coroutine on uvloop when it is importable, plain asyncio otherwise."""
+"""Running a process: a coroutine on uvloop when it is importable (plain asyncio
+otherwise), and logs that a flood cannot turn into a flood of lines."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -20,3 +22,26 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def run(main: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+class Throttle(logging.Filter):
+    """Lets each distinct message (logger, level, format string) through at most `burst`
+    times per `window_s`, then says once how many it held back: a flood of bad input, or a
+    link failing on every publish, must not fill the disk with the same line."""
+
+    def __init__(self, burst: int = 5, window_s: float = 60.0, max_keys: int = 1000) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.max_keys = burst, window_s, max_keys
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # -> (since, count)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        since, count = self._seen.get(key, (record.created, 0))
+        if record.created - since >= self.window_s:
+            if count > self.burst:
+                record.msg = f"{record.msg} ({count - self.burst} like it held back)"
+            since, count = record.created, 0
+        if len(self._seen) >= self.max_keys and key not in self._seen:
+            self._seen.clear()
+        self._seen[key] = (since, count + 1)
+        return count < self.burst

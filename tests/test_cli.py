@@ -3,12 +3,14 @@ to install, never a traceback."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 
 from esn.cli import main
+from esn.runtime import Throttle
 
 
 @pytest.mark.parametrize(
@@ -58,3 +60,18 @@ def test_the_bench_runs_the_stacks_that_are_installed(monkeypatch: pytest.Monkey
     assert available_clients() == ["gmqtt", "paho"]
     monkeypatch.setitem(sys.modules, "aiomqtt", None)  # a plain `pip install .`
     assert available_clients() == ["gmqtt"]
+
+
+def test_a_repeated_log_line_is_held_back_and_counted() -> None:
+    throttle = Throttle(burst=3, window_s=60)
+
+    def record(at: float, msg: str = "publish on %s failed") -> logging.LogRecord:
+        r = logging.LogRecord("esn.transport", logging.WARNING, "x", 1, msg, ("t",), None)
+        r.created = at
+        return r
+
+    passed = [throttle.filter(record(t / 1000)) for t in range(10_000)]  # 10 s of a flood
+    assert sum(passed) == 3
+    assert throttle.filter(record(1, "another line"))  # others are not held back
+    later = record(61.0)
+    assert throttle.filter(later) and "9997 like it held back" in later.getMessage()

@@ -36,7 +36,7 @@ FLEET = parse_fleet(
             {"id": "disp", "role": "dispatcher", "priority": 250},
         ],
         # rate limits have their own tests; here every request must be decided
-        "limits": {"floor": {"per_s": 1e6, "burst": 1e6}},
+        "limits": {k: {"per_s": 1e6, "burst": 1e6} for k in ("floor", "control", "command")},
     }
 )
 

@@ -127,7 +127,12 @@ async def test_bad_floor_and_media_input(
     assert (await raw.next(t="error"))["cause"] == "invalid_field"
     raw.send("tg/tg-1/up/ext-1/floor", {"t": "affiliate", "groups": []})
     assert (await raw.next(t="error"))["cause"] == "unknown_type"
-    # media garbage is dropped silently and counted: no reply to a voice stream
+    # a non-holder's voice is dropped unread; the holder's garbage is dropped silently and
+    # counted by what is wrong with it: no reply to a voice stream either way
+    raw.send("tg/tg-1/up/ext-1/media", b"\xff" * 10)
+    await eventually(lambda: server.metrics.media_dropped.get("not_holder") == 1)
+    raw.send("tg/tg-1/up/ext-1/floor", {"t": "request", "ref": 6})
+    await raw.next(t="granted")
     raw.send("tg/tg-1/up/ext-1/media", b"\xff" * 10)
     raw.send("tg/tg-1/up/ext-1/media", {"t": "media", "call": "c", "seq": -1, "data": b""})
     await eventually(
@@ -136,6 +141,7 @@ async def test_bad_floor_and_media_input(
             and server.metrics.media_dropped.get("invalid_field") == 1
         )
     )
+    raw.send("tg/tg-1/up/ext-1/floor", {"t": "release"})
     good = await handset("u1", "tg-1")
     assert isinstance(await good.press("tg-1"), m.Granted)
 
@@ -143,10 +149,13 @@ async def test_bad_floor_and_media_input(
 async def test_spoofed_identity_is_ignored(
     server: Server, raw: RawClient, handset: HandsetFactory
 ) -> None:
-    victim = await handset("u1", "tg-1", media_interval=0)
-    await victim.press("tg-1")
+    await handset("u1", "tg-1", media_interval=0)
     listener = await handset("u2", "tg-1")
-    # the topic says ext-1, the content claims to be u1: not relayed
+    raw.send("unit/ext-1/up", {"t": "affiliate", "groups": ["tg-1"]})
+    await raw.next(t="affiliation")
+    raw.send("tg/tg-1/up/ext-1/floor", {"t": "request", "ref": 1})
+    await raw.next(t="granted")
+    # the topic says ext-1 (the holder), the content claims to be u1: not relayed
     raw.send(
         "tg/tg-1/up/ext-1/media",
         {"t": "media", "call": "c", "seq": 1, "data": b"x", "talker": "u1"},

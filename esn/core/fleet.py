@@ -14,8 +14,13 @@ from esn.core.limits import Rate
 from esn.protocol.ids import is_id
 
 # per-unit rate limits by message class; the [limits] table overrides them
+# Every message a unit sends falls in one class, so none can make the server answer it more
+# than (rate + one refusal) times a second.
 DEFAULT_LIMITS = {
     "floor": Rate(per_s=5.0, burst=20.0),  # floor requests (PTT presses and their retries)
+    "control": Rate(per_s=10.0, burst=40.0),  # affiliation, release, queue_status, the rest
+    "emergency": Rate(per_s=1.0, burst=5.0),  # alerts and cancels (an alert fans out)
+    "command": Rate(per_s=10.0, burst=40.0),  # dispatcher commands
     "location": Rate(per_s=2.0, burst=5.0),
     "sds": Rate(per_s=1.0, burst=5.0),
 }

@@ -55,18 +55,17 @@ class Network:
     # --- unit control ---------------------------------------------------------------
 
     def unit_message(self, unit: str, msg: m.Message, now: float) -> list[Action]:
+        kind = _LIMITED.get(type(msg), "control")
+        verdict = self.limiter.check(unit, kind, now)
+        if verdict is Verdict.REFUSE_AND_TELL:
+            return self._error(unit, msg.ref, "rate_limited", f"too many {kind} messages")
+        if verdict is Verdict.REFUSE_QUIETLY:
+            return self._reject("rate_limited")
         profile = self.fleet.profile(unit)
         if profile is None:
             return self._error(unit, msg.ref, "forbidden", f"unit {unit} is not registered")
         if type(msg) in _DISPATCHER_ONLY and not profile.is_dispatcher:
             return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
-        kind = _LIMITED.get(type(msg))
-        if kind is not None:
-            verdict = self.limiter.check(unit, kind, now)
-            if verdict is Verdict.REFUSE_AND_TELL:
-                return self._error(unit, msg.ref, "rate_limited", f"too many {kind} messages")
-            if verdict is Verdict.REFUSE_QUIETLY:
-                return self._reject("rate_limited")
         match msg:
             case m.Affiliate():
                 return self._affiliate(profile, msg, now)
@@ -227,15 +226,16 @@ class Network:
     def floor_message(self, unit: str, tg: str, msg: m.Message, now: float) -> list[Action]:
         profile = self.fleet.profile(unit)
         ref = msg.ref
+        verdict = self.limiter.check(
+            unit, "floor" if isinstance(msg, m.Request) else "control", now
+        )
+        if verdict is Verdict.REFUSE_AND_TELL:
+            self._reject("rate_limited")
+            return self._deny(unit, tg, "rate_limited", ref)
+        if verdict is Verdict.REFUSE_QUIETLY:
+            return self._reject("rate_limited")
         if not isinstance(msg, m.Request | m.Release | m.QueueStatus):
             return self._error(unit, ref, "unknown_type", f"{msg.T} is not a floor message")
-        if isinstance(msg, m.Request):
-            verdict = self.limiter.check(unit, "floor", now)
-            if verdict is Verdict.REFUSE_AND_TELL:
-                self._reject("rate_limited")
-                return self._deny(unit, tg, "rate_limited", ref)
-            if verdict is Verdict.REFUSE_QUIETLY:
-                return self._reject("rate_limited")
         if tg not in self.groups:
             return self._deny(unit, tg, "unknown_group", ref)
         if profile is None or tg not in self.affiliations.get(unit, ()):
@@ -383,8 +383,17 @@ class Network:
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
 
 
-# message types under a per-unit rate limit -> the limit's name
-_LIMITED: dict[type[m.Message], str] = {m.Location: "location", m.Sds: "sds"}
+# message type -> the per-unit rate limit it counts against (any other: "control")
+_LIMITED: dict[type[m.Message], str] = {
+    m.Location: "location",
+    m.Sds: "sds",
+    m.EmergencyAlert: "emergency",
+    m.EmergencyCancel: "emergency",
+    m.EmergencyAck: "command",
+    m.ForceRelease: "command",
+    m.Regroup: "command",
+    m.Ungroup: "command",
+}
 
 # commands only a unit of role dispatcher may give
 _DISPATCHER_ONLY = frozenset({m.EmergencyAck, m.ForceRelease, m.Regroup, m.Ungroup})

@@ -40,6 +40,7 @@ REJECT_REASONS = (
     "invalid_presence",
 )
 DROP_REASONS = (
+    "rate_limited",
     "not_holder",
     "revoked",
     "unknown_group",

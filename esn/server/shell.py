@@ -37,6 +37,16 @@ from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 log = logging.getLogger("esn.server")
 
+# What one unit may send per topic kind, checked before anything is decoded: far above any
+# honest use (voice is 17 packets a second), so a flood costs a lookup per message, not a
+# decode, and cannot take the event loop from everyone else.
+INTAKE = {
+    "up": Rate(per_s=100.0, burst=200.0),
+    "floor": Rate(per_s=100.0, burst=200.0),
+    "media": Rate(per_s=100.0, burst=200.0),
+    "presence": Rate(per_s=5.0, burst=20.0),
+}
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
@@ -82,6 +92,9 @@ class Server:
         self._count_msg = self.metrics.count_message
         # answers to garbage are capped per unit, so a flood cannot make us flood the broker
         self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
+        # what one unit may send, per topic kind, before anything is decoded
+        self._intake = RateLimiter(INTAKE)
+        self.received = 0  # every message the broker handed us
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -174,6 +187,7 @@ class Server:
     # --- inbound ----------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        self.received += 1
         if not self._accepting:
             return
         received = perf_counter()
@@ -185,6 +199,12 @@ class Server:
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")
+            return
+        if self._intake.check(where.unit, where.kind, self._loop.time()) is not Verdict.ALLOW:
+            if where.kind == "media":
+                self.metrics.count_media_dropped("rate_limited")
+            else:
+                self.metrics.count_rejected("rate_limited")
             return
         if where.kind == "media":
             self._relay(where.unit, where.tg or "", payload, received)
@@ -221,6 +241,12 @@ class Server:
     def _relay(self, unit: str, tg: str, payload: bytes, received: float) -> None:
         """The hot path: one voice packet from the talker to the group."""
         self._count_msg("media", "in")
+        floor = self.network.floors.get(tg)
+        if floor is None or floor.holder is None or floor.holder.unit != unit:
+            # not the talker's: dropped before the cost of decoding it
+            known = tg in self.network.groups
+            self.metrics.count_media_dropped("not_holder" if known else "unknown_group")
+            return
         try:
             msg = codec.media_from_dict(codec.unpack(payload))
         except codec.ProtocolError as exc:

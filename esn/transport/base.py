@@ -20,6 +20,11 @@ from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("esn.transport")
 
+# QoS 1 messages awaiting the broker's ack, at most: MQTT has 65535 packet ids, and a
+# stack that runs out of them fails every publish until acks come back. Past this, a
+# publish is dropped and counted: retained state and retries recover what matters.
+MAX_INFLIGHT = 20_000
+
 
 class TransportError(Exception):
     """The broker could not be reached or refused us; the message is one line."""
@@ -111,7 +116,8 @@ class Transport(ABC):
         self.on_disconnect: Callable[[], None] = _ignore
         self.connected = False
         self.reconnects = 0
-        self.dropped = 0  # publishes attempted while the link was down
+        self.dropped = 0  # publishes not sent: the link was down, or too many awaited acks
+        self.max_inflight = MAX_INFLIGHT
         self._subscriptions: dict[str, int] = {}
         self._closing = False
         self._lost = asyncio.Event()
@@ -145,10 +151,16 @@ class Transport(ABC):
             await self._unsubscribe(list(topics))
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        if not self.connected:
+        """Hand a message to the link, or count it as dropped: this never raises, so no
+        caller (a handler in the middle of a message) is cut short by the link's state."""
+        if not self.connected or (qos > 0 and self._inflight() >= self.max_inflight):
             self.dropped += 1
             return
-        self._publish(topic, payload, qos, retain)
+        try:
+            self._publish(topic, payload, qos, retain)
+        except Exception as exc:  # the stack refused it (a closing link, say)
+            self.dropped += 1
+            log.warning("%s: a publish on %s failed: %s", self.client_id, topic, exc)
 
     # --- for implementations ----------------------------------------------------------
 
@@ -213,3 +225,7 @@ class Transport(ABC):
 
     @abstractmethod
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None: ...
+
+    def _inflight(self) -> int:
+        """QoS 1 messages sent and not yet acknowledged by the broker."""
+        return 0

@@ -99,6 +99,11 @@ class GmqttTransport(Transport):
         assert self._client is not None
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    def _inflight(self) -> int:
+        # gmqtt keeps each unacknowledged QoS 1 publish until its PUBACK
+        storage = getattr(self._client, "_persistent_storage", None)
+        return len(getattr(storage, "_messages", ()))
+
 
 async def _quietly(coro: Any) -> None:
     with contextlib.suppress(Exception):  # closing a link that is already broken

@@ -86,6 +86,9 @@ class PahoTransport(Transport):
         self._pending.add(task)
         task.add_done_callback(self._published)
 
+    def _inflight(self) -> int:
+        return len(self._pending)  # each publish task waits for its PUBACK
+
     def _published(self, task: asyncio.Task[Any]) -> None:
         self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
