@@ -147,10 +147,20 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from esn.tools.bench import BenchOptions, run_bench
 
+    if args.floods:
+        from esn.tools.floods import FloodOptions, run_floods
+
+        return run(
+            run_floods(FloodOptions(seconds=args.seconds, out=args.out or "docs/floods.json"))
+        )
+
     return run(
         run_bench(
             BenchOptions(
-                seconds=args.seconds, rate=args.rate, out=args.out, listeners=args.listeners
+                seconds=args.seconds,
+                rate=args.rate,
+                out=args.out or "docs/benchmarks.json",
+                listeners=args.listeners,
             )
         )
     )
@@ -252,7 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=int, default=0, help="offered packets/s in the throughput runs (0: flat out)"
     )
     p.add_argument("--listeners", type=int, default=1, help="group members receiving media")
-    p.add_argument("--out", default="docs/benchmarks.json", help="where to write the figures")
+    p.add_argument(
+        "--out",
+        help="where to write the figures (default docs/benchmarks.json, "
+        "or docs/floods.json with --floods)",
+    )
+    p.add_argument(
+        "--floods",
+        action="store_true",
+        help="instead: floor access in one group while a unit floods each class",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -276,7 +276,7 @@ async def run_bench(opts: BenchOptions) -> int:
             lat["p50_ratio_to_direct"] = round(lat["p50_ms"] / max(direct["p50_ms"], 1e-6), 2)
             results["latency"][f"relay_{client}"] = lat
     _print(results, opts)
-    _write(Path(opts.out), results)
+    write_json(Path(opts.out), results)
     print(f"\nwritten to {opts.out}")
     return 0
 
@@ -312,7 +312,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _write(path: Path, results: dict[str, Any]) -> None:
+def write_json(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
 
