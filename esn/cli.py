@@ -60,7 +60,7 @@ def _stop_on_signals() -> asyncio.Event:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from esn.server.shell import Config, serve
+    from esn.server.shell import Config, DuplicateServerError, serve
 
     fleet = load_fleet(args.fleet)
     config = Config(
@@ -74,7 +74,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     async def main() -> None:
         await serve(config, fleet, _stop_on_signals())
 
-    run(main())
+    try:
+        run(main())
+    except DuplicateServerError as exc:
+        print(f"esn server: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

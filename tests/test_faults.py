@@ -8,9 +8,12 @@ signals; brokers are killed and restarted on the same port.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -21,7 +24,7 @@ from esn.server.shell import Config, Server
 from esn.tools.broker import Mosquitto
 from esn.tools.processes import free_port, start_server
 from esn.tools.secure import SecureProfile, generate
-from esn.transport import BrokerConfig, TransportError
+from esn.transport import BrokerConfig, TransportError, make_transport
 from tests.conftest import FLEET, REAL_CLIENTS, HandsetFactory, eventually, spawn_handset
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
@@ -298,12 +301,20 @@ async def test_a_floor_request_flood_leaves_other_groups_served(
 # --- the secure profile -------------------------------------------------------------------
 
 
+class Secure(NamedTuple):
+    profile: SecureProfile
+    server: Server
+    broker: Mosquitto
+
+
 @pytest.fixture
-async def secure(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[SecureProfile, Server]]:
+async def secure(prefix: str) -> AsyncIterator[Secure]:
     fleet = parse_fleet({**FLEET, "unit": [*FLEET["unit"], {"id": "u1"}, {"id": "u2"}]})
+    work = tempfile.TemporaryDirectory(prefix="esn-secure-")  # the broker's account passes
+    os.chmod(work.name, 0o711)  # through to its files (pytest's tmp_path is closed to it)
     profile = generate(
         fleet,
-        tmp_path / "broker",
+        Path(work.name) / "broker",
         port=free_port(),
         tls_port=free_port(),
         server_id="esn-sec",
@@ -319,10 +330,11 @@ async def secure(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[SecureProfi
     srv = Server(Config(broker=cfg, prefix=prefix, server_id="esn-sec"), fleet)
     await srv.start()
     try:
-        yield profile, srv
+        yield Secure(profile, srv, broker)
     finally:
         await srv.stop()
         broker.close()
+        work.cleanup()
 
 
 def unit_broker(profile: SecureProfile, unit: str, password: str | None = None) -> BrokerConfig:
@@ -333,11 +345,9 @@ def unit_broker(profile: SecureProfile, unit: str, password: str | None = None) 
     )
 
 
-async def test_secure_profile_refuses_a_wrong_password(
-    secure: tuple[SecureProfile, Server], prefix: str
-) -> None:
+async def test_secure_profile_refuses_a_wrong_password(secure: Secure, prefix: str) -> None:
     """Tried: connect as u1 with a wrong password, and with no credentials. Expect: refused."""
-    profile, _ = secure
+    profile = secure.profile
     for cfg in (
         unit_broker(profile, "u1", "guess"),
         BrokerConfig.from_url(f"mqtt://127.0.0.1:{profile.port}"),
@@ -346,12 +356,10 @@ async def test_secure_profile_refuses_a_wrong_password(
             await Handset("u1", cfg, prefix=prefix).transport.start()
 
 
-async def test_secure_profile_stops_a_unit_speaking_as_another(
-    secure: tuple[SecureProfile, Server], prefix: str
-) -> None:
+async def test_secure_profile_stops_a_unit_speaking_as_another(secure: Secure, prefix: str) -> None:
     """Tried: u2 publishes a floor request and a location on u1's topics. Expect: the
     broker drops both; the server never sees them; u1's own request still works."""
-    profile, srv = secure
+    profile, srv = secure.profile, secure.server
     u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix)
     u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
     try:
@@ -373,11 +381,11 @@ async def test_secure_profile_stops_a_unit_speaking_as_another(
 
 
 async def test_secure_profile_keeps_a_closed_group_to_its_members(
-    secure: tuple[SecureProfile, Server], prefix: str
+    secure: Secure, prefix: str
 ) -> None:
     """Tried: u2, not a member, subscribes to tg-closed while member u1 talks there.
     Expect: u1's fellow member (the dispatcher) hears it; u2 receives nothing."""
-    profile, _ = secure
+    profile = secure.profile
     u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix, media_interval=0.02)
     disp = Handset("disp", unit_broker(profile, "disp"), prefix=prefix)
     u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
@@ -398,3 +406,56 @@ async def test_secure_profile_keeps_a_closed_group_to_its_members(
     finally:
         for h in (u1, disp, u2):
             await h.stop()
+
+
+def process_uid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (from /proc: its sockets, and the tables)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_secure_profile_listens_only_where_it_says_and_not_as_root(
+    secure: Secure,
+) -> None:
+    """Tried: start the generated profile. Expect: exactly its two loopback listeners (the
+    client-id option before them used to open 1883 on every interface), not run as root."""
+    pid = secure.broker.proc.pid  # type: ignore[union-attr]
+    assert listening_ports(pid) == {secure.profile.port, secure.profile.tls_port}
+    assert process_uid(pid) != 0
+
+
+@pytest.mark.parametrize("victim", ["u1", "esn-sec"])
+async def test_secure_profile_keeps_a_client_id_to_its_account(
+    secure: Secure, prefix: str, victim: str
+) -> None:
+    """Tried: u2, with its own password, connects under u1's client id, and under the
+    server's. Expect: harmless: the broker names the session after the account, so u1 and
+    the server stay connected and are not pushed off."""
+    profile, srv = secure.profile, secure.server
+    u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix)
+    await u1.start()
+    await u1.affiliate("tg-1")
+    intruder = make_transport("gmqtt", unit_broker(profile, "u2"), client_id=victim)
+    try:
+        await intruder.start()
+        # a round trip of u1's through the server after the intruder is in
+        assert isinstance(await u1.press("tg-1"), m.Granted)
+        assert (u1.transport.reconnects, srv.transport.reconnects) == (0, 0)
+        assert u1.transport.connected and srv.transport.connected
+    finally:
+        await intruder.stop()
+        await u1.stop()

@@ -150,3 +150,46 @@ async def test_sigterm_publishes_offline_status_and_exits_zero(
         if proc.returncode is None:
             proc.kill()
         await watcher.stop()
+
+
+async def test_a_second_server_under_the_same_id_refuses_to_start(
+    tmp_path: Path, mosquitto: Mosquitto, prefix: str
+) -> None:
+    """Tried: start `esn server` with the id of a server that is online. Expect: it exits 1
+    with one line naming the id; the first server goes on serving (it used to be pushed off
+    and push back, endlessly)."""
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
+    cfg = BrokerConfig.from_url(mosquitto.url)
+    first = Server(Config(broker=cfg, prefix=prefix, server_id="twin"), parse_fleet(FLEET))
+    await first.start()
+    u1 = Handset("u1", cfg, prefix=prefix)
+    try:
+        rc, err = await run(
+            server_command(
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                str(fleet),
+                "--prefix",
+                prefix,
+                "--server-id",
+                "twin",
+            )
+        )
+        last = err.strip().splitlines()[-1]  # after the link warnings of the push-offs
+        assert rc == 1 and "Traceback" not in err and "'twin' is online" in last, err
+        back = u1.expect(  # the first one's own online: it has its session back
+            lambda i: (
+                isinstance(i.msg, m.Status)
+                and (i.msg.state, i.msg.started_ts) == ("online", first.started_ns)
+            ),
+            timeout=10,
+        )
+        await u1.start()
+        await back
+        await u1.affiliate("tg-1")
+        assert isinstance(await u1.press("tg-1"), m.Granted)  # the first one still serves
+    finally:
+        await u1.stop()
+        await first.stop()

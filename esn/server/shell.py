@@ -48,6 +48,10 @@ INTAKE = {
 }
 
 
+class DuplicateServerError(RuntimeError):
+    """Another server under the same id is online; the message is one line."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     broker: BrokerConfig
@@ -95,13 +99,18 @@ class Server:
         # what one unit may send, per topic kind, before anything is decoded
         self._intake = RateLimiter(INTAKE)
         self.received = 0  # every message the broker handed us
+        self.rival: DuplicateServerError | None = None  # another instance has our id
+        self.gave_way = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self._accepting = True
         await self.transport.start()
-        await self.transport.subscribe(*self.topics.server_subscriptions())
+        # our own status too: another instance under our id announcing itself (see _rival_seen)
+        await self.transport.subscribe(
+            *self.topics.server_subscriptions(), self.topics.status(self.config.server_id)
+        )
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         await self._recover()
         if self.config.metrics_port is not None:
@@ -114,13 +123,14 @@ class Server:
         )
 
     async def stop(self) -> None:
-        """Stop taking input, tell peers we are offline, then close the link and endpoint."""
+        """Stop taking input, tell peers we are offline (unless the status is another
+        instance's), then close the link and endpoint."""
         self._accepting = False
         if self._timer is not None:
             self._timer.cancel()
-        self.transport.publish(
-            self.topics.status(self.config.server_id), self._status("offline"), qos=1, retain=True
-        )
+        if self.rival is None:
+            status = self._status("offline")
+            self.transport.publish(self.topics.status(self.config.server_id), status, 1, True)
         await self.transport.stop()
         if self._http is not None:
             self._http.close()
@@ -135,16 +145,20 @@ class Server:
         back the picture is complete.
         """
         t = self.topics
+        me = self.config.server_id
         marker = f"{self.started_ns}".encode()
         self._synced = asyncio.Event()
         self._sync_marker = marker
-        await self.transport.subscribe(t.all_states(), t.sync(self.config.server_id))
-        self.transport.publish(t.sync(self.config.server_id), marker, qos=1)
+        await self.transport.subscribe(t.all_states(), t.sync(me))
+        self.transport.publish(t.sync(me), marker, qos=1)
         try:
             await asyncio.wait_for(self._synced.wait(), timeout)
         except TimeoutError:
             log.warning("no echo from the broker within %g s; recovering what arrived", timeout)
-        await self.transport.unsubscribe(t.all_states(), t.sync(self.config.server_id))
+        await self.transport.unsubscribe(t.all_states(), t.sync(me))
+        if self.rival is not None:  # another instance has our id: leave it be
+            await self.stop()
+            raise self.rival
         recovered, self._recovered = self._recovered or {}, None
         now = self._loop.time()
         for state in recovered.values():
@@ -170,6 +184,30 @@ class Server:
                 self._recovered[tg] = msg  # type: ignore[index]
         return True
 
+    def _rival_seen(self, payload: bytes) -> None:
+        """Two servers under one id push each other off the broker (same client id) for
+        ever, each missing the other's `online` while pushed off. The one that started
+        later gives way (it stops, and `serve` ends with a one-line error; the older goes
+        on) when it hears the older say online, or finds the older's status (its will, fired
+        as it was pushed off) on coming back. A dead predecessor's will is only seen at the
+        first connect, and after a broker restart the status is ours or gone."""
+        with contextlib.suppress(codec.ProtocolError):
+            status = codec.decode(payload) if payload else None
+            if (
+                self.rival is None
+                and isinstance(status, m.Status)
+                and status.started_ts < self.started_ns
+                and (status.state == "online" or self.transport.reconnects > 0)
+            ):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.started_ts / 1e9))
+                self.rival = DuplicateServerError(
+                    f"another server with id {self.config.server_id!r} is online on "
+                    f"{self.config.broker.url()} (started {since}): stop it, or give this one "
+                    f"another --server-id"
+                )
+                self._accepting = False
+                self.gave_way.set()
+
     def _status(self, state: str) -> bytes:
         return codec.encode(m.Status(state=state, version=__version__, started_ts=self.started_ns))
 
@@ -193,6 +231,9 @@ class Server:
         received = perf_counter()
         if topic.startswith("$SYS/"):
             self.metrics.broker_figure(topic, payload)
+            return
+        if topic == self.topics.status(self.config.server_id):
+            self._rival_seen(payload)
             return
         if self._recovered is not None and self._on_recovery(topic, payload):
             return
@@ -327,7 +368,12 @@ async def serve(config: Config, fleet: Fleet, stop: asyncio.Event) -> None:
     """Run a server until `stop` is set, then shut it down in order."""
     server = Server(config, fleet)
     await server.start()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.gave_way)]
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for w in waits:
+            w.cancel()
         await server.stop()
+    if server.rival is not None:
+        raise server.rival

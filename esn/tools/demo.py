@@ -342,6 +342,8 @@ async def run_demo(opts: DemoOptions) -> int:
         server_args: list[str] = []
         env = dict(os.environ)
         if opts.secure:
+            # the broker's own account must pass through to its files; nothing here is listed
+            os.chmod(workdir.name, 0o711)
             profile = generate(
                 load_fleet(fleet),
                 Path(workdir.name) / "broker",
