@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from esn import __version__
 from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
-from esn.runtime import Throttle, run
+from esn.runtime import STOP_SIGNALS, Interrupted, Throttle, run
 from esn.tomlfile import load_fleet
 from esn.tools.processes import ServerStartError
 from esn.tools.secure import SecureConfigError
@@ -54,7 +53,7 @@ def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _stop_on_signals() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     return stop
 
@@ -301,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, FleetError | CliError) else 1
-    except KeyboardInterrupt:
+    except Interrupted as exc:
+        print(f"esn {args.command}: {exc}; everything it started is stopped", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # before the event loop ran
         return 130
 
 

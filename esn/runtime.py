@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -19,9 +20,45 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
+# closing the terminal (SIGHUP), Ctrl-C (SIGINT) and a service manager (SIGTERM) alike
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """The command was asked to stop by a signal, and has stopped what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def run(main: Coroutine[Any, Any, T], *, stoppable: bool = True) -> T:
+    """Run `main` to its end. A stop signal cancels it instead, so that its `finally`
+    blocks stop every process and remove every folder it made, then raises Interrupted.
+    (A command may set its own handlers for a gentler stop, as the server does; a helper
+    process whose parent decides when it stops passes `stoppable=False`.)"""
+    received: list[int] = []
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
+        for signum in STOP_SIGNALS if stoppable else ():
+            loop.add_signal_handler(signum, stop, signum)
+        return await main
+
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(guarded())
+        except asyncio.CancelledError:
+            if received:
+                raise Interrupted(received[0]) from None
+            raise
 
 
 class Throttle(logging.Filter):

@@ -3,11 +3,16 @@ small scenario end to end against a real Mosquitto and server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
+from esn.cli import main
 from esn.loadtest.recorder import Recorder, summary_ms
 from esn.loadtest.runner import run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
@@ -139,3 +144,71 @@ def test_shipped_scenarios_are_found_by_name(
     assert load_scenario("city.toml").run.name == "mine"  # a file of that name comes first
     with pytest.raises(ScenarioError, match="cannot read scenario nowhere"):
         load_scenario("nowhere")
+
+
+def mosquittos() -> set[int]:
+    """The pids of every Mosquitto on this machine."""
+    out = set()
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "mosquitto":
+                out.add(int(proc.name))
+    return out
+
+
+@pytest.mark.broker
+@pytest.mark.fault
+async def test_an_interrupted_load_test_writes_its_partial_report_and_stops_everything(
+    tmp_path: Path,
+) -> None:
+    """Tried: Ctrl-C in the middle of a 60 s load test. Expect: it stops within seconds
+    (it used to run to its scheduled end), writes its report so far, marked interrupted,
+    exits 130, and leaves no broker, server or worker behind."""
+    before = mosquittos()
+    scenario = tmp_path / "long.toml"
+    scenario.write_text(
+        '[run]\nname = "long"\nduration_s = 60\nworkers = 2\n'
+        "[fleet]\nhandsets = 40\ntalkgroups = 4\n"
+        "[traffic]\nmean_talk_s = 1.0\nmean_session_s = 2.0\n"
+    )
+    out = tmp_path / "out"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "esn.cli",
+        "loadtest",
+        str(scenario),
+        "--out",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while not (await proc.stdout.readline()).startswith(b"t="):
+                pass
+        proc.send_signal(signal.SIGINT)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 40)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130 and b"Traceback" not in rest, rest.decode()[-2000:]
+    report = json.loads((out / "result.json").read_text())
+    assert report["interrupted"] is True and report["passed"] is False
+    assert report["counts"].get("connected") == 41  # 40 handsets, 1 dispatcher: measured
+    assert mosquittos() <= before
+
+
+@pytest.mark.broker
+def test_a_bad_fleet_file_is_one_line_and_leaves_no_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = mosquittos()
+    (tmp_path / "fleet.toml").write_text('[[talkgroup]]\nid = "no spaces allowed"\n')
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[fleet]\nfleet_file = "fleet.toml"\n')
+    assert main(["loadtest", str(scenario), "--out", str(tmp_path / "out")]) == 2
+    assert "talkgroup[0].id" in capsys.readouterr().err
+    assert mosquittos() <= before

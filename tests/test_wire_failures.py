@@ -4,7 +4,10 @@ away and coming back, and the `esn server` command line's promises."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -101,7 +104,12 @@ async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_clie
 
 async def run(cmd: list[str], timeout: float = 20) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:  # timed out: nothing of the test may outlive it
+            proc.kill()
+            await proc.wait()
     return proc.returncode or 0, err.decode()
 
 
@@ -193,3 +201,48 @@ async def test_a_second_server_under_the_same_id_refuses_to_start(
     finally:
         await u1.stop()
         await first.stop()
+
+
+def our_folders() -> set[Path]:
+    """The work folders our tools make in the temp folder."""
+    return set(Path(tempfile.gettempdir()).glob("esn-*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+async def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(sig: signal.Signals) -> None:
+    """Tried: Ctrl-C, SIGTERM, and closing the terminal (SIGHUP) in the middle of a demo.
+    Expect: one line, the signal's exit status, and its broker, server and work folder
+    gone (they used to be left running, with thousands of traceback lines)."""
+    folders = our_folders()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "esn.cli",
+        "demo",
+        "--duration",
+        "60",
+        "--handsets",
+        "30",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    ports = []
+    try:
+        async with asyncio.timeout(30):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("t="):
+                ports += [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", line)]
+        proc.send_signal(sig)
+        rest, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 128 + sig
+    assert b"Traceback" not in rest and b"never awaited" not in rest, rest.decode()[-2000:]
+    assert rest.decode().strip().endswith("everything it started is stopped")
+    assert len(ports) >= 2  # the broker's and the server's metrics
+    for port in ports:
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    assert our_folders() <= folders

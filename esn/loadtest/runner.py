@@ -8,6 +8,7 @@ the report also says when the generator, not the system under test, limited the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -96,24 +97,32 @@ def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], 
 async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     raise_fd_limit()  # before the broker starts: it inherits the limit
     workers = s.workers
-    work = Path(tempfile.mkdtemp(prefix="esn-loadtest-"))
     out = out_dir or Path("runs") / f"{s.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    broker = None if s.run.broker else Mosquitto().start()
-    url = s.run.broker or broker.url  # type: ignore[union-attr]
-    plans, fleet_text = plan(s, workers, url)
+    plans, fleet_text = plan(s, workers, s.run.broker or "mqtt://127.0.0.1:1883")
+    work = tempfile.TemporaryDirectory(prefix="esn-loadtest-")
+    broker = None
     server = None
     server_port = free_port()
     procs: list[multiprocessing.process.BaseProcess] = []
+    ctx = multiprocessing.get_context("spawn")
+    q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
+    finals: dict[int, dict[str, Any]] = {}
+    interrupted = False
     try:
+        broker = None if s.run.broker else Mosquitto().start()
+        url = s.run.broker or broker.url  # type: ignore[union-attr]
+        for p in plans:
+            p.broker_url = url
+        out.mkdir(parents=True, exist_ok=True)
         if s.run.server:
-            (work / "fleet.toml").write_text(fleet_text)
+            fleet = Path(work.name) / "fleet.toml"
+            fleet.write_text(fleet_text)
             server = await start_server(
                 url,
-                work / "fleet.toml",
+                fleet,
                 metrics_port=server_port,
                 mqtt_client=s.run.mqtt_client,
-                log=work / "server.log",
+                log=Path(work.name) / "server.log",
             )
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
         print(
@@ -124,38 +133,54 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             "worker metrics: "
             + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics" for p in plans)
         )
-        ctx = multiprocessing.get_context("spawn")
-        q = ctx.Queue()
-        go = ctx.Event()
-        procs = [ctx.Process(target=run_worker, args=(p, q, go), daemon=True) for p in plans]
+        procs = [ctx.Process(target=run_worker, args=(p, q, go, stop), daemon=True) for p in plans]
         for proc in procs:
             proc.start()
-        result = await _drive(s, q, go, workers, total)
+        try:
+            await _drive(s, q, go, workers, total, finals)
+        except asyncio.CancelledError:  # interrupted: the workers end early and report
+            interrupted = True
+            stop.set()
+            go.set()
+            print("\ninterrupted: collecting what the workers measured ...", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_finals(q, finals, workers), 30)
+        result: dict[str, Any] = {"finals": [finals[w] for w in sorted(finals)]}
         result["server_metrics"] = _scrape(server_port) if server else {}
     finally:
+        stop.set()
         for proc in procs:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
         if server is not None:
-            server.terminate()
+            if server.returncode is None:
+                server.terminate()
             await server.wait()
         if broker is not None:
             broker.close()
+        work.cleanup()
     report = build_report(s, result, workers)
+    if interrupted:
+        report["interrupted"] = True  # a partial run: figures so far, and no verdict
+        report["passed"] = False
     (out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     write_html(out / "report.html", report)
     print()
     print(kpi_table(report))
     print(f"\nJSON: {out / 'result.json'}\nHTML: {out / 'report.html'}")
+    if interrupted:
+        print("RESULT: INTERRUPTED (a partial report of the run so far)")
+        raise asyncio.CancelledError  # the command ends as interrupted, its report written
     print("RESULT:", "PASS" if report["passed"] else "FAIL")
     return 0 if report["passed"] else 1
 
 
-async def _drive(s: Scenario, q: Any, go: Any, workers: int, total: int) -> dict[str, Any]:
-    """Ramp, start everyone together, show progress, collect the finals."""
+async def _drive(
+    s: Scenario, q: Any, go: Any, workers: int, total: int, finals: dict[int, dict[str, Any]]
+) -> None:
+    """Ramp, start everyone together, show progress, collect the finals into `finals`."""
     latest: dict[int, dict[str, Any]] = {}
-    finals: dict[int, dict[str, Any]] = {}
     ready: set[int] = set()
     started = None
     tty = sys.stdout.isatty()
@@ -187,7 +212,17 @@ async def _drive(s: Scenario, q: Any, go: Any, workers: int, total: int) -> dict
             last_print = now
             line = _progress(latest, total, started, s.run.duration_s)
             print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
-    return {"finals": [finals[w] for w in sorted(finals)]}
+
+
+async def _finals(q: Any, finals: dict[int, dict[str, Any]], workers: int) -> None:
+    """After an interruption: only the workers' finals matter now."""
+    while len(finals) < workers:
+        try:
+            msg = await asyncio.to_thread(q.get, True, 0.5)
+        except queue_mod.Empty:
+            continue
+        if msg["kind"] == "final":
+            finals[msg["worker"]] = msg
 
 
 def _progress(

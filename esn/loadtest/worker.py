@@ -70,10 +70,11 @@ class _Fanout:
 
 
 class Worker:
-    def __init__(self, plan: WorkerPlan, queue: Any, go: Any) -> None:
+    def __init__(self, plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
         self.plan = plan
         self.queue = queue
         self.go = go
+        self.stop = stop  # set by the parent to end the traffic early (it was interrupted)
         self.rng = random.Random(plan.seed * 1000 + plan.index)
         self.rec = Recorder()
         self.prom = HandsetMetrics()
@@ -96,6 +97,8 @@ class Worker:
             await self.connect_all()
             self.send("ready")
             await asyncio.to_thread(self.go.wait)
+            if self.stop.is_set():
+                return  # interrupted during the ramp: nothing to play; the final goes out
             self.t0 = loop.time()
             await self.play()
         finally:
@@ -183,7 +186,7 @@ class Worker:
         for i, (unit, tg) in enumerate(self.plan.late):
             at = self.plan.duration_s * (i + 1) / (len(self.plan.late) + 1)
             self.spawn(self.at(at, self.late_entry(unit, tg)))
-        await asyncio.sleep(self.plan.duration_s)
+        await asyncio.to_thread(self.stop.wait, self.plan.duration_s)  # or until stopped
         self.stopping = True
         for task in schedules:  # no new actions; the ones under way may finish
             task.cancel()
@@ -338,14 +341,19 @@ def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def run_worker(plan: WorkerPlan, queue: Any, go: Any) -> None:
-    """Entry point of a worker process."""
-    from esn.runtime import run
+def run_worker(plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
+    """Entry point of a worker process. Ctrl-C reaches the whole process group: the parent
+    alone decides, and tells the workers through `stop`, so they can send what they have."""
+    import signal
+
+    from esn.runtime import STOP_SIGNALS, run
     from esn.tools.processes import raise_fd_limit
 
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     raise_fd_limit()
     try:
-        run(Worker(plan, queue, go).main())
+        run(Worker(plan, queue, go, stop).main(), stoppable=False)
     except Exception as exc:  # tell the parent in words rather than vanish
         queue.put({"kind": "error", "worker": plan.index, "error": f"{type(exc).__name__}: {exc}"})
         raise

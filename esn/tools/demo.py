@@ -11,6 +11,7 @@ from the server's own histograms, and exits non-zero when anything it tried fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ class Demo:
         self.checks = Checks()
         self.handset_metrics = HandsetMetrics() if opts.monitoring else None
         self.metrics_port = opts.metrics_port or free_port()
-        self.server_log = Path(tempfile.gettempdir()) / f"esn-demo-server-{self.metrics_port}.log"
+        self.server_log = Path(tempfile.gettempdir()) / "server.log"  # set in the work folder
         self.started = 0.0
         self.stopping = False
 
@@ -336,6 +337,8 @@ async def run_demo(opts: DemoOptions) -> int:
     prometheus: Prometheus | None = None
     exporter: asyncio.Server | None = None
     workdir = tempfile.TemporaryDirectory(prefix="esn-demo-")
+    demo.server_log = Path(workdir.name) / "server.log"
+    tasks: list[asyncio.Task[None]] = []
     try:
         fleet = Path(workdir.name) / "fleet.toml"
         fleet.write_text(dump_fleet(fleet_doc(demo.groups, demo.supervisors)))
@@ -395,7 +398,7 @@ async def run_demo(opts: DemoOptions) -> int:
         await demo.start_handsets(broker_for)
         demo.started = time.monotonic()
         d = opts.duration
-        tasks = [asyncio.create_task(demo.conversation(tg)) for tg in demo.groups[3:]]
+        tasks += [asyncio.create_task(demo.conversation(tg)) for tg in demo.groups[3:]]
         tasks.append(asyncio.create_task(demo.show_progress()))
         scenes = [
             (0.2, demo.scene_preemption, demo.groups[0]),
@@ -403,7 +406,7 @@ async def run_demo(opts: DemoOptions) -> int:
             (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)]),
         ]
         for frac, scene, tg in scenes:
-            tasks.append(asyncio.create_task(_after(frac * d, scene(tg))))
+            tasks.append(asyncio.create_task(_after(frac * d, scene, tg)))
         await asyncio.sleep(d)
         demo.stopping = True
         await asyncio.wait(tasks, timeout=15)
@@ -415,7 +418,8 @@ async def run_demo(opts: DemoOptions) -> int:
         server.terminate()
         rc = await asyncio.wait_for(server.wait(), 10)
         if rc != 0:
-            print(f"server exited with status {rc}; its log: {demo.server_log}")
+            tail = demo.server_log.read_text(errors="replace").strip().splitlines()[-5:]
+            print(f"server exited with status {rc}; its last words:", *tail, sep="\n  ")
             ok = False
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
@@ -429,7 +433,14 @@ async def run_demo(opts: DemoOptions) -> int:
     ) as exc:
         print(f"esn demo: {exc}", file=sys.stderr)
         return 1
-    finally:
+    finally:  # also when interrupted: nothing it started may outlive it
+        for t in tasks:
+            t.cancel()
+        links = [h.transport for h in (*demo.handsets, demo.dispatcher, demo.late_joiner) if h]
+        with contextlib.suppress(TimeoutError):  # before the broker goes: no reconnecting
+            await asyncio.wait_for(
+                asyncio.gather(*(t.stop() for t in links), return_exceptions=True), 5
+            )
         if exporter is not None:
             exporter.close()
         if prometheus is not None:
@@ -472,6 +483,6 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-async def _after(delay: float, coro: Coroutine[Any, Any, None]) -> None:
+async def _after(delay: float, scene: Callable[[str], Awaitable[None]], tg: str) -> None:
     await asyncio.sleep(delay)
-    await coro
+    await scene(tg)  # made only now: a run stopped before never leaves it unawaited
