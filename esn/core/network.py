@@ -28,6 +28,7 @@ from esn.core.limits import RateLimiter, Verdict
 from esn.protocol import messages as m
 
 SDS_STORE = 50  # short messages kept per offline unit
+MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
 
 # why the core refused input without (or besides) an error reply; counted in `rejected`
 RejectReason = m.ErrorCause | Literal["spoofed", "invalid_presence"]
@@ -279,27 +280,50 @@ class Network:
 
     # --- recovery after a restart ------------------------------------------------------
 
-    def restore(self, state: m.State, now: float) -> None:
-        """Adopt a group's retained state from before a restart, unless it is stale.
+    def restore(self, state: m.State, now: float) -> str | None:
+        """Adopt a group's retained state from before a restart, or say why not.
 
-        Stale: the group no longer exists, the talker has since gone offline, or the grant
-        is older than the group's talk time (T2 would have ended it). The caller republishes
-        every group's state afterwards, so a stale one is overwritten then.
+        Nothing read back is trusted: the group must still exist, a talker must still be
+        allowed to hold its floor (a member, not a handset in a receive-only group, with no
+        more than its priority) and be online, the grant younger than the group's talk
+        time, and `seq` of a sane size. The caller republishes every group's state
+        afterwards, so a state not adopted is overwritten then.
         """
         group = self.groups.get(state.tg)
         if group is None:
-            return
-        age_s = now + self.wall_offset - state.since_ts / 1e9
-        stale = state.floor == "taken" and (
-            state.talker in self.offline or not 0 <= age_s < group.policy.max_talk_ms / 1000
-        )
+            return "no such group in the fleet"
+        if state.seq > MAX_RESTORED_SEQ:
+            return f"seq {state.seq} is beyond any real count"
         floor = self._floor(state.tg, now)
-        if stale or floor.holder is not None:
-            return
-        floor.restore(state, age_s, now)
+        if floor.holder is not None:
+            return "the floor is held already"
+        why = self._restorable_talker(group, state, now) if state.floor == "taken" else None
+        if why is not None:
+            floor.seq = max(floor.seq, state.seq)  # its events are not replayed: count on
+            return why
+        floor.restore(state, now + self.wall_offset - state.since_ts / 1e9, now)
         if floor.holder is not None:
             self.affiliations.setdefault(floor.holder.unit, set()).add(state.tg)
         self._arm(floor)
+        return None
+
+    def _restorable_talker(self, group: Talkgroup, state: m.State, now: float) -> str | None:
+        talker = state.talker
+        profile = self.fleet.profile(talker) if talker else None
+        age_s = now + self.wall_offset - state.since_ts / 1e9
+        if talker is None or profile is None:
+            return f"talker {talker} is not a unit of the fleet"
+        if not group.admits(talker):
+            return f"{talker} is not a member of {group.id}"
+        if group.broadcast and not profile.is_dispatcher:
+            return f"{talker} may not talk in receive-only {group.id}"
+        if (state.prio or 0) > profile.priority:
+            return f"priority {state.prio} is above {talker}'s {profile.priority}"
+        if talker in self.offline:
+            return f"{talker} has gone offline"
+        if not 0 <= age_s < group.policy.max_talk_ms / 1000:
+            return "the grant is older than the talk time"
+        return None
 
     # --- timers -----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ BROKER_SYS = {
 
 # reasons exported from the start (at 0), so rate() and alerts work before the first one
 REJECT_REASONS = (
+    "retained",
     "malformed",
     "unknown_type",
     "invalid_field",

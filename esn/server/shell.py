@@ -86,6 +86,7 @@ class Server:
             will=Will(status_topic, self._status("offline")),
         )
         self.transport.on_message = self._on_message
+        self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -149,20 +150,25 @@ class Server:
         marker = f"{self.started_ns}".encode()
         self._synced = asyncio.Event()
         self._sync_marker = marker
-        await self.transport.subscribe(t.all_states(), t.sync(me))
+        # our groups' states only: foreign ones (anyone may publish in the local profile)
+        # must not crowd out a real call before the marker comes back
+        states = [t.state(tg) for tg in self.network.groups]
+        await self.transport.subscribe(*states, t.sync(me))
         self.transport.publish(t.sync(me), marker, qos=1)
         try:
             await asyncio.wait_for(self._synced.wait(), timeout)
         except TimeoutError:
             log.warning("no echo from the broker within %g s; recovering what arrived", timeout)
-        await self.transport.unsubscribe(t.all_states(), t.sync(me))
+        await self.transport.unsubscribe(*states, t.sync(me))
         if self.rival is not None:  # another instance has our id: leave it be
             await self.stop()
             raise self.rival
         recovered, self._recovered = self._recovered or {}, None
         now = self._loop.time()
         for state in recovered.values():
-            self.network.restore(state, now)
+            why = self.network.restore(state, now)
+            if why is not None:
+                log.warning("retained state of %s not adopted: %s", state.tg, why)
         self._rearm()
         self._announce()  # only now: units reclaiming a floor find it restored
         taken = sum(f.holder is not None for f in self.network.floors.values())
@@ -223,6 +229,20 @@ class Server:
             self._publish_state(tg)
 
     # --- inbound ----------------------------------------------------------------------
+
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message, delivered because we subscribed. Presence, group state and
+        status are meant to be retained; an uplink never is: replayed at every start, a
+        retained request would take a floor and a retained SDS be delivered again. So it
+        is dropped, counted, and cleared at the broker."""
+        where = self.topics.parse_inbound(topic)
+        if where is None or where.kind == "presence":
+            self._on_message(topic, payload)
+            return
+        self.metrics.count_rejected("retained")
+        if payload:
+            self.transport.publish(topic, b"", qos=1, retain=True)
+            log.warning("a retained %s message on %s: ignored and cleared", where.kind, topic)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.received += 1

@@ -112,6 +112,8 @@ class Transport(ABC):
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self.on_message: Callable[[str, bytes], None] = _ignore_message
+        # a retained message (delivered because we subscribed) goes here when set
+        self.on_retained: Callable[[str, bytes], None] | None = None
         self.on_connect: Callable[[], None] = _ignore
         self.on_disconnect: Callable[[], None] = _ignore
         self.connected = False
@@ -163,6 +165,12 @@ class Transport(ABC):
             log.warning("%s: a publish on %s failed: %s", self.client_id, topic, exc)
 
     # --- for implementations ----------------------------------------------------------
+
+    def _receive(self, topic: str, payload: bytes, retained: bool) -> None:
+        if retained and self.on_retained is not None:
+            self.on_retained(topic, payload)
+        else:
+            self.on_message(topic, payload)
 
     def _link_lost(self) -> None:
         self._lost.set()

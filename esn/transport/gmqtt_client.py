@@ -74,7 +74,7 @@ class GmqttTransport(Transport):
             await _quietly(self._client.disconnect())
 
     def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
-        self.on_message(topic, payload)
+        self._receive(topic, payload, bool(props.get("retain")) if props else False)
         return 0
 
     def _on_suback(self, client: Any, mid: int, *args: Any) -> None:

@@ -91,7 +91,7 @@ class MemoryBroker:
     def subscribe(self, session: MemoryTransport, patterns: list[str]) -> None:
         for topic, payload in list(self.retained.items()):
             if any(topic_matches(p, topic) for p in patterns):
-                session.deliver_soon(topic, payload)
+                session.deliver_soon(topic, payload, retained=True)
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.published += 1
@@ -114,12 +114,15 @@ class MemoryTransport(Transport):
     def filters(self) -> list[str]:
         return list(self._subscriptions)
 
-    def deliver_soon(self, topic: str, payload: bytes) -> None:
-        asyncio.get_running_loop().call_soon(self._deliver, self._session_broker, topic, payload)
+    def deliver_soon(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._deliver, self._session_broker, topic, payload, retained)
 
-    def _deliver(self, via: MemoryBroker | None, topic: str, payload: bytes) -> None:
+    def _deliver(
+        self, via: MemoryBroker | None, topic: str, payload: bytes, retained: bool
+    ) -> None:
         if self.connected and via is self._session_broker:  # not after the link went
-            self.on_message(topic, payload)
+            self._receive(topic, payload, retained)
 
     def link_died(self) -> None:
         self._session_broker = None

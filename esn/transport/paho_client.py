@@ -58,7 +58,7 @@ class PahoTransport(Transport):
         try:
             async for msg in client.messages:
                 payload = msg.payload if isinstance(msg.payload, bytes) else b""
-                self.on_message(msg.topic.value, payload)
+                self._receive(msg.topic.value, payload, bool(msg.retain))
         except aiomqtt.MqttError:
             if client is self._client:
                 self._link_lost()
