@@ -507,3 +507,29 @@ def test_a_non_member_cannot_raise_an_alert_or_send_short_data_to_a_closed_group
     for unit in ("a", "disp"):  # the member, and a dispatcher, may
         assert group(net.unit_message(unit, m.Sds(to="tg:closed", text="hi", ref=3), 0.0))
     assert group(alert(net, "a", "closed")) and net.state_msg("closed").emergency
+
+
+# --- short data duplicates (issue 11, finding 3) ------------------------------------------
+
+
+def sds_status(out: list[Action], unit: str) -> list[str]:
+    return [x.state for x in to(out, unit) if isinstance(x, m.SdsStatus)]
+
+
+def test_a_repeated_sds_is_told_what_the_first_was_told(net: Network) -> None:
+    """A retry to an offline unit was answered `delivered` though only queued."""
+    first = net.unit_message("a", m.Sds(to="unit:zz", text="hello", ref=7), 0.0)
+    again = net.unit_message("a", m.Sds(to="unit:zz", text="hello", ref=7), 1.0)
+    assert sds_status(first, "a") == sds_status(again, "a") == ["queued"]
+    delivered = net.presence("zz", m.Presence(state="online"), 2.0)
+    assert [x.text for x in to(delivered, "zz") if isinstance(x, m.Sds)] == ["hello"]  # once
+
+
+def test_an_old_ref_with_new_content_is_a_new_message(net: Network) -> None:
+    """A handset whose refs started again after a restart: its next SDS was answered
+    `delivered` and dropped as a duplicate."""
+    net.presence("b", m.Presence(state="online"), 0.0)
+    net.unit_message("a", m.Sds(to="unit:b", text="before the restart", ref=1), 0.0)
+    out = net.unit_message("a", m.Sds(to="unit:b", text="after the restart", ref=1), 5.0)
+    assert sds_status(out, "a") == ["delivered"]
+    assert [x.text for x in to(out, "b") if isinstance(x, m.Sds)] == ["after the restart"]

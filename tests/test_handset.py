@@ -182,3 +182,9 @@ async def test_affiliating_twice_to_one_group_in_one_call_is_harmless(
     h = await handset("u1")
     reply = await h.affiliate("tg-1", "tg-1", "tg-nope")
     assert reply.groups == ["tg-1"] and list(h.groups) == ["tg-1"]
+
+
+def test_a_restarted_handset_does_not_reuse_its_refs() -> None:
+    """The server takes a ref it has seen (with the same content) for a duplicate."""
+    refs = {Handset("u1", BrokerConfig()).next_ref() for _ in range(20)}
+    assert len(refs) == 20

@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import random
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -201,7 +202,9 @@ class Handset:
         self.position = home
         self.metrics = metrics
         self.keep_stats = keep_stats  # off for load tests: the observer keeps the figures
-        self._refs = itertools.count(1)
+        # refs that a restart does not reuse: the server takes a ref it has seen from us
+        # (with the same content) for a duplicate
+        self._refs = itertools.count(secrets.randbits(40))
         self._waiters: Waiters[Inbound] = Waiters(unit)
         self._location_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()

@@ -10,7 +10,7 @@ count in `rejected`; it can never make this raise.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import Literal
 
@@ -28,6 +28,7 @@ from esn.core.limits import RateLimiter, Verdict
 from esn.protocol import messages as m
 
 SDS_STORE = 50  # short messages kept per offline unit
+SDS_REFS = 64  # recent SDS refs remembered per sender, for duplicates
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
 
 # why the core refused input without (or besides) an error reply; counted in `rejected`
@@ -46,7 +47,8 @@ class Network:
         self.wall_offset = wall_offset
         self.limiter = RateLimiter(fleet.limits)
         self._sds_store: dict[str, deque[m.Sds]] = {}
-        self._sds_refs: dict[str, deque[int]] = {}  # recent refs per sender
+        # per sender, recent refs -> ((to, text), the status it was told)
+        self._sds_seen: dict[str, OrderedDict[int, tuple[tuple[str, str], str]]] = {}
         self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
         self._armed: dict[str, float] = {}  # tg -> its live deadline in the heap
         self._call_prefix = call_prefix
@@ -142,11 +144,25 @@ class Network:
         return out + floor.cancel_emergency(p.id)
 
     def _sds(self, p: UnitProfile, msg: m.Sds, now: float) -> list[Action]:
-        if msg.ref is not None:  # a QoS 1 duplicate must not deliver the text twice
-            seen = self._sds_refs.setdefault(p.id, deque(maxlen=64))
-            if msg.ref in seen:
-                return [ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
-            seen.append(msg.ref)
+        """Short data, answered with its status. A duplicate (QoS 1 delivers twice, a unit
+        retries) is the same ref with the same content: it is told again what it was told
+        the first time, and nothing is delivered twice. The same ref with other content
+        is a new message (a unit whose refs started again after a restart)."""
+        seen = self._sds_seen.setdefault(p.id, OrderedDict())
+        if msg.ref is not None:
+            first = seen.get(msg.ref)
+            if first is not None and first[0] == (msg.to, msg.text):
+                return [ToUnit(p.id, m.SdsStatus(state=first[1], ref=msg.ref))]
+        out = self._sds_send(p, msg)
+        told = next((a.msg for a in out if isinstance(a, ToUnit) and a.unit == p.id), None)
+        if msg.ref is not None and isinstance(told, m.SdsStatus):
+            seen[msg.ref] = ((msg.to, msg.text), told.state)
+            seen.move_to_end(msg.ref)
+            if len(seen) > SDS_REFS:
+                seen.popitem(last=False)
+        return out
+
+    def _sds_send(self, p: UnitProfile, msg: m.Sds) -> list[Action]:
         scope, _, target = msg.to.partition(":")
         sds = m.Sds(to=msg.to, text=msg.text, sender=p.id, ref=msg.ref)
         if scope == "tg":
