@@ -518,6 +518,8 @@ def sds_status(out: list[Action], unit: str) -> list[str]:
 
 def test_a_repeated_sds_is_told_what_the_first_was_told(net: Network) -> None:
     """A retry to an offline unit was answered `delivered` though only queued."""
+    net.presence("zz", m.Presence(state="online"), 0.0)
+    net.presence("zz", m.Presence(state="offline"), 0.0)  # a unit we know, now offline
     first = net.unit_message("a", m.Sds(to="unit:zz", text="hello", ref=7), 0.0)
     again = net.unit_message("a", m.Sds(to="unit:zz", text="hello", ref=7), 1.0)
     assert sds_status(first, "a") == sds_status(again, "a") == ["queued"]
@@ -533,3 +535,32 @@ def test_an_old_ref_with_new_content_is_a_new_message(net: Network) -> None:
     out = net.unit_message("a", m.Sds(to="unit:b", text="after the restart", ref=1), 5.0)
     assert sds_status(out, "a") == ["delivered"]
     assert [x.text for x in to(out, "b") if isinstance(x, m.Sds)] == ["after the restart"]
+
+
+# --- made-up unit ids (issue 11, finding 6) ---------------------------------------------
+
+
+def test_made_up_unit_ids_cannot_grow_memory() -> None:
+    n = Network(
+        parse_fleet({"talkgroup": [{"id": "tg1"}], "unit": [{"id": "listed"}]}), max_units=10
+    )
+    for i in range(50):
+        n.presence(f"fake-{i}", m.Presence(state="online"), 0.0)
+        n.unit_message(f"aff-{i}", m.Affiliate(groups=["tg1"]), 0.0)
+        n.presence(f"gone-{i}", m.Presence(state="offline"), 0.0)
+    assert len(n.online) == 10 and len(n.affiliations) == 10 and len(n.offline) <= 10
+    assert n.rejected["too_many_units"] == 40
+    n.presence("listed", m.Presence(state="online"), 0.0)  # the fleet's own always fit
+    assert "listed" in n.online
+    out = [
+        n.unit_message("listed", m.Sds(to=f"unit:nobody-{i}", text="x", ref=i), float(i))
+        for i in range(20)
+    ]  # to ids never seen: not kept
+    assert {s for o in out for s in sds_status(o, "listed")} == {"failed"}
+    assert n._sds_store == {}
+
+
+def test_closed_registration_keeps_no_trace_of_strangers() -> None:
+    n = Network(parse_fleet({"defaults": {"open_registration": False}, "unit": [{"id": "listed"}]}))
+    n.presence("stranger", m.Presence(state="online"), 0.0)
+    assert n.online == set() and n.rejected["forbidden"] == 1

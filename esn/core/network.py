@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Sized
 from dataclasses import replace
 from typing import Literal
 
@@ -29,15 +30,25 @@ from esn.protocol import messages as m
 
 SDS_STORE = 50  # short messages kept per offline unit
 SDS_REFS = 64  # recent SDS refs remembered per sender, for duplicates
+SDS_STORED_IN_ALL = 10_000  # short messages kept for offline units, in all
+MAX_UNITS = 100_000  # units tracked at once (online or affiliated) beyond the fleet's own
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
 
 # why the core refused input without (or besides) an error reply; counted in `rejected`
-RejectReason = m.ErrorCause | Literal["spoofed", "invalid_presence"]
+RejectReason = m.ErrorCause | Literal["spoofed", "invalid_presence", "too_many_units"]
 
 
 class Network:
-    def __init__(self, fleet: Fleet, *, call_prefix: str = "c", wall_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        call_prefix: str = "c",
+        wall_offset: float = 0.0,
+        max_units: int = MAX_UNITS,
+    ) -> None:
         self.fleet = fleet
+        self.max_units = max_units  # units tracked at once: made-up ids cannot grow memory
         self.groups: dict[str, Talkgroup] = dict(fleet.groups)
         self.floors: dict[str, Floor] = {}
         self.affiliations: dict[str, set[str]] = {}  # unit -> groups
@@ -47,6 +58,7 @@ class Network:
         self.wall_offset = wall_offset
         self.limiter = RateLimiter(fleet.limits)
         self._sds_store: dict[str, deque[m.Sds]] = {}
+        self._stored_sds = 0  # messages in all the stores
         # per sender, recent refs -> ((to, text), the status it was told)
         self._sds_seen: dict[str, OrderedDict[int, tuple[tuple[str, str], str]]] = {}
         self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
@@ -93,6 +105,8 @@ class Network:
         return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
 
     def _affiliate(self, p: UnitProfile, msg: m.Affiliate, now: float) -> list[Action]:
+        if p.id not in self.affiliations and not self._room_for(p.id, self.affiliations):
+            return self._error(p.id, msg.ref, "forbidden", "the network is full: try later")
         mine = self.affiliations.setdefault(p.id, set())
         rejected = []
         for tg in dict.fromkeys(msg.groups):
@@ -148,6 +162,8 @@ class Network:
         retries) is the same ref with the same content: it is told again what it was told
         the first time, and nothing is delivered twice. The same ref with other content
         is a new message (a unit whose refs started again after a restart)."""
+        if p.id not in self._sds_seen and len(self._sds_seen) >= self.max_units:
+            del self._sds_seen[next(iter(self._sds_seen))]  # the sender heard from longest ago
         seen = self._sds_seen.setdefault(p.id, OrderedDict())
         if msg.ref is not None:
             first = seen.get(msg.ref)
@@ -179,7 +195,13 @@ class Network:
             return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
         if target in self.online:
             return [ToUnit(target, sds), ToUnit(p.id, m.SdsStatus(state="delivered", ref=msg.ref))]
-        self._sds_store.setdefault(target, deque(maxlen=SDS_STORE)).append(sds)
+        known = target in self.fleet.units or target in self.offline
+        if not known or self._stored_sds >= SDS_STORED_IN_ALL:
+            # kept only for a unit we know, and within bounds: made-up ids cannot fill memory
+            return [ToUnit(p.id, m.SdsStatus(state="failed", ref=msg.ref))]
+        store = self._sds_store.setdefault(target, deque(maxlen=SDS_STORE))
+        self._stored_sds += len(store) < SDS_STORE  # a full deque drops its oldest
+        store.append(sds)
         return [ToUnit(p.id, m.SdsStatus(state="queued", ref=msg.ref))]
 
     def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
@@ -281,14 +303,22 @@ class Network:
     # --- presence ---------------------------------------------------------------------
 
     def presence(self, unit: str, msg: m.Presence, now: float) -> list[Action]:
+        if msg.state not in ("online", "offline"):
+            return self._reject("invalid_presence")
+        if self.fleet.profile(unit) is None:
+            return self._reject("forbidden")  # closed registration: not a unit of ours
         if msg.state == "online":
+            if unit not in self.online and not self._room_for(unit, self.online):
+                return self._reject("too_many_units")
             self.offline.discard(unit)
             self.online.add(unit)
-            return [ToUnit(unit, sds) for sds in self._sds_store.pop(unit, ())]
-        if msg.state != "offline":
-            return self._reject("invalid_presence")
+            stored = self._sds_store.pop(unit, ())
+            self._stored_sds -= len(stored)
+            return [ToUnit(unit, sds) for sds in stored]
         self.online.discard(unit)
-        self.offline.add(unit)
+        if unit not in self.offline and len(self.offline) >= self.max_units:
+            self.offline.pop()  # bounded: made-up ids going offline cannot grow it
+        self.offline.add(unit)  # (a retained offline tells recovery a talker is gone)
         out: list[Action] = []
         for tg in sorted(self.affiliations.pop(unit, set())):
             out += self._leave_floor(unit, tg, now)
@@ -399,6 +429,10 @@ class Network:
         out = floor.unit_gone(unit, now)
         self._arm(floor)
         return out
+
+    def _room_for(self, unit: str, tracked: Sized) -> bool:
+        """Whether one more unit may join `tracked`: the fleet's own always may."""
+        return unit in self.fleet.units or len(tracked) < self.max_units
 
     def _not_for(self, p: UnitProfile, tg: str, ref: int | None) -> list[Action]:
         """The error to send when the unit may not address group `tg`, else nothing: the

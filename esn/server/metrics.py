@@ -30,6 +30,7 @@ BROKER_SYS = {
 # reasons exported from the start (at 0), so rate() and alerts work before the first one
 REJECT_REASONS = (
     "retained",
+    "too_many_units",
     "malformed",
     "unknown_type",
     "invalid_field",
