@@ -188,3 +188,24 @@ def test_a_restarted_handset_does_not_reuse_its_refs() -> None:
     """The server takes a ref it has seen (with the same content) for a duplicate."""
     refs = {Handset("u1", BrokerConfig()).next_ref() for _ in range(20)}
     assert len(refs) == 20
+
+
+async def test_a_link_that_stops_first_sends_what_it_was_handed(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    """A unit's last word is its `offline`, published just before a clean disconnect,
+    which discards the will: on paho it could be lost, and the server never told."""
+    sink = make_transport(mqtt_client, broker, client_id="sink")
+    got: list[bytes] = []
+    sink.on_message = lambda topic, payload: got.append(payload)
+    await sink.start()
+    await sink.subscribe(f"{prefix}/last")
+    t = make_transport(mqtt_client, broker, client_id="leaving")
+    await t.start()
+    for i in range(200):
+        t.publish(f"{prefix}/last", str(i).encode(), qos=1)
+    await t.stop()
+    try:
+        await eventually(lambda: len(got) == 200)
+    finally:
+        await sink.stop()

@@ -4,10 +4,10 @@ away and coming back, and the `esn server` command line's promises."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import msgpack
@@ -203,17 +203,15 @@ async def test_a_second_server_under_the_same_id_refuses_to_start(
         await first.stop()
 
 
-def our_folders() -> set[Path]:
-    """The work folders our tools make in the temp folder."""
-    return set(Path(tempfile.gettempdir()).glob("esn-*"))
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-async def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(sig: signal.Signals) -> None:
+async def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     """Tried: Ctrl-C, SIGTERM, and closing the terminal (SIGHUP) in the middle of a demo.
     Expect: one line, the signal's exit status, and its broker, server and work folder
     gone (they used to be left running, with thousands of traceback lines)."""
-    folders = our_folders()
+    scratch = tmp_path / "tmp"  # the demo's own temp folder: it must end empty
+    scratch.mkdir()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -223,6 +221,7 @@ async def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(sig: signal.Sign
         "60",
         "--handsets",
         "30",
+        env={**os.environ, "TMPDIR": str(scratch)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -245,4 +244,4 @@ async def test_a_demo_stopped_by_a_signal_leaves_nothing_behind(sig: signal.Sign
     for port in ports:
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
-    assert our_folders() <= folders
+    assert list(scratch.iterdir()) == []

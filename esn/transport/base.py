@@ -10,6 +10,7 @@ dropped and counted (`dropped`): the protocol's retained state and retries recov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -131,11 +132,15 @@ class Transport(ABC):
         self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt:{self.client_id}")
 
     async def stop(self) -> None:
-        """Disconnect cleanly (the broker discards the will) and stop reconnecting."""
+        """Disconnect cleanly (the broker discards the will) and stop reconnecting. What
+        was published before is acknowledged first (for at most 2 s): a unit's last word
+        is its `offline`, and with the will discarded it must not be lost."""
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self.connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain(), 2)
             self.connected = False
             await self._disconnect()
 
@@ -237,3 +242,7 @@ class Transport(ABC):
     def _inflight(self) -> int:
         """QoS 1 messages sent and not yet acknowledged by the broker."""
         return 0
+
+    async def _drain(self) -> None:
+        """Return once every QoS 1 message sent is acknowledged by the broker."""
+        return

@@ -99,6 +99,11 @@ class GmqttTransport(Transport):
         assert self._client is not None
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    async def _drain(self) -> None:
+        storage = getattr(self._client, "_persistent_storage", None)
+        if storage is not None:
+            await storage.wait_empty()
+
     def _inflight(self) -> int:
         # gmqtt keeps each unacknowledged QoS 1 publish until its PUBACK
         storage = getattr(self._client, "_persistent_storage", None)

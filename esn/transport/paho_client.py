@@ -89,6 +89,10 @@ class PahoTransport(Transport):
     def _inflight(self) -> int:
         return len(self._pending)  # each publish task waits for its PUBACK
 
+    async def _drain(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+
     def _published(self, task: asyncio.Task[Any]) -> None:
         self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
