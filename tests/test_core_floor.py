@@ -564,3 +564,13 @@ def test_closed_registration_keeps_no_trace_of_strangers() -> None:
     n = Network(parse_fleet({"defaults": {"open_registration": False}, "unit": [{"id": "listed"}]}))
     n.presence("stranger", m.Presence(state="online"), 0.0)
     assert n.online == set() and n.rejected["forbidden"] == 1
+
+
+def test_leaving_groups_one_never_joined_keeps_no_trace() -> None:
+    """deaffiliate from made-up ids used to add an entry each, past every cap."""
+    n = Network(parse_fleet({"talkgroup": [{"id": "tg1"}]}), max_units=10)
+    for i in range(50):
+        n.unit_message(f"fake-{i}", m.Deaffiliate(groups=["tg1"], ref=1), 0.0)
+    assert n.affiliations == {}
+    assert n.unit_message("real", m.Affiliate(groups=["tg1"], ref=2), 0.0)  # not crowded out
+    assert n.affiliations == {"real": {"tg1"}}

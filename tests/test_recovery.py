@@ -143,3 +143,29 @@ async def test_foreign_states_cannot_hide_a_real_call(
         assert srv.received < 1000  # the junk never came our way
     finally:
         await srv.stop()
+
+
+async def test_a_forged_or_stale_status_does_not_stop_a_server(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    """Tried: a retained `online` under the server's id from an older start, as a broker
+    restored from disk keeps, or anyone may publish in the local profile. Expect: the
+    server starts and serves (a status alone is no evidence of a rival)."""
+    old = await publisher(broker, mqtt_client)
+    forged = codec.encode(m.Status(state="online", started_ts=1))
+    old.publish(f"{prefix}/server/srv-{prefix}/status", forged, qos=1, retain=True)
+    await old.stop()
+    srv = await start(broker, prefix, mqtt_client, FLEET)
+    try:
+        assert srv.rival is None and not srv.gave_way.is_set()
+        u1 = make_transport(mqtt_client, broker, client_id="u1")
+        got: list[bytes] = []
+        u1.on_message = lambda topic, payload: got.append(payload)
+        await u1.start()
+        await u1.subscribe(f"{prefix}/unit/u1/down")
+        u1.publish(f"{prefix}/unit/u1/up", codec.encode(m.Affiliate(groups=["tg-1"], ref=1)), 1)
+        await eventually(lambda: any(codec.decode(p).T == "affiliation" for p in got))
+        await u1.stop()
+        assert srv.rival is None
+    finally:
+        await srv.stop()

@@ -121,7 +121,7 @@ class Network:
 
     def _deaffiliate(self, p: UnitProfile, msg: m.Deaffiliate, now: float) -> list[Action]:
         out: list[Action] = []
-        mine = self.affiliations.setdefault(p.id, set())
+        mine = self.affiliations.get(p.id, set())
         for tg in msg.groups:
             if tg in mine:
                 mine.discard(tg)

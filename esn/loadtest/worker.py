@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import random
 import time
 from dataclasses import dataclass, field
@@ -96,7 +97,10 @@ class Worker:
         try:
             await self.connect_all()
             self.send("ready")
-            await asyncio.to_thread(self.go.wait)
+            while not await asyncio.to_thread(self.go.wait, 1.0):
+                parent = multiprocessing.parent_process()
+                if parent is not None and not parent.is_alive():
+                    return  # orphaned: nobody will say go
             if self.stop.is_set():
                 return  # interrupted during the ramp: nothing to play; the final goes out
             self.t0 = loop.time()
@@ -342,14 +346,16 @@ def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:
 
 
 def run_worker(plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
-    """Entry point of a worker process. Ctrl-C reaches the whole process group: the parent
-    alone decides, and tells the workers through `stop`, so they can send what they have."""
+    """Entry point of a worker process. The terminal's Ctrl-C (and hang-up) reach the whole
+    process group: the parent alone decides, and tells the workers through `stop`, so they
+    can send what they have. SIGTERM still ends a worker, and one whose parent has gone
+    stops waiting for it."""
     import signal
 
-    from esn.runtime import STOP_SIGNALS, run
+    from esn.runtime import run
     from esn.tools.processes import raise_fd_limit
 
-    for signum in STOP_SIGNALS:
+    for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     raise_fd_limit()
     try:
