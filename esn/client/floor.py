@@ -130,8 +130,9 @@ class FloorParticipant:
         """PTT up: stop voice and give the floor up, or leave the queue."""
         state = self.state
         if state is FloorState.HAS_PERMISSION:
+            out = self._stop_media()
             self._to(FloorState.PENDING_RELEASE, now + self.timers.t100)
-            return [StopMedia(), SendRelease()]
+            return [*out, SendRelease()]
         if state in (FloorState.PENDING_REQUEST, FloorState.QUEUED):
             out = self._stop_media()
             self._to(FloorState.NO_PERMISSION)
@@ -158,9 +159,9 @@ class FloorParticipant:
                 return [*out, Outcome("denied", msg.cause, msg=msg)]
             case m.Revoke() if self.media:  # else nothing of ours is left to revoke
                 # the server takes a revoked floor back by itself: nothing to confirm
-                self.media = False
+                out = self._stop_media()
                 self._to(FloorState.NO_PERMISSION)
-                return [StopMedia(), SendRelease(), Outcome("revoked", msg.cause, msg=msg)]
+                return [*out, SendRelease(), Outcome("revoked", msg.cause, msg=msg)]
             case m.Taken():
                 self.talker, self.call = msg.talker, msg.call
             case m.Idle():
@@ -250,8 +251,6 @@ class FloorParticipant:
     def _to(self, state: FloorState, deadline: float | None = None) -> None:
         if state is not FloorState.QUEUED:
             self.queue_pos = None
-        if state is FloorState.PENDING_RELEASE:
-            self.media = False
         self.state = state
         self._deadline = deadline
         self._tries = 0
