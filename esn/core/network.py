@@ -293,12 +293,17 @@ class Network:
         self._arm(floor)
         return out
 
+    def media_sender(self, unit: str, tg: str) -> str | None:
+        """Why `unit` may not send voice in `tg` at all (it does not hold the floor), or
+        None; no side effect, so the server asks it before decoding a packet."""
+        floor = self.floors.get(tg)
+        if floor is None or floor.holder is None or floor.holder.unit != unit:
+            return "not_holder" if tg in self.groups else "unknown_group"
+        return None
+
     def media_drop_reason(self, unit: str, tg: str, now: float) -> str | None:
         """The hot path: None when media from `unit` in `tg` is to be relayed."""
-        floor = self.floors.get(tg)
-        if floor is None:
-            return "unknown_group" if tg not in self.groups else "not_holder"
-        return floor.media_drop_reason(unit, now)
+        return self.media_sender(unit, tg) or self.floors[tg].media_drop_reason(unit, now)
 
     # --- presence ---------------------------------------------------------------------
 

@@ -54,9 +54,6 @@ class Topics:
         """The server's own echo topic: a marker sent to itself to know a backlog is read."""
         return f"{self.prefix}/server/{server_id}/sync"
 
-    def all_states(self) -> str:
-        return f"{self.prefix}/tg/+/state"
-
     def state_group(self, topic: str) -> str | None:
         """The talkgroup of a retained state topic, else None."""
         parts = topic.split("/")

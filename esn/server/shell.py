@@ -78,7 +78,7 @@ class Server:
         )
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch(self.network)
-        status_topic = self.topics.status(config.server_id)
+        self._status_topic = status_topic = self.topics.status(config.server_id)
         self.transport: Transport = make_transport(
             config.mqtt_client,
             config.broker,
@@ -112,9 +112,7 @@ class Server:
         self._accepting = True
         await self.transport.start()
         # our own status too: another instance under our id announcing itself (see _rival_seen)
-        await self.transport.subscribe(
-            *self.topics.server_subscriptions(), self.topics.status(self.config.server_id)
-        )
+        await self.transport.subscribe(*self.topics.server_subscriptions(), self._status_topic)
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         await self._recover()
         if self.config.metrics_port is not None:
@@ -134,7 +132,7 @@ class Server:
             self._timer.cancel()
         if self.rival is None:
             status = self._status("offline")
-            self.transport.publish(self.topics.status(self.config.server_id), status, 1, True)
+            self.transport.publish(self._status_topic, status, 1, True)
         await self.transport.stop()
         if self._http is not None:
             self._http.close()
@@ -228,8 +226,7 @@ class Server:
 
     def _announce(self) -> None:
         """Status online and every group's state: the broker may have lost all it retained."""
-        t = self.topics
-        self.transport.publish(t.status(self.config.server_id), self._status("online"), 1, True)
+        self.transport.publish(self._status_topic, self._status("online"), 1, True)
         for tg in self.network.groups:
             self._publish_state(tg)
 
@@ -257,7 +254,7 @@ class Server:
         if topic.startswith("$SYS/"):
             self.metrics.broker_figure(topic, payload)
             return
-        if topic == self.topics.status(self.config.server_id):
+        if topic == self._status_topic:  # (formatted once: this is every message's path)
             self._rival_seen(payload)
             return
         if self._recovered is not None and self._on_recovery(topic, payload):
@@ -306,11 +303,9 @@ class Server:
     def _relay(self, unit: str, tg: str, payload: bytes, received: float) -> None:
         """The hot path: one voice packet from the talker to the group."""
         self._count_msg("media", "in")
-        floor = self.network.floors.get(tg)
-        if floor is None or floor.holder is None or floor.holder.unit != unit:
-            # not the talker's: dropped before the cost of decoding it
-            known = tg in self.network.groups
-            self.metrics.count_media_dropped("not_holder" if known else "unknown_group")
+        refused = self.network.media_sender(unit, tg)
+        if refused is not None:  # not the talker's: dropped before the cost of decoding it
+            self.metrics.count_media_dropped(refused)
             return
         try:
             msg = codec.media_from_dict(codec.unpack(payload))
