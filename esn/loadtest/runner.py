@@ -35,7 +35,7 @@ LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited 
 OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late
 
 
-def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], str]:
+def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
     """Split the fleet: each talkgroup (and its talkers) lives in one worker, so a burst's
     competing presses and its listeners' timing share one clock. Returns the plans and the
     fleet file text for our own server."""
@@ -61,7 +61,6 @@ def plan(s: Scenario, workers: int, broker_url: str) -> tuple[list[WorkerPlan], 
     plans = [
         WorkerPlan(
             index=w,
-            broker_url=broker_url,
             mqtt_client=s.run.mqtt_client,
             units=[],
             talkers={},
@@ -98,7 +97,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     raise_fd_limit()  # before the broker starts: it inherits the limit
     workers = s.workers
     out = out_dir or Path("runs") / f"{s.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    plans, fleet_text = plan(s, workers, s.run.broker or "mqtt://127.0.0.1:1883")
+    plans, fleet_text = plan(s, workers)  # first: a bad fleet file must cost no broker
     work = tempfile.TemporaryDirectory(prefix="esn-loadtest-")
     broker = None
     server = None

@@ -35,7 +35,6 @@ STATUS_EVERY_S = 1.0
 @dataclass
 class WorkerPlan:
     index: int
-    broker_url: str
     mqtt_client: str
     units: list[tuple[str, list[str]]]  # unit -> groups to affiliate at start
     talkers: dict[str, list[str]]  # group driven by this worker -> members who talk in it
@@ -48,6 +47,7 @@ class WorkerPlan:
     seed: int
     metrics_port: int
     prefix: str = "esn"
+    broker_url: str = ""  # set by the runner once its broker is up
     extra: dict[str, Any] = field(default_factory=dict)
 
 
