@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
@@ -430,12 +432,15 @@ def test_a_fresh_grant_offers_the_whole_talk_time(now: float) -> None:
 # --- emergencies and membership (issue 11, findings 4 and 8) -------------------------------
 
 
+_refs = itertools.count(1)  # each message a new one: a ref used again is a retry
+
+
 def alert(net: Network, unit: str, tg: str = "tg1") -> list[Action]:
-    return net.unit_message(unit, m.EmergencyAlert(tg=tg, ref=1), 0.0)
+    return net.unit_message(unit, m.EmergencyAlert(tg=tg, ref=next(_refs)), 0.0)
 
 
 def cancel(net: Network, unit: str, tg: str = "tg1") -> list[Action]:
-    return net.unit_message(unit, m.EmergencyCancel(tg=tg, ref=2), 0.0)
+    return net.unit_message(unit, m.EmergencyCancel(tg=tg, ref=next(_refs)), 0.0)
 
 
 def test_the_group_stays_in_emergency_while_any_alert_is_open(net: Network) -> None:

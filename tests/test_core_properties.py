@@ -6,6 +6,8 @@ dispatcher force-releases and the passing of time, and tracks what every unit wa
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -15,6 +17,7 @@ from esn.core.fleet import parse_fleet
 from esn.core.floor import KIND_RANK
 from esn.core.network import Network
 from esn.protocol import messages as m
+from esn.store import pack, unpack
 
 UNITS = ["u1", "u2", "u3", "u4", "disp"]
 GROUPS = ["g1", "g2"]
@@ -55,6 +58,8 @@ class FloorMachine(RuleBasedStateMachine):
         # what each unit believes: it holds the floor of tg / its told queue position
         self.believes_holding: dict[str, set[str]] = {g: set() for g in GROUPS}
         self.told_pos: dict[tuple[str, str], int] = {}
+        self.refs = itertools.count(1)
+        self.saved: dict[str, bytes] = {}  # the store: records by key
 
     def apply(self, actions: list[Action]) -> None:
         for a in actions:
@@ -121,6 +126,33 @@ class FloorMachine(RuleBasedStateMachine):
     @rule(tg=groups)
     def force_release(self, tg: str) -> None:
         self.apply(self.net.unit_message("disp", m.ForceRelease(tg=tg), self.now))
+
+    @rule(unit=units, tg=groups, ack=st.booleans())
+    def emergency(self, unit: str, tg: str, ack: bool) -> None:
+        self.apply(self.net.unit_message(unit, m.EmergencyAlert(tg=tg, ref=next(self.refs)), 0))
+        if ack:
+            ack_msg = m.EmergencyAck(tg=tg, unit=unit, ref=next(self.refs))
+            self.apply(self.net.unit_message("disp", ack_msg, self.now))
+
+    @rule()
+    def restart(self) -> None:
+        """The server restarts: a new instance takes up the records the old one saved,
+        as the store encodes them, and goes on exactly where the old one was."""
+        old = self.net
+        for key in old.changed:  # what the shell writes after each step, in one go
+            record = old.record(key)
+            if record is None:
+                self.saved.pop(key, None)
+            else:
+                self.saved[key] = pack(record)
+        old.changed.clear()
+        self.net = Network(FLEET)
+        problems, due = self.net.load({k: unpack(v) for k, v in self.saved.items()}, self.now)
+        assert problems == [] and due == []
+        for key in self.saved:
+            assert self.net.record(key) == old.record(key)
+        for unit in sorted(old.online):  # the retained presence, read again
+            self.net.presence(unit, m.Presence(state="online"), self.now)
 
     @rule(dt=st.floats(0.01, 4.0))
     def time_passes(self, dt: float) -> None:

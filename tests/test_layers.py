@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent / "esn"
 # its own layer's other packages, nothing above.
 LAYERS = [
     {"esn.protocol", "esn.extras", "esn.runtime", "esn.exporter"},
-    {"esn.core", "esn.transport"},
+    {"esn.core", "esn.transport", "esn.store"},
     {"esn.tomlfile", "esn.server", "esn.client"},
     {"esn.console", "esn.tools"},
     {"esn.loadtest"},

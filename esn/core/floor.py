@@ -47,6 +47,19 @@ def preempts(kind: m.Kind, prio: int, held_kind: m.Kind, held_prio: int, thresho
     return held_kind == "normal" and prio > held_prio and prio >= threshold
 
 
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A floor's record (`Floor.record`) once validated: Unix times, checked entries."""
+
+    seq: int
+    call: str | None
+    call_until: float
+    since: float
+    holder: tuple[str, int, m.Kind, int | None, float, float | None] | None
+    queue: list[tuple[str, int, m.Kind, int | None]]
+    emergencies: list[tuple[str, str | None]]
+
+
 @dataclass(slots=True)
 class _Holder:
     unit: str
@@ -81,8 +94,9 @@ class Floor:
         self.call_until = 0.0  # hang-time end while idle
         self.seq = 0
         # units with an open emergency here (an alert, or a granted emergency request), in
-        # the order raised: the group is in emergency while any is open
-        self.emergencies: dict[str, None] = {}
+        # the order raised, each with the dispatcher who acknowledged it (or None): the
+        # group is in emergency while any is open
+        self.emergencies: dict[str, str | None] = {}
         self.since = now
         self._arrivals = 0
         self.outcomes: dict[Outcome, int] = {}
@@ -185,8 +199,9 @@ class Floor:
 
     def cancel_emergency(self, unit: str) -> list[Action]:
         """The unit's own emergency ends; the group's only when no other is open."""
-        if self.emergencies.pop(unit, "none") is not None:
+        if unit not in self.emergencies:
             return []
+        del self.emergencies[unit]
         return [] if self.emergencies else [self._state()]
 
     def restore(self, state: m.State, age_s: float, now: float) -> None:
@@ -206,6 +221,52 @@ class Floor:
         if state.emergency:
             self.emergencies[state.talker] = None  # the best guess: the state names no originator
         self.since = now - age_s
+
+    def record(self, wall_offset: float) -> dict[str, object]:
+        """What a restarted server needs to go on as if nothing happened (`load`): the
+        grant, the queue, the emergencies, the call; times as Unix time."""
+        h = self.holder
+        w = wall_offset
+        return {
+            "seq": self.seq,
+            "call": self.call,
+            "call_until": self.call_until + w,
+            "since": self.since + w,
+            "holder": None
+            if h is None
+            else [
+                h.unit,
+                h.prio,
+                h.kind,
+                h.ref,
+                h.granted_at + w,
+                None if h.revoked_at is None else h.revoked_at + w,
+            ],
+            "queue": [[x.unit, x.prio, x.kind, x.ref] for x in self.queue],
+            "emergencies": [[unit, by] for unit, by in self.emergencies.items()],
+        }
+
+    def load(self, saved: Saved, wall_offset: float, now: float) -> list[Action]:
+        """Go on from a record the caller has validated; what became due while the server
+        was down happens now (the timers fire at once): a floor whose holder was not kept
+        goes to the head of its queue."""
+        w = wall_offset
+        self.seq, self.call = saved.seq, saved.call
+        self.call_until, self.since = saved.call_until - w, saved.since - w
+        self.holder = None
+        if saved.holder is not None:
+            unit, prio, kind, ref, granted, revoked = saved.holder
+            self.holder = _Holder(
+                unit, prio, kind, ref, granted - w, now, None if revoked is None else revoked - w
+            )
+        self.queue = []
+        for unit, prio, kind, ref in saved.queue:
+            self._arrivals += 1
+            self.queue.append(_Waiter(unit, prio, kind, ref, self._arrivals))
+        self.emergencies = dict(saved.emergencies)
+        if self.holder is None and self.queue:
+            return self._end_talk(now)
+        return []
 
     # --- timers -----------------------------------------------------------------------
 

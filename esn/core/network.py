@@ -9,11 +9,12 @@ count in `rejected`; it can never make this raise.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from esn.core.actions import (
     Action,
@@ -24,12 +25,13 @@ from esn.core.actions import (
     ToUnit,
 )
 from esn.core.fleet import Fleet, Talkgroup, UnitProfile
-from esn.core.floor import Floor
+from esn.core.floor import KIND_RANK, Floor, Saved
 from esn.core.limits import RateLimiter, Verdict
 from esn.protocol import messages as m
+from esn.protocol.ids import is_id
 
 SDS_STORE = 50  # short messages kept per offline unit
-SDS_REFS = 64  # recent SDS refs remembered per sender, for duplicates
+ANSWERS_KEPT = 16  # recent answers remembered per unit, for its retries
 SDS_STORED_IN_ALL = 10_000  # short messages kept for offline units, in all
 MAX_UNITS = 100_000  # units tracked at once (online or affiliated) beyond the fleet's own
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
@@ -59,8 +61,11 @@ class Network:
         self.limiter = RateLimiter(fleet.limits)
         self._sds_store: dict[str, deque[m.Sds]] = {}
         self._stored_sds = 0  # messages in all the stores
-        # per sender, recent refs -> ((to, text), the status it was told)
-        self._sds_seen: dict[str, OrderedDict[int, tuple[tuple[str, str], str]]] = {}
+        # per unit, its recent refs -> (digest of the message, the answer it was given)
+        self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
+        # keys of the durable records changed since the shell last saved them (`record`)
+        self.changed: set[str] = set()
+        self.stored: set[str] = set()  # groups whose floor came from the store at start
         self._timers: list[tuple[float, str]] = []  # (deadline, tg) min-heap
         self._armed: dict[str, float] = {}  # tg -> its live deadline in the heap
         self._call_prefix = call_prefix
@@ -81,6 +86,43 @@ class Network:
             return self._error(unit, msg.ref, "forbidden", f"unit {unit} is not registered")
         if type(msg) in _DISPATCHER_ONLY and not profile.is_dispatcher:
             return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
+        if msg.ref is None or isinstance(msg, m.Location):
+            return self._act(profile, msg, now)
+        # A unit retries what was not answered (the answer or the server lost on the way),
+        # with the same ref: the same ref and content is told its first answer again and
+        # acted on once. The same ref with other content is a new message.
+        digest = hashlib.blake2b(repr(replace(msg, ref=None)).encode(), digest_size=8).digest()
+        answers = self._answers.get(unit)
+        first = answers.get(msg.ref) if answers is not None else None
+        if first is not None and first[0] == digest:
+            return [ToUnit(unit, first[1])]
+        out = self._act(profile, msg, now)
+        answer = next(
+            (
+                a.msg
+                for a in out
+                if isinstance(a, ToUnit) and a.unit == unit and a.msg.ref == msg.ref
+            ),
+            None,
+        )
+        if answer is not None:
+            self._remember(unit, msg.ref, digest, answer)
+        return out
+
+    def _remember(self, unit: str, ref: int, digest: bytes, answer: m.Message) -> None:
+        if unit not in self._answers and len(self._answers) >= self.max_units:
+            gone = next(iter(self._answers))  # the unit heard from longest ago
+            del self._answers[gone]
+            self._touch("unit", gone)
+        answers = self._answers.pop(unit, None) or OrderedDict()
+        self._answers[unit] = answers  # (last in order: heard from now)
+        answers[ref] = (digest, answer)
+        answers.move_to_end(ref)
+        if len(answers) > ANSWERS_KEPT:
+            answers.popitem(last=False)
+        self._touch("unit", unit)
+
+    def _act(self, profile: UnitProfile, msg: m.Message, now: float) -> list[Action]:
         match msg:
             case m.Affiliate():
                 return self._affiliate(profile, msg, now)
@@ -93,7 +135,7 @@ class Network:
             case m.EmergencyCancel():
                 return self._emergency_cancel(profile, msg, now)
             case m.Sds():
-                return self._sds(profile, msg, now)
+                return self._sds(profile, msg)
             case m.EmergencyAck():
                 return self._emergency_ack(profile, msg, now)
             case m.ForceRelease():
@@ -102,7 +144,7 @@ class Network:
                 return self._regroup(profile, msg, now)
             case m.Ungroup():
                 return self._ungroup(profile, msg, now)
-        return self._error(unit, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
+        return self._error(profile.id, msg.ref, "unknown_type", f"{msg.T} is not a unit message")
 
     def _affiliate(self, p: UnitProfile, msg: m.Affiliate, now: float) -> list[Action]:
         if p.id not in self.affiliations and not self._room_for(p.id, self.affiliations):
@@ -117,6 +159,7 @@ class Network:
                 rejected.append({"tg": tg, "cause": "not_member"})
             else:
                 mine.add(tg)
+        self._touch("unit", p.id)
         return [ToUnit(p.id, m.Affiliation(groups=sorted(mine), rejected=rejected, ref=msg.ref))]
 
     def _deaffiliate(self, p: UnitProfile, msg: m.Deaffiliate, now: float) -> list[Action]:
@@ -126,6 +169,7 @@ class Network:
             if tg in mine:
                 mine.discard(tg)
                 out += self._leave_floor(p.id, tg, now)
+        self._touch("unit", p.id)
         out.append(ToUnit(p.id, m.Affiliation(groups=sorted(mine), ref=msg.ref)))
         return out
 
@@ -141,6 +185,7 @@ class Network:
             return refused
         ts = int((now + self.wall_offset) * 1e9)
         event = m.Emergency(unit=p.id, tg=msg.tg, lat=msg.lat, lon=msg.lon, ts=ts)
+        self._touch("group", msg.tg)
         return [
             ToGroup(msg.tg, "event", event),
             ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="raised", ref=msg.ref)),
@@ -155,30 +200,12 @@ class Network:
             ToGroup(msg.tg, "event", m.EmergencyCancel(tg=msg.tg, unit=p.id)),
             ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="cancelled", ref=msg.ref)),
         ]
+        self._touch("group", msg.tg)
         return out + floor.cancel_emergency(p.id)
 
-    def _sds(self, p: UnitProfile, msg: m.Sds, now: float) -> list[Action]:
-        """Short data, answered with its status. A duplicate (QoS 1 delivers twice, a unit
-        retries) is the same ref with the same content: it is told again what it was told
-        the first time, and nothing is delivered twice. The same ref with other content
-        is a new message (a unit whose refs started again after a restart)."""
-        if p.id not in self._sds_seen and len(self._sds_seen) >= self.max_units:
-            del self._sds_seen[next(iter(self._sds_seen))]  # the sender heard from longest ago
-        seen = self._sds_seen.setdefault(p.id, OrderedDict())
-        if msg.ref is not None:
-            first = seen.get(msg.ref)
-            if first is not None and first[0] == (msg.to, msg.text):
-                return [ToUnit(p.id, m.SdsStatus(state=first[1], ref=msg.ref))]
-        out = self._sds_send(p, msg)
-        told = next((a.msg for a in out if isinstance(a, ToUnit) and a.unit == p.id), None)
-        if msg.ref is not None and isinstance(told, m.SdsStatus):
-            seen[msg.ref] = ((msg.to, msg.text), told.state)
-            seen.move_to_end(msg.ref)
-            if len(seen) > SDS_REFS:
-                seen.popitem(last=False)
-        return out
-
-    def _sds_send(self, p: UnitProfile, msg: m.Sds) -> list[Action]:
+    def _sds(self, p: UnitProfile, msg: m.Sds) -> list[Action]:
+        """Short data, answered with its status: delivered, queued (kept for an offline
+        unit, delivered when it comes online), or failed."""
         scope, _, target = msg.to.partition(":")
         sds = m.Sds(to=msg.to, text=msg.text, sender=p.id, ref=msg.ref)
         if scope == "tg":
@@ -202,6 +229,7 @@ class Network:
         store = self._sds_store.setdefault(target, deque(maxlen=SDS_STORE))
         self._stored_sds += len(store) < SDS_STORE  # a full deque drops its oldest
         store.append(sds)
+        self._touch("sds", target)
         return [ToUnit(p.id, m.SdsStatus(state="queued", ref=msg.ref))]
 
     def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
@@ -210,6 +238,8 @@ class Network:
             return self._error(
                 p.id, msg.ref, "invalid_field", f"{msg.unit} has no emergency in {msg.tg}"
             )
+        floor.emergencies[msg.unit] = p.id
+        self._touch("group", msg.tg)
         acked = m.EmergencyState(tg=msg.tg, state="acknowledged", by=p.id)
         return [
             ToUnit(msg.unit, acked),
@@ -223,6 +253,7 @@ class Network:
         floor = self._floor(msg.tg, now)
         out = floor.force_release(now)
         self._arm(floor)
+        self._touch("group", msg.tg)
         return [*out, ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
 
     def _regroup(self, p: UnitProfile, msg: m.Regroup, now: float) -> list[Action]:
@@ -237,9 +268,13 @@ class Network:
         self.groups[msg.tg] = Talkgroup(
             msg.tg, name, members, False, self.fleet.defaults, temporary=True
         )
+        floor = self._floor(msg.tg, now)
+        floor.group = self.groups[msg.tg]  # (its members may have grown)
         out: list[Action] = []
+        self._touch("group", msg.tg)
         for unit in (*dict.fromkeys(msg.units), p.id):
             self.affiliations.setdefault(unit, set()).add(msg.tg)
+            self._touch("unit", unit)
             out.append(ToUnit(unit, m.Regrouped(tg=msg.tg, name=name)))
         out.append(ToGroup(msg.tg, "event", m.Regrouped(tg=msg.tg, name=name)))
         out.append(StateChanged(msg.tg))
@@ -254,9 +289,11 @@ class Network:
         for unit, groups in self.affiliations.items():
             if msg.tg in groups:
                 groups.discard(msg.tg)
+                self._touch("unit", unit)
                 out.append(ToUnit(unit, m.Ungrouped(tg=msg.tg)))
         del self.groups[msg.tg]
         self.floors.pop(msg.tg, None)
+        self._touch("group", msg.tg)
         out = [a for a in out if not isinstance(a, StateChanged)]
         return [*out, StateCleared(msg.tg), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
 
@@ -291,6 +328,7 @@ class Network:
                 prio = profile.priority if msg.prio is None else min(msg.prio, profile.priority)
                 out = floor.request(unit, msg.kind, prio, ref, now)
         self._arm(floor)
+        self._touch("group", tg)
         return out
 
     def media_sender(self, unit: str, tg: str) -> str | None:
@@ -319,12 +357,16 @@ class Network:
             self.online.add(unit)
             stored = self._sds_store.pop(unit, ())
             self._stored_sds -= len(stored)
+            if stored:
+                self._touch("sds", unit)
             return [ToUnit(unit, sds) for sds in stored]
         self.online.discard(unit)
         if unit not in self.offline and len(self.offline) >= self.max_units:
             self.offline.pop()  # bounded: made-up ids going offline cannot grow it
         self.offline.add(unit)  # (a retained offline tells recovery a talker is gone)
         out: list[Action] = []
+        if unit in self.affiliations:
+            self._touch("unit", unit)
         for tg in sorted(self.affiliations.pop(unit, set())):
             out += self._leave_floor(unit, tg, now)
         return out
@@ -351,11 +393,14 @@ class Network:
         why = self._restorable_talker(group, state, now) if state.floor == "taken" else None
         if why is not None:
             floor.seq = max(floor.seq, state.seq)  # its events are not replayed: count on
+            self._touch("group", state.tg)
             return why
         floor.restore(state, now + self.wall_offset - state.since_ts / 1e9, now)
         if floor.holder is not None:
             self.affiliations.setdefault(floor.holder.unit, set()).add(state.tg)
+            self._touch("unit", floor.holder.unit)
         self._arm(floor)
+        self._touch("group", state.tg)
         return None
 
     def _restorable_talker(self, group: Talkgroup, state: m.State, now: float) -> str | None:
@@ -376,6 +421,179 @@ class Network:
             return "the grant is older than the talk time"
         return None
 
+    # --- durable state ----------------------------------------------------------------
+
+    def record(self, key: str) -> object | None:
+        """The durable record under `key` (one of `changed`) as it is now; None when there
+        is nothing to keep. `group/TG`: the floor (and a temporary group's definition);
+        `unit/ID`: affiliations and recent answers; `sds/ID`: short data kept for it."""
+        kind, _, ident = key.partition("/")
+        if kind == "group":
+            group = self.groups.get(ident)
+            floor = self.floors.get(ident)
+            if group is None or floor is None:
+                return None
+            saved = floor.record(self.wall_offset)
+            if group.temporary:
+                saved["temporary"] = [group.name, sorted(group.members)]
+            return saved
+        if kind == "unit":
+            groups = sorted(self.affiliations.get(ident, ()))
+            answers = self._answers.get(ident) or OrderedDict()
+            if not groups and not answers:
+                return None
+            return {"groups": groups, "answers": [[r, d, a] for r, (d, a) in answers.items()]}
+        if kind == "sds":
+            return list(self._sds_store.get(ident, ())) or None
+        raise ValueError(f"no such record kind: {key}")
+
+    def load(self, records: Mapping[str, Any], now: float) -> tuple[list[str], list[Action]]:
+        """Adopt the records a previous instance saved (`record`), checking each against
+        the fleet and the protocol's ranges as if a stranger had written it. Returns what
+        was discarded and why, and what became due while the server was down (a queue's
+        head granted when its holder was not kept). A discarded record is marked changed,
+        so the store is rewritten with what was adopted."""
+        problems: list[str] = []
+        out: list[Action] = []
+        order = {"group": 0, "unit": 1, "sds": 2}  # units and messages refer to groups
+        for key in sorted(records, key=lambda k: (order.get(k.partition("/")[0], 3), k)):
+            kind, _, ident = key.partition("/")
+            try:
+                if not is_id(ident):
+                    raise ValueError(f"{ident!r} is not an id")
+                if not isinstance(records[key], list if kind == "sds" else dict):
+                    raise ValueError("not a record of its kind")
+                if kind == "group":
+                    out += self._load_group(ident, records[key], now)
+                elif kind == "unit":
+                    self._load_unit(ident, records[key])
+                elif kind == "sds":
+                    self._load_sds(ident, records[key])
+                else:
+                    raise ValueError("no such record kind")
+            except _Partly as exc:
+                out += exc.out
+                problems.append(f"{key}: {exc}")
+                self.changed.add(key)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                problems.append(f"{key}: {exc}")
+                self.changed.add(key)
+        return problems, out
+
+    def _load_group(self, tg: str, rec: dict[str, Any], now: float) -> list[Action]:
+        temporary = rec.get("temporary")
+        if temporary is not None:
+            name, members = temporary
+            if tg in self.fleet.groups:
+                raise ValueError("a static group has this id")
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                raise ValueError("a temporary group's name must be 1-64 characters")
+            unknown = [u for u in members if self.fleet.profile(u) is None]
+            if unknown:
+                raise ValueError(f"{unknown[0]} is not a unit of the fleet")
+            self.groups[tg] = Talkgroup(
+                tg, name, frozenset(members), False, self.fleet.defaults, temporary=True
+            )
+        group = self.groups.get(tg)
+        if group is None:
+            raise ValueError("no such group in the fleet")
+        wall_now = now + self.wall_offset  # (no time read back may lie in the future)
+        saved = Saved(
+            seq=_int(rec["seq"], 0, MAX_RESTORED_SEQ),
+            call=_opt_str(rec["call"]),
+            call_until=min(_float(rec["call_until"]), wall_now + group.policy.hang_ms / 1000),
+            since=min(_float(rec["since"]), wall_now),
+            holder=None,
+            queue=[],
+            emergencies=[],
+        )
+        why: list[str] = []
+        holder = rec["holder"]
+        if holder is not None:
+            unit, prio, kind, ref, granted, revoked = holder
+            refused = self._may_hold(group, unit, prio, kind)
+            t = (_float(granted), None if revoked is None else _float(revoked))
+            if refused is None and max(t[0], t[1] or 0.0) > wall_now:
+                refused = "granted in the future"
+            if refused is None:
+                saved = replace(saved, holder=(unit, prio, kind, _opt_int(ref), *t))
+            else:
+                why.append(f"talker not kept: {refused}")
+        for unit, prio, kind, ref in rec["queue"]:
+            refused = self._may_hold(group, unit, prio, kind)
+            policy = group.policy
+            if refused is None and not (policy.queue and len(saved.queue) < policy.queue_depth):
+                refused = "beyond the queue"
+            taken = {w[0] for w in saved.queue} | {saved.holder[0] if saved.holder else None}
+            if refused is None and unit in taken:
+                refused = f"{unit} has the floor or a place already"
+            if refused is None:
+                saved.queue.append((unit, prio, kind, _opt_int(ref)))
+            else:
+                why.append(f"queue place not kept: {refused}")
+        for unit, by in rec["emergencies"]:
+            p = self.fleet.profile(unit) if isinstance(unit, str) else None
+            acker = self.fleet.profile(by) if isinstance(by, str) else None
+            if p is None or not (group.admits(unit) or p.is_dispatcher):
+                why.append(f"emergency of {unit} not kept: not a member")
+            elif by is not None and (acker is None or not acker.is_dispatcher):
+                why.append(f"emergency of {unit} not kept: {by} is no dispatcher")
+            else:
+                saved.emergencies.append((unit, by))
+        floor = self.floors[tg] = Floor(group, self._new_call_id, now)
+        out = floor.load(saved, self.wall_offset, now)
+        self._arm(floor)
+        self.stored.add(tg)
+        if why:
+            raise _Partly(why, out)
+        return out
+
+    def _may_hold(self, group: Talkgroup, unit: object, prio: object, kind: object) -> str | None:
+        """Why `unit` may not hold (or wait for) the group's floor at this rank, or None."""
+        profile = self.fleet.profile(unit) if isinstance(unit, str) else None
+        if profile is None:
+            return f"{unit} is not a unit of the fleet"
+        if not group.admits(profile.id):
+            return f"{unit} is not a member of {group.id}"
+        if group.broadcast and not profile.is_dispatcher:
+            return f"{unit} may not talk in receive-only {group.id}"
+        if kind not in KIND_RANK:
+            return f"no such kind {kind!r}"
+        if not isinstance(prio, int) or not 0 <= prio <= profile.priority:
+            return f"priority {prio} is not within {unit}'s 0-{profile.priority}"
+        return None
+
+    def _load_unit(self, unit: str, rec: dict[str, Any]) -> None:
+        if self.fleet.profile(unit) is None:
+            raise ValueError("not a unit of the fleet")
+        groups = {tg for tg in rec["groups"] if tg in self.groups and self.groups[tg].admits(unit)}
+        if groups:
+            self.affiliations.setdefault(unit, set()).update(groups)
+        answers: OrderedDict[int, tuple[bytes, m.Message]] = OrderedDict()
+        for ref, digest, answer in rec["answers"][-ANSWERS_KEPT:]:
+            if not isinstance(digest, bytes) or not isinstance(answer, m.Message):
+                raise ValueError("a malformed answer")
+            answers[_int(ref, 0, 2**63)] = (digest, answer)
+        if answers:
+            self._answers[unit] = answers
+        if len(groups) != len(rec["groups"]):
+            raise ValueError("groups it may no longer join dropped")
+
+    def _load_sds(self, unit: str, rec: list[Any]) -> None:
+        if self.fleet.profile(unit) is None:
+            raise ValueError("not a unit of the fleet")
+        store = self._sds_store.setdefault(unit, deque(maxlen=SDS_STORE))
+        for sds in rec[-SDS_STORE:]:
+            if not isinstance(sds, m.Sds) or sds.sender is None:
+                raise ValueError("not a short message")
+            if self._stored_sds >= SDS_STORED_IN_ALL:
+                raise ValueError("beyond the messages kept in all")
+            store.append(sds)
+            self._stored_sds += 1
+
+    def _touch(self, kind: str, ident: str) -> None:
+        self.changed.add(f"{kind}/{ident}")
+
     # --- timers -----------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -392,6 +610,7 @@ class Network:
             if floor is not None:
                 out += floor.on_timer(now)
                 self._arm(floor)
+                self._touch("group", tg)
         return out
 
     # --- views ------------------------------------------------------------------------
@@ -433,6 +652,7 @@ class Network:
             return []
         out = floor.unit_gone(unit, now)
         self._arm(floor)
+        self._touch("group", tg)
         return out
 
     def _room_for(self, unit: str, tracked: Sized) -> bool:
@@ -460,6 +680,36 @@ class Network:
     def _deny(self, unit: str, tg: str, cause: m.DenyCause, ref: int | None) -> list[Action]:
         self._denied += 1
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
+
+
+class _Partly(ValueError):
+    """A record adopted in part: what was not, and the actions of what was."""
+
+    def __init__(self, why: list[str], out: list[Action]) -> None:
+        super().__init__("; ".join(why))
+        self.out = out
+
+
+def _int(value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{value!r} is not an integer in {low}..{high}")
+    return value
+
+
+def _opt_int(value: object) -> int | None:
+    return None if value is None else _int(value, 0, 2**63)
+
+
+def _float(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{value!r} is not a time")
+    return float(value)
+
+
+def _opt_str(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or len(value) > 64):
+        raise ValueError(f"{value!r} is not a call id")
+    return value
 
 
 # message type -> the per-unit rate limit it counts against (any other: "control")
