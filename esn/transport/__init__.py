@@ -22,20 +22,27 @@ def make_transport(
     client_id: str,
     will: Will | None = None,
     keepalive: int = 30,
+    persistent: bool = False,
 ) -> Transport:
     if kind == "gmqtt":
         from esn.transport.gmqtt_client import GmqttTransport
 
-        return GmqttTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
+        return GmqttTransport(
+            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
+        )
     if kind == "paho":
         need("aiomqtt", "paho", "the paho MQTT client")
         from esn.transport.paho_client import PahoTransport
 
-        return PahoTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
+        return PahoTransport(
+            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
+        )
     if kind == "memory":
         from esn.transport.memory import MemoryTransport
 
-        return MemoryTransport(broker, client_id=client_id, will=will, keepalive=keepalive)
+        return MemoryTransport(
+            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
+        )
     raise ValueError(f"unknown MQTT client {kind!r}; choose one of {', '.join(CLIENTS)}")
 
 

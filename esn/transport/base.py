@@ -1,10 +1,11 @@
 """The small MQTT interface the server, handsets and console use, and its shared policy.
 
 An implementation owns one MQTT 3.1.1 connection: it connects (once, reporting failure),
-then keeps the link up by itself — jittered exponential back-off, a fresh session,
-every subscription made again — and tells its owner through `on_connect`/`on_disconnect`
-so the owner can republish retained state. Messages published while the link is down are
-dropped and counted (`dropped`): the protocol's retained state and retries recover them.
+then keeps the link up by itself — jittered exponential back-off, every subscription made
+again, and in a persistent session what the broker queued meanwhile — and tells its owner
+through `on_connect`/`on_disconnect` so the owner can republish retained state. Messages
+published while the link is down are dropped and counted (`dropped`): the protocol's
+retained state and retries recover them.
 """
 
 from __future__ import annotations
@@ -106,9 +107,13 @@ class Transport(ABC):
         will: Will | None = None,
         keepalive: int = 30,
         connect_timeout: float = 5.0,
+        persistent: bool = False,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
+        # a persistent session (clean session off): while we are away the broker keeps our
+        # subscriptions and queues what they match at QoS 1, and hands it over when we return
+        self.persistent = persistent
         self.will = will
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
@@ -122,6 +127,7 @@ class Transport(ABC):
         self.dropped = 0  # publishes not sent: the link was down, or too many awaited acks
         self.max_inflight = MAX_INFLIGHT
         self._subscriptions: dict[str, int] = {}
+        self._early: list[tuple[str, bytes, bool]] = []  # received while connecting
         self._closing = False
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -172,6 +178,12 @@ class Transport(ABC):
     # --- for implementations ----------------------------------------------------------
 
     def _receive(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not self.connected:
+            # what a persistent session queued can come with the CONNACK, before the link
+            # is ours to answer on: handed over once it is (bounded: the broker's queue is)
+            if not self._closing and len(self._early) < MAX_INFLIGHT:
+                self._early.append((topic, payload, retained))
+            return
         if retained and self.on_retained is not None:
             self.on_retained(topic, payload)
         else:
@@ -196,6 +208,9 @@ class Transport(ABC):
         self._lost.clear()
         # up from here: retained messages arriving with the SUBACKs may prompt publishes
         self.connected = True
+        early, self._early = self._early, []
+        for message in early:
+            self._receive(*message)
         if self._subscriptions:
             await self._subscribe(list(self._subscriptions.items()))
 

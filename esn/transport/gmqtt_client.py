@@ -37,7 +37,10 @@ class GmqttTransport(Transport):
             w = self.will
             will = gmqtt.Message(w.topic, w.payload, qos=w.qos, retain=w.retain)
         client: _Client = _Client(
-            self.client_id, lambda: self._lost_from(client), clean_session=True, will_message=will
+            self.client_id,
+            lambda: self._lost_from(client),
+            clean_session=not self.persistent,
+            will_message=will,
         )
         client.on_message = self._on_message
         client.on_subscribe = self._on_suback

@@ -5,16 +5,18 @@ the console run end to end in one event loop, in milliseconds. It keeps what the
 the code relies on from a real broker: topic filters with `+` and `#` (which do not match
 `$` topics at the first level), retained messages (an empty payload clears one, a new
 subscriber gets the matching ones first), wills published when a link dies (not on a clean
-disconnect), one session per client id (a second connect takes the first over), and one
-copy of a message per subscriber, delivered in order. Deliveries are scheduled on the
-event loop, never made inside `publish`, so no callback runs re-entrantly. QoS is not
-modelled: nothing is lost while a link is up.
+disconnect), one session per client id (a second connect takes the first over),
+persistent sessions (what matches a QoS 1 subscription of an absent client is queued, up
+to `max_queued`, and handed over when it returns), and one copy of a message per
+subscriber, delivered in order. Deliveries are scheduled on the event loop, never made
+inside `publish`, so no callback runs re-entrantly. Nothing is lost while a link is up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 
 from esn.transport.base import BrokerConfig, Transport, TransportError
 
@@ -43,6 +45,9 @@ class MemoryBroker:
         self.running = True
         self.retained: dict[str, bytes] = {}
         self.sessions: dict[str, MemoryTransport] = {}
+        # absent clients' persistent sessions: their filters (-> QoS) and what is queued
+        self.parked: dict[str, tuple[dict[str, int], deque[tuple[str, bytes]]]] = {}
+        self.max_queued = 1000  # per absent client, as Mosquitto's default
         self.published = 0
         _brokers[self.port] = self
 
@@ -61,6 +66,7 @@ class MemoryBroker:
         for session in list(self.sessions.values()):
             self.drop(session)
         self.retained.clear()
+        self.parked.clear()
 
     def start(self) -> None:
         self.running = True
@@ -69,9 +75,10 @@ class MemoryBroker:
         """The client's link dies without a DISCONNECT: its will is published."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._park(session)
             if session.will is not None:
                 w = session.will
-                self.publish(w.topic, w.payload, w.retain)
+                self.publish(w.topic, w.payload, w.retain, w.qos)
             session.link_died()
 
     # --- what a transport asks of the broker -----------------------------------------
@@ -83,18 +90,32 @@ class MemoryBroker:
         if old is not None:
             self.drop(old)  # a second connection under one client id takes the first over
         self.sessions[session.client_id] = session
+        parked = self.parked.pop(session.client_id, None)
+        if parked is not None and session.persistent:
+            for topic, payload in parked[1]:
+                session.deliver_soon(topic, payload)
 
     def disconnect(self, session: MemoryTransport) -> None:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self._park(session)
+
+    def _park(self, session: MemoryTransport) -> None:
+        if session.persistent:
+            filters = {t: q for t, q in session.qos_filters.items() if q > 0}
+            self.parked[session.client_id] = (filters, deque(maxlen=self.max_queued))
 
     def subscribe(self, session: MemoryTransport, patterns: list[str]) -> None:
         for topic, payload in list(self.retained.items()):
             if any(topic_matches(p, topic) for p in patterns):
                 session.deliver_soon(topic, payload, retained=True)
 
-    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool, qos: int = 1) -> None:
         self.published += 1
+        if qos > 0:
+            for filters, queued in self.parked.values():
+                if any(topic_matches(p, topic) for p in filters):
+                    queued.append((topic, payload))
         if retain:
             if payload:
                 self.retained[topic] = payload
@@ -114,6 +135,10 @@ class MemoryTransport(Transport):
     def filters(self) -> list[str]:
         return list(self._subscriptions)
 
+    @property
+    def qos_filters(self) -> dict[str, int]:
+        return dict(self._subscriptions)
+
     def deliver_soon(self, topic: str, payload: bytes, retained: bool = False) -> None:
         loop = asyncio.get_running_loop()
         loop.call_soon(self._deliver, self._session_broker, topic, payload, retained)
@@ -132,8 +157,12 @@ class MemoryTransport(Transport):
         broker = _brokers.get(self.broker.port)
         if broker is None:
             raise TransportError(f"cannot reach broker {self.broker.url()}: no such broker")
-        broker.connect(self)
-        self._session_broker = broker
+        self._session_broker = broker  # (what a persistent session kept is on its way)
+        try:
+            broker.connect(self)
+        except TransportError:
+            self._session_broker = None
+            raise
 
     async def _disconnect(self) -> None:
         if self._session_broker is not None:
@@ -149,4 +178,4 @@ class MemoryTransport(Transport):
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if self._session_broker is not None:
-            self._session_broker.publish(topic, payload, retain)
+            self._session_broker.publish(topic, payload, retain, qos)

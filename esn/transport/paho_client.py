@@ -39,7 +39,7 @@ class PahoTransport(Transport):
             password=self.broker.password,
             will=will,
             protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=True,
+            clean_session=not self.persistent,
             keepalive=self.keepalive,
             tls_context=self.broker.ssl_context(),
             socket_options=[_NODELAY],
