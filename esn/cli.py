@@ -58,8 +58,14 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+def default_state(server_id: str) -> str:
+    home = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(home, "esn", f"{server_id}.sqlite3")
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from esn.server.shell import Config, DuplicateServerError, serve
+    from esn.store import StoreError
 
     fleet = load_fleet(args.fleet)
     config = Config(
@@ -68,6 +74,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         metrics_port=args.metrics_port,
         mqtt_client=args.mqtt_client,
+        state=args.state or default_state(args.server_id),
     )
 
     async def main() -> None:
@@ -75,7 +82,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-    except DuplicateServerError as exc:
+    except (DuplicateServerError, StoreError) as exc:
         print(f"esn server: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -186,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--server-id", default="esn-1", help="server id (MQTT client id)")
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="the SQLite file that keeps what units were told across restarts (default "
+        "$XDG_STATE_HOME/esn/SERVER-ID.sqlite3, i.e. ~/.local/state/esn/...; ':memory:' "
+        "keeps nothing)",
+    )
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("demo", help="a complete simulation on an embedded Mosquitto")

@@ -69,9 +69,14 @@ async def end(proc: asyncio.subprocess.Process) -> None:
 
 
 async def spawn_server(url: str, prefix: str, fleet: Path) -> asyncio.subprocess.Process:
-    """`esn server` as its own process; returns once it has recovered and is serving."""
+    """`esn server` as its own process; returns once it has recovered and is serving. Its
+    state file is beside the fleet file, so the one a test restarts takes up its state."""
     return await start_server(
-        url, fleet, metrics_port=free_port(), args=("--prefix", prefix, "--server-id", "fault-srv")
+        url,
+        fleet,
+        metrics_port=free_port(),
+        state=fleet.with_name("state.sqlite3"),
+        args=("--prefix", prefix, "--server-id", "fault-srv"),
     )
 
 
@@ -160,6 +165,56 @@ async def test_stale_state_is_not_adopted_after_a_restart(
         await end(server)
 
 
+async def test_server_killed_keeps_queues_emergencies_and_messages(
+    own_broker: Mosquitto, fleet_file: Path, prefix: str
+) -> None:
+    """Tried: SIGKILL the server with u2 queued behind u1, an emergency open and a message
+    kept for an offline unit; a unit raises another emergency while no server runs.
+    Expect: the new server takes each up from its state file and its session: u2 is
+    granted when u1 releases, the dispatcher acknowledges both emergencies, the offline
+    unit gets its message when it comes back."""
+    server = await spawn_server(own_broker.url, prefix, fleet_file)
+    cfg = BrokerConfig.from_url(own_broker.url)
+    u1, u2 = await pair(own_broker.url, prefix)
+    disp = Handset("disp", cfg, prefix=prefix)
+    away = Handset("away", cfg, prefix=prefix)
+    for h in (disp, away):
+        await h.start()
+    await disp.affiliate("tg-1")
+    await away.stop()
+    try:
+        assert isinstance(await u1.press("tg-1"), m.Granted)
+        assert isinstance(await u2.press("tg-1"), m.Queued)
+        assert isinstance(
+            await u2.ask(m.EmergencyAlert(tg="tg-1", ref=u2.next_ref())), m.EmergencyState
+        )
+        kept = await u1.ask(m.Sds(to="unit:away", text="bring the ladder", ref=u1.next_ref()))
+        assert kept == m.SdsStatus(state="queued", ref=kept.ref)
+        server.kill()
+        await server.wait()
+        raised = u1.expect(lambda i: isinstance(i.msg, m.EmergencyState), timeout=20)
+        u1.send(m.EmergencyAlert(tg="tg-1", ref=u1.next_ref()))  # to no server
+
+        server = await spawn_server(own_broker.url, prefix, fleet_file)
+
+        assert (await raised).msg.state == "raised"  # type: ignore[attr-defined]
+        for unit in ("u2", "u1"):
+            ack = m.EmergencyAck(tg="tg-1", unit=unit, ref=disp.next_ref())
+            assert isinstance(await disp.ask(ack), m.Ok)
+        granted = u2.expect(lambda i: isinstance(i.msg, m.Granted), timeout=10)
+        u1.release("tg-1")
+        await granted
+        back = Handset("away", cfg, prefix=prefix)
+        delivered = back.expect(lambda i: isinstance(i.msg, m.Sds), timeout=10)
+        await back.start()
+        assert (await delivered).msg.text == "bring the ladder"  # type: ignore[attr-defined]
+        await back.stop()
+    finally:
+        for h in (u1, u2, disp):
+            await h.stop()
+        await end(server)
+
+
 # --- the broker dies ----------------------------------------------------------------------
 
 
@@ -185,6 +240,35 @@ async def test_broker_restart_mid_call_the_call_goes_on(
         await eventually(lambda: talker.floor_state("tg-1") == HAS_PERMISSION)
     finally:
         for h in (talker, listener):
+            await h.stop()
+        await srv.stop()
+
+
+async def test_broker_stopped_a_queued_unit_keeps_its_turn(
+    own_broker: Mosquitto, prefix: str
+) -> None:
+    """Tried: stop the broker (SIGTERM: every will fires, and the server may hear them and
+    drop the talker and the queue) while u2 waits behind u1; restart it. Expect: u2 asks
+    again when the server is back and is granted, at once or after u1's turn."""
+    cfg = BrokerConfig.from_url(own_broker.url)
+    srv = Server(Config(broker=cfg, prefix=prefix, keepalive=5), parse_fleet(FLEET))
+    await srv.start()
+    talker, waiter = await pair(own_broker.url, prefix)
+    try:
+        await talker.press("tg-1")
+        assert isinstance(await waiter.press("tg-1"), m.Queued)
+        own_broker.stop(signal.SIGTERM)
+        await eventually(lambda: not waiter.transport.connected)
+        answer = waiter.expect(lambda i: isinstance(i.msg, m.Queued | m.Granted), timeout=20)
+        own_broker.start()
+        if isinstance((await answer).msg, m.Queued):
+            granted = waiter.expect(lambda i: isinstance(i.msg, m.Granted), timeout=10)
+            await eventually(lambda: talker.floor_state("tg-1") == HAS_PERMISSION, timeout=20)
+            talker.release("tg-1")
+            await granted
+        assert waiter.floor_state("tg-1") == HAS_PERMISSION
+    finally:
+        for h in (talker, waiter):
             await h.stop()
         await srv.stop()
 

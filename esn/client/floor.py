@@ -140,10 +140,14 @@ class FloorParticipant:
         return []
 
     def server_online(self, ref: int, now: float) -> list[Action]:
-        """The server (re)announced itself: a call we were in must be asked for again."""
-        if self.state is not FloorState.HAS_PERMISSION:
+        """The server (re)announced itself: a call we were in, or a queue place we held,
+        is asked for again. It may have lost them (our will fired when the broker went
+        down, say); if it kept them, the same request is a repeat: the call goes on, the
+        place is kept."""
+        if self.state is FloorState.HAS_PERMISSION:
+            self.pressed_at = None  # a reclaim: no access time to measure
+        elif self.state is not FloorState.QUEUED:
             return []
-        self.pressed_at = None
         return self._request(ref, now, None)
 
     def received(self, msg: m.Message, now: float) -> list[Action]:

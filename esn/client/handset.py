@@ -51,6 +51,12 @@ PENDING_RELEASE = FloorState.PENDING_RELEASE
 
 AMR_WB_FRAME_BYTES = 33  # 12.65 kbit/s mode, 20 ms
 
+# A control message not answered is sent again (same ref: the server answers a repeat
+# without acting twice) after each of these delays, so one lost on the way or sent while
+# the server restarts still takes effect. At most MAX_UNANSWERED are followed at once.
+RETRY_AFTER_S = (1.0, 2.0, 4.0, 8.0, 15.0)
+MAX_UNANSWERED = 64
+
 
 class ClientError(Exception):
     """The server's answer was not what the call asked for."""
@@ -172,6 +178,13 @@ class Waiters(Generic[T]):
                 self._entries.remove(entry)
 
 
+def _answers(inbound: Inbound, ref: int | None) -> bool:
+    """Whether this is the server's answer to our message `ref` (on our down topic; a
+    short message delivered to us carries its sender's ref, and answers nothing)."""
+    msg = inbound.msg
+    return msg.ref == ref and inbound.topic.endswith("/down") and not isinstance(msg, m.Sds)
+
+
 class Handset:
     def __init__(
         self,
@@ -206,6 +219,7 @@ class Handset:
         # (with the same content) for a duplicate
         self._refs = itertools.count(secrets.randbits(40))
         self._waiters: Waiters[Inbound] = Waiters(unit)
+        self._unanswered: dict[int, asyncio.TimerHandle] = {}  # ref -> its next retry
         self._location_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
         offline = codec.encode(m.Presence(state="offline"))
@@ -236,6 +250,9 @@ class Handset:
             self._idle(view)
         if self._location_task is not None:
             self._location_task.cancel()
+        for retry in self._unanswered.values():
+            retry.cancel()
+        self._unanswered.clear()
         self._publish(self.topics.presence(self.unit), m.Presence(state="offline"), retain=True)
         await self.transport.stop()
 
@@ -287,7 +304,7 @@ class Handset:
 
     async def ask(self, msg: m.Message, timeout: float = 5.0) -> m.Message:
         """Send a unit-control message and wait for the reply carrying its `ref`."""
-        waiter = self.expect(lambda i: i.msg.ref == msg.ref and i.topic.endswith("/down"), timeout)
+        waiter = self.expect(lambda i: _answers(i, msg.ref), timeout)
         self._send_up(msg)
         return (await waiter).msg
 
@@ -417,8 +434,11 @@ class Handset:
             self.stats.count("bad_downlink")
             return
         self.stats.count(msg.T)
+        inbound = Inbound(topic, msg)
+        if msg.ref in self._unanswered and _answers(inbound, msg.ref):
+            self._unanswered.pop(msg.ref).cancel()
         self._apply(msg)
-        self._deliver(Inbound(topic, msg))
+        self._deliver(inbound)
 
     def _deliver(self, inbound: Inbound) -> None:
         if self.keep_inbox:
@@ -618,8 +638,26 @@ class Handset:
 
     # --- outbound ---------------------------------------------------------------------
 
-    def _send_up(self, msg: m.Message) -> None:
+    def _send_up(self, msg: m.Message, attempt: int = 0) -> None:
         self._publish(self.topics.unit_up(self.unit), msg)
+        ref = msg.ref
+        if ref is None or isinstance(msg, m.Location):
+            return  # nothing answers it
+        if attempt == 0 and len(self._unanswered) >= MAX_UNANSWERED:
+            oldest = next(iter(self._unanswered))
+            self._unanswered.pop(oldest).cancel()
+        if attempt < len(RETRY_AFTER_S):
+            loop = asyncio.get_running_loop()
+            retry = loop.call_later(RETRY_AFTER_S[attempt], self._retry, msg, attempt + 1)
+            self._unanswered[ref] = retry
+        else:
+            self._unanswered.pop(ref, None)  # sent for the last time
+
+    def _retry(self, msg: m.Message, attempt: int) -> None:
+        assert msg.ref is not None
+        if self._unanswered.pop(msg.ref, None) is not None:
+            self.stats.count("retried")
+            self._send_up(msg, attempt)
 
     def _publish(self, topic: str, msg: m.Message, retain: bool = False) -> None:
         self.transport.publish(topic, codec.encode(msg), qos=1, retain=retain)

@@ -121,6 +121,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
                 fleet,
                 metrics_port=server_port,
                 mqtt_client=s.run.mqtt_client,
+                state=Path(work.name) / "state.sqlite3",
                 log=Path(work.name) / "server.log",
             )
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)

@@ -71,6 +71,13 @@ class ServerMetrics:
             buckets=BUCKETS,
             registry=r,
         )
+        self.state_write = Histogram(
+            "esn_state_write_seconds",
+            "Durable state written (one batch, before the answers go out)",
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.state_failures = 0  # batches the store refused (disk full, ...)
         self.messages: dict[tuple[str, str], int] = {}  # (kind, direction) -> count
         self.broker: dict[str, float] = {}  # $SYS figure -> value, as Mosquitto reports it
         self.media_dropped: dict[str, int] = {}
@@ -130,6 +137,11 @@ class _LiveState(Collector):
             "Media packets not relayed, by reason",
             "reason",
             _sum(dict.fromkeys(DROP_REASONS, 0), self.metrics.media_dropped),
+        )
+        yield CounterMetricFamily(
+            "esn_state_write_failures",
+            "Durable state batches the store failed to write",
+            value=self.metrics.state_failures,
         )
         floors = list(net.floors.values())
         yield GaugeMetricFamily(

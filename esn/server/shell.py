@@ -34,6 +34,7 @@ from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
 from esn.server.metrics import BROKER_SYS, ServerMetrics
+from esn.store import Store, StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 log = logging.getLogger("esn.server")
@@ -49,6 +50,10 @@ INTAKE = {
 }
 
 
+# uplinks held while recovering (the broker queues at most 100,000 for us: our profiles)
+MAX_BACKLOG = 100_000
+
+
 class DuplicateServerError(RuntimeError):
     """Another server under the same id is online; the message is one line."""
 
@@ -61,6 +66,7 @@ class Config:
     metrics_port: int | None = None
     mqtt_client: str = "gmqtt"
     keepalive: int = 30
+    state: str = ":memory:"  # the durable state's SQLite file (`:memory:`: none)
 
 
 class Server:
@@ -85,6 +91,7 @@ class Server:
             client_id=config.server_id,
             keepalive=config.keepalive,
             will=Will(status_topic, self._status("offline")),
+            persistent=True,  # the broker keeps our uplinks while we restart
         )
         self.transport.on_message = self._on_message
         self.transport.on_retained = self._on_retained
@@ -96,6 +103,9 @@ class Server:
         self._accepting = False
         # retained states while recovering at start; {} from construction to the end of it
         self._recovered: dict[str, m.State] | None = {}
+        # what units sent, held until recovery has the whole picture (who is online, which
+        # calls go on): a persistent session hands over its queue before any of it
+        self._backlog: list[tuple[str, bytes]] = []
         self._count_msg = self.metrics.count_message
         # answers to garbage are capped per unit, so a flood cannot make us flood the broker
         self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
@@ -105,14 +115,23 @@ class Server:
         self.rival: DuplicateServerError | None = None  # another instance has our id
         self._link_losses: deque[float] = deque(maxlen=2)
         self.gave_way = asyncio.Event()
+        self.store: Store | None = None
+        self._due: list[Action] = []  # what became due while we were down (see _load)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.store = open_store(self.config.state)  # StoreError: in use, or unreadable
+        self._load(self.store)
         self._accepting = True
         await self.transport.start()
-        # our own status too: another instance under our id announcing itself (see _rival_seen)
-        await self.transport.subscribe(*self.topics.server_subscriptions(), self._status_topic)
+        up, presence, group = self.topics.server_subscriptions()
+        # QoS 1 in a persistent session: what units send while we restart waits at the broker
+        await self.transport.subscribe(up, presence)
+        # Floor and voice are of the moment: a request made while we were away is sent
+        # again by the handset (T101), not served late. Our own status too: another
+        # instance under our id announcing itself (see _rival_seen).
+        await self.transport.subscribe(group, self._status_topic, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         await self._recover()
         if self.config.metrics_port is not None:
@@ -137,6 +156,54 @@ class Server:
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
+        if self.store is not None:
+            self.store.close()
+
+    def _load(self, store: Store) -> None:
+        """Take up the durable state the previous instance saved: stored short data, open
+        emergencies and their acknowledgements, regroups, queues, calls, affiliations and
+        the answers units may ask for again. Each record is checked as input from a
+        stranger; what is not adopted is logged, and rewritten in the store."""
+        records, problems = {}, []
+        for key, data in store.load().items():
+            try:
+                records[key] = unpack(data)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+                self.network.changed.add(key)
+        more, self._due = self.network.load(records, self._loop.time())
+        problems += more
+        for line in problems[:20]:
+            log.warning("saved state not adopted: %s", line)
+        if len(problems) > 20:
+            log.warning("... and %d more saved records not adopted", len(problems) - 20)
+        self._save()
+        if records:
+            log.info(
+                "took up %d saved records from %s (%d calls)",
+                len(records),
+                self.config.state,
+                sum(f.holder is not None for f in self.network.floors.values()),
+            )
+
+    def _save(self) -> None:
+        """Write what the core changed, before any answer about it goes out."""
+        changed = self.network.changed
+        if not changed or self.store is None:
+            return
+        began = perf_counter()
+        batch = {}
+        for key in changed:
+            record = self.network.record(key)
+            batch[key] = None if record is None else pack(record)
+        changed.clear()
+        try:
+            self.store.save(batch)
+        except StoreError as exc:
+            self.metrics.state_failures += 1
+            log.error("%s", exc)  # (throttled: see runtime.Throttle)
+            return
+        self.metrics.state_write.observe(perf_counter() - began)
 
     async def _recover(self, timeout: float = 5.0) -> None:
         """Read the groups' retained state left by a previous instance and adopt what is
@@ -165,13 +232,23 @@ class Server:
             await self.stop()
             raise self.rival
         recovered, self._recovered = self._recovered or {}, None
+        backlog, self._backlog = self._backlog, []
         now = self._loop.time()
         for state in recovered.values():
+            if state.tg in self.network.stored:
+                continue  # the store is written before the state is published: it is newer
             why = self.network.restore(state, now)
             if why is not None:
                 log.warning("retained state of %s not adopted: %s", state.tg, why)
+        self._save()
         self._rearm()
         self._announce()  # only now: units reclaiming a floor find it restored
+        due, self._due = self._due, []
+        self._perform(due)
+        for topic, payload in backlog:
+            self._on_message(topic, payload)
+        if backlog:
+            log.info("acted on %d messages sent while no server was up", len(backlog))
         taken = sum(f.holder is not None for f in self.network.floors.values())
         if recovered:
             log.info("read %d retained group states; %d calls go on", len(recovered), taken)
@@ -257,8 +334,15 @@ class Server:
         if topic == self._status_topic:  # (formatted once: this is every message's path)
             self._rival_seen(payload)
             return
-        if self._recovered is not None and self._on_recovery(topic, payload):
-            return
+        if self._recovered is not None:
+            if self._on_recovery(topic, payload):
+                return
+            if not topic.endswith("/presence"):
+                if len(self._backlog) < MAX_BACKLOG:
+                    self._backlog.append((topic, payload))
+                else:
+                    self.metrics.count_rejected("rate_limited")
+                return
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")
@@ -293,6 +377,7 @@ class Server:
             actions = self.network.floor_message(where.unit, where.tg, msg, now)
         else:
             actions = self.network.unit_message(where.unit, msg, now)
+        self._save()
         self._perform(actions)
         if isinstance(msg, m.Request):
             for a in actions:
@@ -379,7 +464,9 @@ class Server:
 
     def _fire(self) -> None:
         self._timer = self._timer_at = None
-        self._perform(self.network.on_timer(self._loop.time()))
+        actions = self.network.on_timer(self._loop.time())
+        self._save()
+        self._perform(actions)
         self._rearm()
 
 

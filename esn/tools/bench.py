@@ -228,6 +228,7 @@ async def _with_server(broker: Mosquitto, client: str, fleet: Path) -> asyncio.s
         fleet,
         metrics_port=free_port(),
         mqtt_client=client,
+        state=fleet.with_name(f"state-{client}.sqlite3"),
         log=fleet.with_name(f"server-{client}.log"),  # its last line, should it not start
         args=("--server-id", f"bench-{client}"),
     )

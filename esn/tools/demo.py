@@ -386,6 +386,7 @@ async def run_demo(opts: DemoOptions) -> int:
             fleet,
             metrics_port=demo.metrics_port,
             mqtt_client=opts.mqtt_client,
+            state=demo.server_log.with_name("state.sqlite3"),
             args=("--server-id", SERVER_ID, *server_args),
             env=env,
             log=demo.server_log,

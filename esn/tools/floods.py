@@ -138,7 +138,11 @@ async def run_floods(opts: FloodOptions) -> int:
         fleet.write_text(FLEET)
         port = free_port()
         server = await start_server(
-            broker.url, fleet, metrics_port=port, log=Path(tmp) / "server.log"
+            broker.url,
+            fleet,
+            metrics_port=port,
+            state=Path(tmp) / "state.sqlite3",
+            log=Path(tmp) / "server.log",
         )
         cfg = BrokerConfig.from_url(broker.url)
         hs = [Handset(f"w{i}", cfg) for i in range(2, WATCHERS + 2)]

@@ -72,13 +72,15 @@ async def start_server(
     *,
     metrics_port: int,
     mqtt_client: str = "gmqtt",
+    state: Path | None = None,
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     timeout: float = 15.0,
 ) -> asyncio.subprocess.Process:
     """`esn server` as its own process; returns once its metrics endpoint listens (it has
-    subscribed and recovered by then). `log` takes its output (else it is discarded)."""
+    subscribed and recovered by then). `state` is its durable state file (else it keeps
+    nothing across restarts); `log` takes its output (else it is discarded)."""
     with open(log or os.devnull, "wb") as out:  # noqa: ASYNC230 (a moment, at start)
         proc = await asyncio.create_subprocess_exec(
             *server_command(
@@ -90,6 +92,8 @@ async def start_server(
                 str(metrics_port),
                 "--mqtt-client",
                 mqtt_client,
+                "--state",
+                str(state or ":memory:"),
                 *args,
             ),
             stdout=out,
