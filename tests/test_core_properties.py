@@ -147,8 +147,8 @@ class FloorMachine(RuleBasedStateMachine):
                 self.saved[key] = pack(record)
         old.changed.clear()
         self.net = Network(FLEET)
-        problems, due = self.net.load({k: unpack(v) for k, v in self.saved.items()}, self.now)
-        assert problems == [] and due == []
+        problems = self.net.load({k: unpack(v) for k, v in self.saved.items()}, self.now)
+        assert problems == [] and self.net.settle(self.now) == []
         for key in self.saved:
             assert self.net.record(key) == old.record(key)
         for unit in sorted(old.online):  # the retained presence, read again

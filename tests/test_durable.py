@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from esn.core.fleet import parse_fleet
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
-from esn.store import StoreError
+from esn.store import StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, make_transport
+from esn.transport.memory import MemoryBroker
 from tests.conftest import FLEET, HandsetFactory
 
 _servers = itertools.count(1)
@@ -196,3 +198,90 @@ def _kind(h: Handset) -> str:
     return {"GmqttTransport": "gmqtt", "PahoTransport": "paho"}.get(
         type(h.transport).__name__, "memory"
     )
+
+
+@pytest.mark.parametrize("mqtt_client", ["memory"])
+async def test_a_damaged_state_file_costs_only_what_is_damaged(
+    restartable: Restartable, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tried: a state file holding a record of a kind this version does not know, bytes
+    that are no record, a time of minus infinity, and one sound call. Expect: the server
+    starts, serves the sound call, says what it dropped, and the file keeps only the
+    sound record."""
+    sound = {
+        "seq": 3,
+        "call": "c1",
+        "call_until": 0.0,
+        "since": time.time(),
+        "holder": ["u1", 100, "normal", 1, time.time(), None],
+        "queue": [],
+        "emergencies": [],
+    }
+    store = open_store(restartable.config.state)
+    store.save(
+        {
+            "route/u1": b"\x01",
+            "unit/u2": b"\xc1 not msgpack",
+            "group/tg-2": pack(sound | {"since": float("-inf")}),
+            "group/tg-1": pack(sound),
+        }
+    )
+    store.close()
+
+    server = await restartable.start()
+
+    assert server.network.state_msg("tg-1").talker == "u1"
+    assert server.network.state_msg("tg-2").talker is None
+    dropped = [r.getMessage() for r in caplog.records if "not adopted" in r.getMessage()]
+    assert len(dropped) == 3 and any("route/u1" in line for line in dropped)
+    await restartable.stop()
+    store = open_store(restartable.config.state)
+    assert set(store.load()) == {"group/tg-1"}  # tg-2 had nothing worth keeping
+    store.close()
+
+
+@pytest.mark.parametrize("mqtt_client", ["memory"])
+async def test_a_state_file_that_refuses_writes_costs_no_service_and_is_caught_up(
+    restartable: Restartable, handset: HandsetFactory
+) -> None:
+    """Tried: the state file refuses writes (SQLite's query-only mode, as a full disk or a
+    read-only file would) while a unit takes the floor. Expect: the unit is granted all
+    the same, the failure is counted, and the next write that works includes the grant."""
+    server = await restartable.start()
+    u1 = await handset("u1", "tg-1")
+    assert server.store is not None
+    db = server.store._db  # type: ignore[attr-defined]
+    db.execute("PRAGMA query_only=ON")
+    assert isinstance(await u1.press("tg-1"), m.Granted)
+    assert server.metrics.state_failures >= 1
+    db.execute("PRAGMA query_only=OFF")
+    await u1.ask(m.Affiliate(groups=["tg-1"], ref=u1.next_ref()))  # any next write
+    record = unpack(server.store.load()["group/tg-1"])
+    assert record["holder"][0] == "u1"
+
+
+@pytest.mark.parametrize("mqtt_client", ["memory"])
+async def test_location_reports_do_not_crowd_out_an_alert_while_the_server_is_away(
+    restartable: Restartable, handset: HandsetFactory, broker: BrokerConfig
+) -> None:
+    """Tried: the broker keeps at most 50 messages for the absent server; a unit sends 200
+    location reports, then an emergency alert. Expect: the alert is acted on (reports are
+    QoS 0: not kept for an absent server, the next one replaces them)."""
+    memory = _memory_broker(broker)
+    memory.max_queued = 50
+    await restartable.start()
+    u1 = await handset("u1", "tg-1")
+    await restartable.stop()
+    for i in range(200):
+        u1.send(m.Location(lat=51.0 + i / 1000, lon=0.0))
+    alert = m.EmergencyAlert(tg="tg-1", ref=u1.next_ref())
+    raised = u1.expect(answer_to(alert.ref), 5)
+    u1.send(alert)
+    await restartable.start()
+    assert (await raised).msg == m.EmergencyState(tg="tg-1", state="raised", ref=alert.ref)
+
+
+def _memory_broker(config: BrokerConfig) -> MemoryBroker:
+    from esn.transport.memory import _brokers
+
+    return _brokers[config.port]

@@ -52,10 +52,11 @@ PENDING_RELEASE = FloorState.PENDING_RELEASE
 AMR_WB_FRAME_BYTES = 33  # 12.65 kbit/s mode, 20 ms
 
 # A control message not answered is sent again (same ref: the server answers a repeat
-# without acting twice) after each of these delays, so one lost on the way or sent while
-# the server restarts still takes effect. At most MAX_UNANSWERED are followed at once.
+# without acting twice) after each of these delays, give or take half (so a fleet does not
+# retry in step), so one lost on the way or sent while the server restarts still takes
+# effect. At most MAX_UNANSWERED are followed at once: the server remembers as many.
 RETRY_AFTER_S = (1.0, 2.0, 4.0, 8.0, 15.0)
-MAX_UNANSWERED = 64
+MAX_UNANSWERED = 16
 
 
 class ClientError(Exception):
@@ -639,16 +640,22 @@ class Handset:
     # --- outbound ---------------------------------------------------------------------
 
     def _send_up(self, msg: m.Message, attempt: int = 0) -> None:
+        if isinstance(msg, m.Location):
+            # QoS 0: the next report replaces it, and a broker keeping reports for an
+            # absent server would crowd out the alerts and messages it keeps too
+            self._publish(self.topics.unit_up(self.unit), msg, qos=0)
+            return
         self._publish(self.topics.unit_up(self.unit), msg)
         ref = msg.ref
-        if ref is None or isinstance(msg, m.Location):
+        if ref is None:
             return  # nothing answers it
         if attempt == 0 and len(self._unanswered) >= MAX_UNANSWERED:
             oldest = next(iter(self._unanswered))
             self._unanswered.pop(oldest).cancel()
         if attempt < len(RETRY_AFTER_S):
             loop = asyncio.get_running_loop()
-            retry = loop.call_later(RETRY_AFTER_S[attempt], self._retry, msg, attempt + 1)
+            delay = RETRY_AFTER_S[attempt] * random.uniform(0.5, 1.5)
+            retry = loop.call_later(delay, self._retry, msg, attempt + 1)
             self._unanswered[ref] = retry
         else:
             self._unanswered.pop(ref, None)  # sent for the last time
@@ -659,5 +666,5 @@ class Handset:
             self.stats.count("retried")
             self._send_up(msg, attempt)
 
-    def _publish(self, topic: str, msg: m.Message, retain: bool = False) -> None:
-        self.transport.publish(topic, codec.encode(msg), qos=1, retain=retain)
+    def _publish(self, topic: str, msg: m.Message, retain: bool = False, qos: int = 1) -> None:
+        self.transport.publish(topic, codec.encode(msg), qos=qos, retain=retain)

@@ -246,10 +246,10 @@ class Floor:
             "emergencies": [[unit, by] for unit, by in self.emergencies.items()],
         }
 
-    def load(self, saved: Saved, wall_offset: float, now: float) -> list[Action]:
-        """Go on from a record the caller has validated; what became due while the server
-        was down happens now (the timers fire at once): a floor whose holder was not kept
-        goes to the head of its queue."""
+    def load(self, saved: Saved, wall_offset: float, now: float) -> None:
+        """Go on from a record the caller has validated. What became due while the server
+        was down happens at once: the timers are due, and `next_in_queue` gives a floor
+        whose holder was not kept to the head of its queue."""
         w = wall_offset
         self.seq, self.call = saved.seq, saved.call
         self.call_until, self.since = saved.call_until - w, saved.since - w
@@ -264,9 +264,10 @@ class Floor:
             self._arrivals += 1
             self.queue.append(_Waiter(unit, prio, kind, ref, self._arrivals))
         self.emergencies = dict(saved.emergencies)
-        if self.holder is None and self.queue:
-            return self._end_talk(now)
-        return []
+
+    def next_in_queue(self, now: float) -> list[Action]:
+        """An idle floor with units waiting (only after `load`) goes to the first."""
+        return self._end_talk(now) if self.holder is None and self.queue else []
 
     # --- timers -----------------------------------------------------------------------
 

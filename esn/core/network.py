@@ -91,7 +91,9 @@ class Network:
         # A unit retries what was not answered (the answer or the server lost on the way),
         # with the same ref: the same ref and content is told its first answer again and
         # acted on once. The same ref with other content is a new message.
-        digest = hashlib.blake2b(repr(replace(msg, ref=None)).encode(), digest_size=8).digest()
+        # (`ts` is left out: a retry may be stamped anew, and no decision rests on it)
+        content = repr(replace(msg, ref=None, ts=None)).encode()
+        digest = hashlib.blake2b(content, digest_size=8).digest()
         answers = self._answers.get(unit)
         first = answers.get(msg.ref) if answers is not None else None
         if first is not None and first[0] == digest:
@@ -101,7 +103,10 @@ class Network:
             (
                 a.msg
                 for a in out
-                if isinstance(a, ToUnit) and a.unit == unit and a.msg.ref == msg.ref
+                if isinstance(a, ToUnit)
+                and a.unit == unit
+                and a.msg.ref == msg.ref
+                and not isinstance(a.msg, m.Sds)  # (an SDS to oneself carries its ref)
             ),
             None,
         )
@@ -445,16 +450,14 @@ class Network:
             return {"groups": groups, "answers": [[r, d, a] for r, (d, a) in answers.items()]}
         if kind == "sds":
             return list(self._sds_store.get(ident, ())) or None
-        raise ValueError(f"no such record kind: {key}")
+        return None  # a kind this version does not keep (a newer one's?): deleted
 
-    def load(self, records: Mapping[str, Any], now: float) -> tuple[list[str], list[Action]]:
+    def load(self, records: Mapping[str, Any], now: float) -> list[str]:
         """Adopt the records a previous instance saved (`record`), checking each against
-        the fleet and the protocol's ranges as if a stranger had written it. Returns what
-        was discarded and why, and what became due while the server was down (a queue's
-        head granted when its holder was not kept). A discarded record is marked changed,
-        so the store is rewritten with what was adopted."""
+        the fleet and the protocol's ranges as if a stranger had written it, and return
+        what was not adopted and why. A record not adopted (or in part) is marked changed,
+        so the store is rewritten with what was. `settle` then does what fell due."""
         problems: list[str] = []
-        out: list[Action] = []
         order = {"group": 0, "unit": 1, "sds": 2}  # units and messages refer to groups
         for key in sorted(records, key=lambda k: (order.get(k.partition("/")[0], 3), k)):
             kind, _, ident = key.partition("/")
@@ -464,104 +467,115 @@ class Network:
                 if not isinstance(records[key], list if kind == "sds" else dict):
                     raise ValueError("not a record of its kind")
                 if kind == "group":
-                    out += self._load_group(ident, records[key], now)
+                    self._load_group(ident, records[key], now)
                 elif kind == "unit":
                     self._load_unit(ident, records[key])
                 elif kind == "sds":
                     self._load_sds(ident, records[key])
                 else:
                     raise ValueError("no such record kind")
-            except _Partly as exc:
-                out += exc.out
-                problems.append(f"{key}: {exc}")
-                self.changed.add(key)
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 problems.append(f"{key}: {exc}")
                 self.changed.add(key)
-        return problems, out
+        return problems
 
-    def _load_group(self, tg: str, rec: dict[str, Any], now: float) -> list[Action]:
-        temporary = rec.get("temporary")
-        if temporary is not None:
-            name, members = temporary
-            if tg in self.fleet.groups:
-                raise ValueError("a static group has this id")
-            if not isinstance(name, str) or not 0 < len(name) <= 64:
-                raise ValueError("a temporary group's name must be 1-64 characters")
-            unknown = [u for u in members if self.fleet.profile(u) is None]
-            if unknown:
-                raise ValueError(f"{unknown[0]} is not a unit of the fleet")
-            self.groups[tg] = Talkgroup(
-                tg, name, frozenset(members), False, self.fleet.defaults, temporary=True
-            )
-        group = self.groups.get(tg)
-        if group is None:
-            raise ValueError("no such group in the fleet")
-        wall_now = now + self.wall_offset  # (no time read back may lie in the future)
+    def settle(self, now: float) -> list[Action]:
+        """After loading and recovery: a floor whose talker was not kept (or went offline
+        meanwhile) goes to the head of its queue. Other due work is the timers' (at once)."""
+        out: list[Action] = []
+        for floor in self.floors.values():
+            if floor.holder is None and floor.queue:
+                out += floor.next_in_queue(now)
+                self._arm(floor)
+                self._touch("group", floor.tg)
+        return out
+
+    def _load_group(self, tg: str, rec: dict[str, Any], now: float) -> None:
+        group = self._saved_group(tg, rec.get("temporary"))
+        wall_now = now + self.wall_offset  # a time read back is never later than now
+        policy = group.policy
         saved = Saved(
             seq=_int(rec["seq"], 0, MAX_RESTORED_SEQ),
             call=_opt_str(rec["call"]),
-            call_until=min(_float(rec["call_until"]), wall_now + group.policy.hang_ms / 1000),
-            since=min(_float(rec["since"]), wall_now),
+            call_until=min(_time(rec["call_until"]), wall_now + policy.hang_ms / 1000),
+            since=min(_time(rec["since"]), wall_now),
             holder=None,
             queue=[],
             emergencies=[],
         )
         why: list[str] = []
-        holder = rec["holder"]
-        if holder is not None:
-            unit, prio, kind, ref, granted, revoked = holder
-            refused = self._may_hold(group, unit, prio, kind)
-            t = (_float(granted), None if revoked is None else _float(revoked))
-            if refused is None and max(t[0], t[1] or 0.0) > wall_now:
-                refused = "granted in the future"
-            if refused is None:
-                saved = replace(saved, holder=(unit, prio, kind, _opt_int(ref), *t))
-            else:
-                why.append(f"talker not kept: {refused}")
-        for unit, prio, kind, ref in rec["queue"]:
-            refused = self._may_hold(group, unit, prio, kind)
-            policy = group.policy
-            if refused is None and not (policy.queue and len(saved.queue) < policy.queue_depth):
-                refused = "beyond the queue"
-            taken = {w[0] for w in saved.queue} | {saved.holder[0] if saved.holder else None}
-            if refused is None and unit in taken:
-                refused = f"{unit} has the floor or a place already"
-            if refused is None:
-                saved.queue.append((unit, prio, kind, _opt_int(ref)))
-            else:
-                why.append(f"queue place not kept: {refused}")
-        for unit, by in rec["emergencies"]:
-            p = self.fleet.profile(unit) if isinstance(unit, str) else None
-            acker = self.fleet.profile(by) if isinstance(by, str) else None
-            if p is None or not (group.admits(unit) or p.is_dispatcher):
-                why.append(f"emergency of {unit} not kept: not a member")
-            elif by is not None and (acker is None or not acker.is_dispatcher):
-                why.append(f"emergency of {unit} not kept: {by} is no dispatcher")
-            else:
+        if rec["holder"] is not None:
+            try:
+                unit, prio, kind, ref, granted, revoked = rec["holder"]
+                self._check_rank(group, unit, prio, kind)
+                # (a clock stepped back, or a forgery: no grant is later than now)
+                at = min(_time(granted), wall_now)
+                revoked_at = None if revoked is None else min(_time(revoked), wall_now)
+                saved = replace(saved, holder=(unit, prio, kind, _ref(ref), at, revoked_at))
+            except (ValueError, TypeError) as exc:
+                why.append(f"talker not kept: {exc}")
+        for entry in rec["queue"]:
+            try:
+                unit, prio, kind, ref = entry
+                self._check_rank(group, unit, prio, kind)
+                if not (policy.queue and len(saved.queue) < policy.queue_depth):
+                    raise ValueError("beyond the queue")
+                if unit in {w[0] for w in saved.queue} or (saved.holder or ("",))[0] == unit:
+                    raise ValueError(f"{unit} has the floor or a place already")
+                saved.queue.append((unit, prio, kind, _ref(ref)))
+            except (ValueError, TypeError) as exc:
+                why.append(f"queue place not kept: {exc}")
+        saved.queue.sort(key=lambda w: (-KIND_RANK[w[2]], -w[1]))  # (stable: arrival order)
+        for entry in rec["emergencies"]:
+            try:
+                unit, by = entry
+                p = self.fleet.profile(unit) if isinstance(unit, str) else None
+                acker = self.fleet.profile(by) if isinstance(by, str) else None
+                if p is None or not (group.admits(p.id) or p.is_dispatcher):
+                    raise ValueError(f"{unit} is not a member")
+                if by is not None and (acker is None or not acker.is_dispatcher):
+                    raise ValueError(f"{by} is no dispatcher")
                 saved.emergencies.append((unit, by))
+            except (ValueError, TypeError) as exc:
+                why.append(f"emergency not kept: {exc}")
+        self.groups[tg] = group
         floor = self.floors[tg] = Floor(group, self._new_call_id, now)
-        out = floor.load(saved, self.wall_offset, now)
+        floor.load(saved, self.wall_offset, now)
         self._arm(floor)
         self.stored.add(tg)
         if why:
-            raise _Partly(why, out)
-        return out
+            raise ValueError("; ".join(why))  # adopted in part: say what was not
 
-    def _may_hold(self, group: Talkgroup, unit: object, prio: object, kind: object) -> str | None:
-        """Why `unit` may not hold (or wait for) the group's floor at this rank, or None."""
+    def _saved_group(self, tg: str, temporary: Any) -> Talkgroup:
+        """The group a record is of: one of the fleet's, or a temporary one it defines."""
+        if temporary is None:
+            group = self.groups.get(tg)
+            if group is None or group.temporary:
+                raise ValueError("no such group in the fleet")
+            return group
+        name, members = temporary
+        if tg in self.fleet.groups:
+            raise ValueError("a static group has this id")
+        if not isinstance(name, str) or not 0 < len(name) <= 64:
+            raise ValueError("a temporary group's name must be 1-64 characters")
+        unknown = [u for u in members if not isinstance(u, str) or self.fleet.profile(u) is None]
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a unit of the fleet")
+        return Talkgroup(tg, name, frozenset(members), False, self.fleet.defaults, temporary=True)
+
+    def _check_rank(self, group: Talkgroup, unit: object, prio: object, kind: object) -> None:
+        """Raise unless `unit` may hold (or wait for) the group's floor at this rank."""
         profile = self.fleet.profile(unit) if isinstance(unit, str) else None
         if profile is None:
-            return f"{unit} is not a unit of the fleet"
+            raise ValueError(f"{unit} is not a unit of the fleet")
         if not group.admits(profile.id):
-            return f"{unit} is not a member of {group.id}"
+            raise ValueError(f"{unit} is not a member of {group.id}")
         if group.broadcast and not profile.is_dispatcher:
-            return f"{unit} may not talk in receive-only {group.id}"
+            raise ValueError(f"{unit} may not talk in receive-only {group.id}")
         if kind not in KIND_RANK:
-            return f"no such kind {kind!r}"
-        if not isinstance(prio, int) or not 0 <= prio <= profile.priority:
-            return f"priority {prio} is not within {unit}'s 0-{profile.priority}"
-        return None
+            raise ValueError(f"no such kind {kind!r}")
+        if type(prio) is not int or not 0 <= prio <= profile.priority:
+            raise ValueError(f"priority {prio!r} is not within {unit}'s 0-{profile.priority}")
 
     def _load_unit(self, unit: str, rec: dict[str, Any]) -> None:
         if self.fleet.profile(unit) is None:
@@ -570,14 +584,17 @@ class Network:
         if groups:
             self.affiliations.setdefault(unit, set()).update(groups)
         answers: OrderedDict[int, tuple[bytes, m.Message]] = OrderedDict()
-        for ref, digest, answer in rec["answers"][-ANSWERS_KEPT:]:
-            if not isinstance(digest, bytes) or not isinstance(answer, m.Message):
-                raise ValueError("a malformed answer")
-            answers[_int(ref, 0, 2**63)] = (digest, answer)
+        malformed = 0
+        for entry in rec["answers"][-ANSWERS_KEPT:]:
+            ref, digest, answer = entry
+            if isinstance(digest, bytes) and isinstance(answer, m.Message) and ref is not None:
+                answers[_ref(ref)] = (digest, answer)  # type: ignore[index]
+            else:
+                malformed += 1
         if answers:
             self._answers[unit] = answers
-        if len(groups) != len(rec["groups"]):
-            raise ValueError("groups it may no longer join dropped")
+        if malformed or len(groups) != len(rec["groups"]):
+            raise ValueError("groups it may no longer join, or malformed answers, dropped")
 
     def _load_sds(self, unit: str, rec: list[Any]) -> None:
         if self.fleet.profile(unit) is None:
@@ -586,6 +603,8 @@ class Network:
         for sds in rec[-SDS_STORE:]:
             if not isinstance(sds, m.Sds) or sds.sender is None:
                 raise ValueError("not a short message")
+            if self.fleet.profile(sds.sender) is None:
+                raise ValueError(f"sent by {sds.sender}, not a unit of the fleet")
             if self._stored_sds >= SDS_STORED_IN_ALL:
                 raise ValueError("beyond the messages kept in all")
             store.append(sds)
@@ -682,26 +701,22 @@ class Network:
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
 
 
-class _Partly(ValueError):
-    """A record adopted in part: what was not, and the actions of what was."""
-
-    def __init__(self, why: list[str], out: list[Action]) -> None:
-        super().__init__("; ".join(why))
-        self.out = out
-
-
 def _int(value: object, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+    if type(value) is not int or not low <= value <= high:
         raise ValueError(f"{value!r} is not an integer in {low}..{high}")
     return value
 
 
-def _opt_int(value: object) -> int | None:
-    return None if value is None else _int(value, 0, 2**63)
+def _ref(value: object) -> int | None:
+    """A ref as the codec admits it (any 64-bit integer), or None."""
+    return None if value is None else _int(value, -(2**63), 2**64 - 1)
 
 
-def _float(value: object) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+def _time(value: object) -> float:
+    """A Unix time in seconds, finite and not before 1970 nor after the year 5000."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a time")
+    if not 0 <= value <= 1e11:  # (NaN and infinities fail too)
         raise ValueError(f"{value!r} is not a time")
     return float(value)
 

@@ -116,7 +116,6 @@ class Server:
         self._link_losses: deque[float] = deque(maxlen=2)
         self.gave_way = asyncio.Event()
         self.store: Store | None = None
-        self._due: list[Action] = []  # what became due while we were down (see _load)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -171,8 +170,7 @@ class Server:
             except ValueError as exc:
                 problems.append(f"{key}: {exc}")
                 self.network.changed.add(key)
-        more, self._due = self.network.load(records, self._loop.time())
-        problems += more
+        problems += self.network.load(records, self._loop.time())
         for line in problems[:20]:
             log.warning("saved state not adopted: %s", line)
         if len(problems) > 20:
@@ -200,8 +198,10 @@ class Server:
         try:
             self.store.save(batch)
         except StoreError as exc:
+            # (a full disk, say) service goes on; the batch is tried again with the next
             self.metrics.state_failures += 1
-            log.error("%s", exc)  # (throttled: see runtime.Throttle)
+            changed.update(batch)
+            log.error("%s; what units are told now may not survive a restart", exc)
             return
         self.metrics.state_write.observe(perf_counter() - began)
 
@@ -243,7 +243,8 @@ class Server:
         self._save()
         self._rearm()
         self._announce()  # only now: units reclaiming a floor find it restored
-        due, self._due = self._due, []
+        due = self.network.settle(now)  # a floor whose talker was not kept: its queue's turn
+        self._save()
         self._perform(due)
         for topic, payload in backlog:
             self._on_message(topic, payload)
@@ -337,12 +338,14 @@ class Server:
         if self._recovered is not None:
             if self._on_recovery(topic, payload):
                 return
-            if not topic.endswith("/presence"):
+            if topic.endswith("/up"):
                 if len(self._backlog) < MAX_BACKLOG:
                     self._backlog.append((topic, payload))
                 else:
                     self.metrics.count_rejected("rate_limited")
                 return
+            if not topic.endswith("/presence"):
+                return  # floor and voice of the moment: handsets ask again (T101)
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")

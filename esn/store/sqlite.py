@@ -53,8 +53,15 @@ class SqliteStore(Store):
             raise StoreError(f"state file {path} is not a database: {exc}") from None
 
     def load(self) -> dict[str, bytes]:
-        rows = self._db.execute("SELECT key, value FROM records")
-        return {str(key): bytes(value) for key, value in rows}
+        """Every record; a value that is not bytes (someone edited the file) comes back
+        empty, for the caller to find undecodable."""
+        try:
+            rows = self._db.execute("SELECT key, value FROM records").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"state file {self.path} is damaged ({exc}): move it aside to start without it"
+            ) from None
+        return {str(k): v if isinstance(v, bytes) else b"" for k, v in rows}
 
     def save(self, changes: Mapping[str, bytes | None]) -> None:
         if not changes:

@@ -103,7 +103,7 @@ class MemoryBroker:
     def _park(self, session: MemoryTransport) -> None:
         if session.persistent:
             filters = {t: q for t, q in session.qos_filters.items() if q > 0}
-            self.parked[session.client_id] = (filters, deque(maxlen=self.max_queued))
+            self.parked[session.client_id] = (filters, deque())
 
     def subscribe(self, session: MemoryTransport, patterns: list[str]) -> None:
         for topic, payload in list(self.retained.items()):
@@ -114,7 +114,8 @@ class MemoryBroker:
         self.published += 1
         if qos > 0:
             for filters, queued in self.parked.values():
-                if any(topic_matches(p, topic) for p in filters):
+                # a full queue drops what comes (as Mosquitto does), not what it holds
+                if len(queued) < self.max_queued and any(topic_matches(p, topic) for p in filters):
                     queued.append((topic, payload))
         if retain:
             if payload:
