@@ -276,3 +276,57 @@ def test_a_repeated_sds_to_oneself_is_not_delivered_again() -> None:
     sds = m.Sds(to="unit:a", text="note", ref=3)
     assert len(to(net.unit_message("a", sds, 0.0), "a")) == 2  # delivered, and its status
     assert to(net.unit_message("a", sds, 0.1), "a") == [m.SdsStatus(state="delivered", ref=3)]
+
+
+def test_a_repeat_spends_none_of_the_units_allowance() -> None:
+    """Retries of one SDS (1 a second allowed, burst 5) do not use up the allowance of the
+    next message."""
+    net = Network(FLEET)
+    sds = m.Sds(to="tg:tg1", text="at the gate", ref=40)
+    for _ in range(10):
+        (answer,) = to(net.unit_message("a", sds, 0.0), "a")
+        assert answer == m.SdsStatus(state="delivered", ref=40)
+    fresh = to(net.unit_message("a", m.Sds(to="tg:tg1", text="inside", ref=41), 0.0), "a")
+    assert fresh == [m.SdsStatus(state="delivered", ref=41)]
+
+
+def test_made_up_ids_cannot_push_out_the_fleets_own_answers() -> None:
+    """Open registration: more ids than the server tracks send messages; a fleet unit's
+    retry is still recognised as one."""
+    net = Network(FLEET, max_units=10)
+    sds = m.Sds(to="tg:tg1", text="evacuate now", ref=7)
+    assert len([a for a in net.unit_message("disp", sds, 0.0) if isinstance(a, ToGroup)]) == 1
+    for i in range(50):
+        net.unit_message(f"made-up-{i}", m.Affiliate(groups=["tg1"], ref=1), 0.0)
+    again = net.unit_message("disp", sds, 1.0)
+    assert again == [ToUnit("disp", m.SdsStatus(state="delivered", ref=7))]  # not sent again
+    assert sum(1 for u in net._answers if u.startswith("made-up-")) <= 10
+
+
+def test_one_bad_kept_message_costs_no_other() -> None:
+    """A sender removed from the fleet between restarts: its kept message is dropped, the
+    others for the same unit are kept."""
+    closed = parse_fleet(
+        {
+            "defaults": {"open_registration": False},
+            "talkgroup": [{"id": "tg1"}],
+            "unit": [{"id": u} for u in ("u1", "u3", "u5")],
+        }
+    )
+    kept = [m.Sds(to="unit:u5", text=f"from {u}", sender=u, ref=1) for u in ("u1", "u2", "u3")]
+    net = Network(closed)
+    (problem,) = net.load({"sds/u5": unpack(pack(kept))}, 0.0)
+    assert "u2" in problem
+    delivered = to(net.presence("u5", m.Presence(state="online"), 0.0), "u5")
+    assert [x.text for x in delivered if isinstance(x, m.Sds)] == ["from u1", "from u3"]
+
+
+def test_a_forged_record_of_millions_is_read_only_as_far_as_could_be_real() -> None:
+    net = Network(FLEET, wall_offset=1000.0)
+    record = forged(
+        emergencies=[[f"x{i}", None] for i in range(200_000)],
+        queue=[["b", 100, "normal", i] for i in range(200_000)],
+    )
+    (problem,) = net.load({"group/closed": unpack(pack(record))}, 1.0)
+    assert len(problem) < 600
+    assert len(net.floors["closed"].emergencies) == 0 and len(net.floors["closed"].queue) == 0

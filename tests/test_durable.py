@@ -23,7 +23,7 @@ from esn.server.shell import Config, Server
 from esn.store import StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, make_transport
 from esn.transport.memory import MemoryBroker
-from tests.conftest import FLEET, HandsetFactory
+from tests.conftest import FLEET, HandsetFactory, eventually
 
 _servers = itertools.count(1)
 
@@ -232,8 +232,11 @@ async def test_a_damaged_state_file_costs_only_what_is_damaged(
 
     assert server.network.state_msg("tg-1").talker == "u1"
     assert server.network.state_msg("tg-2").talker is None
-    dropped = [r.getMessage() for r in caplog.records if "not adopted" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records]
+    dropped = [line for line in said if line.startswith("saved state not adopted: ")]
     assert len(dropped) == 3 and any("route/u1" in line for line in dropped)
+    assert any("unit/u2: undecodable record" in line for line in dropped)
+    assert "3 saved records not adopted in all, in part or whole" in said
     await restartable.stop()
     store = open_store(restartable.config.state)
     assert set(store.load()) == {"group/tg-1"}  # tg-2 had nothing worth keeping
@@ -285,3 +288,19 @@ def _memory_broker(config: BrokerConfig) -> MemoryBroker:
     from esn.transport.memory import _brokers
 
     return _brokers[config.port]
+
+
+@pytest.mark.parametrize("mqtt_client", ["memory"])
+async def test_an_alert_is_sent_again_until_a_server_answers(
+    restartable: Restartable, handset: HandsetFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tried: an emergency alert while no server runs, for longer than other messages are
+    retried. Expect: the handset keeps sending it, and the server that comes answers it."""
+    monkeypatch.setattr(handset_module, "RETRY_AFTER_S", (0.02, 0.04))
+    u1 = await handset("u1")
+    alert = m.EmergencyAlert(tg="tg-1", ref=u1.next_ref())
+    raised = u1.expect(answer_to(alert.ref), 10)
+    u1.send(alert)
+    await eventually(lambda: u1.stats.counts.get("retried", 0) >= 6)  # past the schedule
+    await restartable.start()
+    assert (await raised).msg == m.EmergencyState(tg="tg-1", state="raised", ref=alert.ref)

@@ -19,6 +19,7 @@ import pytest
 
 from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.core.fleet import parse_fleet
+from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
 from esn.tools.broker import Mosquitto
@@ -213,6 +214,49 @@ async def test_server_killed_keeps_queues_emergencies_and_messages(
         for h in (u1, u2, disp):
             await h.stop()
         await end(server)
+
+
+async def test_a_backlog_beyond_the_packet_ids_in_flight_is_answered_in_full(
+    own_broker: Mosquitto, prefix: str, tmp_path: Path
+) -> None:
+    """Tried: while the server is away, 25,500 units send an affiliation each (more
+    answers than QoS 1 publishes may await acks at once). Expect: the new server answers
+    every one, dropping none."""
+    cfg = BrokerConfig.from_url(own_broker.url)
+    config = Config(broker=cfg, prefix=prefix, server_id=f"bl-{prefix}", state=str(tmp_path / "s"))
+    server = Server(config, parse_fleet(FLEET))
+    await server.start()
+    await server.stop()
+    sender = make_transport("gmqtt", cfg, client_id=f"sender-{prefix}")
+    counter = make_transport("gmqtt", cfg, client_id=f"counter-{prefix}")
+    answers = 0
+    last = asyncio.Event()
+
+    def count(topic: str, payload: bytes) -> None:
+        nonlocal answers
+        answers += 1
+        if answers == 25_500:
+            last.set()
+
+    counter.on_message = count
+    await counter.start()
+    await counter.subscribe(f"{prefix}/unit/+/down")
+    await sender.start()
+    try:
+        affiliate = codec.encode(m.Affiliate(groups=["tg-1"], ref=1))
+        for u in range(25_500):
+            sender.publish(f"{prefix}/unit/b{u}/up", affiliate, qos=1)
+            if u % 1000 == 999:
+                await sender.writable()
+        await asyncio.wait_for(sender._drain(), 30)
+        server = Server(config, parse_fleet(FLEET))
+        await server.start()
+        await asyncio.wait_for(last.wait(), 30)
+        assert server.transport.dropped == 0
+    finally:
+        await server.stop()
+        await sender.stop()
+        await counter.stop()
 
 
 # --- the broker dies ----------------------------------------------------------------------

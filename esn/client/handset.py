@@ -181,9 +181,12 @@ class Waiters(Generic[T]):
 
 def _answers(inbound: Inbound, ref: int | None) -> bool:
     """Whether this is the server's answer to our message `ref` (on our down topic; a
-    short message delivered to us carries its sender's ref, and answers nothing)."""
+    short message delivered to us carries its sender's ref, and answers nothing; an error
+    `rate_limited` means "not now": the message is sent again, and answered then)."""
     msg = inbound.msg
-    return msg.ref == ref and inbound.topic.endswith("/down") and not isinstance(msg, m.Sds)
+    if msg.ref != ref or not inbound.topic.endswith("/down") or isinstance(msg, m.Sds):
+        return False
+    return not (isinstance(msg, m.Error) and msg.cause == "rate_limited")
 
 
 class Handset:
@@ -652,9 +655,11 @@ class Handset:
         if attempt == 0 and len(self._unanswered) >= MAX_UNANSWERED:
             oldest = next(iter(self._unanswered))
             self._unanswered.pop(oldest).cancel()
-        if attempt < len(RETRY_AFTER_S):
+        # an alert is a life at risk: it is sent again until answered, every 15 s at last
+        if attempt < len(RETRY_AFTER_S) or (RETRY_AFTER_S and isinstance(msg, m.EmergencyAlert)):
             loop = asyncio.get_running_loop()
-            delay = RETRY_AFTER_S[attempt] * random.uniform(0.5, 1.5)
+            after = RETRY_AFTER_S[min(attempt, len(RETRY_AFTER_S) - 1)]
+            delay = after * random.uniform(0.5, 1.5)
             retry = loop.call_later(delay, self._retry, msg, attempt + 1)
             self._unanswered[ref] = retry
         else:

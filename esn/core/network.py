@@ -26,12 +26,15 @@ from esn.core.actions import (
 )
 from esn.core.fleet import Fleet, Talkgroup, UnitProfile
 from esn.core.floor import KIND_RANK, Floor, Saved
-from esn.core.limits import RateLimiter, Verdict
+from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.protocol import messages as m
 from esn.protocol.ids import is_id
 
 SDS_STORE = 50  # short messages kept per offline unit
 ANSWERS_KEPT = 16  # recent answers remembered per unit, for its retries
+# repeats answered per unit: a handset's retries need far less; a flood of one message
+# must not make the server answer it at the intake's rate
+REPEATS = Rate(per_s=2.0, burst=16.0)
 SDS_STORED_IN_ALL = 10_000  # short messages kept for offline units, in all
 MAX_UNITS = 100_000  # units tracked at once (online or affiliated) beyond the fleet's own
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
@@ -59,10 +62,12 @@ class Network:
         self.rejected: dict[str, int] = {}
         self.wall_offset = wall_offset
         self.limiter = RateLimiter(fleet.limits)
+        self._repeats = RateLimiter({"repeat": REPEATS})
         self._sds_store: dict[str, deque[m.Sds]] = {}
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
+        self._guests: OrderedDict[str, None] = OrderedDict()  # answered units not in the fleet
         # keys of the durable records changed since the shell last saved them (`record`)
         self.changed: set[str] = set()
         self.stored: set[str] = set()  # groups whose floor came from the store at start
@@ -75,6 +80,21 @@ class Network:
     # --- unit control ---------------------------------------------------------------
 
     def unit_message(self, unit: str, msg: m.Message, now: float) -> list[Action]:
+        # A unit retries what was not answered (the answer or the server lost on the way),
+        # with the same ref: the same ref and content is told its first answer again, and
+        # acted on once; the same ref with other content is a new message. A repeat spends
+        # none of the unit's allowance (the server's intake limit still bounds how often
+        # it may ask). `ts` is left out: a retry may be stamped anew.
+        digest = None
+        if msg.ref is not None and not isinstance(msg, m.Location):
+            content = repr(replace(msg, ref=None, ts=None)).encode()
+            digest = hashlib.blake2b(content, digest_size=8).digest()
+            answers = self._answers.get(unit)
+            first = answers.get(msg.ref) if answers is not None else None
+            if first is not None and first[0] == digest:
+                if self._repeats.check(unit, "repeat", now) is not Verdict.ALLOW:
+                    return self._reject("rate_limited")  # (it will ask again)
+                return [ToUnit(unit, first[1])]
         kind = _LIMITED.get(type(msg), "control")
         verdict = self.limiter.check(unit, kind, now)
         if verdict is Verdict.REFUSE_AND_TELL:
@@ -86,19 +106,9 @@ class Network:
             return self._error(unit, msg.ref, "forbidden", f"unit {unit} is not registered")
         if type(msg) in _DISPATCHER_ONLY and not profile.is_dispatcher:
             return self._error(unit, msg.ref, "forbidden", f"{msg.T} is for dispatchers only")
-        if msg.ref is None or isinstance(msg, m.Location):
-            return self._act(profile, msg, now)
-        # A unit retries what was not answered (the answer or the server lost on the way),
-        # with the same ref: the same ref and content is told its first answer again and
-        # acted on once. The same ref with other content is a new message.
-        # (`ts` is left out: a retry may be stamped anew, and no decision rests on it)
-        content = repr(replace(msg, ref=None, ts=None)).encode()
-        digest = hashlib.blake2b(content, digest_size=8).digest()
-        answers = self._answers.get(unit)
-        first = answers.get(msg.ref) if answers is not None else None
-        if first is not None and first[0] == digest:
-            return [ToUnit(unit, first[1])]
         out = self._act(profile, msg, now)
+        if digest is None or msg.ref is None:
+            return out
         answer = next(
             (
                 a.msg
@@ -115,12 +125,14 @@ class Network:
         return out
 
     def _remember(self, unit: str, ref: int, digest: bytes, answer: m.Message) -> None:
-        if unit not in self._answers and len(self._answers) >= self.max_units:
-            gone = next(iter(self._answers))  # the unit heard from longest ago
-            del self._answers[gone]
-            self._touch("unit", gone)
-        answers = self._answers.pop(unit, None) or OrderedDict()
-        self._answers[unit] = answers  # (last in order: heard from now)
+        if unit not in self.fleet.units:  # open registration: made-up ids are bounded,
+            if unit not in self._guests and len(self._guests) >= self.max_units:
+                gone, _ = self._guests.popitem(last=False)  # heard from longest ago
+                self._answers.pop(gone, None)
+                self._touch("unit", gone)
+            self._guests[unit] = None  # and cannot push the fleet's own answers out
+            self._guests.move_to_end(unit)
+        answers = self._answers.setdefault(unit, OrderedDict())
         answers[ref] = (digest, answer)
         answers.move_to_end(ref)
         if len(answers) > ANSWERS_KEPT:
@@ -514,7 +526,8 @@ class Network:
                 saved = replace(saved, holder=(unit, prio, kind, _ref(ref), at, revoked_at))
             except (ValueError, TypeError) as exc:
                 why.append(f"talker not kept: {exc}")
-        for entry in rec["queue"]:
+        # (a forged record may list millions: only as many as could be real are read)
+        for entry in _first(rec["queue"], policy.queue_depth + 1, why):
             try:
                 unit, prio, kind, ref = entry
                 self._check_rank(group, unit, prio, kind)
@@ -526,7 +539,7 @@ class Network:
             except (ValueError, TypeError) as exc:
                 why.append(f"queue place not kept: {exc}")
         saved.queue.sort(key=lambda w: (-KIND_RANK[w[2]], -w[1]))  # (stable: arrival order)
-        for entry in rec["emergencies"]:
+        for entry in _first(rec["emergencies"], len(group.members) or self.max_units, why):
             try:
                 unit, by = entry
                 p = self.fleet.profile(unit) if isinstance(unit, str) else None
@@ -543,8 +556,9 @@ class Network:
         floor.load(saved, self.wall_offset, now)
         self._arm(floor)
         self.stored.add(tg)
-        if why:
-            raise ValueError("; ".join(why))  # adopted in part: say what was not
+        if why:  # adopted in part: say what was not (the first few)
+            more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
+            raise ValueError("; ".join(why[:3]) + more)
 
     def _saved_group(self, tg: str, temporary: Any) -> Talkgroup:
         """The group a record is of: one of the fleet's, or a temporary one it defines."""
@@ -591,6 +605,10 @@ class Network:
                 answers[_ref(ref)] = (digest, answer)  # type: ignore[index]
             else:
                 malformed += 1
+        if answers and unit not in self.fleet.units:
+            if len(self._guests) >= self.max_units:
+                raise ValueError("more units not of the fleet than the server tracks")
+            self._guests[unit] = None
         if answers:
             self._answers[unit] = answers
         if malformed or len(groups) != len(rec["groups"]):
@@ -600,15 +618,21 @@ class Network:
         if self.fleet.profile(unit) is None:
             raise ValueError("not a unit of the fleet")
         store = self._sds_store.setdefault(unit, deque(maxlen=SDS_STORE))
-        for sds in rec[-SDS_STORE:]:
+        why: list[str] = []
+        for sds in rec[-SDS_STORE:]:  # each on its own: one bad message costs no other
             if not isinstance(sds, m.Sds) or sds.sender is None:
-                raise ValueError("not a short message")
-            if self.fleet.profile(sds.sender) is None:
-                raise ValueError(f"sent by {sds.sender}, not a unit of the fleet")
-            if self._stored_sds >= SDS_STORED_IN_ALL:
-                raise ValueError("beyond the messages kept in all")
-            store.append(sds)
-            self._stored_sds += 1
+                why.append("not a short message")
+            elif self.fleet.profile(sds.sender) is None:
+                why.append(f"one sent by {sds.sender}, not a unit of the fleet")
+            elif self._stored_sds >= SDS_STORED_IN_ALL:
+                why.append("beyond the messages kept in all")
+            else:
+                store.append(sds)
+                self._stored_sds += 1
+        if not store:
+            del self._sds_store[unit]
+        if why:
+            raise ValueError(f"{len(why)} not kept: {why[0]}")
 
     def _touch(self, kind: str, ident: str) -> None:
         self.changed.add(f"{kind}/{ident}")
@@ -699,6 +723,15 @@ class Network:
     def _deny(self, unit: str, tg: str, cause: m.DenyCause, ref: int | None) -> list[Action]:
         self._denied += 1
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
+
+
+def _first(items: Any, n: int, why: list[str]) -> list[Any]:
+    """The first `n` of a list read back, noting in `why` how many more were not read."""
+    if not isinstance(items, list):
+        raise TypeError("not a list")
+    if len(items) > n:
+        why.append(f"{len(items) - n} entries beyond any real count not read")
+    return items[:n]
 
 
 def _int(value: object, low: int, high: int) -> int:

@@ -10,7 +10,7 @@ figures (from Mosquitto's `$SYS` topics).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -78,6 +78,7 @@ class ServerMetrics:
             registry=r,
         )
         self.state_failures = 0  # batches the store refused (disk full, ...)
+        self.publish_dropped: Callable[[], int] = lambda: 0  # the link's count (Transport)
         self.messages: dict[tuple[str, str], int] = {}  # (kind, direction) -> count
         self.broker: dict[str, float] = {}  # $SYS figure -> value, as Mosquitto reports it
         self.media_dropped: dict[str, int] = {}
@@ -137,6 +138,11 @@ class _LiveState(Collector):
             "Media packets not relayed, by reason",
             "reason",
             _sum(dict.fromkeys(DROP_REASONS, 0), self.metrics.media_dropped),
+        )
+        yield CounterMetricFamily(
+            "esn_publishes_dropped",
+            "Messages the server could not hand to the broker (link down, or acks awaited)",
+            value=self.metrics.publish_dropped(),
         )
         yield CounterMetricFamily(
             "esn_state_write_failures",

@@ -50,8 +50,10 @@ INTAKE = {
 }
 
 
-# uplinks held while recovering (the broker queues at most 100,000 for us: our profiles)
-MAX_BACKLOG = 100_000
+# uplinks held while recovering (the broker queues at most 100,000 for us in our profiles,
+# each at most 64 KiB); held in bytes, as many as could be real and no more
+MAX_BACKLOG_BYTES = 64 * 1024 * 1024
+BACKLOG_SLICE = 200  # held uplinks acted on between two turns of the event loop
 
 
 class DuplicateServerError(RuntimeError):
@@ -93,6 +95,7 @@ class Server:
             will=Will(status_topic, self._status("offline")),
             persistent=True,  # the broker keeps our uplinks while we restart
         )
+        self.metrics.publish_dropped = lambda: self.transport.dropped
         self.transport.on_message = self._on_message
         self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
@@ -105,7 +108,10 @@ class Server:
         self._recovered: dict[str, m.State] | None = {}
         # what units sent, held until recovery has the whole picture (who is online, which
         # calls go on): a persistent session hands over its queue before any of it
-        self._backlog: list[tuple[str, bytes]] = []
+        self._backlog: deque[tuple[str, bytes]] = deque()
+        self._backlog_bytes = 0
+        self._holding = True  # up messages go to the backlog until it has been worked through
+        self._replay: asyncio.Task[None] | None = None
         self._count_msg = self.metrics.count_message
         # answers to garbage are capped per unit, so a flood cannot make us flood the broker
         self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
@@ -148,6 +154,8 @@ class Server:
         self._accepting = False
         if self._timer is not None:
             self._timer.cancel()
+        if self._replay is not None:
+            self._replay.cancel()
         if self.rival is None:
             status = self._status("offline")
             self.transport.publish(self._status_topic, status, 1, True)
@@ -171,10 +179,10 @@ class Server:
                 problems.append(f"{key}: {exc}")
                 self.network.changed.add(key)
         problems += self.network.load(records, self._loop.time())
-        for line in problems[:20]:
-            log.warning("saved state not adopted: %s", line)
-        if len(problems) > 20:
-            log.warning("... and %d more saved records not adopted", len(problems) - 20)
+        for line in problems[:5]:
+            log.warning("saved state not adopted: %s", line[:500])
+        if problems:  # (one line of its own: the log throttle passes 5 of the above)
+            log.warning("%d saved records not adopted in all, in part or whole", len(problems))
         self._save()
         if records:
             log.info(
@@ -232,7 +240,6 @@ class Server:
             await self.stop()
             raise self.rival
         recovered, self._recovered = self._recovered or {}, None
-        backlog, self._backlog = self._backlog, []
         now = self._loop.time()
         for state in recovered.values():
             if state.tg in self.network.stored:
@@ -246,13 +253,35 @@ class Server:
         due = self.network.settle(now)  # a floor whose talker was not kept: its queue's turn
         self._save()
         self._perform(due)
-        for topic, payload in backlog:
-            self._on_message(topic, payload)
-        if backlog:
-            log.info("acted on %d messages sent while no server was up", len(backlog))
+        self._replay = asyncio.create_task(self._work_through_backlog())
         taken = sum(f.holder is not None for f in self.network.floors.values())
         if recovered:
             log.info("read %d retained group states; %d calls go on", len(recovered), taken)
+
+    async def _work_through_backlog(self) -> None:
+        """Act on what units sent while no server was up (and since), in order, a slice at a
+        time: between slices the loop serves live floor control and takes the broker's
+        acks, so answers are never dropped for want of packet ids."""
+        done = 0
+        while self._backlog and self._accepting:
+            for _ in range(min(BACKLOG_SLICE, len(self._backlog))):
+                topic, payload = self._backlog.popleft()
+                self._backlog_bytes -= len(payload)
+                self._on_message(topic, payload, held=True)
+                done += 1
+            await self.transport.writable()
+        self._holding = False
+        if done:
+            log.info("acted on %d messages sent while no server was up", done)
+
+    def _hold(self, topic: str, payload: bytes) -> None:
+        if len(payload) > codec.MAX_PAYLOAD:
+            self.metrics.count_rejected("too_large")
+        elif self._backlog_bytes + len(payload) > MAX_BACKLOG_BYTES:
+            self.metrics.count_rejected("rate_limited")
+        else:
+            self._backlog.append((topic, payload))
+            self._backlog_bytes += len(payload)
 
     def _on_recovery(self, topic: str, payload: bytes) -> bool:
         """During recovery: keep retained states and watch for our marker."""
@@ -324,8 +353,9 @@ class Server:
             self.transport.publish(topic, b"", qos=1, retain=True)
             log.warning("a retained %s message on %s: ignored and cleared", where.kind, topic)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self.received += 1
+    def _on_message(self, topic: str, payload: bytes, held: bool = False) -> None:
+        if not held:
+            self.received += 1
         if not self._accepting:
             return
         received = perf_counter()
@@ -335,17 +365,13 @@ class Server:
         if topic == self._status_topic:  # (formatted once: this is every message's path)
             self._rival_seen(payload)
             return
-        if self._recovered is not None:
-            if self._on_recovery(topic, payload):
-                return
-            if topic.endswith("/up"):
-                if len(self._backlog) < MAX_BACKLOG:
-                    self._backlog.append((topic, payload))
-                else:
-                    self.metrics.count_rejected("rate_limited")
-                return
-            if not topic.endswith("/presence"):
-                return  # floor and voice of the moment: handsets ask again (T101)
+        if self._recovered is not None and self._on_recovery(topic, payload):
+            return
+        if self._holding and not held and topic.endswith("/up"):
+            self._hold(topic, payload)  # acted on once recovery knows who is online
+            return
+        if self._recovered is not None and not topic.endswith("/presence"):
+            return  # floor and voice of the moment: handsets ask again (T101)
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")

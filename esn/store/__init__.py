@@ -51,10 +51,14 @@ def unpack(data: bytes) -> Any:
     """A record read back; raises ValueError for anything malformed (a message included)."""
     try:
         return msgpack.unpackb(data, ext_hook=_unpack_message, raw=False, strict_map_key=True)
-    except ValueError:
+    except _BadMessage:
         raise
     except Exception as exc:  # msgpack raises several types for bad bytes
-        raise ValueError(f"undecodable record: {exc}") from None
+        raise ValueError(f"undecodable record ({type(exc).__name__} {exc})".strip()) from None
+
+
+class _BadMessage(ValueError):
+    """A record's message that the codec refuses."""
 
 
 def _pack_message(obj: object) -> msgpack.ExtType:
@@ -65,11 +69,11 @@ def _pack_message(obj: object) -> msgpack.ExtType:
 
 def _unpack_message(code: int, data: bytes) -> m.Message:
     if code != _MESSAGE:
-        raise ValueError(f"unknown record extension {code}")
+        raise _BadMessage(f"unknown record extension {code}")
     try:
         return codec.decode(data)
     except codec.ProtocolError as exc:
-        raise ValueError(f"a stored message is invalid: {exc.detail}") from None
+        raise _BadMessage(f"a stored message is invalid: {exc.detail}") from None
 
 
 def open_store(where: str) -> Store:

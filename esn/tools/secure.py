@@ -99,6 +99,7 @@ acl_file {folder / "acl"}
 max_packet_size {MAX_PACKET}
 set_tcp_nodelay true
 max_queued_messages 100000
+max_queued_bytes 67108864
 persistence false
 sys_interval 5
 log_dest stderr

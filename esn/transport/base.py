@@ -157,6 +157,18 @@ class Transport(ABC):
         if self.connected:
             await self._subscribe([(t, qos) for t in topics])
 
+    async def writable(self, timeout: float = 5.0) -> None:
+        """Return once at most half of `max_inflight` publishes await acks (waiting at most
+        `timeout`), after one turn of the event loop in any case: for a producer of many
+        publishes at once, so none is dropped for want of packet ids."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await asyncio.sleep(0)
+        while self.connected and self._inflight() > self.max_inflight // 2:
+            if loop.time() > deadline:
+                return
+            await asyncio.sleep(0.005)
+
     async def unsubscribe(self, *topics: str) -> None:
         for t in topics:
             self._subscriptions.pop(t, None)
