@@ -129,7 +129,11 @@ class Server:
         self.store = open_store(self.config.state)  # StoreError: in use, or unreadable
         self._load(self.store)
         self._accepting = True
-        await self.transport.start()
+        try:
+            await self.transport.start()
+        except BaseException:
+            self.store.close()  # (its lock with it: a later start may take the file)
+            raise
         up, presence, group = self.topics.server_subscriptions()
         # QoS 1 in a persistent session: what units send while we restart waits at the broker
         await self.transport.subscribe(up, presence)
