@@ -1,0 +1,192 @@
+"""Partition ownership in a cluster (`esn.core.partitions`), with explicit time.
+
+The property that matters: two instances never both act for one partition, whatever the
+pauses (SIGSTOP), message delays and clock rates. A model of the key-value bucket (keys
+expiring `ttl` after their last write, creates and revision-checked updates) is driven by
+hypothesis with several instances, and checked at every step.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from esn.core.partitions import PARTITIONS, Ownership, partition_of, preferred
+
+TTL = 3.0
+
+
+def test_partitions_are_stable_and_even() -> None:
+    assert partition_of("tg-1") == partition_of("tg-1")
+    counts = [0] * PARTITIONS
+    for i in range(20_000):
+        counts[partition_of(f"tg-{i}")] += 1
+    mean = statistics.mean(counts)
+    assert all(0.8 * mean < c < 1.2 * mean for c in counts)
+
+
+def test_shares_are_even_and_a_member_leaving_moves_few_others() -> None:
+    for n in range(1, 8):
+        members = [f"srv-{i}" for i in range(n)]
+        shares = [sum(preferred(p, members) == m for p in range(PARTITIONS)) for m in members]
+        assert sum(shares) == PARTITIONS and max(shares) - min(shares) <= 1
+    three, two = ["a", "b", "c"], ["a", "b"]
+    moved = [p for p in range(PARTITIONS) if preferred(p, three) != "c"]
+    kept = sum(preferred(p, two) == preferred(p, three) for p in moved)
+    assert kept >= 0.75 * len(moved)  # besides c's own, few partitions change hands
+
+
+def test_an_instance_stops_acting_before_its_lease_can_expire() -> None:
+    me = Ownership("a", ttl=TTL, margin=1.0)
+    plan = me.plan(10.0, ["a"], free=range(PARTITIONS))
+    assert len(plan.acquire) == PARTITIONS
+    me.written(0, revision=1, sent=10.0)  # the bucket stamps it at 10 or later
+    assert me.acting(0, 11.99) and not me.acting(0, 12.0)
+    assert not me.acting(1, 10.0)  # no answer yet: not ours
+    me.written(0, revision=2, sent=10.8)  # renewed
+    assert me.acting(0, 12.5)
+    me.written(0, revision=1, sent=10.0)  # an old answer arriving late changes nothing
+    assert me.acting(0, 12.5)
+
+
+# --- a model of the bucket and of several instances --------------------------------------
+
+
+@dataclass
+class Key:
+    owner: str
+    revision: int
+    written: float  # true time of the write
+
+
+@dataclass
+class Instance:
+    own: Ownership
+    offset: float
+    rate: float  # its clock runs at this rate to true time
+    paused: bool = False
+    inbox: list[tuple[float, str, int, int]] = field(default_factory=list)  # due, what, p, rev
+    last_tick: float = -100.0
+
+    def clock(self, t: float) -> float:
+        return self.offset + t * self.rate
+
+
+class Cluster(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = 0.0
+        self.bucket: dict[int, Key] = {}
+        self.revisions = 0
+        self.requests: list[tuple[float, str, str, int, int, float]] = []  # due, who, op...
+        self.instances = {
+            name: Instance(Ownership(name, ttl=TTL, margin=1.0), offset, rate)
+            for name, offset, rate in (("a", 0.0, 1.0), ("b", 500.0, 1.01), ("c", -7.0, 0.99))
+        }
+
+    def alive(self, p: int) -> Key | None:
+        key = self.bucket.get(p)
+        return key if key is not None and self.t < key.written + TTL else None
+
+    @rule(name=st.sampled_from("abc"), delay=st.floats(0.0, 0.2))
+    def tick(self, name: str, delay: float) -> None:
+        """The instance plans and sends; each request reaches the bucket `delay` later."""
+        inst = self.instances[name]
+        if inst.paused:
+            return
+        inst.last_tick = self.t
+        now = inst.clock(self.t)
+        live = [n for n, i in self.instances.items() if self.t - i.last_tick < TTL]
+        free = [p for p in range(PARTITIONS) if self.alive(p) is None]
+        plan = inst.own.plan(now, live, free)
+        for p in plan.acquire:
+            self.requests.append((self.t + delay, name, "create", p, 0, now))
+        for p, rev in plan.renew:
+            self.requests.append((self.t + delay, name, "update", p, rev, now))
+        for p, rev in plan.release:
+            self.requests.append((self.t + delay, name, "delete", p, rev, now))
+
+    @rule(dt=st.floats(0.01, 1.5), back=st.floats(0.0, 0.2))
+    def time_passes(self, dt: float, back: float) -> None:
+        """Requests due reach the bucket; answers come back `back` later."""
+        self.t += dt
+        due = [r for r in self.requests if r[0] <= self.t]
+        self.requests = [r for r in self.requests if r[0] > self.t]
+        for _, name, op, p, rev, sent in sorted(due):
+            key = self.alive(p)
+            if op == "create":
+                ok = key is None
+            elif op == "update":
+                ok = key is not None and key.owner == name and key.revision == rev
+            else:
+                ok = key is not None and key.owner == name
+            if ok and op == "delete":
+                del self.bucket[p]
+            elif ok:
+                self.revisions += 1
+                self.bucket[p] = Key(name, self.revisions, self.t)
+            what = ("released" if op == "delete" else "written") if ok else "refused"
+            rev_out = self.revisions if ok and op != "delete" else 0
+            self.instances[name].inbox.append((self.t + back, what, p, rev_out))
+            self.instances[name].inbox[-1] += (sent,)  # type: ignore[assignment]
+        for inst in self.instances.values():
+            if inst.paused:
+                continue
+            ready = [x for x in inst.inbox if x[0] <= self.t]
+            inst.inbox = [x for x in inst.inbox if x[0] > self.t]
+            for _, what, p, rev, sent in sorted(ready):  # type: ignore[misc]
+                if what == "written":
+                    inst.own.written(p, rev, sent)
+                elif what == "released":
+                    inst.own.released(p)
+                else:
+                    inst.own.refused(p)
+
+    @rule(name=st.sampled_from("abc"))
+    def pause_or_resume(self, name: str) -> None:
+        """SIGSTOP, or SIGCONT: a paused instance neither plans nor hears answers."""
+        self.instances[name].paused = not self.instances[name].paused
+
+    @invariant()
+    def never_two_acting_for_one_partition(self) -> None:
+        for p in range(PARTITIONS):
+            acting = [n for n, i in self.instances.items() if i.own.acting(p, i.clock(self.t))]
+            assert len(acting) <= 1, f"partition {p} served by {acting} at t={self.t:.2f}"
+            if acting:
+                key = self.alive(p)
+                assert key is not None and key.owner == acting[0]
+
+
+Cluster.TestCase.settings = settings(max_examples=200, stateful_step_count=80, deadline=None)
+TestNoPartitionHasTwoOwners = Cluster.TestCase
+
+
+def test_every_partition_is_served_and_a_dead_instance_is_replaced_within_5_s() -> None:
+    machine = Cluster()
+    machine.check_all = lambda: None  # type: ignore[attr-defined]
+
+    def run(seconds: float, names: str) -> None:
+        end = machine.t + seconds
+        while machine.t < end:
+            for name in names:
+                machine.tick(name, 0.005)
+            machine.time_passes(0.25, 0.005)
+            machine.never_two_acting_for_one_partition()
+
+    run(6.0, "abc")
+    shares = {n: len(i.own.owned(i.clock(machine.t))) for n, i in machine.instances.items()}
+    assert sum(shares.values()) == PARTITIONS and max(shares.values()) - min(shares.values()) <= 1
+    dead = machine.instances["c"]
+    dead.paused = True  # (as good as SIGKILL: it never acts or renews again)
+    died = machine.t
+    served_again = None
+    while machine.t < died + 10:
+        run(0.25, "ab")
+        owned = set().union(*(i.own.owned(i.clock(machine.t)) for i in machine.instances.values()))
+        if len(owned) == PARTITIONS and served_again is None:
+            served_again = machine.t - died
+    assert served_again is not None and served_again < 5.0, served_again
