@@ -58,7 +58,7 @@ class NatsNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def config(self, routes: list[int]) -> str:
+    def config(self, routes: list[int], replicas: int) -> str:
         return "\n".join(
             [
                 f"server_name: {self.name}",
@@ -70,7 +70,10 @@ class NatsNode:
                 f"  listen: 127.0.0.1:{self.route_port}",
                 "  routes: [" + ", ".join(f"nats://127.0.0.1:{p}" for p in routes) + "]",
                 "}",
-                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}",
+                # MQTT's sessions, retained and in-flight messages, kept on `replicas` nodes.
+                # Left to itself NATS counts the routes listed (the other nodes: 2 of 3) and
+                # keeps two copies, which lose their quorum when either node dies.
+                f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port}, stream_replicas: {replicas} }}",
                 "",
             ]
         )
@@ -109,7 +112,8 @@ class NatsCluster:
     def _launch(self, node: NatsNode) -> None:
         node.folder.mkdir(parents=True, exist_ok=True)
         conf = node.folder / "nats.conf"
-        conf.write_text(node.config([n.route_port for n in self.nodes if n is not node]))
+        routes = [n.route_port for n in self.nodes if n is not node]
+        conf.write_text(node.config(routes, min(3, len(self.nodes))))
         with open(node.folder / "nats.log", "ab") as log:
             node.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)],

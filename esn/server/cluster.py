@@ -1,0 +1,212 @@
+"""The server's link to the other instances of a cluster: leases on partitions, over NATS.
+
+The shell around `esn.core.partitions.Ownership`. It connects to the NATS cluster
+(`nats-py`, `esn[cluster]`), keeps two JetStream key-value buckets whose entries expire
+after the lease time: `{prefix}-members` (each instance writes its key every tick, so the
+live ones are those heard from within the lease time) and `{prefix}-leases` (one key per
+partition, naming its owner). Every tick it asks `Ownership.plan` what to do, sends those
+requests, and reports each outcome with the time its request was sent; a request not
+answered within half the lease time counts as refused. Both buckets are watched, so
+which partitions are free and which instances live is known without polling.
+
+Whoever acts for a partition asks `acting(p)` at the moment it acts (the lease may lapse
+between ticks); `on_change` is told the set of partitions held whenever it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from esn.core.partitions import PARTITIONS, Ownership, Plan
+from esn.extras import need
+
+log = logging.getLogger("esn.cluster")
+
+
+class ClusterError(Exception):
+    """The NATS cluster could not be reached or refused us; the message is one line."""
+
+
+def _ignore(owned: set[int]) -> None:
+    return None
+
+
+class ClusterLink:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        me: str,
+        *,
+        prefix: str = "esn",
+        ttl: float = 3.0,
+        margin: float = 1.0,
+        tick: float = 0.25,
+        partitions: int = PARTITIONS,
+    ) -> None:
+        need("nats", "cluster", "the cluster mode")
+        self.servers = list(servers)
+        self.me = me
+        self.prefix = prefix
+        self.ttl, self.tick = ttl, tick
+        self.own = Ownership(
+            me, ttl=ttl, margin=margin, grace=2 * tick + 1.0, partitions=partitions
+        )
+        self.partitions = partitions
+        self.on_change: Callable[[set[int]], None] = _ignore
+        self.held: set[int] = set()  # as last told to on_change
+        self._seen_members: dict[str, float] = {}  # member -> when its key was last written
+        self._seen_leases: dict[int, float] = {}  # partition -> when its key was last written
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._nc: Any = None
+        self._leases: Any = None
+        self._members: Any = None
+
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()
+
+    def acting(self, partition: int) -> bool:
+        return self.own.acting(partition, self.clock())
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        import nats
+        from nats.js.api import KeyValueConfig
+
+        try:
+            self._nc = await nats.connect(
+                servers=self.servers,
+                name=self.me,
+                connect_timeout=3,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                allow_reconnect=True,
+            )
+        except Exception as exc:
+            raise ClusterError(f"cannot reach NATS at {', '.join(self.servers)}: {exc}") from None
+        js = self._nc.jetstream(timeout=self.ttl / 2)
+        buckets = []
+        for name in (f"{self.prefix}-members", f"{self.prefix}-leases"):
+            try:
+                buckets.append(await js.key_value(name))
+            except Exception:
+                buckets.append(await self._create(js, KeyValueConfig, name))
+        self._members, self._leases = buckets
+        self._spawn(self._watch(self._members, self._member_seen))
+        self._spawn(self._watch(self._leases, self._lease_seen))
+        self._spawn(self._run())
+
+    async def _create(self, js: Any, config: Any, name: str) -> Any:
+        """The bucket, replicated on three nodes where the cluster has them."""
+        last: Exception | None = None
+        for replicas in (3, 1):
+            try:
+                return await js.create_key_value(
+                    config(bucket=name, ttl=self.ttl, history=1, replicas=replicas)
+                )
+            except Exception as exc:  # (fewer nodes than replicas) or a race with another
+                last = exc
+                with contextlib.suppress(Exception):
+                    return await js.key_value(name)
+        raise ClusterError(f"cannot create the key-value bucket {name}: {last}")
+
+    async def stop(self) -> None:
+        """Stop acting for every partition, then give the leases back (so others need not
+        wait for them to expire) and leave."""
+        for task in self._tasks:
+            task.cancel()
+        held = {p: lease.revision for p, lease in self.own.leases.items()}
+        self.own.leases.clear()
+        self._tell()
+        if self._nc is None:
+            return
+        for p, revision in held.items():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._leases.delete(f"p{p}", last=revision), 1)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._members.delete(f"m-{self.me}"), 1)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._nc.close(), 2)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            now = self.clock()
+            self._spawn(self._put_member())
+            live = [m for m, at in self._seen_members.items() if now - at < self.ttl]
+            free = [
+                p
+                for p in range(self.partitions)
+                if p not in self.own.leases and now - self._seen_leases.get(p, -1e9) >= self.ttl
+            ]
+            self._perform(self.own.plan(now, live, free), now)
+            self._tell()
+            await asyncio.sleep(self.tick)
+
+    def _perform(self, plan: Plan, sent: float) -> None:
+        value = self.me.encode()
+        for p in plan.acquire:
+            self._spawn(self._ask(p, sent, self._leases.create(f"p{p}", value)))
+        for p, rev in plan.renew:
+            self._spawn(self._ask(p, sent, self._leases.update(f"p{p}", value, last=rev)))
+        for p, rev in plan.release:
+            self._spawn(self._release(p, self._leases.delete(f"p{p}", last=rev)))
+
+    async def _ask(self, partition: int, sent: float, request: Any) -> None:
+        try:
+            revision = await asyncio.wait_for(request, self.ttl / 2)
+        except Exception:  # taken by another, expired, or no answer in time
+            self.own.refused(partition)
+        else:
+            self.own.written(partition, int(revision), sent)
+        self._tell()
+
+    async def _release(self, partition: int, request: Any) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(request, self.ttl / 2)
+        self.own.released(partition)
+
+    async def _put_member(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._members.put(f"m-{self.me}", b""), self.ttl / 2)
+
+    def _tell(self) -> None:
+        held = self.own.owned(self.clock())
+        if held != self.held:
+            self.held = held
+            self.on_change(set(held))
+
+    # --- what the buckets say ---------------------------------------------------------
+
+    async def _watch(self, bucket: Any, seen: Callable[[str, bool], None]) -> None:
+        watcher = await bucket.watchall()
+        async for entry in watcher:
+            if entry is not None:
+                seen(entry.key, entry.operation in ("DEL", "PURGE"))
+
+    def _member_seen(self, key: str, gone: bool) -> None:
+        member = key.removeprefix("m-")
+        if gone:
+            self._seen_members.pop(member, None)
+        else:
+            self._seen_members[member] = self.clock()
+
+    def _lease_seen(self, key: str, gone: bool) -> None:
+        with contextlib.suppress(ValueError):
+            p = int(key.removeprefix("p"))
+            if gone:
+                self._seen_leases.pop(p, None)
+            else:
+                self._seen_leases[p] = self.clock()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
