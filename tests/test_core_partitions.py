@@ -191,3 +191,27 @@ def test_every_partition_is_served_and_a_dead_instance_is_replaced_within_5_s() 
         if len(owned) == PARTITIONS and served_again is None:
             served_again = machine.t - died
     assert served_again is not None and served_again < 5.0, served_again
+
+
+def test_a_handover_waits_out_the_margin_before_the_key_is_freed() -> None:
+    """A partition given to its preferred owner: the old one stops acting at once, and
+    deletes the key only a margin later, so nothing it did arrives after the new owner's
+    first act."""
+    me = Ownership("b", ttl=TTL, margin=1.0, grace=0.0)
+    ours = next(p for p in range(PARTITIONS) if preferred(p, ["a", "b"]) == "a")
+    me.plan(0.0, ["b"], free=[ours])
+    me.written(ours, revision=1, sent=0.0)
+    assert me.acting(ours, 0.1)
+    first = me.plan(0.5, ["a", "b"], free=[])  # a joins: the partition is a's
+    assert not me.acting(ours, 0.5) and first.release == []
+    assert me.plan(1.2, ["a", "b"], free=[]).release == []
+    assert me.plan(1.6, ["a", "b"], free=[]).release == [(ours, 1)]
+
+
+def test_nothing_is_taken_or_given_up_on_a_view_that_may_be_stale() -> None:
+    me = Ownership("a", ttl=TTL, margin=1.0, grace=0.0)
+    assert me.plan(0.0, [], free=range(PARTITIONS), sure=False).acquire == []
+    me.plan(1.0, [], free=[0])
+    me.written(0, revision=1, sent=1.0)
+    blind = me.plan(2.0, ["a", "b", "c"], free=range(1, PARTITIONS), sure=False)
+    assert blind.acquire == [] and blind.release == [] and blind.renew == [(0, 1)]

@@ -84,7 +84,7 @@ class _Lease:
     revision: int
     valid_until: float  # local time: we may act until then
     renew_at: float
-    releasing: bool = False
+    release_at: float | None = None  # stopped acting; the key is deleted from then on
 
 
 class Ownership:
@@ -113,16 +113,20 @@ class Ownership:
 
     def acting(self, partition: int, now: float) -> bool:
         lease = self.leases.get(partition)
-        return lease is not None and not lease.releasing and now < lease.valid_until
+        return lease is not None and lease.release_at is None and now < lease.valid_until
 
     def owned(self, now: float) -> set[int]:
         return {p for p in self.leases if self.acting(p, now)}
 
     # --- what to do -------------------------------------------------------------------
 
-    def plan(self, now: float, live: Collection[str], free: Collection[int]) -> Plan:
+    def plan(
+        self, now: float, live: Collection[str], free: Collection[int], *, sure: bool = True
+    ) -> Plan:
         """`live`: the instances heard from lately (ourselves included or not); `free`:
-        the partitions whose key the shell found absent or expired just now."""
+        the partitions whose key the shell found absent or expired just now. When the
+        shell is not `sure` of these (its view of the bucket may be stale), only the leases
+        held are renewed: nothing is taken or given up on a view that may be wrong."""
         members = {*live, self.me}
         for mid in members:
             self._live_since.setdefault(mid, now)
@@ -138,10 +142,18 @@ class Ownership:
             if p in self._pending:
                 continue
             lease = self.leases.get(p)
+            if lease is not None and lease.release_at is not None:
+                if now >= lease.release_at:  # (the margin has passed: what we did is out)
+                    plan.release.append((p, lease.revision))
+                continue
             if lease is None:
-                if p in free and (
-                    preferred(p, members, self.partitions) == self.me
-                    or now - self._free_since[p] >= self.grace
+                if (
+                    sure
+                    and p in free
+                    and (
+                        preferred(p, members, self.partitions) == self.me
+                        or now - self._free_since[p] >= self.grace
+                    )
                 ):
                     plan.acquire.append(p)
                 continue
@@ -149,9 +161,12 @@ class Ownership:
                 del self.leases[p]
                 continue
             owner = preferred(p, members, self.partitions)
-            if owner != self.me and now - self._live_since.get(owner or "", now) >= self.grace:
-                lease.releasing = True  # stop acting first, then let the preferred take it
-                plan.release.append((p, lease.revision))
+            settled = now - self._live_since.get(owner or "", now) >= self.grace
+            if sure and owner != self.me and settled:
+                # hand it to its preferred owner: stop acting now, and delete the key only
+                # after the margin, so nothing we did can reach the broker after the next
+                # owner's first act
+                lease.release_at = now + self.margin
             elif now >= lease.renew_at:
                 plan.renew.append((p, lease.revision))
         self._pending.update(plan.acquire)
@@ -165,7 +180,7 @@ class Ownership:
         """A create or update of ours succeeded; `sent` is when it was sent."""
         self._pending.discard(partition)
         lease = self.leases.get(partition)
-        if lease is not None and lease.releasing:
+        if lease is not None and lease.release_at is not None:
             return
         if lease is not None and revision <= lease.revision:
             return  # an older answer arriving late
@@ -182,3 +197,11 @@ class Ownership:
     def released(self, partition: int) -> None:
         self._pending.discard(partition)
         self.leases.pop(partition, None)
+
+    def stop_acting(self, now: float) -> dict[int, int]:
+        """Leaving: act for nothing from now on; returns the leases (partition ->
+        revision) to delete once the margin has passed."""
+        held = {p: lease.revision for p, lease in self.leases.items()}
+        for lease in self.leases.values():
+            lease.release_at = now + self.margin
+        return held

@@ -7,7 +7,12 @@ live ones are those heard from within the lease time) and `{prefix}-leases` (one
 partition, naming its owner). Every tick it asks `Ownership.plan` what to do, sends those
 requests, and reports each outcome with the time its request was sent; a request not
 answered within half the lease time counts as refused. Both buckets are watched, so
-which partitions are free and which instances live is known without polling.
+which partitions are free and which instances live is known without polling. The view is
+trusted only while our own member key's writes come back through the watch; when they do
+not (a NATS node died, and with it the watch), only the leases held are renewed, and the
+watches are made anew. Times are read from CLOCK_BOOTTIME, which goes on counting while
+the machine is suspended. The buckets' own expiry runs on the NATS nodes' wall clocks:
+they must agree to well within the margin (NTP slewing, not stepping).
 
 Whoever acts for a partition asks `acting(p)` at the moment it acts (the lease may lapse
 between ticks); `on_change` is told the set of partitions held whenever it changes.
@@ -62,13 +67,17 @@ class ClusterLink:
         self._seen_members: dict[str, float] = {}  # member -> when its key was last written
         self._seen_leases: dict[int, float] = {}  # partition -> when its key was last written
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchers: list[Any] = []
+        self._echo = -1e9  # when our own member key last came back through the watch
+        self._watched = asyncio.Event()  # both watches have read what the buckets hold
+        self._rewatch_at = 0.0  # the earliest the watches are made anew, when quiet
         self._nc: Any = None
         self._leases: Any = None
         self._members: Any = None
 
     @staticmethod
     def clock() -> float:
-        return time.monotonic()
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def acting(self, partition: int) -> bool:
         return self.own.acting(partition, self.clock())
@@ -90,65 +99,120 @@ class ClusterLink:
             )
         except Exception as exc:
             raise ClusterError(f"cannot reach NATS at {', '.join(self.servers)}: {exc}") from None
-        js = self._nc.jetstream(timeout=self.ttl / 2)
-        buckets = []
-        for name in (f"{self.prefix}-members", f"{self.prefix}-leases"):
-            try:
-                buckets.append(await js.key_value(name))
-            except Exception:
-                buckets.append(await self._create(js, KeyValueConfig, name))
-        self._members, self._leases = buckets
-        self._spawn(self._watch(self._members, self._member_seen))
-        self._spawn(self._watch(self._leases, self._lease_seen))
+        try:
+            js = self._nc.jetstream(timeout=self.ttl / 2)
+            buckets = []
+            for name in (f"{self.prefix}-members", f"{self.prefix}-leases"):
+                try:
+                    bucket = await js.key_value(name)
+                except Exception:
+                    bucket = await self._create(js, KeyValueConfig, name)
+                await self._check(bucket, name)
+                buckets.append(bucket)
+            self._members, self._leases = buckets
+            await self._start_watching()
+            self._rewatch_at = self.clock() + 2.0
+        except BaseException:
+            await self._close()
+            raise
         self._spawn(self._run())
+
+    async def _check(self, bucket: Any, name: str) -> None:
+        """Fencing rests on the bucket's expiry: one made with another lease time (by
+        another version, or by hand) would let a key expire while its owner still acts."""
+        status = await bucket.status()
+        ttl = status.ttl or 0.0
+        if abs(ttl - self.ttl) > 0.01 or status.history != 1:
+            raise ClusterError(
+                f"key-value bucket {name} keeps entries {ttl:g} s and {status.history} per "
+                f"key; this server needs {self.ttl:g} s and 1: remove the bucket, or give "
+                f"this cluster another prefix"
+            )
+
+    async def _start_watching(self) -> None:
+        for watcher in self._watchers:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        self._watched.clear()
+        self._watchers = [await self._members.watchall(), await self._leases.watchall()]
+        ready = [asyncio.Event(), asyncio.Event()]
+        self._spawn(self._watch(self._watchers[0], self._member_seen, ready[0]))
+        self._spawn(self._watch(self._watchers[1], self._lease_seen, ready[1]))
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), self.ttl)
+        self._watched.set()
 
     async def _create(self, js: Any, config: Any, name: str) -> Any:
         """The bucket, replicated on three nodes where the cluster has them."""
         last: Exception | None = None
         for replicas in (3, 1):
             try:
-                return await js.create_key_value(
+                bucket = await js.create_key_value(
                     config(bucket=name, ttl=self.ttl, history=1, replicas=replicas)
                 )
             except Exception as exc:  # (fewer nodes than replicas) or a race with another
                 last = exc
                 with contextlib.suppress(Exception):
                     return await js.key_value(name)
+                continue
+            if replicas == 1:
+                log.warning("key-value bucket %s has one copy only (%s)", name, last)
+            return bucket
         raise ClusterError(f"cannot create the key-value bucket {name}: {last}")
 
     async def stop(self) -> None:
-        """Stop acting for every partition, then give the leases back (so others need not
-        wait for them to expire) and leave."""
-        for task in self._tasks:
+        """Stop acting for every partition, wait out the margin (what we did is out by
+        then), give the leases back so others need not wait for them to expire, and
+        leave."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        held = {p: lease.revision for p, lease in self.own.leases.items()}
-        self.own.leases.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        held = self.own.stop_acting(self.clock())
         self._tell()
         if self._nc is None:
             return
-        for p, revision in held.items():
+        await asyncio.sleep(self.own.margin)
+        deletes = [self._leases.delete(f"p{p}", last=rev) for p, rev in held.items()]
+        deletes.append(self._members.delete(f"m-{self.me}"))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*deletes, return_exceptions=True), 2)
+        await self._close()
+
+    async def _close(self) -> None:
+        for watcher in self._watchers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._leases.delete(f"p{p}", last=revision), 1)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._members.delete(f"m-{self.me}"), 1)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._nc.close(), 2)
+                await watcher.stop()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 2)
 
     # --- the loop ---------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            now = self.clock()
-            self._spawn(self._put_member())
-            live = [m for m, at in self._seen_members.items() if now - at < self.ttl]
-            free = [
-                p
-                for p in range(self.partitions)
-                if p not in self.own.leases and now - self._seen_leases.get(p, -1e9) >= self.ttl
-            ]
-            self._perform(self.own.plan(now, live, free), now)
-            self._tell()
+            try:
+                await self._step()
+            except Exception:  # (never the end of the loop: leases lapse without it)
+                log.exception("cluster link: a step failed")
             await asyncio.sleep(self.tick)
+
+    async def _step(self) -> None:
+        now = self.clock()
+        self._spawn(self._put_member())
+        sure = self._watched.is_set() and now - self._echo < 4 * self.tick
+        if not sure and now >= self._rewatch_at:
+            if self._echo > 0:
+                log.warning("cluster link: the watches went quiet; watching again")
+            self._rewatch_at = now + 2.0
+            self._spawn(self._start_watching())
+        live = [m for m, at in self._seen_members.items() if now - at < self.ttl]
+        free = [
+            p
+            for p in range(self.partitions)
+            if p not in self.own.leases and now - self._seen_leases.get(p, -1e9) >= self.ttl
+        ]
+        self._perform(self.own.plan(now, live, free, sure=sure), now)
+        self._tell()
 
     def _perform(self, plan: Plan, sent: float) -> None:
         value = self.me.encode()
@@ -185,10 +249,13 @@ class ClusterLink:
 
     # --- what the buckets say ---------------------------------------------------------
 
-    async def _watch(self, bucket: Any, seen: Callable[[str, bool], None]) -> None:
-        watcher = await bucket.watchall()
+    async def _watch(
+        self, watcher: Any, seen: Callable[[str, bool], None], ready: asyncio.Event
+    ) -> None:
         async for entry in watcher:
-            if entry is not None:
+            if entry is None:  # (the end of what the bucket held when the watch began)
+                ready.set()
+            else:
                 seen(entry.key, entry.operation in ("DEL", "PURGE"))
 
     def _member_seen(self, key: str, gone: bool) -> None:
@@ -197,6 +264,8 @@ class ClusterLink:
             self._seen_members.pop(member, None)
         else:
             self._seen_members[member] = self.clock()
+            if member == self.me:
+                self._echo = self.clock()
 
     def _lease_seen(self, key: str, gone: bool) -> None:
         with contextlib.suppress(ValueError):
