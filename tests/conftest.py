@@ -125,11 +125,19 @@ async def handset(
     broker: BrokerConfig, prefix: str, mqtt_client: str
 ) -> AsyncIterator[HandsetFactory]:
     """Make started handsets affiliated to `groups`; all are stopped after the test."""
+    async for make in handsets(itertools.repeat(broker), prefix, mqtt_client):
+        yield make
+
+
+async def handsets(
+    brokers: Iterator[BrokerConfig], prefix: str, mqtt_client: str
+) -> AsyncIterator[HandsetFactory]:
+    """A handset factory whose handsets connect to the next of `brokers` in turn."""
     made: list[Handset] = []
 
     async def make(unit: str, *groups: str, **kw: Any) -> Handset:
         kw.setdefault("media_interval", 0.02)
-        h = Handset(unit, broker, prefix=prefix, mqtt_client=mqtt_client, **kw)
+        h = Handset(unit, next(brokers), prefix=prefix, mqtt_client=mqtt_client, **kw)
         made.append(h)
         await h.start()
         if groups:

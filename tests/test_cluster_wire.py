@@ -10,18 +10,15 @@ routes.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
 
-from esn.client.handset import Handset
 from esn.tools.nats import NatsCluster
 from esn.transport import BrokerConfig
 from tests import test_durable, test_wire_floor
-from tests.conftest import HandsetFactory
+from tests.conftest import HandsetFactory, handsets
 
 pytestmark = [pytest.mark.broker, pytest.mark.cluster]
 
@@ -60,18 +57,7 @@ async def handset(
     nats_cluster: NatsCluster, prefix: str, mqtt_client: str
 ) -> AsyncIterator[HandsetFactory]:
     """Started, affiliated handsets on nodes 2, 3, 1, 2, ... in turn."""
-    made: list[Handset] = []
-    nodes = itertools.cycle(nats_cluster.mqtt_urls[1:] + nats_cluster.mqtt_urls[:1])
-
-    async def make(unit: str, *groups: str, **kw: Any) -> Handset:
-        kw.setdefault("media_interval", 0.02)
-        node = BrokerConfig.from_url(next(nodes))
-        h = Handset(unit, node, prefix=prefix, mqtt_client=mqtt_client, **kw)
-        made.append(h)
-        await h.start()
-        if groups:
-            await h.affiliate(*groups)
-        return h
-
-    yield make
-    await asyncio.gather(*(h.stop() for h in made), return_exceptions=True)
+    urls = nats_cluster.mqtt_urls[1:] + nats_cluster.mqtt_urls[:1]
+    nodes = itertools.cycle([BrokerConfig.from_url(u) for u in urls])
+    async for make in handsets(nodes, prefix, mqtt_client):
+        yield make
