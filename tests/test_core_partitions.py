@@ -82,19 +82,29 @@ class Cluster(RuleBasedStateMachine):
         self.t = 0.0
         self.bucket: dict[int, Key] = {}
         self.revisions = 0
-        self.requests: list[tuple[float, str, str, int, int, float]] = []  # due, who, op...
+        # due, who, op, partition, revision, sent, and whether its answer is lost
+        self.requests: list[tuple[float, str, str, int, int, float, bool]] = []
+        self.skew = 0.0  # the bucket leader's wall clock against true time
         self.instances = {
             name: Instance(Ownership(name, ttl=TTL, margin=1.0), offset, rate)
             for name, offset, rate in (("a", 0.0, 1.0), ("b", 500.0, 1.01), ("c", -7.0, 0.99))
         }
 
     def alive(self, p: int) -> Key | None:
+        """The key, unless it has expired by the leader's clock (which stamped it too)."""
         key = self.bucket.get(p)
-        return key if key is not None and self.t < key.written + TTL else None
+        return key if key is not None and self.t + self.skew < key.written + TTL else None
 
-    @rule(name=st.sampled_from("abc"), delay=st.floats(0.0, 0.2))
-    def tick(self, name: str, delay: float) -> None:
-        """The instance plans and sends; each request reaches the bucket `delay` later."""
+    @rule(skew=st.floats(-0.3, 0.3))
+    def leader_changes(self, skew: float) -> None:
+        """Another node leads the bucket; its wall clock is off by up to 0.3 s."""
+        self.skew = skew
+
+    @rule(name=st.sampled_from("abc"), delay=st.floats(0.0, 0.2), lost=st.booleans())
+    def tick(self, name: str, delay: float, lost: bool = False) -> None:
+        """The instance plans and sends; each request reaches the bucket `delay` later.
+        With `lost`, the answers never come back: the shell gives up on them after half
+        the lease time and reports them refused, though the bucket applied them."""
         inst = self.instances[name]
         if inst.paused:
             return
@@ -103,12 +113,13 @@ class Cluster(RuleBasedStateMachine):
         live = [n for n, i in self.instances.items() if self.t - i.last_tick < TTL]
         free = [p for p in range(PARTITIONS) if self.alive(p) is None]
         plan = inst.own.plan(now, live, free)
-        for p in plan.acquire:
-            self.requests.append((self.t + delay, name, "create", p, 0, now))
-        for p, rev in plan.renew:
-            self.requests.append((self.t + delay, name, "update", p, rev, now))
-        for p, rev in plan.release:
-            self.requests.append((self.t + delay, name, "delete", p, rev, now))
+        asked = [(p, "create", 0) for p in plan.acquire]
+        asked += [(p, "update", rev) for p, rev in plan.renew]
+        asked += [(p, "delete", rev) for p, rev in plan.release]
+        for p, op, rev in asked:
+            self.requests.append((self.t + delay, name, op, p, rev, now, lost))
+            if lost:
+                inst.inbox.append((self.t + TTL / 2, "refused", p, 0, now))  # type: ignore[arg-type]
 
     @rule(dt=st.floats(0.01, 1.5), back=st.floats(0.0, 0.2))
     def time_passes(self, dt: float, back: float) -> None:
@@ -116,19 +127,19 @@ class Cluster(RuleBasedStateMachine):
         self.t += dt
         due = [r for r in self.requests if r[0] <= self.t]
         self.requests = [r for r in self.requests if r[0] > self.t]
-        for _, name, op, p, rev, sent in sorted(due):
+        for _, name, op, p, rev, sent, lost in sorted(due):
             key = self.alive(p)
             if op == "create":
                 ok = key is None
-            elif op == "update":
+            else:  # (update and delete both carry the revision last written)
                 ok = key is not None and key.owner == name and key.revision == rev
-            else:
-                ok = key is not None and key.owner == name
             if ok and op == "delete":
                 del self.bucket[p]
             elif ok:
                 self.revisions += 1
-                self.bucket[p] = Key(name, self.revisions, self.t)
+                self.bucket[p] = Key(name, self.revisions, self.t + self.skew)
+            if lost:
+                continue
             what = ("released" if op == "delete" else "written") if ok else "refused"
             rev_out = self.revisions if ok and op != "delete" else 0
             self.instances[name].inbox.append((self.t + back, what, p, rev_out))
@@ -173,7 +184,7 @@ def test_every_partition_is_served_and_a_dead_instance_is_replaced_within_5_s() 
         end = machine.t + seconds
         while machine.t < end:
             for name in names:
-                machine.tick(name, 0.005)
+                machine.tick(name, 0.005, False)
             machine.time_passes(0.25, 0.005)
             machine.never_two_acting_for_one_partition()
 
