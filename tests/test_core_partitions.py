@@ -226,3 +226,25 @@ def test_nothing_is_taken_or_given_up_on_a_view_that_may_be_stale() -> None:
     me.written(0, revision=1, sent=1.0)
     blind = me.plan(2.0, ["a", "b", "c"], free=range(1, PARTITIONS), sure=False)
     assert blind.acquire == [] and blind.release == [] and blind.renew == [(0, 1)]
+
+
+def test_a_lease_cut_short_by_a_skewed_leader_clock_is_still_fenced() -> None:
+    """The worst case the margin is for: a's key is written by a leader whose clock is
+    0.3 s slow, a is paused, and the next leader's clock is 0.3 s fast, so the key expires
+    0.6 s early; b takes the partition at once. a must have stopped acting by then."""
+    machine = Cluster()
+    machine.pause_or_resume("c")
+    machine.leader_changes(-0.3)
+    machine.tick("a", 0.005, False)  # a alone: it takes every partition
+    machine.time_passes(0.02, 0.005)
+    machine.time_passes(0.01, 0.0)
+    assert len(machine.instances["a"].own.owned(machine.t)) == PARTITIONS
+    machine.pause_or_resume("a")
+    machine.leader_changes(+0.3)
+    machine.time_passes(2.41, 0.0)  # the keys have expired by the new leader's clock
+    machine.tick("b", 0.001, False)  # b takes those it is preferred for, at once
+    machine.time_passes(0.01, 0.001)
+    machine.time_passes(0.01, 0.001)
+    taken = machine.instances["b"].own.owned(machine.instances["b"].clock(machine.t))
+    assert taken  # (the scenario really hands b partitions a held)
+    machine.never_two_acting_for_one_partition()
