@@ -421,19 +421,13 @@ class Network:
         return None
 
     def _restorable_talker(self, group: Talkgroup, state: m.State, now: float) -> str | None:
-        talker = state.talker
-        profile = self.fleet.profile(talker) if talker else None
+        try:  # (the same rank rules as a talker read back from the state file)
+            self._check_rank(group, state.talker, state.prio or 0, state.kind or "normal")
+        except ValueError as exc:
+            return str(exc)
+        if state.talker in self.offline:
+            return f"{state.talker} has gone offline"
         age_s = now + self.wall_offset - state.since_ts / 1e9
-        if talker is None or profile is None:
-            return f"talker {talker} is not a unit of the fleet"
-        if not group.admits(talker):
-            return f"{talker} is not a member of {group.id}"
-        if group.broadcast and not profile.is_dispatcher:
-            return f"{talker} may not talk in receive-only {group.id}"
-        if (state.prio or 0) > profile.priority:
-            return f"priority {state.prio} is above {talker}'s {profile.priority}"
-        if talker in self.offline:
-            return f"{talker} has gone offline"
         if not 0 <= age_s < group.policy.max_talk_ms / 1000:
             return "the grant is older than the talk time"
         return None
