@@ -336,16 +336,7 @@ class Floor:
         """The holder raises its own call (normal -> imminent -> emergency): same grant, a
         higher kind; the group is told again, and an emergency call puts it in emergency."""
         h.kind, h.prio = kind, max(h.prio, prio)
-        if kind == "emergency":
-            self.emergencies.setdefault(h.unit, None)
-        self.seq += 1
-        call = self.call or ""
-        taken = m.Taken(tg=self.tg, talker=h.unit, call=call, prio=h.prio, kind=kind, seq=self.seq)
-        return [
-            ToUnit(h.unit, self._granted(h, now, ref)),
-            ToGroup(self.tg, "floor", taken),
-            self._state(),
-        ]
+        return self._announce(h, ref, now)
 
     def _revoke(self, unit: str, cause: m.RevokeCause, ref: int | None) -> ToUnit:
         return ToUnit(unit, m.Revoke(tg=self.tg, cause=cause, ref=ref))
@@ -369,15 +360,22 @@ class Floor:
     ) -> list[Action]:
         if self.call is None:
             self.call = self._new_call_id()
-        self.seq += 1
         self.since = now
         h = self.holder = _Holder(unit, prio, kind, ref, now, now)
-        if kind == "emergency":
-            self.emergencies.setdefault(unit, None)
         self._count("granted")
-        taken = m.Taken(tg=self.tg, talker=unit, call=self.call, prio=prio, kind=kind, seq=self.seq)
+        return self._announce(h, ref, now)
+
+    def _announce(self, h: _Holder, ref: int | None, now: float) -> list[Action]:
+        """The holder is told its grant and the group its talker (again, after an upgrade);
+        an emergency call puts the group in emergency."""
+        if h.kind == "emergency":
+            self.emergencies.setdefault(h.unit, None)
+        self.seq += 1
+        taken = m.Taken(
+            tg=self.tg, talker=h.unit, call=self.call or "", prio=h.prio, kind=h.kind, seq=self.seq
+        )
         return [
-            ToUnit(unit, self._granted(h, now, ref)),
+            ToUnit(h.unit, self._granted(h, now, ref)),
             ToGroup(self.tg, "floor", taken),
             self._state(),
         ]
