@@ -251,11 +251,10 @@ class Server:
             why = self.network.restore(state, now)
             if why is not None:
                 log.warning("retained state of %s not adopted: %s", state.tg, why)
-        self._save()
-        self._rearm()
-        self._announce()  # only now: units reclaiming a floor find it restored
         due = self.network.settle(now)  # a floor whose talker was not kept: its queue's turn
         self._save()
+        self._rearm()  # (after settle: the grants it made have deadlines too)
+        self._announce()  # only now: units reclaiming a floor find it restored
         self._perform(due)
         self._replay = asyncio.create_task(self._work_through_backlog())
         taken = sum(f.holder is not None for f in self.network.floors.values())
