@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from esn.tools import shipped
-from esn.tools.processes import end_process, free_port
+from esn.tools.processes import end_process, free_port, log_tail
 
 
 class BrokerError(RuntimeError):
@@ -84,11 +84,7 @@ class Mosquitto:
         self._dir.cleanup()
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+        return log_tail(self.log_path, lines)
 
     def __enter__(self) -> Mosquitto:
         return self.start()

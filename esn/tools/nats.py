@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esn.tools.processes import end_process, free_port
+from esn.tools.processes import end_process, free_port, log_tail
 
 
 class ClusterError(RuntimeError):
@@ -158,11 +158,7 @@ class NatsCluster:
         self._dir.cleanup()
 
     def log_tail(self, node: NatsNode, lines: int = 3) -> str:
-        try:
-            text = (node.folder / "nats.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+        return log_tail(node.folder / "nats.log", lines)
 
     def __enter__(self) -> NatsCluster:
         return self.start()

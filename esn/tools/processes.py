@@ -55,6 +55,15 @@ def end_process(
             proc.wait()
 
 
+def log_tail(path: Path, lines: int = 5) -> str:
+    """A helper process's last log lines on one line (for a one-line error), or ""."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
 def raise_fd_limit() -> None:
     """One socket per simulated handset: take the hard limit (children inherit it)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
