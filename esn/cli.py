@@ -64,17 +64,26 @@ def default_state(server_id: str) -> str:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from esn.server.cluster import ClusterError
     from esn.server.shell import Config, DuplicateServerError, serve
     from esn.store import StoreError
 
+    if args.cluster and args.state:
+        print(
+            "esn server: --state is for one server: a cluster keeps its state in NATS",
+            file=sys.stderr,
+        )
+        return 2
     fleet = load_fleet(args.fleet)
+    cluster = tuple(url for url in (args.cluster or "").split(",") if url)
     config = Config(
         broker=_broker(args),
         server_id=args.server_id,
         prefix=args.prefix,
         metrics_port=args.metrics_port,
         mqtt_client=args.mqtt_client,
-        state=args.state or default_state(args.server_id),
+        state=":memory:" if cluster else args.state or default_state(args.server_id),
+        cluster=cluster,
     )
 
     async def main() -> None:
@@ -82,7 +91,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-    except (DuplicateServerError, StoreError) as exc:
+    except (DuplicateServerError, StoreError, ClusterError) as exc:
         print(f"esn server: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -223,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the SQLite file that keeps what units were told across restarts (default "
         "$XDG_STATE_HOME/esn/SERVER-ID.sqlite3, i.e. ~/.local/state/esn/...; ':memory:' "
         "keeps nothing)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="nats://H:P[,...]",
+        help="share the groups with the other servers of a NATS cluster (each with its own "
+        "--server-id; --broker is then any node's MQTT port): see docs/scaling.md",
     )
     p.set_defaults(func=cmd_server)
 

@@ -21,6 +21,7 @@ from esn.client.handset import Handset
 from esn.core.fleet import parse_fleet
 from esn.server.shell import Config, Server
 from esn.tools.broker import Mosquitto
+from esn.tools.nats import NatsCluster
 from esn.transport import BrokerConfig
 from esn.transport.memory import MemoryBroker
 
@@ -66,6 +67,14 @@ def mosquitto() -> Iterator[Mosquitto]:
     broker = Mosquitto().start()
     yield broker
     broker.close()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster on loopback, JetStream and MQTT on each node."""
+    cluster = NatsCluster(3).start()
+    yield cluster
+    cluster.close()
 
 
 REAL_CLIENTS = ("gmqtt", "paho")

@@ -11,7 +11,7 @@ routes.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -32,13 +32,6 @@ globals().update(
     }
 )
 restartable = test_durable.restartable
-
-
-@pytest.fixture(scope="session")
-def nats_cluster() -> Iterator[NatsCluster]:
-    cluster = NatsCluster(3).start()
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture(params=["gmqtt"])

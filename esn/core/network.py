@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sized
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ ANSWERS_KEPT = 16  # recent answers remembered per unit, for its retries
 REPEATS = Rate(per_s=2.0, burst=16.0)
 SDS_STORED_IN_ALL = 10_000  # short messages kept for offline units, in all
 MAX_UNITS = 100_000  # units tracked at once (online or affiliated) beyond the fleet's own
+MAX_GROUPS_TOLD = 256  # groups of a unit another instance tells us of; more is a forgery
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
 
 # why the core refused input without (or besides) an error reply; counted in `rejected`
@@ -387,6 +388,48 @@ class Network:
         for tg in sorted(self.affiliations.pop(unit, set())):
             out += self._leave_floor(unit, tg, now)
         return out
+
+    # --- sharing the work with other instances (a cluster) -----------------------------
+
+    def adopt_affiliations(self, unit: str, groups: object, now: float) -> list[Action]:
+        """Another instance (the unit's own) says which groups the unit is in: our view, for
+        the floors we serve. Groups it may not join are left out; temporary groups are ours
+        to say (a regroup here made them). A group it left lets go of the unit's floor."""
+        if self.fleet.profile(unit) is None or not isinstance(groups, list):
+            return self._reject("invalid_field")
+        had = self.affiliations.get(unit, set())
+        mine = {tg for tg in had if tg in self.groups and self.groups[tg].temporary}
+        told = {
+            tg
+            for tg in groups[:MAX_GROUPS_TOLD]
+            if isinstance(tg, str) and tg in self.fleet.groups and self.groups[tg].admits(unit)
+        }
+        now_in = told | mine
+        if now_in:
+            self.affiliations[unit] = now_in
+        else:
+            self.affiliations.pop(unit, None)
+        out: list[Action] = []
+        for tg in sorted(had - now_in):
+            out += self._leave_floor(unit, tg, now)
+        return out
+
+    def forget(self, theirs: Callable[[str], bool]) -> None:
+        """Another instance serves these now: drop the floors (and temporary groups) of the
+        groups, and the kept answers and short messages of the units, for which `theirs`
+        holds. What units are in which groups stays: it is a view of everyone's."""
+        for tg in [tg for tg in self.floors if theirs(tg)]:
+            del self.floors[tg]
+            self._armed.pop(tg, None)  # (its heap entries are skipped from now on)
+        for tg in [tg for tg, g in self.groups.items() if g.temporary and theirs(tg)]:
+            del self.groups[tg]
+        for unit in [u for u in self._answers if theirs(u)]:
+            del self._answers[unit]
+            self._guests.pop(unit, None)
+        for unit in [u for u in self._sds_store if theirs(u)]:
+            self._stored_sds -= len(self._sds_store.pop(unit))
+        self.stored = {tg for tg in self.stored if not theirs(tg)}
+        self.changed = {k for k in self.changed if not theirs(k.partition("/")[2])}
 
     # --- recovery after a restart ------------------------------------------------------
 

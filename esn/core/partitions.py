@@ -32,12 +32,27 @@ import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from esn.protocol import messages as m
+
 PARTITIONS = 32  # a few dozen: enough to spread over instances, few enough to lease cheaply
 
 
+@functools.lru_cache(maxsize=65536)  # (asked for every voice packet a cluster relays)
 def partition_of(ident: str, partitions: int = PARTITIONS) -> int:
     """The partition of a talkgroup or unit id: the same on every instance, for ever."""
     return int.from_bytes(hashlib.blake2b(ident.encode(), digest_size=8).digest()) % partitions
+
+
+def acts_on(unit: str, msg: m.Message) -> str:
+    """Whose partition acts on a message a unit sent up: the group it names (an emergency,
+    a regroup, a short message to a group), the unit it is for (a short message to a unit,
+    kept by that unit's partition while it is offline), else the sender's own."""
+    tg = getattr(msg, "tg", None)
+    if isinstance(tg, str):
+        return tg
+    if isinstance(msg, m.Sds):
+        return msg.to.partition(":")[2]
+    return unit
 
 
 def _weight(partition: int, member: str) -> int:
@@ -130,7 +145,7 @@ class Ownership:
         members = {*live, self.me}
         for mid in members:
             self._live_since.setdefault(mid, now)
-        for mid in [m for m in self._live_since if m not in members]:
+        for mid in [x for x in self._live_since if x not in members]:
             del self._live_since[mid]
         for p in list(self._free_since):
             if p not in free:

@@ -23,7 +23,7 @@ MAX_PAYLOAD = 64 * 1024
 MAX_LIST = 256
 MAX_TEXT_BYTES = 1000
 MAX_MEDIA_BYTES = 8 * 1024
-_ID_FIELDS = {"tg", "unit", "talker", "sender"}
+_ID_FIELDS = {"tg", "unit", "talker", "sender", "srv"}
 _WIRE_NAME = {"sender": "from"}  # `from` is a Python keyword
 
 
@@ -111,6 +111,12 @@ def _check_ids(name: str, v: object) -> list[str]:
     return v
 
 
+def _check_ints(name: str, v: object) -> list[int]:
+    if not isinstance(v, list) or len(v) > MAX_LIST:
+        raise ValueError(f"must be a list of at most {MAX_LIST} integers")
+    return [_check_int(name, x) for x in v]
+
+
 def _check_maps(name: str, v: object) -> list[dict[str, Any]]:
     if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
         raise ValueError("must be a list of maps")
@@ -128,6 +134,7 @@ _CHECKS: dict[str, Callable[[str, object], Any]] = {
     "bytes": _check_bytes,
     "bool": _check_bool,
     "list[str]": _check_ids,
+    "list[int]": _check_ints,
     "list[dict[str, Any]]": _check_maps,
 }
 

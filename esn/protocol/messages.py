@@ -275,6 +275,7 @@ class State(Message):
     call: str | None = None
     kind: Kind | None = None
     prio: int | None = None
+    srv: str | None = None  # the id of the server instance serving the group
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -283,6 +284,7 @@ class Status(Message):
     state: str
     version: str = ""
     started_ts: int = 0
+    parts: list[int] | None = None  # in a cluster: the partitions this instance serves
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

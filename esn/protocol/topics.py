@@ -69,6 +69,42 @@ class Topics:
             return parts[n + 1]
         return None
 
+    # between the instances of a cluster (docs/scaling.md)
+    def record(self, partition: int, key: str) -> str:
+        """Where a record of the durable state (`group/TG`, `unit/ID`, `sds/ID`) is kept,
+        retained, by the instance serving its partition."""
+        return f"{self.prefix}/cluster/rec/{partition}/{key}"
+
+    def records(self, partition: int) -> str:
+        return f"{self.prefix}/cluster/rec/{partition}/#"
+
+    def unit_records(self) -> str:
+        return f"{self.prefix}/cluster/rec/+/unit/+"
+
+    def record_key(self, topic: str) -> tuple[int, str] | None:
+        """(partition, key) of a record topic, else None."""
+        head = f"{self.prefix}/cluster/rec/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if len(parts) != 3 or not _number(parts[0]) or not is_id(parts[2]):
+            return None
+        return int(parts[0]), f"{parts[1]}/{parts[2]}"
+
+    def forward(self, partition: int, unit: str) -> str:
+        """A unit's message handed to the instance serving `partition` (the group it
+        names, or the unit it is for)."""
+        return f"{self.prefix}/cluster/fwd/{partition}/{unit}"
+
+    def forwards(self, partition: int) -> str:
+        return f"{self.prefix}/cluster/fwd/{partition}/+"
+
+    def floors_up(self) -> str:
+        return f"{self.prefix}/tg/+/up/+/floor"
+
+    def voice_up(self, tg: str) -> str:
+        return f"{self.prefix}/tg/{tg}/up/+/media"
+
     # what the server subscribes to
     def server_subscriptions(self) -> list[str]:
         p = self.prefix
@@ -87,6 +123,8 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
     parts = topic[len(head) :].split("/")
     if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
         kind, unit, tg = parts[2], parts[1], None
+    elif len(parts) == 4 and parts[:2] == ["cluster", "fwd"] and _number(parts[2]):
+        kind, unit, tg = "fwd", parts[3], parts[2]  # (`tg` carries the partition)
     elif (
         len(parts) == 5 and parts[0] == "tg" and parts[2] == "up" and parts[4] in ("floor", "media")
     ):
@@ -98,8 +136,12 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
     return Inbound(kind, unit, tg)
 
 
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdecimal() and len(text) <= 4
+
+
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    kind: str  # "up", "presence", "floor" or "media"
+    kind: str  # "up", "presence", "floor", "media", or "fwd" (between instances)
     unit: str
     tg: str | None

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, replace
 from time import perf_counter
+from typing import Any
 
 import msgpack
 
@@ -29,10 +32,12 @@ from esn.core.actions import (
 from esn.core.fleet import Fleet
 from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
+from esn.core.partitions import PARTITIONS, acts_on, partition_of
 from esn.exporter import serve_metrics
 from esn.protocol import codec
 from esn.protocol import messages as m
-from esn.protocol.topics import Topics
+from esn.protocol.topics import Inbound, Topics
+from esn.server.cluster import ClusterLink
 from esn.server.metrics import BROKER_SYS, ServerMetrics
 from esn.store import Store, StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, Transport, Will, make_transport
@@ -47,6 +52,7 @@ INTAKE = {
     "up": Rate(per_s=100.0, burst=200.0),
     "floor": Rate(per_s=100.0, burst=200.0),
     "presence": Rate(per_s=5.0, burst=20.0),
+    "fwd": Rate(per_s=100.0, burst=200.0),  # (what another instance hands on, per unit)
 }
 
 
@@ -69,6 +75,9 @@ class Config:
     mqtt_client: str = "gmqtt"
     keepalive: int = 30
     state: str = ":memory:"  # the durable state's SQLite file (`:memory:`: none)
+    # NATS URLs: share the groups with the other instances of a cluster (docs/scaling.md);
+    # the durable state is then kept retained in the cluster, not in `state`
+    cluster: tuple[str, ...] = ()
 
 
 class Server:
@@ -93,7 +102,9 @@ class Server:
             client_id=config.server_id,
             keepalive=config.keepalive,
             will=Will(status_topic, self._status("offline")),
-            persistent=True,  # the broker keeps our uplinks while we restart
+            # the broker keeps our uplinks while we restart; not in a cluster, where the
+            # others serve while we are away (and QoS 1 stalls when a NATS node dies)
+            persistent=not config.cluster,
         )
         self.metrics.publish_dropped = lambda: self.transport.dropped
         self.transport.on_message = self._on_message
@@ -122,10 +133,25 @@ class Server:
         self._link_losses: deque[float] = deque(maxlen=2)
         self.gave_way = asyncio.Event()
         self.store: Store | None = None
+        # in a cluster: the link, the partitions we serve (held and taken up), the groups
+        # whose uplinks we follow, the records read while taking partitions up
+        self.link: ClusterLink | None = None
+        self._ready: set[int] = set()
+        self._following: set[str] = set()
+        self._sync_topic = self.topics.sync(config.server_id)
+        self._records_head = f"{self.topics.prefix}/cluster/rec/"
+        self._echoes: dict[bytes, asyncio.Event] = {}
+        self._gathering: set[int] = set()
+        self._gathered: dict[str, bytes] = {}
+        self._taking: asyncio.Task[None] | None = None
+        self._chores: set[asyncio.Task[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.config.cluster:
+            await self._join()
+            return
         self.store = open_store(self.config.state)  # StoreError: in use, or unreadable
         self._load(self.store)
         self._accepting = True
@@ -155,11 +181,16 @@ class Server:
     async def stop(self) -> None:
         """Stop taking input, tell peers we are offline (unless the status is another
         instance's), then close the link and endpoint."""
+        if self.link is not None:
+            await self.link.stop()  # (acts for nothing from its first step, then waits)
         self._accepting = False
         if self._timer is not None:
             self._timer.cancel()
         if self._replay is not None:
             self._replay.cancel()
+        for chore in [self._taking, *self._chores]:
+            if chore is not None:
+                chore.cancel()
         if self.rival is None:
             status = self._status("offline")
             self.transport.publish(self._status_topic, status, 1, True)
@@ -198,6 +229,9 @@ class Server:
 
     def _save(self) -> None:
         """Write what the core changed, before any answer about it goes out."""
+        if self.config.cluster:
+            self._share()
+            return
         changed = self.network.changed
         if not changed or self.store is None:
             return
@@ -328,7 +362,180 @@ class Server:
                 self.gave_way.set()
 
     def _status(self, state: str) -> bytes:
-        return codec.encode(m.Status(state=state, version=__version__, started_ts=self.started_ns))
+        parts = sorted(self._ready) if self.config.cluster and state == "online" else None
+        status = m.Status(state=state, version=__version__, started_ts=self.started_ns, parts=parts)
+        return codec.encode(status)
+
+    # --- a cluster: the groups shared with other instances (docs/scaling.md) ------------
+
+    async def _join(self) -> None:
+        """Start as one instance of a cluster: serve nothing until the link holds leases.
+        Every instance hears every unit's presence and which groups each unit is in (the
+        units' records, kept retained by the instance serving the unit); what a unit sends
+        up is acted on by the instance serving the unit, or handed by it to the instance
+        serving the group (or unit) the message is about."""
+        self._accepting = True
+        await self.transport.start()
+        t = self.topics
+        up, presence, _ = t.server_subscriptions()
+        mine = (self._status_topic, self._sync_topic, t.unit_records(), t.floors_up())
+        # QoS 0: on a NATS cluster, what is subscribed at QoS 1 stalls when a node dies.
+        # Everyone's control messages (few) come to every instance, and each drops those
+        # of partitions it does not serve by their topic; voice (many) only to the group's.
+        await self.transport.subscribe(up, presence, *mine, qos=0)
+        await self.transport.subscribe(*BROKER_SYS, qos=0)
+        await self._echo()  # the retained presence and records are in
+        self._recovered, self._holding = None, False
+        self.transport.publish(self._status_topic, self._status("online"), 1, True)
+        self.link = ClusterLink(
+            self.config.cluster, self.config.server_id, prefix=self.config.prefix.replace("/", "_")
+        )
+        self.link.on_change = self._shares_changed
+        try:
+            await self.link.start()
+        except BaseException:
+            self.link = None
+            await self.stop()
+            raise
+        if self.config.metrics_port is not None:
+            self._http = await serve_metrics(self.metrics.registry, self.config.metrics_port)
+        log.info(
+            "joined the cluster at %s as %s", ", ".join(self.config.cluster), self.config.server_id
+        )
+
+    async def _echo(self, timeout: float = 5.0) -> None:
+        """Return once a marker sent to ourselves is back: the retained messages of the
+        subscriptions made before it have all arrived."""
+        marker = os.urandom(8).hex().encode()
+        back = self._echoes[marker] = asyncio.Event()
+        self.transport.publish(self._sync_topic, marker, qos=1)
+        try:
+            await asyncio.wait_for(back.wait(), timeout)
+        except TimeoutError:
+            log.warning("no echo from the broker within %g s; going on with what arrived", timeout)
+        finally:
+            del self._echoes[marker]
+
+    def _serving(self, partition: int) -> bool:
+        """Whether we act for the partition now: taken up, and its lease not lapsed."""
+        return partition in self._ready and self.link is not None and self.link.acting(partition)
+
+    def _shares_changed(self, held: set[int]) -> None:
+        self._fence()
+        if self._taking is None or self._taking.done():
+            self._taking = asyncio.ensure_future(self._take_up())
+
+    def _fence(self) -> None:
+        """Forget at once the partitions whose lease lapsed or went to another."""
+        lost = {p for p in self._ready if not self._serving(p)}
+        if not lost:
+            return
+        self._ready -= lost
+        self.network.forget(lambda ident: partition_of(ident) in lost)
+        self._follow()
+        self.transport.publish(self._status_topic, self._status("online"), 1, True)
+        log.info("serve partitions %s no more", _spans(lost))
+
+    async def _take_up(self) -> None:
+        """Serve the partitions newly held: read their records (kept retained by whoever
+        served them), adopt what checks out, then follow their groups' uplinks."""
+        assert self.link is not None
+        while self._accepting and (new := self.link.held - self._ready):
+            t = self.topics
+            self._gathering, self._gathered = new, {}
+            topics = [t.records(p) for p in sorted(new)]
+            await self.transport.subscribe(*topics, qos=0)
+            await self._echo()
+            await self.transport.unsubscribe(*topics)
+            gathered, self._gathering = self._gathered, set()
+            new = {p for p in new if self.link.acting(p)}  # (lost again meanwhile?)
+            records, problems = {}, []
+            for key, data in gathered.items():
+                if partition_of(key.partition("/")[2]) not in new or not data:
+                    continue
+                try:
+                    records[key] = unpack(data)
+                except ValueError as exc:
+                    problems.append(f"{key}: {exc}")
+            now = self._loop.time()
+            problems += self.network.load(records, now)
+            for line in problems[:5]:
+                log.warning("record not adopted: %s", line[:500])
+            for tg, group in self.network.groups.items():
+                if group.temporary and partition_of(tg) in new:  # (a regroup put them there)
+                    for unit in group.members:
+                        self.network.affiliations.setdefault(unit, set()).add(tg)
+            self._ready |= new
+            due = self.network.settle(now)
+            self._save()
+            self._rearm()
+            self._follow()
+            for tg in self.network.groups:
+                if partition_of(tg) in new:
+                    self._publish_state(tg)
+            # (handsets waiting in a queue ask for their place again)
+            self.transport.publish(self._status_topic, self._status("online"), 1, True)
+            self._perform(due)
+            calls = sum(f.holder is not None for f in self.network.floors.values())
+            log.info("serve partitions %s (%d records, %d calls)", _spans(new), len(records), calls)
+
+    def _follow(self) -> None:
+        """Subscribe to the voice of the groups we serve, and to what other instances
+        hand us; and no more to those of the groups we do not."""
+        t = self.topics
+        want = {t.forwards(p) for p in self._ready} | {
+            t.voice_up(tg) for tg in self.network.groups if self._serving(partition_of(tg))
+        }
+        more, less = want - self._following, self._following - want
+        self._following = want
+        if more:
+            self._chore(self.transport.subscribe(*sorted(more), qos=0))
+        if less:
+            self._chore(self.transport.unsubscribe(*sorted(less)))
+
+    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    def _on_record(self, topic: str, payload: bytes) -> None:
+        """A record another instance kept (or one we asked for while taking up)."""
+        found = self.topics.record_key(topic)
+        if found is None:
+            return
+        partition, key = found
+        kind, _, ident = key.partition("/")
+        if partition != partition_of(ident):
+            self.metrics.count_rejected("bad_topic")
+            return
+        if partition in self._gathering:
+            self._gathered[key] = payload
+            return
+        if kind != "unit" or self._serving(partition):
+            return  # (ours: we wrote it)
+        self._fence()
+        groups: object = []
+        if payload:
+            try:
+                record = unpack(payload)
+            except ValueError:
+                self.metrics.count_rejected("malformed")
+                return
+            groups = record.get("groups") if isinstance(record, dict) else None
+        self._perform(self.network.adopt_affiliations(ident, groups, self._loop.time()))
+        self._rearm()
+
+    def _share(self) -> None:
+        """Keep what the core changed, retained in the cluster, for the partitions we
+        serve: whoever serves them next reads it back."""
+        t = self.topics
+        for key in self.network.changed:
+            partition = partition_of(key.partition("/")[2])
+            if self._serving(partition):
+                record = self.network.record(key)
+                data = b"" if record is None else pack(record)
+                self.transport.publish(t.record(partition, key), data, qos=1, retain=True)
+        self.network.changed.clear()
 
     def _on_connect(self) -> None:
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
@@ -338,7 +545,8 @@ class Server:
         """Status online and every group's state: the broker may have lost all it retained."""
         self.transport.publish(self._status_topic, self._status("online"), 1, True)
         for tg in self.network.groups:
-            self._publish_state(tg)
+            if not self.config.cluster or self._serving(partition_of(tg)):
+                self._publish_state(tg)
 
     # --- inbound ----------------------------------------------------------------------
 
@@ -368,6 +576,15 @@ class Server:
         if topic == self._status_topic:  # (formatted once: this is every message's path)
             self._rival_seen(payload)
             return
+        if self.config.cluster:
+            if topic == self._sync_topic:
+                echo = self._echoes.get(payload)
+                if echo is not None:
+                    echo.set()
+                return
+            if topic.startswith(self._records_head):
+                self._on_record(topic, payload)
+                return
         if self._recovered is not None and self._on_recovery(topic, payload):
             return
         if self._holding and not held and topic.endswith("/up"):
@@ -378,6 +595,8 @@ class Server:
         where = self.topics.parse_inbound(topic)
         if where is None:
             self.metrics.count_rejected("bad_topic")
+            return
+        if self.config.cluster and not self._ours(where):
             return
         if where.kind in INTAKE and (
             self._intake.check(where.unit, where.kind, self._loop.time()) is not Verdict.ALLOW
@@ -403,19 +622,50 @@ class Server:
             if not isinstance(msg, m.Presence):
                 self.metrics.count_rejected("invalid_field")
                 return
+            if self.config.cluster:
+                self._fence()
             actions = self.network.presence(where.unit, msg, now)
         elif where.kind == "floor":
             assert where.tg is not None
             actions = self.network.floor_message(where.unit, where.tg, msg, now)
+        elif self.config.cluster and not self._acts_here(where, msg, payload):
+            return
         else:
             actions = self.network.unit_message(where.unit, msg, now)
         self._save()
         self._perform(actions)
+        if self.config.cluster and isinstance(msg, m.Regroup | m.Ungroup):
+            self._follow()
         if isinstance(msg, m.Request):
             for a in actions:
                 if isinstance(a, ToUnit) and a.unit == where.unit and isinstance(a.msg, m.Granted):
                     self.metrics.floor_access.labels(msg.kind).observe(perf_counter() - received)
         self._rearm()
+
+    def _ours(self, where: Inbound) -> bool:
+        """In a cluster: whether a message is for a partition we serve (presence is for
+        everyone: every instance's floors let go of a unit that went offline)."""
+        if where.kind == "presence":
+            return True
+        if where.kind == "fwd":
+            partition = int(where.tg or "")
+            return partition < PARTITIONS and self._serving(partition)
+        return self._serving(partition_of(where.tg or where.unit))
+
+    def _acts_here(self, where: Inbound, msg: m.Message, payload: bytes) -> bool:
+        """In a cluster: whether a unit's message is acted on here, or handed on to the
+        instance serving the group or unit it is about (as it came: that one checks it
+        again, answers and keeps the answer for a repeat)."""
+        partition = partition_of(acts_on(where.unit, msg))
+        if where.kind == "fwd":
+            if partition != int(where.tg or ""):
+                self.metrics.count_rejected("spoofed")  # (only instances forward)
+                return False
+            return True
+        if partition == partition_of(where.unit) or self._serving(partition):
+            return True
+        self.transport.publish(self.topics.forward(partition, where.unit), payload, qos=0)
+        return False
 
     def _relay(self, unit: str, tg: str, payload: bytes, received: float) -> None:
         """The hot path: one voice packet from the talker to the group."""
@@ -480,7 +730,7 @@ class Server:
             self._publish_state(tg)
 
     def _publish_state(self, tg: str) -> None:
-        state = self.network.state_msg(tg, self._loop.time())
+        state = replace(self.network.state_msg(tg, self._loop.time()), srv=self.config.server_id)
         self.transport.publish(self.topics.state(tg), codec.encode(state), qos=1, retain=True)
 
     # --- timers -----------------------------------------------------------------------
@@ -496,10 +746,23 @@ class Server:
 
     def _fire(self) -> None:
         self._timer = self._timer_at = None
+        if self.config.cluster:
+            self._fence()  # (no floor of a partition lapsed since is woken)
         actions = self.network.on_timer(self._loop.time())
         self._save()
         self._perform(actions)
         self._rearm()
+
+
+def _spans(partitions: Iterable[int]) -> str:
+    """`0-3,7` for {0, 1, 2, 3, 7}."""
+    spans: list[list[int]] = []
+    for p in sorted(partitions):
+        if spans and spans[-1][1] == p - 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 async def serve(config: Config, fleet: Fleet, stop: asyncio.Event) -> None:

@@ -10,9 +10,11 @@ started again on its ports and folder, as a failed machine would come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,27 @@ class NatsNode:
             ]
         )
 
+    def mqtt_ready(self, timeout: float) -> bool:
+        """Open and close one MQTT session. The first session on a node sets up the MQTT
+        streams it needs; when first sessions arrive at several nodes at once, one of them
+        waited for ever in our tries (NATS 2.15), so the launcher makes them in turn."""
+        client = b"esn-warm-up"
+        body = b"\x00\x04MQTT\x04\x02\x00\x05" + len(client).to_bytes(2) + client
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(
+                    ("127.0.0.1", self.mqtt_port), timeout=deadline - time.monotonic()
+                ) as s,
+            ):
+                s.sendall(bytes([0x10, len(body)]) + body)
+                if s.recv(4)[:1] == b"\x20":  # CONNACK
+                    s.sendall(b"\xe0\x00")  # DISCONNECT
+                    return True
+            time.sleep(0.1)
+        return False
+
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.http_port}/healthz"
         try:
@@ -107,6 +130,13 @@ class NatsCluster:
         for node in self.nodes:
             self._launch(node)
         self.wait_healthy(timeout)
+        for node in self.nodes:  # one after the other: see mqtt_ready
+            if not node.mqtt_ready(timeout):
+                tail = self.log_tail(node)
+                self.close()
+                raise ClusterError(
+                    f"NATS node {node.name}: no MQTT session within {timeout:g} s: {tail}"
+                )
         return self
 
     def _launch(self, node: NatsNode) -> None:

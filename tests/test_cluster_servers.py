@@ -1,0 +1,132 @@
+"""Three server instances sharing the groups on a real 3-node NATS cluster.
+
+Each instance is connected to its own node and serves a share of the partitions; the
+handsets are spread over the nodes. The floor rules of `tests/test_wire_floor.py` are run
+again here: a unit's messages are acted on by the instance serving it and handed to the
+one serving the group they are about, and which groups a unit is in is known to every
+instance. `server` is the instance serving tg-1, whose metrics those tests read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from esn.client.handset import Inbound
+from esn.core.fleet import parse_fleet
+from esn.core.partitions import PARTITIONS, partition_of
+from esn.protocol import messages as m
+from esn.server.shell import Config, Server
+from esn.tools.nats import NatsCluster
+from esn.transport import BrokerConfig
+from tests import test_wire_floor
+from tests.conftest import FLEET, HandsetFactory, eventually, handsets
+
+pytestmark = [pytest.mark.broker, pytest.mark.cluster]
+
+globals().update({k: v for k, v in vars(test_wire_floor).items() if k.startswith("test_")})
+
+
+@pytest.fixture(params=["gmqtt"])
+def mqtt_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def servers(
+    nats_cluster: NatsCluster, prefix: str, mqtt_client: str
+) -> AsyncIterator[list[Server]]:
+    """Three instances, on nodes 1, 2, 3, once every partition is served by one of them."""
+    made = [
+        Server(
+            Config(
+                broker=BrokerConfig.from_url(url),
+                prefix=prefix,
+                server_id=f"srv{i}-{prefix}",
+                mqtt_client=mqtt_client,
+                keepalive=5,
+                cluster=tuple(nats_cluster.nats_urls),
+            ),
+            parse_fleet(FLEET),
+        )
+        for i, url in enumerate(nats_cluster.mqtt_urls, 1)
+    ]
+    await asyncio.gather(*(s.start() for s in made))
+    try:
+        await eventually(lambda: sum(len(s._ready) for s in made) == PARTITIONS, 20)
+        await eventually(lambda: all(s._ready for s in made), 20)
+        yield made
+    finally:
+        await asyncio.gather(*(s.stop() for s in made), return_exceptions=True)
+
+
+def on_topic(topic: str) -> Callable[[Inbound], bool]:
+    return lambda i: i.topic == topic
+
+
+def on_state(tg: str) -> Callable[[Inbound], bool]:
+    return lambda i: isinstance(i.msg, m.State) and i.msg.tg == tg
+
+
+def serving(servers: list[Server], ident: str) -> Server:
+    return next(s for s in servers if partition_of(ident) in s._ready)
+
+
+@pytest.fixture
+def server(servers: list[Server]) -> Server:
+    return serving(servers, "tg-1")
+
+
+@pytest.fixture
+async def handset(
+    nats_cluster: NatsCluster, prefix: str, mqtt_client: str, servers: list[Server]
+) -> AsyncIterator[HandsetFactory]:
+    """Started, affiliated handsets on nodes 2, 3, 1, 2, ... in turn."""
+    urls = nats_cluster.mqtt_urls[1:] + nats_cluster.mqtt_urls[:1]
+    nodes = itertools.cycle([BrokerConfig.from_url(u) for u in urls])
+    async for make in handsets(nodes, prefix, mqtt_client):
+        yield make
+
+
+async def test_the_partitions_are_shared_and_each_state_names_its_server(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    parts = [s._ready for s in servers]
+    assert set().union(*parts) == set(range(PARTITIONS))
+    assert sum(map(len, parts)) == PARTITIONS  # (no partition served twice)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    a = await handset("u1")
+    topics = [s.topics.status(s.config.server_id) for s in servers]
+    statuses = [a.expect(on_topic(t)) for t in topics]
+    states = [a.expect(on_state(tg)) for tg in ("tg-1", "tg-2")]
+    await a.transport.subscribe(*topics)  # (their retained statuses, again)
+    for s, status in zip(servers, statuses, strict=True):  # each lists what it serves
+        got = (await status).msg
+        assert isinstance(got, m.Status) and got.parts == sorted(s._ready)
+    await a.affiliate("tg-1", "tg-2")
+    for tg, state in zip(("tg-1", "tg-2"), states, strict=True):
+        got = (await state).msg
+        assert isinstance(got, m.State) and got.srv == serving(servers, tg).config.server_id
+
+
+async def test_a_unit_served_by_one_instance_talks_in_a_group_served_by_another(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    units = [f"u{i}" for i in range(1, 5)]
+    talker = next(u for u in units if serving(servers, u) is not serving(servers, "tg-1"))
+    listener = await handset(next(u for u in units if u != talker), "tg-1")
+    t = await handset(talker, "tg-1")
+    heard = listener.expect(lambda i: isinstance(i.msg, m.Media))
+    assert isinstance(await t.press("tg-1"), m.Granted)
+    assert (await heard).msg.talker == talker  # type: ignore[attr-defined]
+    # an emergency is about the group: handed to the instance serving it, answered by it
+    raised = await t.ask(m.EmergencyAlert(tg="tg-1", ref=t.next_ref()))
+    assert isinstance(raised, m.EmergencyState) and raised.state == "raised"
+    assert serving(servers, "tg-1").network.floors["tg-1"].emergencies == {talker: None}
+    # leaving the group (told to the unit's instance) lets go of the floor in the other
+    idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
+    await t.deaffiliate("tg-1")
+    await idle
