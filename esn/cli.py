@@ -68,7 +68,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from esn.server.shell import Config, DuplicateServerError, serve
     from esn.store import StoreError
 
-    if args.cluster and args.state:
+    if args.cluster and args.state not in (None, ":memory:"):
         print(
             "esn server: --state is for one server: a cluster keeps its state in NATS",
             file=sys.stderr,

@@ -1,0 +1,159 @@
+"""A server instance of a cluster killed (SIGKILL) in the middle of a call: the others
+take its partitions and go on with what it had told units. Real `esn server --cluster`
+processes on a real 3-node NATS cluster, handsets on the nodes the instances are not on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from esn.client.handset import HAS_PERMISSION, Handset, Inbound
+from esn.core.partitions import PARTITIONS
+from esn.protocol import messages as m
+from esn.tools.nats import NatsCluster
+from esn.tools.processes import free_port, start_server
+from esn.transport import BrokerConfig
+from tests.test_faults import FLEET_TOML, end
+
+pytestmark = [pytest.mark.broker, pytest.mark.cluster, pytest.mark.fault]
+
+
+class Instances:
+    """Three `esn server --cluster` processes, instance i on node i."""
+
+    def __init__(self, cluster: NatsCluster, fleet: Path, prefix: str) -> None:
+        self.cluster, self.fleet, self.prefix = cluster, fleet, prefix
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, index: int) -> None:
+        me = f"srv{index}-{self.prefix}"
+        self.procs[me] = await start_server(
+            self.cluster.mqtt_urls[index],
+            self.fleet,
+            metrics_port=free_port(),
+            args=(
+                "--prefix",
+                self.prefix,
+                "--server-id",
+                me,
+                "--cluster",
+                ",".join(self.cluster.nats_urls),
+            ),
+            log=self.fleet.with_name(f"{me}.log"),
+        )
+
+
+@pytest.fixture
+async def instances(
+    nats_cluster: NatsCluster, tmp_path: Path, prefix: str
+) -> AsyncIterator[Instances]:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(FLEET_TOML)
+    made = Instances(nats_cluster, fleet, prefix)
+    try:
+        await asyncio.gather(*(made.start(i) for i in range(3)))
+        yield made
+    finally:
+        await asyncio.gather(*(end(p) for p in made.procs.values()))
+
+
+def on(
+    kind: type[m.Message], check: Callable[[m.Message], bool] = lambda msg: True
+) -> Callable[[Inbound], bool]:
+    return lambda i: isinstance(i.msg, kind) and check(i.msg)
+
+
+async def all_served(watcher: Handset, servers: list[str]) -> dict[str, set[int]]:
+    """Wait until the instances' retained statuses list every partition once."""
+    parts: dict[str, set[int]] = {}
+    done = asyncio.Event()
+
+    def seen(i: Inbound) -> bool:
+        if isinstance(i.msg, m.Status):
+            srv = i.topic.split("/")[-2]
+            parts[srv] = set(i.msg.parts or ()) if i.msg.state == "online" else set()
+            served = [p for s in servers for p in parts.get(s, ())]
+            if sorted(served) == list(range(PARTITIONS)):
+                done.set()
+        return False
+
+    watching = watcher.expect(seen, timeout=30)
+    await watcher.transport.subscribe(watcher.topics.status("+"))  # (the retained, again)
+    await asyncio.wait_for(done.wait(), 30)
+    watching.cancel()
+    return parts
+
+
+async def test_an_instance_killed_mid_call_the_others_go_on_with_it(
+    instances: Instances, nats_cluster: NatsCluster, prefix: str
+) -> None:
+    """Tried: u1 talks in tg-1, u2 queues behind it, disp has acknowledged u3's emergency
+    there; the instance serving tg-1 is killed. Expect: another serves tg-1 within
+    seconds (its state says which), u4 hears u1 again in the same call, the emergency is
+    still acknowledged by disp, and the floor goes to u2 when u1 lets go."""
+    nodes = [BrokerConfig.from_url(u) for u in nats_cluster.mqtt_urls]
+    made: list[Handset] = []
+
+    async def handset(unit: str, node: int) -> Handset:
+        h = Handset(unit, nodes[node], prefix=prefix, media_interval=0.02)
+        made.append(h)
+        await h.start()
+        await h.affiliate("tg-1")
+        return h
+
+    try:
+        talker, queued, raiser, disp, listener = [
+            await handset(u, i % 3) for i, u in enumerate(("u1", "u2", "u3", "disp", "u4"))
+        ]
+        await all_served(listener, list(instances.procs))
+        state = listener.expect(on(m.State, lambda s: s.floor == "taken"))  # type: ignore[attr-defined]
+        granted = await talker.press("tg-1")
+        assert isinstance(granted, m.Granted)
+        old = (await state).msg.srv  # type: ignore[attr-defined]
+        assert old in instances.procs
+        assert isinstance(await queued.press("tg-1"), m.Queued)
+        raised = await raiser.ask(m.EmergencyAlert(tg="tg-1", ref=raiser.next_ref()))
+        assert isinstance(raised, m.EmergencyState)
+        assert isinstance(
+            await disp.ask(m.EmergencyAck(tg="tg-1", unit="u3", ref=disp.next_ref())), m.Ok
+        )
+        await listener.expect(on(m.Media))
+
+        taken_over = listener.expect(on(m.State, lambda s: s.srv != old), timeout=15)  # type: ignore[attr-defined]
+        regranted = talker.expect(on(m.Granted), timeout=15)  # (asked again, told again)
+        killed = time.monotonic()
+        instances.procs[old].kill()
+        await instances.procs[old].wait()
+        new = (await taken_over).msg
+        served_again = time.monotonic()
+        assert isinstance(new, m.State) and new.srv in instances.procs and new.srv != old
+        assert (new.floor, new.talker, new.call, new.emergency) == (
+            "taken",
+            "u1",
+            granted.call,
+            True,
+        )
+        heard = (await listener.expect(on(m.Media), timeout=10)).msg
+        heard_again = time.monotonic()
+        assert isinstance(heard, m.Media) and heard.call == granted.call
+        print(
+            f"kill -> state from {new.srv}: {served_again - killed:.2f} s; "
+            f"-> voice heard again: {heard_again - killed:.2f} s"
+        )
+        assert (await regranted).msg.call == granted.call  # type: ignore[attr-defined]
+        assert talker.floor_state("tg-1") == HAS_PERMISSION
+        # the acknowledgement was kept: cancelling finds the emergency, the state clears
+        cancelled = await raiser.ask(m.EmergencyCancel(tg="tg-1", ref=raiser.next_ref()))
+        assert isinstance(cancelled, m.EmergencyState) and cancelled.state == "cancelled"
+        # and the queue: u2 is next
+        turn = queued.expect(on(m.Granted), timeout=10)
+        talker.release("tg-1")
+        await turn
+        assert queued.floor_state("tg-1") == HAS_PERMISSION
+    finally:
+        await asyncio.gather(*(h.stop() for h in made), return_exceptions=True)
