@@ -104,7 +104,7 @@ class Cluster(RuleBasedStateMachine):
     def tick(self, name: str, delay: float, lost: bool = False) -> None:
         """The instance plans and sends; each request reaches the bucket `delay` later.
         With `lost`, the answers never come back: the shell gives up on them after half
-        the lease time and reports them refused, though the bucket applied them."""
+        the lease time and reports them unanswered, though the bucket applied them."""
         inst = self.instances[name]
         if inst.paused:
             return
@@ -119,7 +119,7 @@ class Cluster(RuleBasedStateMachine):
         for p, op, rev in asked:
             self.requests.append((self.t + delay, name, op, p, rev, now, lost))
             if lost:
-                inst.inbox.append((self.t + TTL / 2, "refused", p, 0, now))  # type: ignore[arg-type]
+                inst.inbox.append((self.t + TTL / 2, "unanswered", p, 0, now))  # type: ignore[arg-type]
 
     @rule(dt=st.floats(0.01, 1.5), back=st.floats(0.0, 0.2))
     def time_passes(self, dt: float, back: float) -> None:
@@ -154,6 +154,8 @@ class Cluster(RuleBasedStateMachine):
                     inst.own.written(p, rev, sent)
                 elif what == "released":
                     inst.own.released(p)
+                elif what == "unanswered":
+                    inst.own.unanswered(p)
                 else:
                     inst.own.refused(p)
 

@@ -209,6 +209,12 @@ class Ownership:
         self._pending.discard(partition)
         self.leases.pop(partition, None)
 
+    def unanswered(self, partition: int) -> None:
+        """No answer (in time, or an error that is not a refusal: the bucket's leader
+        is being elected, say): a lease held runs on until its fenced end, and is renewed
+        again meanwhile."""
+        self._pending.discard(partition)
+
     def released(self, partition: int) -> None:
         self._pending.discard(partition)
         self.leases.pop(partition, None)

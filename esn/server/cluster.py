@@ -6,8 +6,10 @@ after the lease time: `{prefix}-members` (each instance writes its key every tic
 live ones are those heard from within the lease time) and `{prefix}-leases` (one key per
 partition, naming its owner). Every tick it asks `Ownership.plan` what to do, sends those
 requests, and reports each outcome with the time its request was sent; a request not
-answered within half the lease time counts as refused. Both buckets are watched, so
-which partitions are free and which instances live is known without polling. The view is
+answered within half the lease time (or failing for another reason than a refusal)
+leaves a lease held to run out on its fenced clock, renewed again meanwhile. Both
+buckets are watched, so which partitions are free and which instances live is known
+without polling. The view is
 trusted only while our own member key's writes come back through the watch; when they do
 not (a NATS node died, and with it the watch), only the leases held are renewed, and the
 watches are made anew. Times are read from CLOCK_BOOTTIME, which goes on counting while
@@ -74,6 +76,7 @@ class ClusterLink:
         self._nc: Any = None
         self._leases: Any = None
         self._members: Any = None
+        self._standby = False  # (`standby`)
 
     @staticmethod
     def clock() -> float:
@@ -81,6 +84,19 @@ class ClusterLink:
 
     def acting(self, partition: int) -> bool:
         return self.own.acting(partition, self.clock())
+
+    def standby(self, on: bool) -> None:
+        """Step aside while the server cannot serve (its MQTT link is down): act for no
+        partition from now on, give the leases back after the margin, and leave the
+        members, so the others take over; come back when `on` is False."""
+        if on == self._standby:
+            return
+        self._standby = on
+        if on:
+            self.own.stop_acting(self.clock())
+            self._tell()
+            if self._members is not None:
+                self._spawn(self._members.delete(f"m-{self.me}"))
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -120,7 +136,16 @@ class ClusterLink:
     async def _check(self, bucket: Any, name: str) -> None:
         """Fencing rests on the bucket's expiry: one made with another lease time (by
         another version, or by hand) would let a key expire while its owner still acts."""
-        status = await bucket.status()
+        from nats.js.errors import NotFoundError
+
+        for _ in range(30):  # (made by another instance a moment ago: not yet known here)
+            try:
+                status = await bucket.status()
+                break
+            except NotFoundError:
+                await asyncio.sleep(0.1)
+        else:
+            raise ClusterError(f"key-value bucket {name} was made, but cannot be found")
         ttl = status.ttl or 0.0
         if abs(ttl - self.ttl) > 0.01 or status.history != 1:
             raise ClusterError(
@@ -140,6 +165,12 @@ class ClusterLink:
         self._spawn(self._watch(self._watchers[1], self._lease_seen, ready[1]))
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), self.ttl)
         self._watched.set()
+
+    async def _watch_again(self) -> None:
+        try:
+            await self._start_watching()
+        except Exception as exc:  # (the cluster is electing leaders: tried again later)
+            log.warning("cluster link: cannot watch the buckets yet: %s", exc or type(exc).__name__)
 
     async def _create(self, js: Any, config: Any, name: str) -> Any:
         """The bucket, replicated on three nodes where the cluster has them."""
@@ -198,13 +229,14 @@ class ClusterLink:
 
     async def _step(self) -> None:
         now = self.clock()
-        self._spawn(self._put_member())
-        sure = self._watched.is_set() and now - self._echo < 4 * self.tick
-        if not sure and now >= self._rewatch_at:
+        if not self._standby:
+            self._spawn(self._put_member())
+        sure = not self._standby and self._watched.is_set() and now - self._echo < 4 * self.tick
+        if not sure and not self._standby and now >= self._rewatch_at:
             if self._echo > 0:
                 log.warning("cluster link: the watches went quiet; watching again")
             self._rewatch_at = now + 2.0
-            self._spawn(self._start_watching())
+            self._spawn(self._watch_again())
         live = [m for m, at in self._seen_members.items() if now - at < self.ttl]
         free = [
             p
@@ -224,10 +256,14 @@ class ClusterLink:
             self._spawn(self._release(p, self._leases.delete(f"p{p}", last=rev)))
 
     async def _ask(self, partition: int, sent: float, request: Any) -> None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
         try:
             revision = await asyncio.wait_for(request, self.ttl / 2)
-        except Exception:  # taken by another, expired, or no answer in time
+        except KeyWrongLastSequenceError:  # taken by another, or expired
             self.own.refused(partition)
+        except Exception:  # no answer in time, or none to be had (a leader election)
+            self.own.unanswered(partition)
         else:
             self.own.written(partition, int(revision), sent)
         self._tell()

@@ -110,7 +110,7 @@ class Server:
         self.transport.on_message = self._on_message
         self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
-        self.transport.on_disconnect = lambda: self._link_losses.append(self._loop.time())
+        self.transport.on_disconnect = self._on_disconnect
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._http: asyncio.Server | None = None
@@ -139,6 +139,10 @@ class Server:
         self._ready: set[int] = set()
         self._following: set[str] = set()
         self._sync_topic = self.topics.sync(config.server_id)
+        # in a cluster, sent at QoS 0: NATS delivers QoS 1 through JetStream consumers,
+        # which stalled for many seconds when a node died; QoS 0 goes round a dead node
+        # at once. Retries (the handsets') and retained state make up for the rest.
+        self._qos = 0 if config.cluster else 1
         self._records_head = f"{self.topics.prefix}/cluster/rec/"
         self._echoes: dict[bytes, asyncio.Event] = {}
         self._gathering: set[int] = set()
@@ -193,7 +197,7 @@ class Server:
                 chore.cancel()
         if self.rival is None:
             status = self._status("offline")
-            self.transport.publish(self._status_topic, status, 1, True)
+            self.transport.publish(self._status_topic, status, self._qos, True)
         await self.transport.stop()
         if self._http is not None:
             self._http.close()
@@ -386,7 +390,7 @@ class Server:
         await self.transport.subscribe(*BROKER_SYS, qos=0)
         await self._echo()  # the retained presence and records are in
         self._recovered, self._holding = None, False
-        self.transport.publish(self._status_topic, self._status("online"), 1, True)
+        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
         self.link = ClusterLink(
             self.config.cluster, self.config.server_id, prefix=self.config.prefix.replace("/", "_")
         )
@@ -408,7 +412,7 @@ class Server:
         subscriptions made before it have all arrived."""
         marker = os.urandom(8).hex().encode()
         back = self._echoes[marker] = asyncio.Event()
-        self.transport.publish(self._sync_topic, marker, qos=1)
+        self.transport.publish(self._sync_topic, marker, qos=self._qos)
         try:
             await asyncio.wait_for(back.wait(), timeout)
         except TimeoutError:
@@ -433,7 +437,7 @@ class Server:
         self._ready -= lost
         self.network.forget(lambda ident: partition_of(ident) in lost)
         self._follow()
-        self.transport.publish(self._status_topic, self._status("online"), 1, True)
+        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
         log.info("serve partitions %s no more", _spans(lost))
 
     async def _take_up(self) -> None:
@@ -474,7 +478,7 @@ class Server:
                 if partition_of(tg) in new:
                     self._publish_state(tg)
             # (handsets waiting in a queue ask for their place again)
-            self.transport.publish(self._status_topic, self._status("online"), 1, True)
+            self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
             self._perform(due)
             calls = sum(f.holder is not None for f in self.network.floors.values())
             log.info("serve partitions %s (%d records, %d calls)", _spans(new), len(records), calls)
@@ -534,16 +538,23 @@ class Server:
             if self._serving(partition):
                 record = self.network.record(key)
                 data = b"" if record is None else pack(record)
-                self.transport.publish(t.record(partition, key), data, qos=1, retain=True)
+                self.transport.publish(t.record(partition, key), data, qos=self._qos, retain=True)
         self.network.changed.clear()
 
+    def _on_disconnect(self) -> None:
+        self._link_losses.append(self._loop.time())
+        if self.link is not None:  # no one can reach us: the others serve meanwhile
+            self.link.standby(True)
+
     def _on_connect(self) -> None:
+        if self.link is not None:
+            self.link.standby(False)
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
             self._announce()
 
     def _announce(self) -> None:
         """Status online and every group's state: the broker may have lost all it retained."""
-        self.transport.publish(self._status_topic, self._status("online"), 1, True)
+        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
         for tg in self.network.groups:
             if not self.config.cluster or self._serving(partition_of(tg)):
                 self._publish_state(tg)
@@ -561,7 +572,7 @@ class Server:
             return
         self.metrics.count_rejected("retained")
         if payload:
-            self.transport.publish(topic, b"", qos=1, retain=True)
+            self.transport.publish(topic, b"", qos=self._qos, retain=True)
             log.warning("a retained %s message on %s: ignored and cleared", where.kind, topic)
 
     def _on_message(self, topic: str, payload: bytes, held: bool = False) -> None:
@@ -704,7 +715,7 @@ class Server:
     # --- outbound ---------------------------------------------------------------------
 
     def _send(self, unit: str, msg: m.Message) -> None:
-        self.transport.publish(self.topics.unit_down(unit), codec.encode(msg), qos=1)
+        self.transport.publish(self.topics.unit_down(unit), codec.encode(msg), qos=self._qos)
         self._count_msg(msg.T, "out")
 
     def _perform(self, actions: list[Action]) -> None:
@@ -716,22 +727,24 @@ class Server:
                     self._send(a.unit, a.msg)
                 case ToGroup():
                     topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
-                    self.transport.publish(topic, codec.encode(a.msg), qos=1)
+                    self.transport.publish(topic, codec.encode(a.msg), qos=self._qos)
                     self._count_msg(a.msg.T, "out")
                 case StateChanged():
                     states[a.tg] = None
                 case StateCleared():
                     states.pop(a.tg, None)
-                    self.transport.publish(t.state(a.tg), b"", qos=1, retain=True)
+                    self.transport.publish(t.state(a.tg), b"", qos=self._qos, retain=True)
                 case LocationAccepted():
                     location = codec.encode(a.msg)
-                    self.transport.publish(t.location(a.unit), location, qos=1, retain=True)
+                    self.transport.publish(t.location(a.unit), location, qos=self._qos, retain=True)
         for tg in states:
             self._publish_state(tg)
 
     def _publish_state(self, tg: str) -> None:
         state = replace(self.network.state_msg(tg, self._loop.time()), srv=self.config.server_id)
-        self.transport.publish(self.topics.state(tg), codec.encode(state), qos=1, retain=True)
+        self.transport.publish(
+            self.topics.state(tg), codec.encode(state), qos=self._qos, retain=True
+        )
 
     # --- timers -----------------------------------------------------------------------
 
