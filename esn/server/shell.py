@@ -407,16 +407,18 @@ class Server:
             "joined the cluster at %s as %s", ", ".join(self.config.cluster), self.config.server_id
         )
 
-    async def _echo(self, timeout: float = 5.0) -> None:
-        """Return once a marker sent to ourselves is back: the retained messages of the
-        subscriptions made before it have all arrived."""
+    async def _echo(self, timeout: float = 5.0) -> bool:
+        """Whether a marker sent to ourselves came back within `timeout`: the retained
+        messages of the subscriptions made before it have all arrived then."""
         marker = os.urandom(8).hex().encode()
         back = self._echoes[marker] = asyncio.Event()
         self.transport.publish(self._sync_topic, marker, qos=self._qos)
         try:
             await asyncio.wait_for(back.wait(), timeout)
+            return True
         except TimeoutError:
-            log.warning("no echo from the broker within %g s; going on with what arrived", timeout)
+            log.warning("no echo from the broker within %g s", timeout)
+            return False
         finally:
             del self._echoes[marker]
 
@@ -448,9 +450,19 @@ class Server:
             t = self.topics
             self._gathering, self._gathered = new, {}
             topics = [t.records(p) for p in sorted(new)]
-            await self.transport.subscribe(*topics, qos=0)
-            await self._echo()
-            await self.transport.unsubscribe(*topics)
+            try:
+                await self.transport.subscribe(*topics, qos=0)
+                complete = await self._echo()
+                await self.transport.unsubscribe(*topics)
+            except Exception as exc:  # (the link went down: we stand aside until it is back)
+                complete, why = False, str(exc)
+            else:
+                why = "no echo"
+            if not complete:  # serve nothing on a partial picture: try again
+                log.warning("records of partitions %s not read (%s)", _spans(new), why)
+                self._gathering = set()
+                await asyncio.sleep(1.0)
+                continue
             gathered, self._gathering = self._gathered, set()
             new = {p for p in new if self.link.acting(p)}  # (lost again meanwhile?)
             records, problems = {}, []
