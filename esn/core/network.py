@@ -397,6 +397,8 @@ class Network:
         to say (a regroup here made them). A group it left lets go of the unit's floor."""
         if self.fleet.profile(unit) is None or not isinstance(groups, list):
             return self._reject("invalid_field")
+        if unit not in self.affiliations and not self._room_for(unit, self.affiliations):
+            return self._reject("too_many_units")  # (made-up ids cannot grow the view)
         had = self.affiliations.get(unit, set())
         mine = {tg for tg in had if tg in self.groups and self.groups[tg].temporary}
         told = {
@@ -412,6 +414,17 @@ class Network:
         out: list[Action] = []
         for tg in sorted(had - now_in):
             out += self._leave_floor(unit, tg, now)
+        return out
+
+    def deliver_stored(self) -> list[Action]:
+        """The short messages kept for units that are online (taken over from another
+        instance, which kept them while the unit was away)."""
+        out: list[Action] = []
+        for unit in [u for u in self._sds_store if u in self.online]:
+            stored = self._sds_store.pop(unit)
+            self._stored_sds -= len(stored)
+            self._touch("sds", unit)
+            out += [ToUnit(unit, sds) for sds in stored]
         return out
 
     def forget(self, theirs: Callable[[str], bool]) -> None:

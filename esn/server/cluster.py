@@ -266,6 +266,8 @@ class ClusterLink:
             self.own.unanswered(partition)
         else:
             self.own.written(partition, int(revision), sent)
+            if self._standby:  # (asked for before we stepped aside: given back too)
+                self.own.stop_acting(self.clock())
         self._tell()
 
     async def _release(self, partition: int, request: Any) -> None:

@@ -379,6 +379,7 @@ class Server:
         up is acted on by the instance serving the unit, or handed by it to the instance
         serving the group (or unit) the message is about."""
         self._accepting = True
+        self._recovered, self._holding = None, False  # (nothing is held for later here)
         await self.transport.start()
         t = self.topics
         up, presence, _ = t.server_subscriptions()
@@ -389,7 +390,6 @@ class Server:
         await self.transport.subscribe(up, presence, *mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
         await self._echo()  # the retained presence and records are in
-        self._recovered, self._holding = None, False
         self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
         self.link = ClusterLink(
             self.config.cluster, self.config.server_id, prefix=self.config.prefix.replace("/", "_")
@@ -450,10 +450,10 @@ class Server:
             t = self.topics
             self._gathering, self._gathered = new, {}
             topics = [t.records(p) for p in sorted(new)]
-            try:
-                await self.transport.subscribe(*topics, qos=0)
+            try:  # (bounded: an ack lost to a reconnect is never answered)
+                await asyncio.wait_for(self.transport.subscribe(*topics, qos=0), 10)
                 complete = await self._echo()
-                await self.transport.unsubscribe(*topics)
+                await asyncio.wait_for(self.transport.unsubscribe(*topics), 10)
             except Exception as exc:  # (the link went down: we stand aside until it is back)
                 complete, why = False, str(exc)
             else:
@@ -464,7 +464,8 @@ class Server:
                 await asyncio.sleep(1.0)
                 continue
             gathered, self._gathering = self._gathered, set()
-            new = {p for p in new if self.link.acting(p)}  # (lost again meanwhile?)
+            self._fence()  # (lost again meanwhile? then no floor of it is settled below)
+            new = {p for p in new if self.link.acting(p)}
             records, problems = {}, []
             for key, data in gathered.items():
                 if partition_of(key.partition("/")[2]) not in new or not data:
@@ -482,7 +483,7 @@ class Server:
                     for unit in group.members:
                         self.network.affiliations.setdefault(unit, set()).add(tg)
             self._ready |= new
-            due = self.network.settle(now)
+            due = self.network.settle(now) + self.network.deliver_stored()
             self._save()
             self._rearm()
             self._follow()
