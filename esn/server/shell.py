@@ -365,6 +365,10 @@ class Server:
                 )
                 self.gave_way.set()
 
+    def _say_online(self) -> None:
+        """Our retained status `online` (in a cluster, with the partitions we serve)."""
+        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+
     def _status(self, state: str) -> bytes:
         parts = sorted(self._ready) if self.config.cluster and state == "online" else None
         status = m.Status(state=state, version=__version__, started_ts=self.started_ns, parts=parts)
@@ -390,7 +394,7 @@ class Server:
         await self.transport.subscribe(up, presence, *mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
         await self._echo()  # the retained presence and records are in
-        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+        self._say_online()
         self.link = ClusterLink(
             self.config.cluster, self.config.server_id, prefix=self.config.prefix.replace("/", "_")
         )
@@ -439,7 +443,7 @@ class Server:
         self._ready -= lost
         self.network.forget(lambda ident: partition_of(ident) in lost)
         self._follow()
-        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+        self._say_online()
         log.info("serve partitions %s no more", _spans(lost))
 
     async def _take_up(self) -> None:
@@ -491,7 +495,7 @@ class Server:
                 if partition_of(tg) in new:
                     self._publish_state(tg)
             # (handsets waiting in a queue ask for their place again)
-            self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+            self._say_online()
             self._perform(due)
             calls = sum(f.holder is not None for f in self.network.floors.values())
             log.info("serve partitions %s (%d records, %d calls)", _spans(new), len(records), calls)
@@ -567,7 +571,7 @@ class Server:
 
     def _announce(self) -> None:
         """Status online and every group's state: the broker may have lost all it retained."""
-        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+        self._say_online()
         for tg in self.network.groups:
             if not self.config.cluster or self._serving(partition_of(tg)):
                 self._publish_state(tg)
