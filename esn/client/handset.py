@@ -205,8 +205,13 @@ class Handset:
         metrics: Observer | None = None,
         keep_stats: bool = True,
         timers: Timers | None = None,
+        qos: int = 1,
     ) -> None:
         self.unit = unit
+        # the QoS it subscribes and sends at: 0 on a NATS cluster, which delivers QoS 1
+        # through a JetStream consumer per subscription (slow to make, and stalled while
+        # a node dies: docs/scaling.md)
+        self.qos = qos
         self.topics = Topics(prefix)
         self.media_interval = media_interval
         self.payload_bytes = AMR_WB_FRAME_BYTES * frames_per_packet
@@ -216,6 +221,7 @@ class Handset:
         self.inbox: list[Inbound] = []
         self.keep_inbox = keep_inbox
         self.on_inbound: Callable[[Inbound], None] | None = None
+        self.on_media: Callable[[str, str], None] | None = None  # (group, talker) per packet
         self.position = home
         self.metrics = metrics
         self.keep_stats = keep_stats  # off for load tests: the observer keeps the figures
@@ -243,7 +249,7 @@ class Handset:
 
     async def start(self) -> None:
         t = self.topics
-        await self.transport.subscribe(t.unit_down(self.unit), t.status("+"))
+        await self.transport.subscribe(t.unit_down(self.unit), t.status("+"), qos=self.qos)
         await self.transport.start()
 
     async def stop(self) -> None:
@@ -275,7 +281,9 @@ class Handset:
         new = [tg for tg in groups if tg not in self.groups]
         for tg in groups:  # before subscribing: the retained state says if a call is on
             self._view(tg).joined_at = now
-        await self.transport.subscribe(*[x for tg in groups for x in self.group_topics(tg)])
+        await self.transport.subscribe(
+            *[x for tg in groups for x in self.group_topics(tg)], qos=self.qos
+        )
         keep: Collection[str] = [tg for tg in groups if tg not in new]
         try:
             reply = await self._ask_for(
@@ -484,7 +492,7 @@ class Handset:
         subs = self.group_topics(msg.tg)
         if isinstance(msg, m.Regrouped):
             self._view(msg.tg)
-            task = asyncio.ensure_future(self.transport.subscribe(*subs))
+            task = asyncio.ensure_future(self.transport.subscribe(*subs, qos=self.qos))
         else:
             self._idle(self.groups.pop(msg.tg))
             task = asyncio.ensure_future(self.transport.unsubscribe(*subs))
@@ -516,6 +524,8 @@ class Handset:
                 self.stats.late_entry_s.append(late)
             if self.metrics is not None:
                 self.metrics.late_entry(late)
+        if self.on_media is not None:
+            self.on_media(tg, talker)
         if self._waiters:
             self._deliver(
                 Inbound(
@@ -671,5 +681,8 @@ class Handset:
             self.stats.count("retried")
             self._send_up(msg, attempt)
 
-    def _publish(self, topic: str, msg: m.Message, retain: bool = False, qos: int = 1) -> None:
+    def _publish(
+        self, topic: str, msg: m.Message, retain: bool = False, qos: int | None = None
+    ) -> None:
+        qos = self.qos if qos is None else min(qos, self.qos)
         self.transport.publish(topic, codec.encode(msg), qos=qos, retain=retain)
