@@ -14,6 +14,7 @@ from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
 from esn.runtime import STOP_SIGNALS, Interrupted, Throttle, run
 from esn.tomlfile import load_fleet
+from esn.tools.nats import ClusterError as NatsStartError
 from esn.tools.processes import ServerStartError
 from esn.tools.secure import SecureConfigError
 from esn.transport import CLIENTS, BrokerConfig, TransportError
@@ -124,6 +125,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from esn.tools.demo import DemoOptions, run_demo
 
+    if args.cluster and (args.broker or args.secure):
+        print(
+            "esn demo: --cluster starts its own brokers: no --broker, no --secure", file=sys.stderr
+        )
+        return 2
     opts = DemoOptions(
         duration=args.duration,
         handsets=args.handsets,
@@ -135,6 +141,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         monitoring=args.monitoring,
         secure=args.secure,
     )
+    if args.cluster:
+        from esn.tools.cluster_demo import run_cluster_demo
+
+        return run(run_cluster_demo(opts))
     return run(run_demo(opts))
 
 
@@ -263,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also start Prometheus (grafana/prometheus) on the server and handsets",
     )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run it on a 3-node NATS cluster with 3 server instances, and kill one "
+        "instance, then one node, in the middle of calls (needs esn[cluster])",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("loadtest", help="drive thousands of handsets from a scenario file")
@@ -355,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         SecureConfigError,
         MissingExtra,
         ServerStartError,
+        NatsStartError,
         OSError,
     ) as exc:
         print(f"esn {args.command}: {exc}", file=sys.stderr)
