@@ -183,6 +183,25 @@ def overview() -> Dashboard:
                 "Media dropped by reason", rate("esn_media_dropped_total", "reason"), "{{reason}}"
             )
         )
+        .with_row(Row("Cluster (several server instances: docs/scaling.md)"))
+        .with_panel(
+            rates(
+                "Partitions served per instance",
+                "sum by (server) (esn_cluster_partitions_served)",
+                "{{server}}",
+                unit="short",
+            ).description(
+                "Summed, they make up every partition; a dip is an instance gone, not yet replaced."
+            )
+        )
+        .with_panel(
+            rates(
+                "Partitions taken over",
+                "sum by (server) (increase(esn_cluster_partitions_taken_total[$__rate_interval]))",
+                "{{server}}",
+                unit="short",
+            ).description("Partitions an instance took up: at its start, and on each failover.")
+        )
         .with_row(Row("Broker (Mosquitto $SYS)"))
         .with_panel(
             rates("Connected clients", "sum(esn_broker_clients_connected)", "clients", unit="short")

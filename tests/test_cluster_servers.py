@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from esn import __version__
 from esn.client.handset import Inbound
 from esn.core.fleet import parse_fleet
 from esn.core.partitions import PARTITIONS, partition_of
@@ -131,3 +132,18 @@ async def test_a_unit_served_by_one_instance_talks_in_a_group_served_by_another(
     idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
     await t.deaffiliate("tg-1")
     await idle
+
+
+async def test_each_instance_exports_what_it_serves(servers: list[Server]) -> None:
+    """What the dashboards and the EsnPartitionUnserved alert read: summed over the
+    instances, the partitions served make up all there are."""
+    served, taken = [], []
+    for s in servers:
+        registry, me = s.metrics.registry, {"server": s.config.server_id}
+        assert registry.get_sample_value("esn_server_info", {**me, "version": __version__}) == 1
+        assert registry.get_sample_value("esn_cluster_partitions") == PARTITIONS
+        served.append(registry.get_sample_value("esn_cluster_partitions_served", me))
+        taken.append(registry.get_sample_value("esn_cluster_partitions_taken_total", me))
+    assert served == [len(s._ready) for s in servers]
+    assert sum(served) == PARTITIONS  # type: ignore[arg-type]
+    assert all(t is not None and t >= n for t, n in zip(taken, served, strict=True))  # type: ignore[operator]

@@ -10,13 +10,15 @@ figures (from Mosquitto's `$SYS` topics).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from esn import __version__
 from esn.core.network import Network
+from esn.core.partitions import PARTITIONS
 from esn.exporter import BUCKETS
 
 # Mosquitto's $SYS topics (cumulative counters and a gauge) -> our metric names
@@ -83,6 +85,10 @@ class ServerMetrics:
         self.broker: dict[str, float] = {}  # $SYS figure -> value, as Mosquitto reports it
         self.media_dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.server_id = ""
+        # in a cluster: the partitions served now, and how many were taken up so far
+        self.served: Callable[[], Collection[int]] | None = None
+        self.partitions_taken = 0
 
     def count_message(self, kind: str, direction: str) -> None:
         key = (kind, direction)
@@ -114,6 +120,7 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         net = self.network
+        yield from self._identity()
         outcomes = CounterMetricFamily(
             "esn_floor_outcomes", "Floor control outcomes", labels=["outcome"]
         )
@@ -188,6 +195,31 @@ class _LiveState(Collector):
                 yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
             else:
                 yield GaugeMetricFamily(name, doc, value=value)
+
+    def _identity(self) -> Iterator[Metric]:
+        """Which server this is and, in a cluster, what it serves: summed over the
+        instances, the partitions served must come to `esn_cluster_partitions`."""
+        me = self.metrics.server_id
+        info = GaugeMetricFamily("esn_server_info", "This server", labels=["server", "version"])
+        info.add_metric([me, __version__], 1)
+        yield info
+        if self.metrics.served is None:
+            return
+        yield GaugeMetricFamily(
+            "esn_cluster_partitions", "Partitions the groups and units are split into", PARTITIONS
+        )
+        served = GaugeMetricFamily(
+            "esn_cluster_partitions_served", "Partitions this instance serves", labels=["server"]
+        )
+        served.add_metric([me], len(self.metrics.served()))
+        yield served
+        taken = CounterMetricFamily(
+            "esn_cluster_partitions_taken",
+            "Partitions taken up (at start, from an instance gone, or handed over)",
+            labels=["server"],
+        )
+        taken.add_metric([me], self.metrics.partitions_taken)
+        yield taken
 
 
 def _sum(*counts: dict[str, int]) -> dict[str, int]:

@@ -107,6 +107,9 @@ class Server:
             persistent=not config.cluster,
         )
         self.metrics.publish_dropped = lambda: self.transport.dropped
+        self.metrics.server_id = config.server_id
+        if config.cluster:
+            self.metrics.served = lambda: self._ready
         self.transport.on_message = self._on_message
         self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
@@ -487,6 +490,7 @@ class Server:
                     for unit in group.members:
                         self.network.affiliations.setdefault(unit, set()).add(tg)
             self._ready |= new
+            self.metrics.partitions_taken += len(new)
             due = self.network.settle(now) + self.network.deliver_stored()
             self._save()
             self._rearm()
