@@ -40,6 +40,7 @@ def test_shipped_scenarios_are_valid() -> None:
         ({"traffic": {"mean_talk_s": 10, "mean_session_s": 5}}, "mean_session_s must be at least"),
         ({"thresholds": {"floor_access_p95_ms": -1}}, "must not be negative"),
         ({"servers": {}}, "unknown section [servers]"),
+        ({"run": {"cluster": True, "broker": "mqtt://127.0.0.1:1"}}, "cluster starts its own"),
     ],
 )
 def test_bad_scenarios_are_refused_with_the_key_named(doc: dict[str, object], message: str) -> None:
@@ -213,3 +214,24 @@ def test_a_bad_fleet_file_is_one_line_and_leaves_no_broker(
     assert main(["loadtest", str(scenario), "--out", str(tmp_path / "out")]) == 2
     assert "talkgroup[0].id" in capsys.readouterr().err
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.broker
+@pytest.mark.cluster
+async def test_a_load_test_runs_on_a_cluster_of_servers(tmp_path: Path) -> None:
+    """`run.cluster`: three NATS nodes, three instances sharing the partitions, the
+    handsets spread over the nodes; grants and voice go on, summed over the instances."""
+    out = tmp_path / "out"
+    scenario = load_scenario(
+        "ci-small",
+        ["run.cluster=true", "run.duration_s=8", "fleet.handsets=60", "traffic.late_joiners=2"],
+    )
+    rc = await run_loadtest(scenario, out)
+    result = json.loads((out / "result.json").read_text())
+    server = result["server_metrics"]
+    assert server["esn_cluster_partitions_served{server=esn-1}"] > 0
+    assert sum(v for k, v in server.items() if k.startswith("esn_cluster_partitions_served")) == 32
+    assert server["esn_floor_outcomes_total{outcome=granted}"] > 0
+    assert result["kpis"]["mouth_to_ear"]["n"] > 0
+    assert result["counts"]["connected"] == 62 and "connect_failures" not in result["counts"]
+    assert rc == (0 if result["passed"] else 1)

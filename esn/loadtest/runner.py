@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from esn.core.partitions import PARTITIONS
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario
@@ -28,9 +29,11 @@ from esn.loadtest.worker import WorkerPlan, run_worker
 from esn.tomlfile import dump_fleet, load_fleet
 from esn.tools.broker import Mosquitto
 from esn.tools.monitoring import scrape
+from esn.tools.nats import ClusterError, NatsCluster
 from esn.tools.processes import free_port, raise_fd_limit, start_server
 from esn.tools.quantiles import buckets, histogram_quantile
 
+CLUSTER_NODES = 3  # [run] cluster: NATS nodes, and server instances (one per node)
 LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
 OVERRUN_LIMIT = 0.01  # share of actions started more than 10 ms late
 
@@ -100,30 +103,45 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     plans, fleet_text = plan(s, workers)  # first: a bad fleet file must cost no broker
     work = tempfile.TemporaryDirectory(prefix="esn-loadtest-")
     broker = None
-    server = None
-    server_port = free_port()
+    nats: NatsCluster | None = None
+    servers: list[asyncio.subprocess.Process] = []
+    server_ports: list[int] = []
     procs: list[multiprocessing.process.BaseProcess] = []
     ctx = multiprocessing.get_context("spawn")
     q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
     finals: dict[int, dict[str, Any]] = {}
     interrupted = False
     try:
-        broker = None if s.run.broker else Mosquitto().start()
-        url = s.run.broker or broker.url  # type: ignore[union-attr]
+        if s.run.cluster:
+            nats = NatsCluster(CLUSTER_NODES)
+            await asyncio.to_thread(nats.start)
+            url = ",".join(nats.mqtt_urls)
+        else:
+            broker = None if s.run.broker else Mosquitto().start()
+            url = s.run.broker or broker.url  # type: ignore[union-attr]
         for p in plans:
             p.broker_url = url
+            p.qos = 0 if nats else 1
         out.mkdir(parents=True, exist_ok=True)
         if s.run.server:
             fleet = Path(work.name) / "fleet.toml"
             fleet.write_text(fleet_text)
-            server = await start_server(
-                url,
-                fleet,
-                metrics_port=server_port,
-                mqtt_client=s.run.mqtt_client,
-                state=Path(work.name) / "state.sqlite3",
-                log=Path(work.name) / "server.log",
-            )
+            for i, node_url in enumerate(url.split(",")):
+                server_ports.append(free_port())
+                cluster_args = ("--cluster", ",".join(nats.nats_urls)) if nats else ()
+                servers.append(
+                    await start_server(
+                        node_url,
+                        fleet,
+                        metrics_port=server_ports[-1],
+                        mqtt_client=s.run.mqtt_client,
+                        state=None if nats else Path(work.name) / "state.sqlite3",
+                        args=("--server-id", f"esn-{i + 1}", *cluster_args),
+                        log=Path(work.name) / f"server-{i + 1}.log",
+                    )
+                )
+            if nats:
+                await _shared(server_ports)
         total = sum(len(p.units) + len(p.dispatchers) + len(p.late) for p in plans)
         print(
             f"esn loadtest {s.run.name}: {total} handsets on {workers} worker(s), "
@@ -146,19 +164,21 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_finals(q, finals, workers), 30)
         result: dict[str, Any] = {"finals": [finals[w] for w in sorted(finals)]}
-        result["server_metrics"] = _scrape(server_port) if server else {}
+        result["server_metrics"] = _scrape(server_ports)
     finally:
         stop.set()
         for proc in procs:
             proc.join(20)
             if proc.is_alive():
                 proc.kill()
-        if server is not None:
+        for server in servers:
             if server.returncode is None:
                 server.terminate()
             await server.wait()
         if broker is not None:
             broker.close()
+        if nats is not None:
+            await asyncio.to_thread(nats.close)
         work.cleanup()
     report = build_report(s, result, workers)
     if interrupted:
@@ -295,11 +315,31 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
     }
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """The server's figures for result.json, with quantiles of its histograms."""
-    try:
-        samples = scrape(port)
-    except OSError:
+async def _shared(ports: list[int], timeout: float = 30.0) -> None:
+    """Wait until the instances of a cluster serve every partition between them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = 0.0
+        for port in ports:
+            with contextlib.suppress(OSError):
+                for _, v in scrape(port, timeout=2).get("esn_cluster_partitions_served", []):
+                    served += v
+        if served >= PARTITIONS:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the server instances serve {served:g} of {PARTITIONS} partitions")
+        await asyncio.sleep(0.2)
+
+
+def _scrape(ports: list[int]) -> dict[str, float]:
+    """The servers' figures for result.json (summed over a cluster's instances), with
+    quantiles of their histograms."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for port in ports:
+        with contextlib.suppress(OSError):
+            for name, values in scrape(port).items():
+                samples.setdefault(name, []).extend(values)
+    if not samples:
         return {}
     out: dict[str, float] = {}
     for name, values in samples.items():
@@ -310,5 +350,6 @@ def _scrape(port: int) -> dict[str, float]:
                 out[f"{metric}:p{q * 100:g}_ms"] = round(value * 1000, 3)
             continue
         for labels, value in values:
-            out[name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))] = value
+            key = name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))
+            out[key] = out.get(key, 0.0) + value
     return out

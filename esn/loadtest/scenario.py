@@ -33,6 +33,9 @@ class Run:
     seed: int = 1
     broker: str = ""  # empty: start an embedded Mosquitto
     server: bool = True  # start our own server (with the fleet below)
+    # a 3-node NATS cluster on loopback with one server instance per node, the handsets
+    # spread over the nodes (docs/scaling.md)
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
     for ok, message in checks:
         if not ok:
             raise ScenarioError(message)
+    if s.run.cluster and (s.run.broker or not s.run.server):
+        raise ScenarioError("[run] cluster starts its own brokers and servers: no broker, server")
     if s.fleet.fleet_file and not s.run.server:
         raise ScenarioError("[fleet] fleet_file is for our own server; set [run] server = true")
     return s

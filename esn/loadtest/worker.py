@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,9 @@ class WorkerPlan:
     seed: int
     metrics_port: int
     prefix: str = "esn"
-    broker_url: str = ""  # set by the runner once its broker is up
+    broker_url: str = ""  # set by the runner once its broker is up (a cluster's: several,
+    # comma-separated; each unit keeps to one of them)
+    qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,10 +128,12 @@ class Worker:
         )
 
     def handset(self, unit: str) -> Handset:
-        cfg = BrokerConfig.from_url(self.plan.broker_url)
+        urls = self.plan.broker_url.split(",")
+        cfg = BrokerConfig.from_url(urls[zlib.crc32(unit.encode()) % len(urls)])
         h = Handset(
             unit,
             cfg,
+            qos=self.plan.qos,
             prefix=self.plan.prefix,
             mqtt_client=self.plan.mqtt_client,
             media_interval=self.plan.traffic.media_interval_s,
