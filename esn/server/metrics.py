@@ -86,8 +86,8 @@ class ServerMetrics:
         self.media_dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.server_id = ""
-        # in a cluster: the partitions served now, and how many were taken up so far
-        self.served: Callable[[], Collection[int]] | None = None
+        # the partitions served now (a single server: all), and how many were taken up
+        self.served: Callable[[], Collection[int]] = lambda: range(PARTITIONS)
         self.partitions_taken = 0
 
     def count_message(self, kind: str, direction: str) -> None:
@@ -197,14 +197,13 @@ class _LiveState(Collector):
                 yield GaugeMetricFamily(name, doc, value=value)
 
     def _identity(self) -> Iterator[Metric]:
-        """Which server this is and, in a cluster, what it serves: summed over the
-        instances, the partitions served must come to `esn_cluster_partitions`."""
+        """Which server this is and what it serves (a single server: every partition):
+        summed over a cluster's instances, the partitions served must come to
+        `esn_cluster_partitions`."""
         me = self.metrics.server_id
         info = GaugeMetricFamily("esn_server_info", "This server", labels=["server", "version"])
         info.add_metric([me, __version__], 1)
         yield info
-        if self.metrics.served is None:
-            return
         yield GaugeMetricFamily(
             "esn_cluster_partitions", "Partitions the groups and units are split into", PARTITIONS
         )
