@@ -16,6 +16,10 @@ watches are made anew. Times are read from CLOCK_BOOTTIME, which goes on countin
 the machine is suspended. The buckets' own expiry runs on the NATS nodes' wall clocks:
 they must agree to well within the margin (NTP slewing, not stepping).
 
+An instance known to have ended (`gone`: the server heard its will) is left out of the
+live members at once, and the leases of that run of it are deleted, so its partitions are
+taken without waiting for their keys to expire.
+
 Whoever acts for a partition asks `acting(p)` at the moment it acts (the lease may lapse
 between ticks); `on_change` is told the set of partitions held whenever it changes.
 """
@@ -33,6 +37,12 @@ from esn.core.partitions import PARTITIONS, Ownership, Plan
 from esn.extras import need
 
 log = logging.getLogger("esn.cluster")
+
+# The lease time of `esn server --cluster`: longer than NATS takes to elect a new leader for
+# the lease bucket when a node dies (4 to 9 s), so that no lease lapses meanwhile. An
+# instance that dies is replaced sooner: its broker publishes its will (`gone`).
+SERVER_LEASE_S = 15.0
+MAX_GONE = 256  # instances remembered as gone (`gone`)
 
 
 class ClusterError(Exception):
@@ -54,10 +64,13 @@ class ClusterLink:
         margin: float = 1.0,
         tick: float = 0.25,
         partitions: int = PARTITIONS,
+        incarnation: str = "",
     ) -> None:
         need("nats", "cluster", "the cluster mode")
         self.servers = list(servers)
         self.me = me
+        # what our lease keys hold: our id and this run of it (`gone` names one run)
+        self.value = f"{me} {incarnation}".strip().encode()
         self.prefix = prefix
         self.ttl, self.tick = ttl, tick
         self.own = Ownership(
@@ -68,6 +81,8 @@ class ClusterLink:
         self.held: set[int] = set()  # as last told to on_change
         self._seen_members: dict[str, float] = {}  # member -> when its key was last written
         self._seen_leases: dict[int, float] = {}  # partition -> when its key was last written
+        self._lease_values: dict[int, tuple[bytes, int]] = {}  # partition -> value, revision
+        self._gone: dict[bytes, str] = {}  # lease values of runs known to have ended -> member
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: list[Any] = []
         self._echo = -1e9  # when our own member key last came back through the watch
@@ -97,6 +112,35 @@ class ClusterLink:
             self._tell()
             if self._members is not None:
                 self._spawn(self._members.delete(f"m-{self.me}"))
+
+    def gone(self, member: str, incarnation: str = "") -> None:
+        """That run of `member` has ended: its broker published its will, so nothing it
+        still sends reaches anyone. Leave it out of the live members, and delete the
+        leases it held (only those of that run), so that its partitions are taken now
+        rather than when their keys expire."""
+        value = f"{member} {incarnation}".strip().encode()
+        if member == self.me or value in self._gone:
+            return
+        self._gone[value] = member
+        while len(self._gone) > MAX_GONE:
+            del self._gone[next(iter(self._gone))]
+        self._seen_members.pop(member, None)
+        for p, (held_by, revision) in list(self._lease_values.items()):
+            if held_by == value:
+                self._spawn(self._drop(p, revision))
+
+    def back(self, member: str) -> None:
+        """`member` says it is online again (a new run, or the same one reconnected)."""
+        self._gone = {v: m for v, m in self._gone.items() if m != member}
+
+    async def _drop(self, partition: int, revision: int) -> None:
+        """Delete a gone run's lease, unless it was written again since we saw it."""
+        if self._leases is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._leases.delete(f"p{partition}", last=revision), self.ttl / 2
+            )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -247,7 +291,7 @@ class ClusterLink:
         self._tell()
 
     def _perform(self, plan: Plan, sent: float) -> None:
-        value = self.me.encode()
+        value = self.value
         for p in plan.acquire:
             self._spawn(self._ask(p, sent, self._leases.create(f"p{p}", value)))
         for p, rev in plan.renew:
@@ -271,8 +315,24 @@ class ClusterLink:
         self._tell()
 
     async def _release(self, partition: int, request: Any) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(request, self.ttl / 2)
+        """Give a lease back (we act for it no more); tried again, while the bucket has no
+        leader, until the key would have expired anyway."""
+        for _ in range(int(self.ttl)):
+            try:
+                await asyncio.wait_for(request, self.ttl / 2)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                from nats.js.errors import KeyWrongLastSequenceError
+
+                if isinstance(exc, KeyWrongLastSequenceError) or self._leases is None:
+                    break  # (written by another since, or expired: not ours to delete)
+                await asyncio.sleep(1.0)
+                lease = self.own.leases.get(partition)
+                if lease is None:
+                    break
+                request = self._leases.delete(f"p{partition}", last=lease.revision)
         self.own.released(partition)
 
     async def _put_member(self) -> None:
@@ -287,17 +347,17 @@ class ClusterLink:
 
     # --- what the buckets say ---------------------------------------------------------
 
-    async def _watch(
-        self, watcher: Any, seen: Callable[[str, bool], None], ready: asyncio.Event
-    ) -> None:
+    async def _watch(self, watcher: Any, seen: Callable[[Any], None], ready: asyncio.Event) -> None:
         async for entry in watcher:
             if entry is None:  # (the end of what the bucket held when the watch began)
                 ready.set()
             else:
-                seen(entry.key, entry.operation in ("DEL", "PURGE"))
+                seen(entry)
 
-    def _member_seen(self, key: str, gone: bool) -> None:
-        member = key.removeprefix("m-")
+    def _member_seen(self, entry: Any) -> None:
+        member, gone = entry.key.removeprefix("m-"), _deleted(entry)
+        if member in self._gone.values() and member != self.me:
+            return  # (its last heartbeats, written before it ended)
         if gone:
             self._seen_members.pop(member, None)
         else:
@@ -305,15 +365,24 @@ class ClusterLink:
             if member == self.me:
                 self._echo = self.clock()
 
-    def _lease_seen(self, key: str, gone: bool) -> None:
+    def _lease_seen(self, entry: Any) -> None:
         with contextlib.suppress(ValueError):
-            p = int(key.removeprefix("p"))
-            if gone:
+            p = int(entry.key.removeprefix("p"))
+            if _deleted(entry):
                 self._seen_leases.pop(p, None)
-            else:
-                self._seen_leases[p] = self.clock()
+                self._lease_values.pop(p, None)
+                return
+            self._seen_leases[p] = self.clock()
+            value, revision = bytes(entry.value or b""), int(entry.revision)
+            self._lease_values[p] = (value, revision)
+            if value in self._gone:  # (written by a run we know has ended)
+                self._spawn(self._drop(p, revision))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _deleted(entry: Any) -> bool:
+    return entry.operation in ("DEL", "PURGE")

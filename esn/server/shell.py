@@ -37,7 +37,7 @@ from esn.exporter import serve_metrics
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Inbound, Topics
-from esn.server.cluster import ClusterLink
+from esn.server.cluster import SERVER_LEASE_S, ClusterLink
 from esn.server.metrics import BROKER_SYS, ServerMetrics
 from esn.store import Store, StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, Transport, Will, make_transport
@@ -114,6 +114,10 @@ class Server:
         self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
         self.transport.on_disconnect = self._on_disconnect
+        # where retained state and locations are published: in a cluster, a link of their
+        # own (NATS stores a retained message while reading the publisher's connection,
+        # and stalls it for seconds when that store has no leader: a node died)
+        self._retainer = self.transport
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._http: asyncio.Server | None = None
@@ -147,6 +151,7 @@ class Server:
         # at once. Retries (the handsets') and retained state make up for the rest.
         self._qos = 0 if config.cluster else 1
         self._records_head = f"{self.topics.prefix}/cluster/rec/"
+        self._status_head = f"{self.topics.prefix}/server/"
         self._echoes: dict[bytes, asyncio.Event] = {}
         self._gathering: set[int] = set()
         self._gathered: dict[str, bytes] = {}
@@ -201,6 +206,8 @@ class Server:
         if self.rival is None:
             status = self._status("offline")
             self.transport.publish(self._status_topic, status, self._qos, True)
+        if self._retainer is not self.transport:
+            await self._retainer.stop()
         await self.transport.stop()
         if self._http is not None:
             self._http.close()
@@ -368,6 +375,33 @@ class Server:
                 )
                 self.gave_way.set()
 
+    def _peer_status_seen(self, topic: str, payload: bytes) -> None:
+        """Another instance's status. `offline` is its will (or its goodbye): the broker
+        has closed its link, so nothing it sends reaches anyone any more, and its
+        partitions may be taken at once rather than when its leases expire."""
+        srv = topic[len(self._status_head) :].removesuffix("/status")
+        with contextlib.suppress(codec.ProtocolError):
+            status = codec.decode(payload) if payload else None
+            if isinstance(status, m.Status) and self.link is not None:
+                if status.state == "online":
+                    self.link.back(srv)
+                else:
+                    self.link.gone(srv, str(status.started_ts))
+
+    def _own_status_seen(self, payload: bytes) -> None:
+        """Our own status said `offline` while we are online: the others now take our
+        partitions (`_peer_status_seen`), so we stop acting for them at once, and come
+        back as a new member. (A will of ours the broker fired late, or a forgery: the
+        open profile lets anyone publish there.)"""
+        with contextlib.suppress(codec.ProtocolError):
+            status = codec.decode(payload) if payload else None
+            mine = isinstance(status, m.Status) and status.started_ts == self.started_ns
+            if mine and status.state != "online" and self.link is not None:  # type: ignore[union-attr]
+                log.warning("our status was set offline while we serve: stepping aside")
+                self.link.standby(True)
+                self.link.standby(False)
+                self._say_online()
+
     def _say_online(self) -> None:
         """Our retained status `online` (in a cluster, with the partitions we serve)."""
         self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
@@ -387,21 +421,40 @@ class Server:
         serving the group (or unit) the message is about."""
         self._accepting = True
         self._recovered, self._holding = None, False  # (nothing is held for later here)
-        await self.transport.start()
+        config = self.config
+        self._retainer = make_transport(
+            config.mqtt_client,
+            config.broker,
+            client_id=f"{config.server_id}-state",
+            keepalive=config.keepalive,
+        )
+        self._retainer.on_connect = self._on_connect
+        self._retainer.on_disconnect = self._on_disconnect
+        # made before we hear the others' statuses: a will heard is passed to it (`gone`)
+        self.link = ClusterLink(
+            config.cluster,
+            config.server_id,
+            prefix=config.prefix.replace("/", "_"),
+            ttl=SERVER_LEASE_S,
+            incarnation=str(self.started_ns),
+        )
+        self.link.on_change = self._shares_changed
+        await self._retainer.start()
+        try:
+            await self.transport.start()
+        except BaseException:
+            await self._retainer.stop()
+            raise
         t = self.topics
         up, presence, _ = t.server_subscriptions()
-        mine = (self._status_topic, self._sync_topic, t.unit_records(), t.floors_up())
+        mine = (t.status("+"), self._sync_topic, t.unit_records(), t.floors_up())
         # QoS 0: on a NATS cluster, what is subscribed at QoS 1 stalls when a node dies.
         # Everyone's control messages (few) come to every instance, and each drops those
         # of partitions it does not serve by their topic; voice (many) only to the group's.
         await self.transport.subscribe(up, presence, *mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
-        await self._echo()  # the retained presence and records are in
+        await self._echo()  # the retained presence, records and statuses are in
         self._say_online()
-        self.link = ClusterLink(
-            self.config.cluster, self.config.server_id, prefix=self.config.prefix.replace("/", "_")
-        )
-        self.link.on_change = self._shares_changed
         try:
             await self.link.start()
         except BaseException:
@@ -547,19 +600,37 @@ class Server:
                 self.metrics.count_rejected("malformed")
                 return
             groups = record.get("groups") if isinstance(record, dict) else None
+        before = set(self.network.affiliations.get(ident, ()))
         self._perform(self.network.adopt_affiliations(ident, groups, self._loop.time()))
+        self._late_entry(set(self.network.affiliations.get(ident, ())) - before)
         self._rearm()
+
+    def _late_entry(self, joined: set[str]) -> None:
+        """A unit joined these groups: state again those of ours with a call going on.
+        The retained state may not be there for it yet: NATS updates each node's copy of
+        what is retained a moment after the store, so a unit subscribing on another node
+        just after a grant can be handed the state from before it; the unit subscribed
+        before it affiliated, so it hears this one."""
+        for tg in joined:
+            floor = self.network.floors.get(tg)
+            if floor is not None and floor.holder is not None and self._serving(partition_of(tg)):
+                self._publish_state(tg)
 
     def _share(self) -> None:
         """Keep what the core changed, retained in the cluster, for the partitions we
-        serve: whoever serves them next reads it back."""
+        serve: whoever serves them next reads it back. A unit's record (which groups it
+        is in) goes out on our main link, ahead of the answer that follows it, so every
+        instance knows of an affiliation before the unit can ask for the floor there;
+        the rest (floors, stored messages: read back only at a takeover) on the state
+        link, where a stalled store delays no answer."""
         t = self.topics
         for key in self.network.changed:
             partition = partition_of(key.partition("/")[2])
             if self._serving(partition):
                 record = self.network.record(key)
                 data = b"" if record is None else pack(record)
-                self.transport.publish(t.record(partition, key), data, qos=self._qos, retain=True)
+                link = self.transport if key.startswith("unit/") else self._retainer
+                link.publish(t.record(partition, key), data, qos=self._qos, retain=True)
         self.network.changed.clear()
 
     def _on_disconnect(self) -> None:
@@ -568,7 +639,7 @@ class Server:
             self.link.standby(True)
 
     def _on_connect(self) -> None:
-        if self.link is not None:
+        if self.link is not None and self.transport.connected and self._retainer.connected:
             self.link.standby(False)
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
             self._announce()
@@ -587,6 +658,9 @@ class Server:
         status are meant to be retained; an uplink never is: replayed at every start, a
         retained request would take a floor and a retained SDS be delivered again. So it
         is dropped, counted, and cleared at the broker."""
+        if topic == self._status_topic:  # (ours from before: no news of now, but a rival's)
+            self._rival_seen(payload)
+            return
         where = self.topics.parse_inbound(topic)
         if where is None or where.kind == "presence":
             self._on_message(topic, payload)
@@ -607,8 +681,13 @@ class Server:
             return
         if topic == self._status_topic:  # (formatted once: this is every message's path)
             self._rival_seen(payload)
+            if self.config.cluster:
+                self._own_status_seen(payload)
             return
         if self.config.cluster:
+            if topic.startswith(self._status_head) and topic.endswith("/status"):
+                self._peer_status_seen(topic, payload)
+                return
             if topic == self._sync_topic:
                 echo = self._echoes.get(payload)
                 if echo is not None:
@@ -662,6 +741,10 @@ class Server:
             actions = self.network.floor_message(where.unit, where.tg, msg, now)
         elif self.config.cluster and not self._acts_here(where, msg, payload):
             return
+        elif self.config.cluster and isinstance(msg, m.Affiliate):
+            before = set(self.network.affiliations.get(where.unit, ()))
+            actions = self.network.unit_message(where.unit, msg, now)
+            self._late_entry(set(self.network.affiliations.get(where.unit, ())) - before)
         else:
             actions = self.network.unit_message(where.unit, msg, now)
         self._save()
@@ -754,16 +837,16 @@ class Server:
                     states[a.tg] = None
                 case StateCleared():
                     states.pop(a.tg, None)
-                    self.transport.publish(t.state(a.tg), b"", qos=self._qos, retain=True)
+                    self._retainer.publish(t.state(a.tg), b"", qos=self._qos, retain=True)
                 case LocationAccepted():
                     location = codec.encode(a.msg)
-                    self.transport.publish(t.location(a.unit), location, qos=self._qos, retain=True)
+                    self._retainer.publish(t.location(a.unit), location, qos=self._qos, retain=True)
         for tg in states:
             self._publish_state(tg)
 
     def _publish_state(self, tg: str) -> None:
         state = replace(self.network.state_msg(tg, self._loop.time()), srv=self.config.server_id)
-        self.transport.publish(
+        self._retainer.publish(
             self.topics.state(tg), codec.encode(state), qos=self._qos, retain=True
         )
 
