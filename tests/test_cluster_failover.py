@@ -174,14 +174,17 @@ async def lead_from(cluster: NatsCluster, node: int, streams: list[str]) -> None
             answer = await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request, 5)
             error = json.loads(answer.data).get("error", {})
             assert not error or "already leader" in error.get("description", ""), error
+
         async def leader(stream: str) -> str | None:
             info = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", 5)
             return json.loads(info.data).get("cluster", {}).get("leader")  # type: ignore[no-any-return]
 
         async with asyncio.timeout(15):  # (each stream elects the preferred node)
             for stream in streams:
-                while await leader(stream) != want:
-                    await asyncio.sleep(0.1)
+                while True:
+                    if await leader(stream) == want:
+                        break
+                    await asyncio.sleep(0.1)  # (an election under way: asked again)
     finally:
         await nc.close()
 

@@ -19,6 +19,7 @@ from esn import __version__
 from esn.client.handset import Inbound
 from esn.core.fleet import parse_fleet
 from esn.core.partitions import PARTITIONS, partition_of
+from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
 from esn.tools.nats import NatsCluster
@@ -147,3 +148,32 @@ async def test_each_instance_exports_what_it_serves(servers: list[Server]) -> No
     assert served == [len(s._ready) for s in servers]
     assert sum(served) == PARTITIONS  # type: ignore[arg-type]
     assert all(t is not None and t >= n for t, n in zip(taken, served, strict=True))  # type: ignore[operator]
+
+
+async def test_a_forged_offline_status_takes_nothing_from_a_live_instance(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    """Tried: publish, as anyone may in the open profile, a retained `offline` status in
+    the name of the instance serving tg-1, with its start time (a will, to the others).
+    Expect: it keeps tg-1, since its heartbeats go on; no other instance acts for it at
+    any moment; it says `online` again, and still grants."""
+    owner = serving(servers, "tg-1")
+    others = [s for s in servers if s is not owner]
+    a = await handset("u1", "tg-1")
+    topic = owner.topics.status(owner.config.server_id)
+    again = a.expect(
+        lambda i: i.topic == topic and isinstance(i.msg, m.Status) and i.msg.state == "online"
+    )
+    forged = m.Status(state="offline", version="x", started_ts=owner.started_ns)
+    a.transport.publish(topic, codec.encode(forged), qos=0, retain=True)
+    await again
+    part = partition_of("tg-1")
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3.0  # (an ended run's leases go 3 ticks, 0.75 s, after its will)
+    while loop.time() < until:  # the invariant, watched over that window
+        assert part in owner._ready and not any(s.link and s.link.acting(part) for s in others)
+        await asyncio.sleep(0.05)
+    state = a.expect(on_state("tg-1"))
+    assert isinstance(await a.press("tg-1"), m.Granted)
+    got = (await state).msg
+    assert isinstance(got, m.State) and got.srv == owner.config.server_id

@@ -351,5 +351,6 @@ def _scrape(ports: list[int]) -> dict[str, float]:
             continue
         for labels, value in values:
             key = name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))
-            out[key] = out.get(key, 0.0) + value
+            same = name in ("esn_cluster_partitions", "esn_server_info")  # (not to be summed)
+            out[key] = value if same else out.get(key, 0.0) + value
     return out

@@ -16,9 +16,12 @@ watches are made anew. Times are read from CLOCK_BOOTTIME, which goes on countin
 the machine is suspended. The buckets' own expiry runs on the NATS nodes' wall clocks:
 they must agree to well within the margin (NTP slewing, not stepping).
 
-An instance known to have ended (`gone`: the server heard its will) is left out of the
-live members at once, and the leases of that run of it are deleted, so its partitions are
-taken without waiting for their keys to expire.
+An instance said to have ended (`gone`: the server heard its will) whose heartbeats (its
+member key, naming its run) have also stopped for three ticks is left out of the live
+members, and the leases of that run are deleted, so its partitions are taken without
+waiting for their keys to expire. A status alone (stale, or forged: anyone may publish one
+in the open profile) takes nothing from an instance that still beats. An instance whose
+own lease key is deleted or written by another stops acting for it at once.
 
 Whoever acts for a partition asks `acting(p)` at the moment it acts (the lease may lapse
 between ticks); `on_change` is told the set of partitions held whenever it changes.
@@ -82,7 +85,10 @@ class ClusterLink:
         self._seen_members: dict[str, float] = {}  # member -> when its key was last written
         self._seen_leases: dict[int, float] = {}  # partition -> when its key was last written
         self._lease_values: dict[int, tuple[bytes, int]] = {}  # partition -> value, revision
-        self._gone: dict[bytes, str] = {}  # lease values of runs known to have ended -> member
+        self._gone: dict[bytes, str] = {}  # runs said to have ended (`gone`) -> member
+        self._beats: dict[bytes, float] = {}  # run -> when its member key was last written
+        self._runs: dict[str, bytes] = {}  # member -> its run last heard
+        self._dropping: set[int] = set()  # deletes of an ended run's leases under way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watchers: list[Any] = []
         self._echo = -1e9  # when our own member key last came back through the watch
@@ -114,33 +120,40 @@ class ClusterLink:
                 self._spawn(self._members.delete(f"m-{self.me}"))
 
     def gone(self, member: str, incarnation: str = "") -> None:
-        """That run of `member` has ended: its broker published its will, so nothing it
-        still sends reaches anyone. Leave it out of the live members, and delete the
-        leases it held (only those of that run), so that its partitions are taken now
+        """That run of `member` is said to have ended (its broker published its will).
+        Once its heartbeats have stopped too (`_ended`), it is left out of the live members
+        and the leases of that run are deleted, so that its partitions are taken then
         rather than when their keys expire."""
         value = f"{member} {incarnation}".strip().encode()
-        if member == self.me or value in self._gone:
+        if member == self.me:
             return
         self._gone[value] = member
         while len(self._gone) > MAX_GONE:
             del self._gone[next(iter(self._gone))]
-        self._seen_members.pop(member, None)
-        for p, (held_by, revision) in list(self._lease_values.items()):
-            if held_by == value:
-                self._spawn(self._drop(p, revision))
 
     def back(self, member: str) -> None:
-        """`member` says it is online again (a new run, or the same one reconnected)."""
+        """`member` says it is online (a new run, or the same one reconnected)."""
         self._gone = {v: m for v, m in self._gone.items() if m != member}
 
+    def _ended(self, run: bytes, now: float) -> bool:
+        return run in self._gone and now - self._beats.get(run, -1e9) >= 3 * self.tick
+
+    def _drop_ended(self, now: float) -> None:
+        """Delete the leases of runs that have ended, unless written again since seen."""
+        for p, (run, revision) in list(self._lease_values.items()):
+            if p not in self._dropping and self._ended(run, now):
+                self._dropping.add(p)
+                self._spawn(self._drop(p, revision))
+
     async def _drop(self, partition: int, revision: int) -> None:
-        """Delete a gone run's lease, unless it was written again since we saw it."""
-        if self._leases is None:
-            return
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self._leases.delete(f"p{partition}", last=revision), self.ttl / 2
-            )
+        try:
+            if self._leases is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._leases.delete(f"p{partition}", last=revision), self.ttl / 2
+                    )
+        finally:
+            self._dropping.discard(partition)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -281,7 +294,14 @@ class ClusterLink:
                 log.warning("cluster link: the watches went quiet; watching again")
             self._rewatch_at = now + 2.0
             self._spawn(self._watch_again())
-        live = [m for m, at in self._seen_members.items() if now - at < self.ttl]
+        for run in [r for r, at in self._beats.items() if now - at >= self.ttl]:
+            del self._beats[run]
+        self._drop_ended(now)
+        live = [
+            m
+            for m, at in self._seen_members.items()
+            if now - at < self.ttl and not self._ended(self._runs.get(m, b""), now)
+        ]
         free = [
             p
             for p in range(self.partitions)
@@ -317,7 +337,8 @@ class ClusterLink:
     async def _release(self, partition: int, request: Any) -> None:
         """Give a lease back (we act for it no more); tried again, while the bucket has no
         leader, until the key would have expired anyway."""
-        for _ in range(int(self.ttl)):
+        deadline = self.clock() + self.ttl
+        while True:
             try:
                 await asyncio.wait_for(request, self.ttl / 2)
                 break
@@ -330,14 +351,14 @@ class ClusterLink:
                     break  # (written by another since, or expired: not ours to delete)
                 await asyncio.sleep(1.0)
                 lease = self.own.leases.get(partition)
-                if lease is None:
+                if lease is None or self.clock() > deadline:
                     break
                 request = self._leases.delete(f"p{partition}", last=lease.revision)
         self.own.released(partition)
 
     async def _put_member(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._members.put(f"m-{self.me}", b""), self.ttl / 2)
+            await asyncio.wait_for(self._members.put(f"m-{self.me}", self.value), self.ttl / 2)
 
     def _tell(self) -> None:
         held = self.own.owned(self.clock())
@@ -356,27 +377,30 @@ class ClusterLink:
 
     def _member_seen(self, entry: Any) -> None:
         member, gone = entry.key.removeprefix("m-"), _deleted(entry)
-        if member in self._gone.values() and member != self.me:
-            return  # (its last heartbeats, written before it ended)
         if gone:
             self._seen_members.pop(member, None)
         else:
             self._seen_members[member] = self.clock()
+            run = self._runs[member] = bytes(entry.value or b"")
+            self._beats[run] = self.clock()
             if member == self.me:
                 self._echo = self.clock()
 
     def _lease_seen(self, entry: Any) -> None:
         with contextlib.suppress(ValueError):
             p = int(entry.key.removeprefix("p"))
-            if _deleted(entry):
+            deleted = _deleted(entry)
+            value, revision = bytes(entry.value or b""), int(entry.revision)
+            lease = self.own.leases.get(p)
+            if lease and revision > lease.revision and (deleted or value != self.value):
+                self.own.refused(p)  # (deleted by another, who took us for ended): ours no more
+                self._tell()
+            if deleted:
                 self._seen_leases.pop(p, None)
                 self._lease_values.pop(p, None)
                 return
             self._seen_leases[p] = self.clock()
-            value, revision = bytes(entry.value or b""), int(entry.revision)
             self._lease_values[p] = (value, revision)
-            if value in self._gone:  # (written by a run we know has ended)
-                self._spawn(self._drop(p, revision))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

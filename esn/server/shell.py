@@ -157,6 +157,7 @@ class Server:
         self._gathered: dict[str, bytes] = {}
         self._taking: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        self._deferred: set[tuple[str, int | None]] = set()  # (`_ahead_of_record`)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -389,17 +390,13 @@ class Server:
                     self.link.gone(srv, str(status.started_ts))
 
     def _own_status_seen(self, payload: bytes) -> None:
-        """Our own status said `offline` while we are online: the others now take our
-        partitions (`_peer_status_seen`), so we stop acting for them at once, and come
-        back as a new member. (A will of ours the broker fired late, or a forgery: the
-        open profile lets anyone publish there.)"""
+        """Our own status said `offline` while we are online (a will of ours fired late,
+        or a forgery: the open profile lets anyone publish there): say `online` again.
+        It costs us no partition, as our heartbeats go on (`ClusterLink.gone`)."""
         with contextlib.suppress(codec.ProtocolError):
             status = codec.decode(payload) if payload else None
-            mine = isinstance(status, m.Status) and status.started_ts == self.started_ns
-            if mine and status.state != "online" and self.link is not None:  # type: ignore[union-attr]
-                log.warning("our status was set offline while we serve: stepping aside")
-                self.link.standby(True)
-                self.link.standby(False)
+            if isinstance(status, m.Status) and status.state != "online":
+                log.warning("our status was set offline while we serve: online again")
                 self._say_online()
 
     def _say_online(self) -> None:
@@ -429,7 +426,8 @@ class Server:
             keepalive=config.keepalive,
         )
         self._retainer.on_connect = self._on_connect
-        self._retainer.on_disconnect = self._on_disconnect
+        # (not a loss of the main link: no evidence of a rival, see _rival_seen)
+        self._retainer.on_disconnect = lambda: self.link.standby(True) if self.link else None
         # made before we hear the others' statuses: a will heard is passed to it (`gone`)
         self.link = ClusterLink(
             config.cluster,
@@ -738,6 +736,8 @@ class Server:
             actions = self.network.presence(where.unit, msg, now)
         elif where.kind == "floor":
             assert where.tg is not None
+            if self.config.cluster and self._ahead_of_record(where, msg, topic, payload):
+                return
             actions = self.network.floor_message(where.unit, where.tg, msg, now)
         elif self.config.cluster and not self._acts_here(where, msg, payload):
             return
@@ -756,6 +756,24 @@ class Server:
                 if isinstance(a, ToUnit) and a.unit == where.unit and isinstance(a.msg, m.Granted):
                     self.metrics.floor_access.labels(msg.kind).observe(perf_counter() - received)
         self._rearm()
+
+    def _ahead_of_record(self, where: Inbound, msg: m.Message, topic: str, payload: bytes) -> bool:
+        """A floor request from another instance's unit not (yet) in the group here: its
+        record, sent before the unit was told it joined, takes another way through the
+        cluster than the request and can come a moment later. Decide once it had 0.2 s
+        to arrive (once per request)."""
+        if (
+            not isinstance(msg, m.Request)
+            or where.tg in self.network.affiliations.get(where.unit, ())
+            or self._serving(partition_of(where.unit))
+            or (where.unit, msg.ref) in self._deferred
+        ):
+            return False
+        if len(self._deferred) >= 1000:
+            self._deferred.clear()
+        self._deferred.add((where.unit, msg.ref))
+        self._loop.call_later(0.2, self._on_message, topic, payload, True)
+        return True
 
     def _ours(self, where: Inbound) -> bool:
         """In a cluster: whether a message is for a partition we serve (presence is for

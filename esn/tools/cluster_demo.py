@@ -355,7 +355,12 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
             )
             print(f"server {srv} on node {nodes[i].name}: http://127.0.0.1:{port}/metrics")
 
-        await asyncio.gather(*(start(i) for i in range(NODES)))
+        try:
+            async with asyncio.TaskGroup() as starting:  # (one failing stops the others)
+                for i in range(NODES):
+                    starting.create_task(start(i))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
         try:
             await asyncio.wait_for(demo.shared.wait(), 30)
         except TimeoutError:
@@ -405,7 +410,9 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
         await asyncio.gather(*(h.stop() for h in demo.everyone), return_exceptions=True)
         for srv, proc in demo.servers.items():
             proc.terminate()
-            if await asyncio.wait_for(proc.wait(), 10) != 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+            if proc.returncode != 0:
                 log = demo.server_log.with_name(f"{srv}.log")
                 tail = log.read_text(errors="replace").strip().splitlines()[-5:]
                 print(f"{srv} exited with status {proc.returncode}:", *tail, sep="\n  ")

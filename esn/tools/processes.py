@@ -111,7 +111,15 @@ async def start_server(
         )
     waiting = asyncio.ensure_future(wait_listening(metrics_port, timeout))
     exited = asyncio.ensure_future(proc.wait())
-    await asyncio.wait({waiting, exited}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({waiting, exited}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # (cancelled: a process not handed back must not outlive us)
+        waiting.cancel()
+        exited.cancel()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     if waiting.done() and waiting.result():
         exited.cancel()
         return proc
