@@ -45,6 +45,7 @@ from esn.tools.demo import (
     _after,
     _ms,
     _start_monitoring,
+    end_server,
     fleet_doc,
     kpi_row,
 )
@@ -409,14 +410,7 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
         ok = demo.report_cluster(stuck)
         await asyncio.gather(*(h.stop() for h in demo.everyone), return_exceptions=True)
         for srv, proc in demo.servers.items():
-            proc.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 10)
-            if proc.returncode != 0:
-                log = demo.server_log.with_name(f"{srv}.log")
-                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-                print(f"{srv} exited with status {proc.returncode}:", *tail, sep="\n  ")
-                ok = False
+            ok &= await end_server(proc, demo.server_log.with_name(f"{srv}.log"), srv)
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
     except (

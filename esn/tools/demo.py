@@ -348,6 +348,20 @@ def kpi_row(name: str, values: list[float], judged: bool = True) -> bool:
     return passed
 
 
+async def end_server(proc: asyncio.subprocess.Process, log: Path, name: str) -> bool:
+    """Stop a server (SIGTERM): whether it exited cleanly; if not, its last words are shown
+    (one still running after 10 s is left to the caller's clean-up to kill)."""
+    proc.terminate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 10)
+    if proc.returncode == 0:
+        return True
+    text = await asyncio.to_thread(log.read_text, errors="replace")
+    tail = text.strip().splitlines()[-5:]
+    print(f"{name} exited with status {proc.returncode}; its last words:", *tail, sep="\n  ")
+    return False
+
+
 def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f} ms"
 
@@ -438,12 +452,7 @@ async def run_demo(opts: DemoOptions) -> int:
         ok = demo.report(demo.scrape())
         everyone = [*demo.handsets, *(h for h in (demo.dispatcher, demo.late_joiner) if h)]
         await asyncio.gather(*(h.stop() for h in everyone), return_exceptions=True)
-        server.terminate()
-        rc = await asyncio.wait_for(server.wait(), 10)
-        if rc != 0:
-            tail = demo.server_log.read_text(errors="replace").strip().splitlines()[-5:]
-            print(f"server exited with status {rc}; its last words:", *tail, sep="\n  ")
-            ok = False
+        ok &= await end_server(server, demo.server_log, "server")
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
     except (
