@@ -51,11 +51,11 @@ def ports_in(text: str) -> list[int]:
 async def test_the_cluster_demo_loses_an_instance_and_a_node_and_reports_both(
     tmp_path: Path,
 ) -> None:
-    """Expect: the killed instance's group served again by another (which the report
-    names, with the time), the node's death measured, no floor granted twice or left
-    stuck, the verdict matching the exit status, and its nodes, servers and work folder
-    gone at the end. (Whether the node's death cost any voice is reported, not judged:
-    docs/scaling.md says why it sometimes does.)"""
+    """Expect: the killed instance's group served again by another within 5 s (the
+    report names it, with the time), no loss of service on the other nodes when the node
+    dies, no floor granted twice or left stuck, and its nodes, servers and work folder
+    gone at the end. (The verdict as a whole is not asserted: with 60 handsets the
+    steady KPIs rest on some 20 presses, and one retried press moves their p95.)"""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     proc = await demo(scratch, "--duration", "30", "--handsets", "60")
@@ -69,6 +69,8 @@ async def test_the_cluster_demo_loses_an_instance_and_a_node_and_reports_both(
     assert re.search(r"NATS node n\d killed \(SIGKILL\), \d+ handsets with it", text)
     assert "longest silence in" in text and "floor requests without an answer" in text
     assert "✔ no floor granted twice" in text and "✔ no floor stuck" in text, text[-3000:]
+    assert "✔ a NATS node killed: no loss of service" in text, text[-3000:]
+    assert "✔ instance serving a busy group killed: served again within 5 s" in text
     shares = re.search(r"partitions served at the end: esn-demo-\d (\d+), esn-demo-\d (\d+)", text)
     assert shares is not None and int(shares[1]) + int(shares[2]) == 32, text[-3000:]
     assert ("RESULT: PASS" in text) == (proc.returncode == 0)

@@ -250,3 +250,34 @@ def test_a_lease_cut_short_by_a_skewed_leader_clock_is_still_fenced() -> None:
     taken = machine.instances["b"].own.owned(machine.instances["b"].clock(machine.t))
     assert taken  # (the scenario really hands b partitions a held)
     machine.never_two_acting_for_one_partition()
+
+
+def test_a_renewal_made_but_not_answered_is_renewed_from_without_acting_longer() -> None:
+    """A renewal times out (the bucket was electing a leader) although it was made: the
+    next one, with the old revision, is refused. The link finds its own value at a newer
+    revision and revises: renewing goes on from there, and the time it may act is not
+    stretched by a write whose sending time it does not know."""
+    own = Ownership("a", ttl=15.0, margin=1.0, grace=1.5, partitions=1)
+    own.plan(0.0, ["a"], [0])
+    own.written(0, 5, sent=0.0)
+    assert own.acting(0, 13.9) and not own.acting(0, 14.0)
+    assert own.plan(4.0, ["a"], []).renew == [(0, 5)]
+    own.unanswered(0)  # (made: the key is at revision 6, but no answer came)
+    own.revised(0, 6)
+    own.revised(0, 4)  # (an older one, late: ignored)
+    assert own.plan(4.5, ["a"], []).renew == [(0, 6)]
+    assert not own.acting(0, 14.0)  # (not stretched)
+    own.written(0, 7, sent=4.5)
+    assert own.acting(0, 18.4) and not own.acting(0, 18.5)
+
+
+def test_a_renewal_seen_in_the_watch_before_its_answer_still_extends_the_lease() -> None:
+    """The bucket's watch can show our renewal (revision 6) before the renewal's own
+    answer comes: the answer must still count, or the lease would never be extended."""
+    own = Ownership("a", ttl=15.0, margin=1.0, grace=1.5, partitions=1)
+    own.plan(0.0, ["a"], [0])
+    own.written(0, 5, sent=0.0)
+    assert own.plan(2.0, ["a"], []).renew == [(0, 5)]
+    own.revised(0, 6)  # (the watch)
+    own.written(0, 6, sent=2.0)  # (the answer)
+    assert own.acting(0, 15.9)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from esn.protocol import messages as m
 
 PARTITIONS = 32  # a few dozen: enough to spread over instances, few enough to lease cheaply
+RENEW_S = 2.0  # a lease is renewed at least this often (a quarter of its time if sooner)
 
 
 @functools.lru_cache(maxsize=65536)  # (asked for every voice packet a cluster relays)
@@ -197,10 +198,11 @@ class Ownership:
         lease = self.leases.get(partition)
         if lease is not None and lease.release_at is not None:
             return
-        if lease is not None and revision <= lease.revision:
-            return  # an older answer arriving late
+        if lease is not None and revision < lease.revision:
+            return  # an older answer arriving late (the same revision: our write, which
+            # the watch showed (`revised`) before its answer came: its time counts now)
         self.leases[partition] = _Lease(
-            revision, sent + self.ttl - self.margin, sent + self.ttl / 4
+            revision, sent + self.ttl - self.margin, sent + min(self.ttl / 4, RENEW_S)
         )
 
     def refused(self, partition: int) -> None:
@@ -214,6 +216,14 @@ class Ownership:
         is being elected, say): a lease held runs on until its fenced end, and is renewed
         again meanwhile."""
         self._pending.discard(partition)
+
+    def revised(self, partition: int, revision: int) -> None:
+        """Our key holds a newer revision of ours: a write of ours whose answer was lost (it
+        was made, but not answered in time) moved it on. Renew from that revision; how long
+        we may act is not changed, as we do not know when that write was sent."""
+        lease = self.leases.get(partition)
+        if lease is not None and revision > lease.revision:
+            lease.revision = revision
 
     def released(self, partition: int) -> None:
         self._pending.discard(partition)

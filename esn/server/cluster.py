@@ -6,7 +6,7 @@ after the lease time: `{prefix}-members` (each instance writes its key every tic
 live ones are those heard from within the lease time) and `{prefix}-leases` (one key per
 partition, naming its owner). Every tick it asks `Ownership.plan` what to do, sends those
 requests, and reports each outcome with the time its request was sent; a request not
-answered within half the lease time (or failing for another reason than a refusal)
+answered within 2 s (half the lease time if shorter) (or failing for another reason than a refusal)
 leaves a lease held to run out on its fenced clock, renewed again meanwhile. Both
 buckets are watched, so which partitions are free and which instances live is known
 without polling. The view is
@@ -41,10 +41,11 @@ from esn.extras import need
 
 log = logging.getLogger("esn.cluster")
 
-# The lease time of `esn server --cluster`: longer than NATS takes to elect a new leader for
-# the lease bucket when a node dies (4 to 9 s), so that no lease lapses meanwhile. An
-# instance that dies is replaced sooner: its broker publishes its will (`gone`).
-SERVER_LEASE_S = 15.0
+# The lease time of `esn server --cluster`: longer than NATS takes to elect new leaders
+# when a node dies (4 to 9 s each; more than 10 s for the lease bucket in one of our runs),
+# so that no lease lapses meanwhile. An instance that dies is replaced sooner: its broker
+# publishes its will, and its heartbeats stop (`gone`).
+SERVER_LEASE_S = 30.0
 MAX_GONE = 256  # instances remembered as gone (`gone`)
 
 
@@ -76,6 +77,9 @@ class ClusterLink:
         self.value = f"{me} {incarnation}".strip().encode()
         self.prefix = prefix
         self.ttl, self.tick = ttl, tick
+        # how long a request to the buckets is waited for: short enough to be asked again
+        # several times within a lease (one sent while a leader is elected hangs so long)
+        self.wait = min(ttl / 2, 2.0)
         self.own = Ownership(
             me, ttl=ttl, margin=margin, grace=2 * tick + 1.0, partitions=partitions
         )
@@ -150,7 +154,7 @@ class ClusterLink:
             if self._leases is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        self._leases.delete(f"p{partition}", last=revision), self.ttl / 2
+                        self._leases.delete(f"p{partition}", last=revision), self.wait
                     )
         finally:
             self._dropping.discard(partition)
@@ -173,7 +177,7 @@ class ClusterLink:
         except Exception as exc:
             raise ClusterError(f"cannot reach NATS at {', '.join(self.servers)}: {exc}") from None
         try:
-            js = self._nc.jetstream(timeout=self.ttl / 2)
+            js = self._nc.jetstream(timeout=self.wait)
             buckets = []
             for name in (f"{self.prefix}-members", f"{self.prefix}-leases"):
                 try:
@@ -323,9 +327,11 @@ class ClusterLink:
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
-            revision = await asyncio.wait_for(request, self.ttl / 2)
-        except KeyWrongLastSequenceError:  # taken by another, or expired
-            self.own.refused(partition)
+            revision = await asyncio.wait_for(request, self.wait)
+        except KeyWrongLastSequenceError:  # taken by another, or expired, or moved on by us
+            if not await self._still_ours(partition):
+                log.info("lease of partition %d refused", partition)
+                self.own.refused(partition)
         except Exception:  # no answer in time, or none to be had (a leader election)
             self.own.unanswered(partition)
         else:
@@ -334,13 +340,34 @@ class ClusterLink:
                 self.own.stop_acting(self.clock())
         self._tell()
 
+    async def _still_ours(self, partition: int) -> bool:
+        """After a renewal was refused: whether the key still holds this run's value (a
+        renewal of ours was made although its answer was lost: during a leader election,
+        say); if so, renew from its revision."""
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+        if partition not in self.own.leases:
+            return False
+        try:
+            entry = await asyncio.wait_for(self._leases.get(f"p{partition}"), self.wait)
+        except (KeyNotFoundError, KeyDeletedError):
+            return False
+        except Exception:  # no answer (a leader election): held on to, and asked again
+            self.own.unanswered(partition)
+            return True
+        if bytes(entry.value or b"") != self.value:
+            return False
+        self.own.revised(partition, int(entry.revision))
+        self.own.unanswered(partition)  # (asked again at the next tick)
+        return True
+
     async def _release(self, partition: int, request: Any) -> None:
         """Give a lease back (we act for it no more); tried again, while the bucket has no
         leader, until the key would have expired anyway."""
         deadline = self.clock() + self.ttl
         while True:
             try:
-                await asyncio.wait_for(request, self.ttl / 2)
+                await asyncio.wait_for(request, self.wait)
                 break
             except asyncio.CancelledError:
                 raise
@@ -358,7 +385,7 @@ class ClusterLink:
 
     async def _put_member(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._members.put(f"m-{self.me}", self.value), self.ttl / 2)
+            await asyncio.wait_for(self._members.put(f"m-{self.me}", self.value), self.wait)
 
     def _tell(self) -> None:
         held = self.own.owned(self.clock())
@@ -368,38 +395,52 @@ class ClusterLink:
 
     # --- what the buckets say ---------------------------------------------------------
 
-    async def _watch(self, watcher: Any, seen: Callable[[Any], None], ready: asyncio.Event) -> None:
+    async def _watch(
+        self, watcher: Any, seen: Callable[[Any, bool], None], ready: asyncio.Event
+    ) -> None:
+        """Hand each entry on, saying whether it was written now (`live`) or is what the
+        bucket held when the watch began (maybe written long ago: a watch made again
+        after a node died replays every key still there)."""
+        live = False
         async for entry in watcher:
             if entry is None:  # (the end of what the bucket held when the watch began)
+                live = True
                 ready.set()
             else:
-                seen(entry)
+                seen(entry, live)
 
-    def _member_seen(self, entry: Any) -> None:
+    def _member_seen(self, entry: Any, live: bool) -> None:
         member, gone = entry.key.removeprefix("m-"), _deleted(entry)
+        now = self.clock()
         if gone:
             self._seen_members.pop(member, None)
-        else:
-            self._seen_members[member] = self.clock()
+        elif live or member not in self._seen_members:  # (a replay is no heartbeat)
+            self._seen_members[member] = now
             run = self._runs[member] = bytes(entry.value or b"")
-            self._beats[run] = self.clock()
-            if member == self.me:
-                self._echo = self.clock()
+            if live:
+                self._beats[run] = now
+            if member == self.me and live:
+                self._echo = now
 
-    def _lease_seen(self, entry: Any) -> None:
+    def _lease_seen(self, entry: Any, live: bool) -> None:
         with contextlib.suppress(ValueError):
             p = int(entry.key.removeprefix("p"))
             deleted = _deleted(entry)
             value, revision = bytes(entry.value or b""), int(entry.revision)
             lease = self.own.leases.get(p)
-            if lease and revision > lease.revision and (deleted or value != self.value):
-                self.own.refused(p)  # (deleted by another, who took us for ended): ours no more
-                self._tell()
+            if lease and revision > lease.revision:
+                if deleted or value != self.value:
+                    log.info("lease of partition %d deleted or taken under us", p)
+                    self.own.refused(p)  # (deleted by another, who took us for ended)
+                    self._tell()
+                else:  # (a write of ours whose answer was lost)
+                    self.own.revised(p, revision)
             if deleted:
                 self._seen_leases.pop(p, None)
                 self._lease_values.pop(p, None)
                 return
-            self._seen_leases[p] = self.clock()
+            if live or p not in self._seen_leases:  # (a replay: written when, we know not)
+                self._seen_leases[p] = self.clock()
             self._lease_values[p] = (value, revision)
 
     def _spawn(self, coro: Any) -> None:

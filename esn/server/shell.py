@@ -146,6 +146,7 @@ class Server:
         self._ready: set[int] = set()
         self._following: set[str] = set()
         self._sync_topic = self.topics.sync(config.server_id)
+        self._state_sync = self.topics.sync(f"{config.server_id}-state")  # (the state link's)
         # in a cluster, sent at QoS 0: NATS delivers QoS 1 through JetStream consumers,
         # which stalled for many seconds when a node died; QoS 0 goes round a dead node
         # at once. Retries (the handsets') and retained state make up for the rest.
@@ -425,6 +426,11 @@ class Server:
             client_id=f"{config.server_id}-state",
             keepalive=config.keepalive,
         )
+        # what changes with the partitions served (records read at a take-up, the groups'
+        # voice, what others hand on) is subscribed on it too: each SUBSCRIBE makes NATS
+        # store the session, stalling that connection meanwhile, and the main one must not
+        self._retainer.on_message = self._on_message
+        self._retainer.on_retained = self._on_retained
         self._retainer.on_connect = self._on_connect
         # (not a loss of the main link: no evidence of a rival, see _rival_seen)
         self._retainer.on_disconnect = lambda: self.link.standby(True) if self.link else None
@@ -451,7 +457,9 @@ class Server:
         # of partitions it does not serve by their topic; voice (many) only to the group's.
         await self.transport.subscribe(up, presence, *mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
-        await self._echo()  # the retained presence, records and statuses are in
+        await self._retainer.subscribe(self._state_sync, qos=0)
+        # (the retained presence, records and statuses are in once this comes back)
+        await self._echo(self.transport, self._sync_topic)
         self._say_online()
         try:
             await self.link.start()
@@ -465,12 +473,12 @@ class Server:
             "joined the cluster at %s as %s", ", ".join(self.config.cluster), self.config.server_id
         )
 
-    async def _echo(self, timeout: float = 5.0) -> bool:
-        """Whether a marker sent to ourselves came back within `timeout`: the retained
-        messages of the subscriptions made before it have all arrived then."""
+    async def _echo(self, link: Transport, topic: str, timeout: float = 5.0) -> bool:
+        """Whether a marker sent to ourselves on `link` came back within `timeout`: the
+        retained messages of the subscriptions made on it before have all arrived then."""
         marker = os.urandom(8).hex().encode()
         back = self._echoes[marker] = asyncio.Event()
-        self.transport.publish(self._sync_topic, marker, qos=self._qos)
+        link.publish(topic, marker, qos=self._qos)
         try:
             await asyncio.wait_for(back.wait(), timeout)
             return True
@@ -509,9 +517,9 @@ class Server:
             self._gathering, self._gathered = new, {}
             topics = [t.records(p) for p in sorted(new)]
             try:  # (bounded: an ack lost to a reconnect is never answered)
-                await asyncio.wait_for(self.transport.subscribe(*topics, qos=0), 10)
-                complete = await self._echo()
-                await asyncio.wait_for(self.transport.unsubscribe(*topics), 10)
+                await asyncio.wait_for(self._retainer.subscribe(*topics, qos=0), 10)
+                complete = await self._echo(self._retainer, self._state_sync)
+                await asyncio.wait_for(self._retainer.unsubscribe(*topics), 10)
             except Exception as exc:  # (the link went down: we stand aside until it is back)
                 complete, why = False, str(exc)
             else:
@@ -565,9 +573,9 @@ class Server:
         more, less = want - self._following, self._following - want
         self._following = want
         if more:
-            self._chore(self.transport.subscribe(*sorted(more), qos=0))
+            self._chore(self._retainer.subscribe(*sorted(more), qos=0))
         if less:
-            self._chore(self.transport.unsubscribe(*sorted(less)))
+            self._chore(self._retainer.unsubscribe(*sorted(less)))
 
     def _chore(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -686,7 +694,7 @@ class Server:
             if topic.startswith(self._status_head) and topic.endswith("/status"):
                 self._peer_status_seen(topic, payload)
                 return
-            if topic == self._sync_topic:
+            if topic in (self._sync_topic, self._state_sync):
                 echo = self._echoes.get(payload)
                 if echo is not None:
                     echo.set()
