@@ -281,3 +281,15 @@ def test_a_renewal_seen_in_the_watch_before_its_answer_still_extends_the_lease()
     own.revised(0, 6)  # (the watch)
     own.written(0, 6, sent=2.0)  # (the answer)
     assert own.acting(0, 15.9)
+
+
+def test_a_suspended_lease_is_renewed_but_not_acted_for_until_a_write_succeeds() -> None:
+    own = Ownership("a", ttl=15.0, margin=1.0, grace=1.5, partitions=1)
+    own.plan(0.0, ["a"], [0])
+    own.written(0, 5, sent=0.0)
+    own.plan(2.0, ["a"], [])
+    own.suspend(0)  # (refused, and the key could not be read)
+    assert not own.acting(0, 2.1)
+    assert own.plan(2.25, ["a"], []).renew == [(0, 5)]  # (still renewed)
+    own.written(0, 6, sent=2.25)
+    assert own.acting(0, 2.3)

@@ -101,6 +101,7 @@ class _Lease:
     valid_until: float  # local time: we may act until then
     renew_at: float
     release_at: float | None = None  # stopped acting; the key is deleted from then on
+    suspended: bool = False  # not acting until a write of ours succeeds again (`suspend`)
 
 
 class Ownership:
@@ -129,7 +130,12 @@ class Ownership:
 
     def acting(self, partition: int, now: float) -> bool:
         lease = self.leases.get(partition)
-        return lease is not None and lease.release_at is None and now < lease.valid_until
+        return (
+            lease is not None
+            and lease.release_at is None
+            and not lease.suspended
+            and now < lease.valid_until
+        )
 
     def owned(self, now: float) -> set[int]:
         return {p for p in self.leases if self.acting(p, now)}
@@ -216,6 +222,15 @@ class Ownership:
         is being elected, say): a lease held runs on until its fenced end, and is renewed
         again meanwhile."""
         self._pending.discard(partition)
+
+    def suspend(self, partition: int) -> None:
+        """Unsure the lease is still ours (refused, and the key could not be read): act
+        for it no more, but keep renewing it; the next write of ours that succeeds (a new
+        lease) ends this."""
+        self._pending.discard(partition)
+        lease = self.leases.get(partition)
+        if lease is not None:
+            lease.suspended = True
 
     def revised(self, partition: int, revision: int) -> None:
         """Our key holds a newer revision of ours: a write of ours whose answer was lost (it

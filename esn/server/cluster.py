@@ -319,17 +319,17 @@ class ClusterLink:
         for p in plan.acquire:
             self._spawn(self._ask(p, sent, self._leases.create(f"p{p}", value)))
         for p, rev in plan.renew:
-            self._spawn(self._ask(p, sent, self._leases.update(f"p{p}", value, last=rev)))
+            self._spawn(self._ask(p, sent, self._leases.update(f"p{p}", value, last=rev), rev))
         for p, rev in plan.release:
             self._spawn(self._release(p, self._leases.delete(f"p{p}", last=rev)))
 
-    async def _ask(self, partition: int, sent: float, request: Any) -> None:
+    async def _ask(self, partition: int, sent: float, request: Any, last: int = 0) -> None:
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
             revision = await asyncio.wait_for(request, self.wait)
         except KeyWrongLastSequenceError:  # taken by another, or expired, or moved on by us
-            if not await self._still_ours(partition):
+            if not await self._still_ours(partition, last):
                 log.info("lease of partition %d refused", partition)
                 self.own.refused(partition)
         except Exception:  # no answer in time, or none to be had (a leader election)
@@ -340,7 +340,7 @@ class ClusterLink:
                 self.own.stop_acting(self.clock())
         self._tell()
 
-    async def _still_ours(self, partition: int) -> bool:
+    async def _still_ours(self, partition: int, last: int) -> bool:
         """After a renewal was refused: whether the key still holds this run's value (a
         renewal of ours was made although its answer was lost: during a leader election,
         say); if so, renew from its revision."""
@@ -352,11 +352,11 @@ class ClusterLink:
             entry = await asyncio.wait_for(self._leases.get(f"p{partition}"), self.wait)
         except (KeyNotFoundError, KeyDeletedError):
             return False
-        except Exception:  # no answer (a leader election): held on to, and asked again
-            self.own.unanswered(partition)
+        except Exception:  # no answer (a leader election): renewed again, not acted for
+            self.own.suspend(partition)
             return True
-        if bytes(entry.value or b"") != self.value:
-            return False
+        if bytes(entry.value or b"") != self.value or int(entry.revision) <= last:
+            return False  # (another's, or a replica behind the refusal)
         self.own.revised(partition, int(entry.revision))
         self.own.unanswered(partition)  # (asked again at the next tick)
         return True

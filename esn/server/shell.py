@@ -672,8 +672,8 @@ class Server:
             self._on_message(topic, payload)
             return
         self.metrics.count_rejected("retained")
-        if payload:
-            self.transport.publish(topic, b"", qos=self._qos, retain=True)
+        if payload:  # (cleared on the state link: a retained write can stall its link)
+            self._retainer.publish(topic, b"", qos=self._qos, retain=True)
             log.warning("a retained %s message on %s: ignored and cleared", where.kind, topic)
 
     def _on_message(self, topic: str, payload: bytes, held: bool = False) -> None:
