@@ -283,13 +283,17 @@ def test_a_renewal_seen_in_the_watch_before_its_answer_still_extends_the_lease()
     assert own.acting(0, 15.9)
 
 
-def test_a_suspended_lease_is_renewed_but_not_acted_for_until_a_write_succeeds() -> None:
+def test_an_answer_after_the_key_was_taken_from_us_makes_no_lease() -> None:
+    """Our renewal (revision 7) was made; another instance then deleted the key (revision
+    8, seen in the watch); the renewal's answer comes only now. It must not start a new
+    lease on a key that is gone; a create of ours after that (revision 9) does."""
     own = Ownership("a", ttl=15.0, margin=1.0, grace=1.5, partitions=1)
     own.plan(0.0, ["a"], [0])
     own.written(0, 5, sent=0.0)
     own.plan(2.0, ["a"], [])
-    own.suspend(0)  # (refused, and the key could not be read)
+    own.refused(0, at=8)  # (the watch: deleted at revision 8)
+    own.written(0, 7, sent=2.0)  # (the late answer)
     assert not own.acting(0, 2.1)
-    assert own.plan(2.25, ["a"], []).renew == [(0, 5)]  # (still renewed)
-    own.written(0, 6, sent=2.25)
-    assert own.acting(0, 2.3)
+    own.plan(3.0, ["a"], [0])
+    own.written(0, 9, sent=3.0)
+    assert own.acting(0, 3.1)

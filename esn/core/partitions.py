@@ -101,7 +101,6 @@ class _Lease:
     valid_until: float  # local time: we may act until then
     renew_at: float
     release_at: float | None = None  # stopped acting; the key is deleted from then on
-    suspended: bool = False  # not acting until a write of ours succeeds again (`suspend`)
 
 
 class Ownership:
@@ -125,17 +124,13 @@ class Ownership:
         self._pending: set[int] = set()  # requests out, not yet answered
         self._free_since: dict[int, float] = {}  # partitions seen free, and since when
         self._live_since: dict[str, float] = {}
+        self._lost_at: dict[int, int] = {}  # partition -> the revision that took it from us
 
     # --- views ------------------------------------------------------------------------
 
     def acting(self, partition: int, now: float) -> bool:
         lease = self.leases.get(partition)
-        return (
-            lease is not None
-            and lease.release_at is None
-            and not lease.suspended
-            and now < lease.valid_until
-        )
+        return lease is not None and lease.release_at is None and now < lease.valid_until
 
     def owned(self, now: float) -> set[int]:
         return {p for p in self.leases if self.acting(p, now)}
@@ -207,30 +202,28 @@ class Ownership:
         if lease is not None and revision < lease.revision:
             return  # an older answer arriving late (the same revision: our write, which
             # the watch showed (`revised`) before its answer came: its time counts now)
+        if lease is None and revision < self._lost_at.get(partition, 0):
+            return  # the answer to a write made before the key was deleted or taken
+        self._lost_at.pop(partition, None)
         self.leases[partition] = _Lease(
             revision, sent + self.ttl - self.margin, sent + min(self.ttl / 4, RENEW_S)
         )
 
-    def refused(self, partition: int) -> None:
+    def refused(self, partition: int, at: int = 0) -> None:
         """A create or update failed: the key is someone else's (or was, or the bucket
-        could not be reached). We stop acting for it now."""
+        could not be reached). We stop acting for it now. `at`: the revision that deleted
+        the key or wrote another's value, when known; an answer to an earlier write of
+        ours, coming after it, is then not taken for a new lease."""
         self._pending.discard(partition)
         self.leases.pop(partition, None)
+        if at:
+            self._lost_at[partition] = at
 
     def unanswered(self, partition: int) -> None:
         """No answer (in time, or an error that is not a refusal: the bucket's leader
         is being elected, say): a lease held runs on until its fenced end, and is renewed
         again meanwhile."""
         self._pending.discard(partition)
-
-    def suspend(self, partition: int) -> None:
-        """Unsure the lease is still ours (refused, and the key could not be read): act
-        for it no more, but keep renewing it; the next write of ours that succeeds (a new
-        lease) ends this."""
-        self._pending.discard(partition)
-        lease = self.leases.get(partition)
-        if lease is not None:
-            lease.suspended = True
 
     def revised(self, partition: int, revision: int) -> None:
         """Our key holds a newer revision of ours: a write of ours whose answer was lost (it

@@ -352,8 +352,9 @@ class ClusterLink:
             entry = await asyncio.wait_for(self._leases.get(f"p{partition}"), self.wait)
         except (KeyNotFoundError, KeyDeletedError):
             return False
-        except Exception:  # no answer (a leader election): renewed again, not acted for
-            self.own.suspend(partition)
+        except Exception:  # no answer: a leader election, during which no one else can
+            # take the key either; a delete made before it shows in the watch (`_lease_seen`)
+            self.own.unanswered(partition)
             return True
         if bytes(entry.value or b"") != self.value or int(entry.revision) <= last:
             return False  # (another's, or a replica behind the refusal)
@@ -431,7 +432,7 @@ class ClusterLink:
             if lease and revision > lease.revision:
                 if deleted or value != self.value:
                     log.info("lease of partition %d deleted or taken under us", p)
-                    self.own.refused(p)  # (deleted by another, who took us for ended)
+                    self.own.refused(p, at=revision)  # (deleted by another, who took us for ended)
                     self._tell()
                 else:  # (a write of ours whose answer was lost)
                     self.own.revised(p, revision)
