@@ -608,16 +608,17 @@ class Server:
             groups = record.get("groups") if isinstance(record, dict) else None
         before = set(self.network.affiliations.get(ident, ()))
         self._perform(self.network.adopt_affiliations(ident, groups, self._loop.time()))
-        self._late_entry(set(self.network.affiliations.get(ident, ())) - before)
+        self._late_entry(ident, before)
         self._rearm()
 
-    def _late_entry(self, joined: set[str]) -> None:
-        """A unit joined these groups: state again those of ours with a call going on.
+    def _late_entry(self, unit: str, before: set[str]) -> None:
+        """`unit` was in the groups `before`: state again those it joined since, if ours
+        and with a call going on.
         The retained state may not be there for it yet: NATS updates each node's copy of
         what is retained a moment after the store, so a unit subscribing on another node
         just after a grant can be handed the state from before it; the unit subscribed
         before it affiliated, so it hears this one."""
-        for tg in joined:
+        for tg in self.network.affiliations.get(unit, set()) - before:
             floor = self.network.floors.get(tg)
             if floor is not None and floor.holder is not None and self._serving(partition_of(tg)):
                 self._publish_state(tg)
@@ -752,7 +753,7 @@ class Server:
         elif self.config.cluster and isinstance(msg, m.Affiliate):
             before = set(self.network.affiliations.get(where.unit, ()))
             actions = self.network.unit_message(where.unit, msg, now)
-            self._late_entry(set(self.network.affiliations.get(where.unit, ())) - before)
+            self._late_entry(where.unit, before)
         else:
             actions = self.network.unit_message(where.unit, msg, now)
         self._save()

@@ -51,6 +51,7 @@ from esn.tools.demo import (
     end_server,
     fleet_doc,
     kpi_row,
+    stop_links,
 )
 from esn.tools.monitoring import MonitoringError, Prometheus, Samples, scrape
 from esn.tools.nats import ClusterError, NatsCluster
@@ -450,12 +451,7 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
         for t in (*demo.tasks, *background):
             t.cancel()
         links = [h.transport for h in demo.everyone]
-        if demo.watch is not None:
-            links.append(demo.watch)
-        with contextlib.suppress(TimeoutError):  # before the nodes go: no reconnecting
-            await asyncio.wait_for(
-                asyncio.gather(*(t.stop() for t in links), return_exceptions=True), 5
-            )
+        await stop_links([*links, demo.watch] if demo.watch else links)  # (before the nodes go)
         if exporter is not None:
             exporter.close()
         if prometheus is not None:

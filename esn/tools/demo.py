@@ -35,7 +35,7 @@ from esn.tools.monitoring import MonitoringError, Prometheus, Samples, scrape
 from esn.tools.processes import ServerStartError, free_port, start_server
 from esn.tools.quantiles import buckets, histogram_quantile, percentile
 from esn.tools.secure import SecureConfigError, generate
-from esn.transport import BrokerConfig, TransportError
+from esn.transport import BrokerConfig, Transport, TransportError
 
 TARGET_S = 0.300  # TS 22.179: floor access and mouth-to-ear, 95th percentile
 GROUP_NAMES = [
@@ -348,6 +348,15 @@ def kpi_row(name: str, values: list[float], judged: bool = True) -> bool:
     return passed
 
 
+async def stop_links(links: list[Transport], timeout: float = 5.0) -> None:
+    """Disconnect these links together, for at most `timeout`: before their broker goes,
+    so that none is left reconnecting to it."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(t.stop() for t in links), return_exceptions=True), timeout
+        )
+
+
 async def end_server(proc: asyncio.subprocess.Process, log: Path, name: str) -> bool:
     """Stop a server (SIGTERM): whether it exited cleanly; if not, its last words are shown
     (one still running after 10 s is left to the caller's clean-up to kill)."""
@@ -468,11 +477,7 @@ async def run_demo(opts: DemoOptions) -> int:
     finally:  # also when interrupted: nothing it started may outlive it
         for t in tasks:
             t.cancel()
-        links = [h.transport for h in (*demo.handsets, demo.dispatcher, demo.late_joiner) if h]
-        with contextlib.suppress(TimeoutError):  # before the broker goes: no reconnecting
-            await asyncio.wait_for(
-                asyncio.gather(*(t.stop() for t in links), return_exceptions=True), 5
-            )
+        await stop_links([h.transport for h in demo.everyone])  # (before the broker goes)
         if exporter is not None:
             exporter.close()
         if prometheus is not None:
