@@ -459,8 +459,7 @@ async def run_demo(opts: DemoOptions) -> int:
         for t in tasks:
             t.cancel()
         ok = demo.report(demo.scrape())
-        everyone = [*demo.handsets, *(h for h in (demo.dispatcher, demo.late_joiner) if h)]
-        await asyncio.gather(*(h.stop() for h in everyone), return_exceptions=True)
+        await asyncio.gather(*(h.stop() for h in demo.everyone), return_exceptions=True)
         ok &= await end_server(server, demo.server_log, "server")
         print("\nRESULT:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
