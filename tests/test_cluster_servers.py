@@ -21,9 +21,10 @@ from esn.core.fleet import parse_fleet
 from esn.core.partitions import PARTITIONS, partition_of
 from esn.protocol import codec
 from esn.protocol import messages as m
+from esn.protocol.topics import Topics
 from esn.server.shell import Config, Server
 from esn.tools.nats import NatsCluster
-from esn.transport import BrokerConfig
+from esn.transport import BrokerConfig, make_transport
 from tests import test_wire_floor
 from tests.conftest import FLEET, HandsetFactory, eventually, handsets
 
@@ -177,3 +178,88 @@ async def test_a_forged_offline_status_takes_nothing_from_a_live_instance(
     assert isinstance(await a.press("tg-1"), m.Granted)
     got = (await state).msg
     assert isinstance(got, m.State) and got.srv == owner.config.server_id
+
+
+async def test_each_instance_hears_the_uplinks_of_its_partitions_only(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    """What keeps an instance's load a share of the fleet's (docs/scaling.md): the
+    cluster's subject mapping delivers a unit's uplinks (its location reports among them)
+    and a group's floor requests to the instance serving their partition, to no other."""
+    units = [f"u{i}" for i in range(1, 13)]
+    assert len({id(serving(servers, u)) for u in units}) == 3  # (units of every instance)
+    made = [await handset(u) for u in units]
+    before = [s.metrics.foreign for s in servers]
+
+    def located() -> int:
+        return sum(s.metrics.messages.get(("location", "in"), 0) for s in servers)
+
+    start = located()
+    for h in made:
+        h.transport.publish(h.topics.unit_up(h.unit), codec.encode(m.Location(lat=51.5, lon=0.1)))
+    await eventually(lambda: located() == start + len(units), 10)
+    talker = made[0]
+    await talker.affiliate("tg-1")
+    assert isinstance(await talker.press("tg-1"), m.Granted)
+    assert [s.metrics.foreign for s in servers] == before
+    for s in servers:
+        registry, me = s.metrics.registry, {"server": s.config.server_id}
+        assert registry.get_sample_value("esn_cluster_foreign_total", me) == s.metrics.foreign
+
+
+async def test_the_cluster_moves_uplinks_to_the_partition_we_compute(
+    nats_cluster: NatsCluster, prefix: str
+) -> None:
+    """The partition NATS computes (FNV-1a of the id as NATS writes it, `.` as `//`) is
+    `partition_of`'s, for ids of every shape the protocol allows."""
+    ids = ["u1", "a.b", "x_y-Z", "UNIT.7.x..", "9" * 64, "-"]
+    topics, heard = Topics(prefix), asyncio.Queue[str]()
+    sub = make_transport("gmqtt", BrokerConfig.from_url(nats_cluster.mqtt_urls[1]), client_id="s")
+    pub = make_transport("gmqtt", BrokerConfig.from_url(nats_cluster.mqtt_urls[0]), client_id="p")
+    sub.on_message = lambda topic, payload: heard.put_nowait(topic)
+    await sub.start()
+    await pub.start()
+    try:
+        await sub.subscribe(*topics.parted_uplinks(), qos=0)
+        for ident in ids:
+            pub.publish(topics.unit_up(ident), b"", qos=1)
+            pub.publish(topics.floor_up(ident, "u1"), b"", qos=1)
+        for _ in range(2 * len(ids)):
+            topic = await asyncio.wait_for(heard.get(), 5)
+            where = topics.parse_inbound(topic)
+            assert where is not None, topic
+    finally:
+        await asyncio.gather(pub.stop(), sub.stop())
+
+
+async def test_without_a_subject_mapping_every_instance_hears_everything(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NATS cluster set up without the mapping (a user's own): the instances say so at
+    start, hear every uplink and floor request, drop what is not theirs, and serve."""
+    with NatsCluster(3, mappings=False) as cluster:
+        url = BrokerConfig.from_url(cluster.mqtt_urls[0])
+        made = [
+            Server(
+                Config(
+                    broker=url,
+                    prefix=prefix,
+                    server_id=f"srv{i}-{prefix}",
+                    keepalive=5,
+                    cluster=tuple(cluster.nats_urls),
+                ),
+                parse_fleet(FLEET),
+            )
+            for i in (1, 2)
+        ]
+        await asyncio.gather(*(s.start() for s in made))
+        try:
+            assert "does not move uplinks by partition" in caplog.text
+            await eventually(lambda: sorted(len(s._ready) for s in made) == [16, 16], 20)
+            other = next(s for s in made if partition_of("tg-1") not in s._ready)
+            async for make in handsets(itertools.repeat(url), prefix, "gmqtt"):
+                a = await make("u1", "tg-1")
+                assert isinstance(await a.press("tg-1"), m.Granted)
+                await eventually(lambda: other.metrics.foreign >= 1)  # (the request)
+        finally:
+            await asyncio.gather(*(s.stop() for s in made), return_exceptions=True)

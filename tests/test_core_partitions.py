@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from esn.core.partitions import PARTITIONS, Ownership, partition_of, preferred
+from esn.protocol.topics import Inbound, Topics
 
 TTL = 3.0
 
@@ -27,6 +28,25 @@ def test_partitions_are_stable_and_even() -> None:
         counts[partition_of(f"tg-{i}")] += 1
     mean = statistics.mean(counts)
     assert all(0.8 * mean < c < 1.2 * mean for c in counts)
+
+
+def test_uplinks_moved_by_partition_are_read_as_what_they_were() -> None:
+    """A NATS cluster's subject mapping moves uplinks and floor requests under
+    `part/P/` (docs/scaling.md); one claiming another partition than its id's, or
+    anything else put there, is not of the protocol."""
+    t = Topics("esn")
+    p, q = partition_of("u1"), partition_of("tg-1")
+    assert t.parse_inbound(f"esn/part/{p}/unit/u1/up") == Inbound("up", "u1", None)
+    assert t.parse_inbound(f"esn/part/{q}/tg/tg-1/up/u1/floor") == Inbound("floor", "u1", "tg-1")
+    for wrong in (
+        f"esn/part/{(p + 1) % PARTITIONS}/unit/u1/up",
+        f"esn/part/{p + PARTITIONS}/unit/u1/up",
+        f"esn/part/{p}/unit/u1/presence",
+        f"esn/part/{q}/tg/tg-1/up/u1/media",
+        f"esn/part/{q}/cluster/fwd/{q}/u1",
+        f"esn/part/{p}/part/{p}/unit/u1/up",
+    ):
+        assert t.parse_inbound(wrong) is None, wrong
 
 
 def test_shares_are_even_and_a_member_leaving_moves_few_others() -> None:

@@ -33,15 +33,11 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from esn.protocol import messages as m
+from esn.protocol.ids import PARTITIONS, partition_of
 
-PARTITIONS = 32  # a few dozen: enough to spread over instances, few enough to lease cheaply
+__all__ = ["PARTITIONS", "Ownership", "Plan", "acts_on", "assignment", "partition_of", "preferred"]
+
 RENEW_S = 2.0  # a lease is renewed at least this often (a quarter of its time if sooner)
-
-
-@functools.lru_cache(maxsize=65536)  # (asked for every voice packet a cluster relays)
-def partition_of(ident: str, partitions: int = PARTITIONS) -> int:
-    """The partition of a talkgroup or unit id: the same on every instance, for ever."""
-    return int.from_bytes(hashlib.blake2b(ident.encode(), digest_size=8).digest()) % partitions
 
 
 def acts_on(unit: str, msg: m.Message) -> str:

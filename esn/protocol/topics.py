@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from esn.protocol.ids import is_id
+from esn.protocol.ids import PARTITIONS, is_id, partition_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,18 @@ class Topics:
     def floors_up(self) -> str:
         return f"{self.prefix}/tg/+/up/+/floor"
 
+    def parted(self, partition: int) -> str:
+        """Where a NATS cluster delivers the uplinks and floor requests of one partition:
+        its subject mapping (docs/scaling.md) moves `unit/U/up` to `part/P/unit/U/up` and
+        `tg/T/up/U/floor` to `part/P/tg/T/up/U/floor`, P the partition of U or T."""
+        return f"{self.prefix}/part/{partition}/#"
+
+    def probe(self, server_id: str) -> tuple[str, str]:
+        """An uplink topic no unit has (`~` is in no id), and where the cluster's subject
+        mapping delivers it: how an instance finds out whether the mapping is there."""
+        unit = f"~{server_id}"
+        return self.unit_up(unit), f"{self.prefix}/part/+/unit/{unit}/up"
+
     def voice_up(self, tg: str) -> str:
         return f"{self.prefix}/tg/{tg}/up/+/media"
 
@@ -109,6 +121,12 @@ class Topics:
     def server_subscriptions(self) -> list[str]:
         p = self.prefix
         return [f"{p}/unit/+/up", f"{p}/unit/+/presence", f"{p}/tg/+/up/+/+"]
+
+    def parted_uplinks(self) -> tuple[str, str]:
+        """Every partition's uplinks and floor requests as a NATS cluster's subject mapping
+        delivers them (see `parted`): a single server on such a cluster hears them here."""
+        p = self.prefix
+        return f"{p}/part/+/unit/+/up", f"{p}/part/+/tg/+/up/+/floor"
 
     def parse_inbound(self, topic: str) -> Inbound | None:
         """Classify a topic the server receives; None for anything not of the protocol."""
@@ -121,6 +139,12 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
     if not topic.startswith(head):
         return None
     parts = topic[len(head) :].split("/")
+    part = None
+    if len(parts) in (5, 7) and parts[0] == "part" and _number(parts[1]):
+        # moved here by a NATS subject mapping: an uplink or a floor request, by partition
+        part, parts = int(parts[1]), parts[2:]
+        if parts[-1] not in ("up", "floor"):
+            return None
     if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
         kind, unit, tg = parts[2], parts[1], None
     elif len(parts) == 4 and parts[:2] == ["cluster", "fwd"] and _number(parts[2]):
@@ -132,6 +156,8 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
     else:
         return None
     if not is_id(unit) or (tg is not None and not is_id(tg)):
+        return None
+    if part is not None and (part >= PARTITIONS or part != partition_of(tg or unit)):
         return None
     return Inbound(kind, unit, tg)
 

@@ -89,6 +89,7 @@ class ServerMetrics:
         # the partitions served now (a single server: all), and how many were taken up
         self.served: Callable[[], Collection[int]] = lambda: range(PARTITIONS)
         self.partitions_taken = 0
+        self.foreign = 0  # uplinks heard for a partition another instance serves
 
     def count_message(self, kind: str, direction: str) -> None:
         key = (kind, direction)
@@ -219,6 +220,14 @@ class _LiveState(Collector):
         )
         taken.add_metric([me], self.metrics.partitions_taken)
         yield taken
+        foreign = CounterMetricFamily(
+            "esn_cluster_foreign",
+            "Uplinks and floor requests heard for partitions another instance serves "
+            "(none once the cluster moves them by partition)",
+            labels=["server"],
+        )
+        foreign.add_metric([me], self.metrics.foreign)
+        yield foreign
 
 
 def _sum(*counts: dict[str, int]) -> dict[str, int]:

@@ -175,12 +175,14 @@ class Server:
             self.store.close()  # (its lock with it: a later start may take the file)
             raise
         up, presence, group = self.topics.server_subscriptions()
+        # (where a NATS cluster's subject mapping moves uplinks and floor requests to)
+        parted_up, parted_floor = self.topics.parted_uplinks()
         # QoS 1 in a persistent session: what units send while we restart waits at the broker
-        await self.transport.subscribe(up, presence)
+        await self.transport.subscribe(up, presence, parted_up)
         # Floor and voice are of the moment: a request made while we were away is sent
         # again by the handset (T101), not served late. Our own status too: another
         # instance under our id announcing itself (see _rival_seen).
-        await self.transport.subscribe(group, self._status_topic, qos=0)
+        await self.transport.subscribe(group, parted_floor, self._status_topic, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         await self._recover()
         if self.config.metrics_port is not None:
@@ -451,12 +453,20 @@ class Server:
             raise
         t = self.topics
         up, presence, _ = t.server_subscriptions()
-        mine = (t.status("+"), self._sync_topic, t.unit_records(), t.floors_up())
         # QoS 0: on a NATS cluster, what is subscribed at QoS 1 stalls when a node dies.
-        # Everyone's control messages (few) come to every instance, and each drops those
-        # of partitions it does not serve by their topic; voice (many) only to the group's.
-        await self.transport.subscribe(up, presence, *mine, qos=0)
+        # Every unit's presence and record comes to every instance. Uplinks and floor
+        # requests come by partition (`_follow`), moved there by the cluster's subject
+        # mapping; without one, every instance hears them all and drops those of
+        # partitions it does not serve by their topic. Voice, by group (`_follow`).
+        mine = (presence, t.status("+"), self._sync_topic, t.unit_records())
+        await self.transport.subscribe(*mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
+        if not await self._probe():
+            log.warning(
+                "the cluster does not move uplinks by partition (no subject mapping, see "
+                "docs/scaling.md): every instance hears every unit's uplinks"
+            )
+            await self.transport.subscribe(up, t.floors_up(), qos=0)
         await self._retainer.subscribe(self._state_sync, qos=0)
         # (the retained presence, records and statuses are in once this comes back)
         await self._echo(self.transport, self._sync_topic)
@@ -473,7 +483,19 @@ class Server:
             "joined the cluster at %s as %s", ", ".join(self.config.cluster), self.config.server_id
         )
 
-    async def _echo(self, link: Transport, topic: str, timeout: float = 5.0) -> bool:
+    async def _probe(self, timeout: float = 2.0) -> bool:
+        """Whether the cluster's subject mapping moves uplinks by partition: an uplink
+        no unit can send, looked for where the mapping would deliver it."""
+        sent, seen = self.topics.probe(self.config.server_id)
+        await self.transport.subscribe(seen, qos=0)
+        try:
+            return await self._echo(self.transport, sent, timeout, warn=False)
+        finally:
+            await self.transport.unsubscribe(seen)
+
+    async def _echo(
+        self, link: Transport, topic: str, timeout: float = 5.0, warn: bool = True
+    ) -> bool:
         """Whether a marker sent to ourselves on `link` came back within `timeout`: the
         retained messages of the subscriptions made on it before have all arrived then."""
         marker = os.urandom(8).hex().encode()
@@ -483,7 +505,8 @@ class Server:
             await asyncio.wait_for(back.wait(), timeout)
             return True
         except TimeoutError:
-            log.warning("no echo from the broker within %g s", timeout)
+            if warn:
+                log.warning("no echo from the broker within %g s", timeout)
             return False
         finally:
             del self._echoes[marker]
@@ -515,6 +538,7 @@ class Server:
         while self._accepting and (new := self.link.held - self._ready):
             t = self.topics
             self._gathering, self._gathered = new, {}
+            self._follow()  # (their uplinks: to have them from the moment we serve them)
             topics = [t.records(p) for p in sorted(new)]
             try:  # (bounded: an ack lost to a reconnect is never answered)
                 await asyncio.wait_for(self._retainer.subscribe(*topics, qos=0), 10)
@@ -564,12 +588,16 @@ class Server:
             log.info("serve partitions %s (%d records, %d calls)", _spans(new), len(records), calls)
 
     def _follow(self) -> None:
-        """Subscribe to the voice of the groups we serve, and to what other instances
-        hand us; and no more to those of the groups we do not."""
+        """Subscribe to the voice of the groups we serve, to the uplinks of the partitions
+        we serve or take up, and to what other instances hand us; and no more to those of
+        the groups and partitions we do not."""
         t = self.topics
-        want = {t.forwards(p) for p in self._ready} | {
-            t.voice_up(tg) for tg in self.network.groups if self._serving(partition_of(tg))
-        }
+        parts = self._ready | self._gathering
+        want = (
+            {t.forwards(p) for p in self._ready}
+            | {t.parted(p) for p in parts}
+            | {t.voice_up(tg) for tg in self.network.groups if self._serving(partition_of(tg))}
+        )
         more, less = want - self._following, self._following - want
         self._following = want
         if more:
@@ -695,7 +723,7 @@ class Server:
             if topic.startswith(self._status_head) and topic.endswith("/status"):
                 self._peer_status_seen(topic, payload)
                 return
-            if topic in (self._sync_topic, self._state_sync):
+            if topic in (self._sync_topic, self._state_sync) or "/~" in topic:  # (or a probe)
                 echo = self._echoes.get(payload)
                 if echo is not None:
                     echo.set()
@@ -715,6 +743,7 @@ class Server:
             self.metrics.count_rejected("bad_topic")
             return
         if self.config.cluster and not self._ours(where):
+            self.metrics.foreign += 1
             return
         if where.kind in INTAKE and (
             self._intake.check(where.unit, where.kind, self._loop.time()) is not Verdict.ALLOW

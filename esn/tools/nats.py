@@ -23,7 +23,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esn.protocol.ids import PARTITIONS
 from esn.tools.processes import end_process, free_port, log_tail
+
+# Uplinks and floor requests moved to a subject of their partition (`esn.protocol.ids.
+# partition_of`: the FNV-1a hash NATS computes), so that each server instance subscribes
+# to those of the partitions it serves only (docs/scaling.md). For any one-word prefix.
+SUBJECT_MAPPINGS = {
+    "*.unit.*.up": f"{{{{wildcard(1)}}}}.part.{{{{partition({PARTITIONS},2)}}}}"
+    ".unit.{{wildcard(2)}}.up",
+    "*.tg.*.up.*.floor": f"{{{{wildcard(1)}}}}.part.{{{{partition({PARTITIONS},2)}}}}"
+    ".tg.{{wildcard(2)}}.up.{{wildcard(3)}}.floor",
+}
 
 
 class ClusterError(RuntimeError):
@@ -60,7 +71,8 @@ class NatsNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def config(self, routes: list[int], replicas: int) -> str:
+    def config(self, routes: list[int], replicas: int, mappings: bool = True) -> str:
+        moved = [f'  "{src}": "{dest}"' for src, dest in SUBJECT_MAPPINGS.items()]
         return "\n".join(
             [
                 f"server_name: {self.name}",
@@ -76,6 +88,7 @@ class NatsNode:
                 # Left to itself NATS counts the routes listed (the other nodes: 2 of 3) and
                 # keeps two copies, which lose their quorum when either node dies.
                 f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port}, stream_replicas: {replicas} }}",
+                *(["mappings {", *moved, "}"] if mappings else []),
                 "",
             ]
         )
@@ -111,9 +124,11 @@ class NatsNode:
 
 
 class NatsCluster:
-    """`nodes` NATS servers clustered on loopback, each with JetStream and MQTT."""
+    """`nodes` NATS servers clustered on loopback, each with JetStream and MQTT, and the
+    subject mappings that split uplinks by partition (unless `mappings` is false)."""
 
-    def __init__(self, nodes: int = 3) -> None:
+    def __init__(self, nodes: int = 3, mappings: bool = True) -> None:
+        self.mappings = mappings
         self._dir = tempfile.TemporaryDirectory(prefix="esn-nats-")
         root = Path(self._dir.name)
         self.nodes = [NatsNode(f"n{i}", root / f"n{i}") for i in range(1, nodes + 1)]
@@ -143,7 +158,7 @@ class NatsCluster:
         node.folder.mkdir(parents=True, exist_ok=True)
         conf = node.folder / "nats.conf"
         routes = [n.route_port for n in self.nodes if n is not node]
-        conf.write_text(node.config(routes, min(3, len(self.nodes))))
+        conf.write_text(node.config(routes, min(3, len(self.nodes)), self.mappings))
         with open(node.folder / "nats.log", "ab") as log:
             node.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(conf)],
