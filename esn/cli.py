@@ -24,10 +24,10 @@ class CliError(Exception):
     """Bad command-line input; the message is the one line to print."""
 
 
-def _broker(args: argparse.Namespace) -> BrokerConfig:
+def _broker(args: argparse.Namespace, url: str | None = None) -> BrokerConfig:
     try:
         return BrokerConfig.from_url(
-            args.broker,
+            url or args.broker,
             username=args.username or os.environ.get("ESN_MQTT_USERNAME"),
             password=args.password or os.environ.get("ESN_MQTT_PASSWORD"),
             ca_file=args.ca_file,
@@ -77,8 +77,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         return 2
     fleet = load_fleet(args.fleet)
     cluster = tuple(url for url in (args.cluster or "").split(",") if url)
+    brokers = [_broker(args, url) for url in args.broker.split(",") if url] or [_broker(args)]
     config = Config(
-        broker=_broker(args),
+        broker=brokers[0],
+        others=tuple(brokers[1:]),
         server_id=args.server_id,
         prefix=args.prefix,
         metrics_port=args.metrics_port,
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster",
         metavar="nats://H:P[,...]",
         help="share the groups with the other servers of a NATS cluster (each with its own "
-        "--server-id; --broker is then any node's MQTT port): see docs/scaling.md",
+        "--server-id; --broker is then any node's MQTT port, or several, comma-separated, "
+        "tried in turn when the link is lost): see docs/scaling.md",
     )
     p.set_defaults(func=cmd_server)
 

@@ -202,6 +202,16 @@ def overview() -> Dashboard:
                 unit="short",
             ).description("Partitions an instance took up: at its start, and on each failover.")
         )
+        .with_panel(
+            rates(
+                "Uplinks heard for others' partitions",
+                "sum by (server) (rate(esn_cluster_foreign_total[$__rate_interval]))",
+                "{{server}}",
+            ).description(
+                "None when the cluster routes uplinks by partition (its subject mapping); "
+                "a steady rate means every instance hears the whole fleet's (docs/scaling.md)."
+            )
+        )
         .with_row(Row("Broker (Mosquitto $SYS)"))
         .with_panel(
             rates("Connected clients", "sum(esn_broker_clients_connected)", "clients", unit="short")

@@ -120,3 +120,24 @@ async def test_deliveries_keep_their_order_and_never_run_inside_publish(
         assert len(got) == 0 or int(got[-1][1]) < i  # not delivered re-entrantly
     await eventually(lambda: len(got) == 100)
     assert [int(p) for _, p in got] == list(range(100))
+
+
+async def test_a_link_lost_is_made_again_on_the_next_node_given(memory: MemoryBroker) -> None:
+    """A server given several nodes of a clustered broker (`others`): when its node goes
+    for good, its link is made again on the next one, with its subscriptions."""
+    other = MemoryBroker()
+    link = make_transport("memory", memory.config, client_id="srv", others=(other.config,))
+    sender = make_transport("memory", other.config, client_id="unit")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    link.on_message = lambda topic, payload: heard.put_nowait(topic)
+    try:
+        await link.start()
+        await link.subscribe("a/#")
+        memory.close()
+        await eventually(lambda: link.connected and link.broker == other.config)
+        await sender.start()
+        sender.publish("a/1", b"x")
+        assert await asyncio.wait_for(heard.get(), 5) == "a/1"
+    finally:
+        await asyncio.gather(link.stop(), sender.stop())
+        other.close()

@@ -131,7 +131,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
                 cluster_args = ("--cluster", ",".join(nats.nats_urls)) if nats else ()
                 servers.append(
                     await start_server(
-                        node_url,
+                        nats.brokers_from(i) if nats else node_url,
                         fleet,
                         metrics_port=server_ports[-1],
                         mqtt_client=s.run.mqtt_client,

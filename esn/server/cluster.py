@@ -161,6 +161,11 @@ class ClusterLink:
 
     # --- lifecycle --------------------------------------------------------------------
 
+    @staticmethod
+    async def _nats_error(exc: Exception) -> None:
+        """nats-py's errors (a node gone, say: it reconnects to another), in one line."""
+        log.warning("cluster link: NATS: %s", str(exc) or type(exc).__name__)
+
     async def start(self) -> None:
         import nats
         from nats.js.api import KeyValueConfig
@@ -173,6 +178,7 @@ class ClusterLink:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.2,
                 allow_reconnect=True,
+                error_cb=self._nats_error,
             )
         except Exception as exc:
             raise ClusterError(f"cannot reach NATS at {', '.join(self.servers)}: {exc}") from None

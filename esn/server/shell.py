@@ -60,6 +60,11 @@ INTAKE = {
 # each at most 64 KiB); held in bytes, as many as could be real and no more
 MAX_BACKLOG_BYTES = 64 * 1024 * 1024
 BACKLOG_SLICE = 200  # held uplinks acted on between two turns of the event loop
+# a cluster instance whose link to its NATS node is lost keeps what it serves this long
+# while it connects to another node (a new connection waits for JetStream's elections,
+# 4 to 9 s, when the node that died led the stream of MQTT sessions; tries that time out
+# after 5 s included)
+LINK_GRACE_S = 15.0
 
 
 class DuplicateServerError(RuntimeError):
@@ -78,6 +83,8 @@ class Config:
     # NATS URLs: share the groups with the other instances of a cluster (docs/scaling.md);
     # the durable state is then kept retained in the cluster, not in `state`
     cluster: tuple[str, ...] = ()
+    # more MQTT listeners of the same cluster, tried in turn when a link to `broker` is lost
+    others: tuple[BrokerConfig, ...] = ()
 
 
 class Server:
@@ -105,6 +112,7 @@ class Server:
             # the broker keeps our uplinks while we restart; not in a cluster, where the
             # others serve while we are away (and QoS 1 stalls when a NATS node dies)
             persistent=not config.cluster,
+            others=config.others,
         )
         self.metrics.publish_dropped = lambda: self.transport.dropped
         self.metrics.server_id = config.server_id
@@ -138,6 +146,7 @@ class Server:
         self.received = 0  # every message the broker handed us
         self.rival: DuplicateServerError | None = None  # another instance has our id
         self._link_losses: deque[float] = deque(maxlen=2)
+        self._grace: asyncio.TimerHandle | None = None  # (`_link_down`)
         self.gave_way = asyncio.Event()
         self.store: Store | None = None
         # in a cluster: the link, the partitions we serve (held and taken up), the groups
@@ -200,8 +209,9 @@ class Server:
         if self.link is not None:
             await self.link.stop()  # (acts for nothing from its first step, then waits)
         self._accepting = False
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._grace):
+            if handle is not None:
+                handle.cancel()
         if self._replay is not None:
             self._replay.cancel()
         for chore in [self._taking, *self._chores]:
@@ -427,6 +437,7 @@ class Server:
             config.broker,
             client_id=f"{config.server_id}-state",
             keepalive=config.keepalive,
+            others=config.others,
         )
         # what changes with the partitions served (records read at a take-up, the groups'
         # voice, what others hand on) is subscribed on it too: each SUBSCRIBE makes NATS
@@ -435,7 +446,7 @@ class Server:
         self._retainer.on_retained = self._on_retained
         self._retainer.on_connect = self._on_connect
         # (not a loss of the main link: no evidence of a rival, see _rival_seen)
-        self._retainer.on_disconnect = lambda: self.link.standby(True) if self.link else None
+        self._retainer.on_disconnect = self._link_down
         # made before we hear the others' statuses: a will heard is passed to it (`gone`)
         self.link = ClusterLink(
             config.cluster,
@@ -659,23 +670,47 @@ class Server:
         the rest (floors, stored messages: read back only at a takeover) on the state
         link, where a stalled store delays no answer."""
         t = self.topics
+        unsent = set()
         for key in self.network.changed:
             partition = partition_of(key.partition("/")[2])
             if self._serving(partition):
+                link = self.transport if key.startswith("unit/") else self._retainer
+                if not link.connected:  # (written once it is back: `_on_connect`)
+                    unsent.add(key)
+                    continue
                 record = self.network.record(key)
                 data = b"" if record is None else pack(record)
-                link = self.transport if key.startswith("unit/") else self._retainer
                 link.publish(t.record(partition, key), data, qos=self._qos, retain=True)
-        self.network.changed.clear()
+        self.network.changed = unsent
 
     def _on_disconnect(self) -> None:
         self._link_losses.append(self._loop.time())
-        if self.link is not None:  # no one can reach us: the others serve meanwhile
+        self._link_down()
+
+    def _link_down(self) -> None:
+        """In a cluster, one of our MQTT links is lost: no one can reach us, so the others
+        serve meanwhile. With other nodes to go to (`Config.others`), we keep what we
+        serve while the link is made again there, for `LINK_GRACE_S` at most."""
+        if self.link is None:
+            return
+        if not self.config.others:
+            self.link.standby(True)
+        elif self._grace is None:
+            self._grace = self._loop.call_later(LINK_GRACE_S, self._step_aside)
+
+    def _step_aside(self) -> None:
+        self._grace = None
+        if self.link is not None and not (self.transport.connected and self._retainer.connected):
+            log.warning("no MQTT link for %g s: the others serve meanwhile", LINK_GRACE_S)
             self.link.standby(True)
 
     def _on_connect(self) -> None:
         if self.link is not None and self.transport.connected and self._retainer.connected:
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
             self.link.standby(False)
+            self._save()  # (what changed while a link was down)
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
             self._announce()
 

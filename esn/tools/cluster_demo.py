@@ -372,7 +372,7 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
             port = demo.metrics_ports[srv] = free_port()
             demo.node_of_server[srv] = i
             demo.servers[srv] = await start_server(
-                nodes[i].mqtt_url,
+                demo.nats.brokers_from(i),
                 fleet,
                 metrics_port=port,
                 mqtt_client=opts.mqtt_client,

@@ -141,6 +141,12 @@ class NatsCluster:
     def nats_urls(self) -> list[str]:
         return [n.nats_url for n in self.nodes]
 
+    def brokers_from(self, index: int) -> str:
+        """`esn server --broker` for a server on node `index`: its MQTT URL, then the
+        others' in turn (where it goes when its node dies)."""
+        urls = self.mqtt_urls
+        return ",".join(urls[index:] + urls[:index])
+
     def start(self, timeout: float = 30.0) -> NatsCluster:
         for node in self.nodes:
             self._launch(node)

@@ -23,27 +23,28 @@ def make_transport(
     will: Will | None = None,
     keepalive: int = 30,
     persistent: bool = False,
+    others: tuple[BrokerConfig, ...] = (),
 ) -> Transport:
+    """A transport to `broker`; `others` are more nodes of the same clustered broker,
+    tried in turn when the link is lost."""
+    made: type[Transport]
     if kind == "gmqtt":
-        from esn.transport.gmqtt_client import GmqttTransport
-
-        return GmqttTransport(
-            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
-        )
-    if kind == "paho":
+        from esn.transport.gmqtt_client import GmqttTransport as made
+    elif kind == "paho":
         need("aiomqtt", "paho", "the paho MQTT client")
-        from esn.transport.paho_client import PahoTransport
-
-        return PahoTransport(
-            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
-        )
-    if kind == "memory":
-        from esn.transport.memory import MemoryTransport
-
-        return MemoryTransport(
-            broker, client_id=client_id, will=will, keepalive=keepalive, persistent=persistent
-        )
-    raise ValueError(f"unknown MQTT client {kind!r}; choose one of {', '.join(CLIENTS)}")
+        from esn.transport.paho_client import PahoTransport as made
+    elif kind == "memory":
+        from esn.transport.memory import MemoryTransport as made
+    else:
+        raise ValueError(f"unknown MQTT client {kind!r}; choose one of {', '.join(CLIENTS)}")
+    return made(
+        broker,
+        client_id=client_id,
+        will=will,
+        keepalive=keepalive,
+        persistent=persistent,
+        others=others,
+    )
 
 
 __all__ = [

@@ -108,8 +108,11 @@ class Transport(ABC):
         keepalive: int = 30,
         connect_timeout: float = 5.0,
         persistent: bool = False,
+        others: tuple[BrokerConfig, ...] = (),
     ) -> None:
         self.broker = broker
+        # the nodes of a clustered broker: after a loss, each attempt tries the next one
+        self._brokers, self._at = (broker, *others), 0
         self.client_id = client_id
         # a persistent session (clean session off): while we are away the broker keeps our
         # subscriptions and queues what they match at QoS 1, and hands it over when we return
@@ -204,14 +207,15 @@ class Transport(ABC):
     def _link_lost(self) -> None:
         self._lost.set()
 
-    async def _connect_reporting(self) -> None:
+    async def _connect_reporting(self, timeout: float | None = None) -> None:
+        timeout = timeout or self.connect_timeout
         try:
-            await asyncio.wait_for(self._connect_and_subscribe(), self.connect_timeout)
+            await asyncio.wait_for(self._connect_and_subscribe(), timeout)
         except TimeoutError:
             self.connected = False
             await self._disconnect()
             raise TransportError(
-                f"broker {self.broker.url()} did not answer within {self.connect_timeout:g} s"
+                f"broker {self.broker.url()} did not answer within {timeout:g} s"
             ) from None
         self.on_connect()
 
@@ -238,16 +242,27 @@ class Transport(ABC):
             )
             self.on_disconnect()
             attempt = 0
+            several = len(self._brokers) > 1  # (a server among few: its tries pace it)
             while not self._closing:
-                await asyncio.sleep(backoff(attempt))
+                await asyncio.sleep(backoff(attempt, cap=0.5 if several else 5.0))
                 attempt += 1
+                self._at = (self._at + 1) % len(self._brokers)
+                self.broker = self._brokers[self._at]
+                # (a node of a cluster that does not answer soon is passed for the next:
+                # a NATS node answers once JetStream has elected the leaders it needs)
+                timeout = min(self.connect_timeout, 2.0) if several else None
                 try:
-                    await self._connect_reporting()
+                    await self._connect_reporting(timeout)
                 except (TransportError, OSError) as exc:
                     log.info("%s: reconnect attempt %d failed: %s", self.client_id, attempt, exc)
                     continue
                 self.reconnects += 1
-                log.warning("%s: reconnected after %d attempt(s)", self.client_id, attempt)
+                log.warning(
+                    "%s: reconnected to %s after %d attempt(s)",
+                    self.client_id,
+                    self.broker.url(),
+                    attempt,
+                )
                 break
 
     @abstractmethod
