@@ -12,6 +12,7 @@ from pathlib import Path
 from esn import __version__
 from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
+from esn.protocol.ids import is_id
 from esn.runtime import STOP_SIGNALS, Interrupted, Throttle, run
 from esn.tomlfile import load_fleet
 from esn.tools.nats import ClusterError as NatsStartError
@@ -78,6 +79,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     fleet = load_fleet(args.fleet)
     cluster = tuple(url for url in (args.cluster or "").split(",") if url)
     brokers = [_broker(args, url) for url in args.broker.split(",") if url] or [_broker(args)]
+    if len(brokers) > 1 and not cluster:
+        raise CliError("several --broker URLs are the nodes of a --cluster, and need one")
+    if not is_id(args.server_id):
+        raise CliError(f"--server-id {args.server_id!r}: letters, digits, '_', '.' and '-' only")
+    if not all(is_id(level) for level in args.prefix.split("/")):
+        raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
     config = Config(
         broker=brokers[0],
         others=tuple(brokers[1:]),

@@ -75,3 +75,22 @@ def test_a_repeated_log_line_is_held_back_and_counted() -> None:
     assert throttle.filter(record(1, "another line"))  # others are not held back
     later = record(61.0)
     assert throttle.filter(later) and "9997 like it held back" in later.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--broker", "mqtt://127.0.0.1:1,mqtt://127.0.0.1:2"], "nodes of a --cluster"),
+        (["--broker", "mqtt://127.0.0.1:1", "--server-id", "srv/#"], "--server-id 'srv/#'"),
+        (["--broker", "mqtt://127.0.0.1:1", "--prefix", "esn/+"], "--prefix 'esn/+'"),
+        (["--broker", "mqtt://127.0.0.1:1", "--prefix", "esn/"], "--prefix 'esn/'"),
+    ],
+)
+def test_a_server_refuses_what_would_break_its_topics_in_one_line(
+    extra: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
+    assert main(["server", "--fleet", str(fleet), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err

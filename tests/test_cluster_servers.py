@@ -224,10 +224,13 @@ async def test_the_cluster_moves_uplinks_to_the_partition_we_compute(
         for ident in ids:
             pub.publish(topics.unit_up(ident), b"", qos=1)
             pub.publish(topics.floor_up(ident, "u1"), b"", qos=1)
+        arrived = []
         for _ in range(2 * len(ids)):
             topic = await asyncio.wait_for(heard.get(), 5)
             where = topics.parse_inbound(topic)
             assert where is not None, topic
+            arrived.append(where.tg or where.unit)
+        assert sorted(arrived) == sorted(ids * 2)
     finally:
         await asyncio.gather(pub.stop(), sub.stop())
 

@@ -490,6 +490,14 @@ class Network:
 
     # --- durable state ----------------------------------------------------------------
 
+    def record_keys(self) -> set[str]:
+        """The keys of every durable record there may be something under now."""
+        return (
+            {f"group/{tg}" for tg in self.floors}
+            | {f"unit/{u}" for u in self.affiliations.keys() | self._answers.keys()}
+            | {f"sds/{u}" for u in self._sds_store}
+        )
+
     def record(self, key: str) -> object | None:
         """The durable record under `key` (one of `changed`) as it is now; None when there
         is nothing to keep. `group/TG`: the floor (and a temporary group's definition);

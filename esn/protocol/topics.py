@@ -140,7 +140,12 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
         return None
     parts = topic[len(head) :].split("/")
     part = None
-    if len(parts) in (5, 7) and parts[0] == "part" and _number(parts[1]):
+    if (
+        len(parts) in (5, 7)
+        and parts[0] == "part"
+        and _number(parts[1])
+        and parts[1] == str(int(parts[1]))
+    ):
         # moved here by a NATS subject mapping: an uplink or a floor request, by partition
         part, parts = int(parts[1]), parts[2:]
         if parts[-1] not in ("up", "floor"):

@@ -223,7 +223,7 @@ class _LiveState(Collector):
         foreign = CounterMetricFamily(
             "esn_cluster_foreign",
             "Uplinks and floor requests heard for partitions another instance serves "
-            "(none once the cluster moves them by partition)",
+            "(none in steady running once the cluster moves them by partition)",
             labels=["server"],
         )
         foreign.add_metric([me], self.metrics.foreign)

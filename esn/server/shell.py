@@ -62,9 +62,9 @@ MAX_BACKLOG_BYTES = 64 * 1024 * 1024
 BACKLOG_SLICE = 200  # held uplinks acted on between two turns of the event loop
 # a cluster instance whose link to its NATS node is lost keeps what it serves this long
 # while it connects to another node (a new connection waits for JetStream's elections,
-# 4 to 9 s, when the node that died led the stream of MQTT sessions; tries that time out
-# after 5 s included)
-LINK_GRACE_S = 15.0
+# 4 to 9 s once NATS notices, when the node that died led the stream of MQTT sessions;
+# we measured up to 12 s)
+LINK_GRACE_S = 20.0
 
 
 class DuplicateServerError(RuntimeError):
@@ -162,6 +162,7 @@ class Server:
         self._qos = 0 if config.cluster else 1
         self._records_head = f"{self.topics.prefix}/cluster/rec/"
         self._status_head = f"{self.topics.prefix}/server/"
+        self._parted_head = f"{self.topics.prefix}/part/"
         self._echoes: dict[bytes, asyncio.Event] = {}
         self._gathering: set[int] = set()
         self._gathered: dict[str, bytes] = {}
@@ -206,12 +207,13 @@ class Server:
     async def stop(self) -> None:
         """Stop taking input, tell peers we are offline (unless the status is another
         instance's), then close the link and endpoint."""
+        if self._grace is not None:
+            self._grace.cancel()
         if self.link is not None:
             await self.link.stop()  # (acts for nothing from its first step, then waits)
         self._accepting = False
-        for handle in (self._timer, self._grace):
-            if handle is not None:
-                handle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._replay is not None:
             self._replay.cancel()
         for chore in [self._taking, *self._chores]:
@@ -219,7 +221,7 @@ class Server:
                 chore.cancel()
         if self.rival is None:
             status = self._status("offline")
-            self.transport.publish(self._status_topic, status, self._qos, True)
+            self._retainer.publish(self._status_topic, status, self._qos, True)
         if self._retainer is not self.transport:
             await self._retainer.stop()
         await self.transport.stop()
@@ -414,7 +416,7 @@ class Server:
 
     def _say_online(self) -> None:
         """Our retained status `online` (in a cluster, with the partitions we serve)."""
-        self.transport.publish(self._status_topic, self._status("online"), self._qos, True)
+        self._retainer.publish(self._status_topic, self._status("online"), self._qos, True)
 
     def _status(self, state: str) -> bytes:
         parts = sorted(self._ready) if self.config.cluster and state == "online" else None
@@ -469,18 +471,20 @@ class Server:
         # requests come by partition (`_follow`), moved there by the cluster's subject
         # mapping; without one, every instance hears them all and drops those of
         # partitions it does not serve by their topic. Voice, by group (`_follow`).
-        mine = (presence, t.status("+"), self._sync_topic, t.unit_records())
+        # What units send comes on the state link, presence included: in the order sent.
+        mine = (t.status("+"), self._sync_topic, t.unit_records())
         await self.transport.subscribe(*mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
+        await self._retainer.subscribe(presence, self._state_sync, qos=0)
         if not await self._probe():
             log.warning(
                 "the cluster does not move uplinks by partition (no subject mapping, see "
                 "docs/scaling.md): every instance hears every unit's uplinks"
             )
-            await self.transport.subscribe(up, t.floors_up(), qos=0)
-        await self._retainer.subscribe(self._state_sync, qos=0)
-        # (the retained presence, records and statuses are in once this comes back)
+            await self._retainer.subscribe(up, t.floors_up(), qos=0)
+        # (the retained presence, records and statuses are in once these come back)
         await self._echo(self.transport, self._sync_topic)
+        await self._echo(self._retainer, self._state_sync)
         self._say_online()
         try:
             await self.link.start()
@@ -546,6 +550,15 @@ class Server:
         """Serve the partitions newly held: read their records (kept retained by whoever
         served them), adopt what checks out, then follow their groups' uplinks."""
         assert self.link is not None
+        try:
+            await self._take_up_held()
+        finally:  # (no uplinks of partitions we did not take up after all)
+            self._gathering = set()
+            if self._accepting:
+                self._follow()
+
+    async def _take_up_held(self) -> None:
+        assert self.link is not None
         while self._accepting and (new := self.link.held - self._ready):
             t = self.topics
             self._gathering, self._gathered = new, {}
@@ -562,6 +575,7 @@ class Server:
             if not complete:  # serve nothing on a partial picture: try again
                 log.warning("records of partitions %s not read (%s)", _spans(new), why)
                 self._gathering = set()
+                self._follow()
                 await asyncio.sleep(1.0)
                 continue
             gathered, self._gathering = self._gathered, set()
@@ -664,23 +678,20 @@ class Server:
 
     def _share(self) -> None:
         """Keep what the core changed, retained in the cluster, for the partitions we
-        serve: whoever serves them next reads it back. A unit's record (which groups it
-        is in) goes out on our main link, ahead of the answer that follows it, so every
-        instance knows of an affiliation before the unit can ask for the floor there;
-        the rest (floors, stored messages: read back only at a takeover) on the state
-        link, where a stalled store delays no answer."""
+        serve: whoever serves them next reads it back; the others read the units' records
+        (which groups a unit is in) as they come. On the state link, as everything
+        retained: a store stalled by a leader election delays no answer."""
         t = self.topics
         unsent = set()
         for key in self.network.changed:
             partition = partition_of(key.partition("/")[2])
             if self._serving(partition):
-                link = self.transport if key.startswith("unit/") else self._retainer
-                if not link.connected:  # (written once it is back: `_on_connect`)
+                if not self._retainer.connected:  # (written once it is back: `_on_connect`)
                     unsent.add(key)
                     continue
                 record = self.network.record(key)
                 data = b"" if record is None else pack(record)
-                link.publish(t.record(partition, key), data, qos=self._qos, retain=True)
+                self._retainer.publish(t.record(partition, key), data, qos=self._qos, retain=True)
         self.network.changed = unsent
 
     def _on_disconnect(self) -> None:
@@ -710,7 +721,10 @@ class Server:
                 self._grace.cancel()
                 self._grace = None
             self.link.standby(False)
-            self._save()  # (what changed while a link was down)
+            # written again: what changed while a link was down, or just before it was
+            # known to be (QoS 0, lost with the node), might not be in the cluster
+            self.network.changed |= self.network.record_keys()
+            self._save()
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
             self._announce()
 
@@ -732,13 +746,16 @@ class Server:
             self._rival_seen(payload)
             return
         where = self.topics.parse_inbound(topic)
-        if where is None or where.kind == "presence":
+        if (where is None and not topic.startswith(self._parted_head)) or (
+            where is not None and where.kind == "presence"
+        ):
             self._on_message(topic, payload)
             return
         self.metrics.count_rejected("retained")
         if payload:  # (cleared on the state link: a retained write can stall its link)
             self._retainer.publish(topic, b"", qos=self._qos, retain=True)
-            log.warning("a retained %s message on %s: ignored and cleared", where.kind, topic)
+            kind = where.kind if where else "misplaced"
+            log.warning("a retained %s message on %s: ignored and cleared", kind, topic)
 
     def _on_message(self, topic: str, payload: bytes, held: bool = False) -> None:
         if not held:
@@ -778,8 +795,11 @@ class Server:
             self.metrics.count_rejected("bad_topic")
             return
         if self.config.cluster and not self._ours(where):
-            self.metrics.foreign += 1
+            if where.kind != "fwd" and partition_of(where.tg or where.unit) not in self._gathering:
+                self.metrics.foreign += 1
             return
+        if self.config.cluster and not self.transport.connected and where.kind != "presence":
+            return  # (no answer could go out: the unit asks again)
         if where.kind in INTAKE and (
             self._intake.check(where.unit, where.kind, self._loop.time()) is not Verdict.ALLOW
         ):

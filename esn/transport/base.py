@@ -136,8 +136,18 @@ class Transport(ABC):
         self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect once (raising TransportError), then keep the link up in the background."""
-        await self._connect_reporting()
+        """Connect once (to the first of the brokers given that answers, else raising
+        TransportError), then keep the link up in the background."""
+        brokers = self._brokers
+        for at, broker in enumerate(brokers):
+            self._at, self.broker = at, broker
+            try:
+                await self._connect_reporting()
+                break
+            except (TransportError, OSError) as exc:
+                if at == len(brokers) - 1:
+                    raise
+                log.warning("%s: %s; trying the next broker", self.client_id, exc)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt:{self.client_id}")
 
     async def stop(self) -> None:
@@ -208,9 +218,13 @@ class Transport(ABC):
         self._lost.set()
 
     async def _connect_reporting(self, timeout: float | None = None) -> None:
+        """Connect, waiting `timeout` (else `connect_timeout`) for the broker's answer,
+        then subscribe again, waiting `connect_timeout` for that."""
         timeout = timeout or self.connect_timeout
         try:
-            await asyncio.wait_for(self._connect_and_subscribe(), timeout)
+            await asyncio.wait_for(self._connect(), timeout)
+            timeout = self.connect_timeout
+            await asyncio.wait_for(self._resubscribe(), timeout)
         except TimeoutError:
             self.connected = False
             await self._disconnect()
@@ -219,8 +233,7 @@ class Transport(ABC):
             ) from None
         self.on_connect()
 
-    async def _connect_and_subscribe(self) -> None:
-        await self._connect()
+    async def _resubscribe(self) -> None:
         self._lost.clear()
         # up from here: retained messages arriving with the SUBACKs may prompt publishes
         self.connected = True
