@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -266,3 +267,16 @@ async def test_without_a_subject_mapping_every_instance_hears_everything(
                 await eventually(lambda: other.metrics.foreign >= 1)  # (the request)
         finally:
             await asyncio.gather(*(s.stop() for s in made), return_exceptions=True)
+
+
+def test_a_port_taken_before_a_node_binds_it_is_given_up_for_another() -> None:
+    """The launcher picks free ports, and another process may take one first (a test
+    broker, a server's metrics): the cluster starts on other ports instead."""
+    cluster = NatsCluster(3)
+    taken = cluster.nodes[1].mqtt_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        with cluster:
+            assert taken not in cluster.nodes[1].__dict__.values()
+            assert all(node.healthy() for node in cluster.nodes)

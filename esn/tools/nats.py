@@ -41,6 +41,10 @@ class ClusterError(RuntimeError):
     """The cluster could not be started; the message is one line."""
 
 
+class _PortTaken(Exception):
+    """A free port we picked was taken by another process before the node bound it."""
+
+
 def nats_server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     found = str(beside) if beside.exists() else shutil.which("nats-server")
@@ -148,9 +152,18 @@ class NatsCluster:
         return ",".join(urls[index:] + urls[:index])
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
-        for node in self.nodes:
-            self._launch(node)
-        self.wait_healthy(timeout)
+        for tries in range(3, 0, -1):
+            for node in self.nodes:
+                self._launch(node)
+            try:
+                self.wait_healthy(timeout, port_taken=tries > 1)
+                break
+            except _PortTaken:  # (picked free, then taken by another: on other ports)
+                self.stop()
+                for node in self.nodes:
+                    shutil.rmtree(node.folder, ignore_errors=True)
+                    node.client_port, node.route_port = free_port(), free_port()
+                    node.mqtt_port, node.http_port = free_port(), free_port()
         for node in self.nodes:  # one after the other: see mqtt_ready
             if not node.mqtt_ready(timeout):
                 tail = self.log_tail(node)
@@ -173,8 +186,9 @@ class NatsCluster:
                 start_new_session=True,
             )
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Return once every running node is healthy (JetStream ready), else raise."""
+    def wait_healthy(self, timeout: float = 30.0, port_taken: bool = False) -> None:
+        """Return once every running node is healthy (JetStream ready), else raise (with
+        `port_taken`, `_PortTaken` for a node that could not bind its ports)."""
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             while node.running and not node.healthy():
@@ -184,6 +198,8 @@ class NatsCluster:
                 time.sleep(0.05)
             if node.proc is not None and node.proc.poll() is not None:
                 tail = self.log_tail(node)
+                if port_taken and "address already in use" in tail:
+                    raise _PortTaken(tail)
                 self.close()
                 raise ClusterError(f"NATS node {node.name} exited at start: {tail}")
 

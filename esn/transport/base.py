@@ -221,10 +221,12 @@ class Transport(ABC):
         """Connect, waiting `timeout` (else `connect_timeout`) for the broker's answer,
         then subscribe again, waiting `connect_timeout` for that."""
         timeout = timeout or self.connect_timeout
-        try:
-            await asyncio.wait_for(self._connect(), timeout)
-            timeout = self.connect_timeout
-            await asyncio.wait_for(self._resubscribe(), timeout)
+        try:  # (in this task: what a session kept arrives once `connected` is set)
+            async with asyncio.timeout(timeout) as limit:
+                await self._connect()
+                timeout = self.connect_timeout
+                limit.reschedule(asyncio.get_running_loop().time() + timeout)
+                await self._resubscribe()
         except TimeoutError:
             self.connected = False
             await self._disconnect()
