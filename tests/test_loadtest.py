@@ -4,6 +4,7 @@ small scenario end to end against a real Mosquitto and server."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from esn.cli import main
 from esn.loadtest.recorder import Recorder, summary_ms
 from esn.loadtest.runner import run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
+from esn.loadtest.trace import FIELDS, OUTCOMES, Access, AccessTrace, merge
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "esn" / "loadtest" / "scenarios"
 
@@ -56,6 +58,46 @@ def test_unreadable_scenario(tmp_path: Path) -> None:
     bad.write_text("[run\n")
     with pytest.raises(ScenarioError, match="not valid TOML"):
         load_scenario(bad)
+
+
+@pytest.mark.parametrize(
+    ("answers", "outcome"),
+    [
+        (["granted"], "immediate"),
+        (["granted", "revoked"], "immediate"),
+        (["queued", "granted"], "queued"),
+        (["queued"], "abandoned"),
+        (["denied"], "denied"),
+        (["no_answer"], "failed"),
+        ([], "failed"),
+    ],
+)
+def test_each_request_gets_one_outcome(answers: list[str], outcome: str) -> None:
+    access = Access(sent=10.0)
+    for i, what in enumerate(answers):
+        access.seen(what, 10.0 + 0.01 * (i + 1), "busy" if what == "denied" else None)
+    assert access.outcome == outcome
+    assert (access.answered is None) == (not set(answers) & {"granted", "queued", "denied"})
+
+
+def test_the_workers_traces_merge_in_request_order(tmp_path: Path) -> None:
+    parts = [tmp_path / "access-0.csv", tmp_path / "access-1.csv"]
+    for part, sent in zip(parts, ([3.0, 1.0], [2.0, 0.5]), strict=True):
+        trace = AccessTrace(part, t0=0.0)
+        for t in sent:  # (written as each ends: out of order)
+            a = Access(t)
+            a.seen("granted", t + 0.002)
+            trace.write(a, "u1", "tg-1", "normal", planned=t)
+        trace.close()
+    with open(parts[1], "a") as f:
+        f.write("4.0,u2")  # (a worker killed mid-row)
+    outcomes = merge(parts, tmp_path / "access.csv")
+    with open(tmp_path / "access.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == list(FIELDS)
+    assert [r[0] for r in rows[1:]] == ["0.500", "1.000", "2.000", "3.000"]
+    assert rows[1][FIELDS.index("access_ms")] == "2.000"
+    assert outcomes == {"immediate": 4} and not any(p.exists() for p in parts)
 
 
 def test_coordinated_omission_is_corrected_on_a_stalled_schedule() -> None:
@@ -123,6 +165,18 @@ late_joiners = 2
     assert rc == (0 if result["passed"] else 1)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "KPI1 floor access" in html
+    # the access trace: a row per request, in the order made, each with its outcome
+    rows = list(csv.DictReader((out / "access.csv").read_text().splitlines()))
+    assert rows and {r["outcome"] for r in rows} <= set(OUTCOMES)
+    assert [float(r["t_s"]) for r in rows] == sorted(float(r["t_s"]) for r in rows)
+    for r in rows:
+        assert (r["access_ms"] != "") == (r["outcome"] in ("immediate", "queued")), r
+        assert (r["cause"] != "") == (r["outcome"] == "denied"), r
+    outcomes = result["access_trace"]["outcomes"]
+    assert outcomes == {o: sum(r["outcome"] == o for r in rows) for o in outcomes}
+    callers = {r["caller"] for r in rows}
+    assert {"normal", "dispatcher"} <= callers <= {"normal", "emergency", "dispatcher"}
+    assert not list(out.glob("access-*.csv"))  # (the workers' parts, merged)
 
 
 def test_overrides_change_one_run_and_are_checked() -> None:

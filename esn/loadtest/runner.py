@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.core.partitions import PARTITIONS
+from esn.loadtest import trace
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario
@@ -123,6 +124,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             p.broker_url = url
             p.qos = 0 if nats else 1
         out.mkdir(parents=True, exist_ok=True)
+        for p in plans:
+            p.trace = str(out / f"access-{p.index}.csv")
         if s.run.server:
             fleet = Path(work.name) / "fleet.toml"
             fleet.write_text(fleet_text)
@@ -181,6 +184,10 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             await asyncio.to_thread(nats.close)
         work.cleanup()
     report = build_report(s, result, workers)
+    parts = sorted(out.glob("access-*.csv"))
+    if parts:  # (none when interrupted before the traffic began)
+        outcomes = trace.merge(parts, out / "access.csv")
+        report["access_trace"] = {"file": "access.csv", "outcomes": dict(sorted(outcomes.items()))}
     if interrupted:
         report["interrupted"] = True  # a partial run: figures so far, and no verdict
         report["passed"] = False
@@ -189,6 +196,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     print()
     print(kpi_table(report))
     print(f"\nJSON: {out / 'result.json'}\nHTML: {out / 'report.html'}")
+    if parts:
+        print(f"access trace: {out / 'access.csv'} (docs/traces.md)")
     if interrupted:
         print("RESULT: INTERRUPTED (a partial report of the run so far)")
         raise asyncio.CancelledError  # the command ends as interrupted, its report written

@@ -19,6 +19,8 @@ import random
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from esn.client.floor import Outcome
@@ -27,6 +29,7 @@ from esn.client.metrics import HandsetMetrics
 from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
+from esn.loadtest.trace import Access, AccessTrace
 from esn.protocol import messages as m
 from esn.transport import BrokerConfig
 
@@ -51,6 +54,7 @@ class WorkerPlan:
     broker_url: str = ""  # set by the runner once its broker is up (a cluster's: several,
     # comma-separated; each unit keeps to one of them)
     qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
+    trace: str = ""  # where this worker writes its access trace (docs/traces.md), if set
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +93,7 @@ class Worker:
         self.series: list[dict[str, float]] = []
         self.stopping = False
         self.t0 = 0.0
+        self.trace: AccessTrace | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -107,9 +112,13 @@ class Worker:
             if self.stop.is_set():
                 return  # interrupted during the ramp: nothing to play; the final goes out
             self.t0 = loop.time()
+            if self.plan.trace:
+                self.trace = AccessTrace(Path(self.plan.trace), self.t0)
             await self.play()
         finally:
             self.stopping = True
+            if self.trace is not None:
+                self.trace.close()
             lag.cancel()
             status.cancel()
             exporter.close()
@@ -256,8 +265,10 @@ class Worker:
         try:
             sent = loop.time()
             self.rec.started(planned, sent)
+            access = Access(sent, perf_counter())  # (the loop's clock has 1 ms steps)
 
             def record(o: Outcome) -> None:  # as it happens: a run may end mid-burst
+                access.seen(o.what, perf_counter(), o.cause)
                 if o.what == "granted" and o.via_queue:
                     self.rec.count("granted_after_queue")
                 elif o.what == "granted":
@@ -270,6 +281,9 @@ class Worker:
                     self.rec.count(o.what)  # queued, revoked, no_answer
 
             await h.talk_burst(tg, seconds, kind, on_outcome=record)
+            if self.trace is not None:  # (a press the run's end cut short is left out)
+                caller = "dispatcher" if unit in self.plan.dispatchers else kind
+                self.trace.write(access, unit, tg, caller, planned)
         finally:
             self.busy.discard(unit)
 

@@ -1,0 +1,98 @@
+"""The access trace: one row per floor request the load generator made, with its outcome
+and times, as NIST's MCPTT simulator writes them (docs/traces.md).
+
+Each worker writes its own file as requests end (`AccessTrace`); the runner merges them
+into `access.csv` beside `result.json`, in the order the requests were made (`merge`).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import IO
+
+FIELDS = ("t_s", "unit", "tg", "caller", "outcome", "cause", "answer_ms", "access_ms", "late_ms")
+# immediate: granted at once; queued: granted after waiting in the queue; denied; failed:
+# no answer; abandoned: queued, and the talker let go before the floor came
+OUTCOMES = ("immediate", "queued", "denied", "failed", "abandoned")
+
+
+class Access:
+    """One floor request, from the press to its outcome."""
+
+    def __init__(self, sent: float, start: float | None = None) -> None:
+        self.sent = sent  # on the schedule's clock (the event loop's)
+        self.start = sent if start is None else start  # on the clock `seen` is given
+        self.cause = ""
+        self.answered: float | None = None
+        self.granted: float | None = None
+        self.queued = self.denied = False
+
+    def seen(self, what: str, at: float, cause: str | None = None) -> None:
+        """What the handset made of an answer (`Outcome.what`), and when."""
+        if self.answered is None and what in ("granted", "queued", "denied"):
+            self.answered = at
+        if self.granted is not None or self.denied:
+            return  # (decided: a revoke later is no part of the access)
+        if what == "granted":
+            self.granted = at
+        elif what == "queued":
+            self.queued = True
+        elif what == "denied":
+            self.denied, self.cause = True, cause or ""
+
+    @property
+    def outcome(self) -> str:
+        if self.granted is not None:
+            return "queued" if self.queued else "immediate"
+        if self.denied:
+            return "denied"
+        return "abandoned" if self.queued else "failed"
+
+
+class AccessTrace:
+    """A worker's rows, written as each request ends (a run cut short keeps what ended)."""
+
+    def __init__(self, path: Path, t0: float) -> None:
+        self.t0 = t0
+        self._file: IO[str] = open(path, "w", newline="")  # noqa: SIM115 (closed by close())
+        self._rows = csv.writer(self._file)
+        self._rows.writerow(FIELDS)
+
+    def write(self, a: Access, unit: str, tg: str, caller: str, planned: float) -> None:
+        def ms(at: float | None) -> str:
+            return "" if at is None else f"{(at - a.start) * 1000:.3f}"
+
+        self._rows.writerow(
+            [
+                f"{a.sent - self.t0:.3f}",
+                unit,
+                tg,
+                caller,
+                a.outcome,
+                a.cause,
+                ms(a.answered),
+                ms(a.granted),
+                f"{max(0.0, a.sent - planned) * 1000:.3f}",
+            ]
+        )
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def merge(parts: list[Path], into: Path) -> Counter[str]:
+    """Merge the workers' traces into one file ordered by the time of each request,
+    remove them, and return how many requests had each outcome."""
+    rows = []
+    for part in parts:
+        with open(part, newline="") as f:
+            rows += [r for r in list(csv.reader(f))[1:] if len(r) == len(FIELDS)]  # (no stub)
+        part.unlink()
+    rows.sort(key=lambda r: float(r[0]))
+    with open(into, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(FIELDS)
+        writer.writerows(rows)
+    return Counter(r[FIELDS.index("outcome")] for r in rows)
