@@ -85,6 +85,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise CliError(f"--server-id {args.server_id!r}: letters, digits, '_', '.' and '-' only")
     if not all(is_id(level) for level in args.prefix.split("/")):
         raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
+    if cluster and "." in args.prefix:
+        raise CliError(f"--prefix {args.prefix!r}: no '.' in a cluster (it names NATS buckets)")
     config = Config(
         broker=brokers[0],
         others=tuple(brokers[1:]),

@@ -69,6 +69,8 @@ def test_unreadable_scenario(tmp_path: Path) -> None:
         (["queued"], "abandoned"),
         (["denied"], "denied"),
         (["no_answer"], "failed"),
+        (["queued", "no_answer"], "failed"),
+        (["queued", "denied"], "denied"),
         ([], "failed"),
     ],
 )

@@ -27,7 +27,7 @@ class Access:
         self.cause = ""
         self.answered: float | None = None
         self.granted: float | None = None
-        self.queued = self.denied = False
+        self.queued = self.denied = self.lost = False
 
     def seen(self, what: str, at: float, cause: str | None = None) -> None:
         """What the handset made of an answer (`Outcome.what`), and when."""
@@ -41,6 +41,8 @@ class Access:
             self.queued = True
         elif what == "denied":
             self.denied, self.cause = True, cause or ""
+        elif what == "no_answer":  # (also a request made again while queued, unanswered)
+            self.lost = True
 
     @property
     def outcome(self) -> str:
@@ -48,7 +50,7 @@ class Access:
             return "queued" if self.queued else "immediate"
         if self.denied:
             return "denied"
-        return "abandoned" if self.queued else "failed"
+        return "abandoned" if self.queued and not self.lost else "failed"
 
 
 class AccessTrace:
@@ -64,7 +66,7 @@ class AccessTrace:
         def ms(at: float | None) -> str:
             return "" if at is None else f"{(at - a.start) * 1000:.3f}"
 
-        self._rows.writerow(
+        self._rows.writerow(  # (flushed: a worker killed later keeps what ended)
             [
                 f"{a.sent - self.t0:.3f}",
                 unit,
@@ -77,6 +79,7 @@ class AccessTrace:
                 f"{max(0.0, a.sent - planned) * 1000:.3f}",
             ]
         )
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -118,7 +118,8 @@ class Worker:
         finally:
             self.stopping = True
             if self.trace is not None:
-                self.trace.close()
+                with contextlib.suppress(OSError):  # (a full disk costs the trace only)
+                    self.trace.close()
             lag.cancel()
             status.cancel()
             exporter.close()
@@ -268,7 +269,10 @@ class Worker:
             access = Access(sent, perf_counter())  # (the loop's clock has 1 ms steps)
 
             def record(o: Outcome) -> None:  # as it happens: a run may end mid-burst
-                access.seen(o.what, perf_counter(), o.cause)
+                waited = o.waited_s if o.what == "granted" else None  # (the handset's own)
+                access.seen(
+                    o.what, perf_counter() if waited is None else access.start + waited, o.cause
+                )
                 if o.what == "granted" and o.via_queue:
                     self.rec.count("granted_after_queue")
                 elif o.what == "granted":

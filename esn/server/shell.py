@@ -219,9 +219,10 @@ class Server:
         for chore in [self._taking, *self._chores]:
             if chore is not None:
                 chore.cancel()
-        if self.rival is None:
+        if self.rival is None:  # (on the main link if need be: its will is discarded)
             status = self._status("offline")
-            self._retainer.publish(self._status_topic, status, self._qos, True)
+            link = self._retainer if self._retainer.connected else self.transport
+            link.publish(self._status_topic, status, self._qos, True)
         if self._retainer is not self.transport:
             await self._retainer.stop()
         await self.transport.stop()
@@ -711,7 +712,11 @@ class Server:
 
     def _step_aside(self) -> None:
         self._grace = None
-        if self.link is not None and not (self.transport.connected and self._retainer.connected):
+        if (
+            self._accepting
+            and self.link is not None
+            and not (self.transport.connected and self._retainer.connected)
+        ):
             log.warning("no MQTT link for %g s: the others serve meanwhile", LINK_GRACE_S)
             self.link.standby(True)
 
@@ -723,7 +728,8 @@ class Server:
             self.link.standby(False)
             # written again: what changed while a link was down, or just before it was
             # known to be (QoS 0, lost with the node), might not be in the cluster
-            self.network.changed |= self.network.record_keys()
+            network = self.network
+            network.changed |= {k for k in network.record_keys() if network.record(k)}
             self._save()
         if self._recovered is None and self._accepting:  # a reconnect, not the first connect
             self._announce()
