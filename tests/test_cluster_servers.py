@@ -23,8 +23,9 @@ from esn.core.partitions import PARTITIONS, partition_of
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
-from esn.server.shell import Config, Server
+from esn.server.shell import LINK_GRACE_S, Config, Server
 from esn.tools.nats import NatsCluster
+from esn.tools.processes import free_port
 from esn.transport import BrokerConfig, make_transport
 from tests import test_wire_floor
 from tests.conftest import FLEET, HandsetFactory, eventually, handsets
@@ -280,3 +281,43 @@ def test_a_port_taken_before_a_node_binds_it_is_given_up_for_another() -> None:
         with cluster:
             assert taken not in cluster.nodes[1].__dict__.values()
             assert all(node.healthy() for node in cluster.nodes)
+
+
+async def test_an_instance_with_no_node_to_go_to_steps_aside_after_its_grace(
+    nats_cluster: NatsCluster, prefix: str
+) -> None:
+    """Tried: an instance given its own node and one that does not exist, and its node
+    killed. Expect: it keeps its partitions while it tries to reconnect (no one else acts
+    for them), then, `LINK_GRACE_S` after the loss, gives them up to the other instance."""
+    nowhere = BrokerConfig.from_url(f"mqtt://127.0.0.1:{free_port()}")
+
+    def instance(node: int, others: tuple[BrokerConfig, ...]) -> Server:
+        return Server(
+            Config(
+                broker=BrokerConfig.from_url(nats_cluster.mqtt_urls[node]),
+                prefix=prefix,
+                server_id=f"srv{node}-{prefix}",
+                keepalive=5,
+                cluster=tuple(nats_cluster.nats_urls),
+                others=others,
+            ),
+            parse_fleet(FLEET),
+        )
+
+    cut_off, other = instance(0, (nowhere,)), instance(1, ())
+    await asyncio.gather(cut_off.start(), other.start())
+    loop = asyncio.get_running_loop()
+    try:
+        await eventually(lambda: sorted(len(s._ready) for s in (cut_off, other)) == [16, 16], 20)
+        held = set(cut_off._ready)
+        await asyncio.to_thread(nats_cluster.kill, 0)
+        killed, took = loop.time(), None
+        while loop.time() < killed + LINK_GRACE_S + 15:
+            if held <= other._ready:
+                took = loop.time() - killed
+                break
+            await asyncio.sleep(0.05)
+        assert took is not None and took > LINK_GRACE_S - 1, took
+    finally:
+        await asyncio.gather(cut_off.stop(), other.stop(), return_exceptions=True)
+        await asyncio.to_thread(nats_cluster.restart, 0)

@@ -63,7 +63,7 @@ BACKLOG_SLICE = 200  # held uplinks acted on between two turns of the event loop
 # a cluster instance whose link to its NATS node is lost keeps what it serves this long
 # while it connects to another node (a new connection waits for JetStream's elections,
 # 4 to 9 s once NATS notices, when the node that died led the stream of MQTT sessions;
-# we measured up to 12 s)
+# we measured up to 13.4 s)
 LINK_GRACE_S = 20.0
 
 
