@@ -151,6 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker_url=args.broker,
         monitoring=args.monitoring,
         secure=args.secure,
+        trace=args.trace,
     )
     if args.cluster:
         from esn.tools.cluster_demo import run_cluster_demo
@@ -290,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run it on a 3-node NATS cluster with 3 server instances, and kill one "
         "instance, then one node, in the middle of calls (needs esn[cluster])",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write every floor request and its outcome to this CSV file (docs/traces.md)",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -209,3 +209,26 @@ async def test_a_link_that_stops_first_sends_what_it_was_handed(
         await eventually(lambda: len(got) == 200)
     finally:
         await sink.stop()
+
+
+async def test_each_press_is_told_once_with_its_access_outcome(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """What the demo writes to its access trace: one report per press, once its access
+    is decided (granted, denied, or let go while queued), with its times."""
+    told: list[tuple[str, str, str, str]] = []
+    a = await handset("u1", "tg-1")
+    b = await handset("u2", "tg-1")
+    c = await handset("u3")  # (in no group)
+    for h in (a, b, c):
+        h.on_access = lambda tg, x, u=h.unit: told.append((u, tg, x.outcome, x.cause))
+    assert isinstance(await a.press("tg-1"), m.Granted)
+    assert isinstance(await b.press("tg-1"), m.Queued)
+    b.release("tg-1")  # (let go while queued)
+    assert isinstance(await c.press("tg-1"), m.Deny)
+    a.release("tg-1")  # (after the grant: nothing more to tell)
+    assert told == [
+        ("u1", "tg-1", "immediate", ""),
+        ("u2", "tg-1", "abandoned", ""),
+        ("u3", "tg-1", "denied", "not_affiliated"),
+    ]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from esn.cli import main
+from esn.client.trace import FIELDS, OUTCOMES, Access, AccessTrace, merge
 from esn.loadtest.recorder import Recorder, summary_ms
 from esn.loadtest.runner import run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
-from esn.loadtest.trace import FIELDS, OUTCOMES, Access, AccessTrace, merge
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "esn" / "loadtest" / "scenarios"
 

@@ -38,6 +38,7 @@ from esn.client.floor import (
     StopMedia,
     Timers,
 )
+from esn.client.trace import Access
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
@@ -93,6 +94,7 @@ class GroupView:
     # arrive in one socket read (queued then granted), and none may be lost between waits
     outcomes: deque[Outcome] = field(default_factory=lambda: deque(maxlen=16))
     news: asyncio.Event = field(default_factory=asyncio.Event)
+    access: Access | None = None  # the current press, until its access is decided
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +224,8 @@ class Handset:
         self.keep_inbox = keep_inbox
         self.on_inbound: Callable[[Inbound], None] | None = None
         self.on_media: Callable[[str, str], None] | None = None  # (group, talker) per packet
+        # (group, what became of a press) once decided: granted, denied, unanswered, let go
+        self.on_access: Callable[[str, Access], None] | None = None
         self.position = home
         self.metrics = metrics
         self.keep_stats = keep_stats  # off for load tests: the observer keeps the figures
@@ -357,6 +361,9 @@ class Handset:
         """PTT up: stop media and give up the floor (or leave the queue)."""
         view = self.groups.get(tg)
         if view is not None:
+            if view.access is not None:  # let go before the floor came
+                view.access.let_go = True
+                self._accessed(tg, view)
             self._perform(tg, view, view.floor.release(time.perf_counter()))
 
     async def talk_burst(
@@ -407,6 +414,8 @@ class Handset:
         view = self._view(tg)
         view.outcomes.clear()  # what came of earlier presses answers nothing now
         now = time.perf_counter()
+        self._accessed(tg, view)  # (an earlier press never decided: told as it stands)
+        view.access = Access(now, now, kind)
         self._perform(tg, view, view.floor.press(kind, prio, self.next_ref(), now, timeout))
         return await self._next_outcome(
             tg, ("granted", "queued", "denied", "no_answer"), timeout + 1
@@ -581,6 +590,17 @@ class Handset:
                     self.metrics.access(o.waited_s, view.floor.kind)
         view.outcomes.append(o)
         view.news.set()
+        if view.access is not None:
+            waited = o.waited_s if o.what == "granted" else None
+            at = time.perf_counter() if waited is None else view.access.start + waited
+            view.access.seen(o.what, at, o.cause)
+            if o.what in ("granted", "denied", "no_answer"):
+                self._accessed(tg, view)
+
+    def _accessed(self, tg: str, view: GroupView) -> None:
+        access, view.access = view.access, None
+        if access is not None and self.on_access is not None:
+            self.on_access(tg, access)
 
     def _arm(self, tg: str, view: GroupView) -> None:
         """Wake the participant at its next deadline (T100/T101), if it has one."""

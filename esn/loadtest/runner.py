@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from esn.client import trace
 from esn.core.partitions import PARTITIONS
-from esn.loadtest import trace
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario

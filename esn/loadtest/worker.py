@@ -26,10 +26,10 @@ from typing import Any
 from esn.client.floor import Outcome
 from esn.client.handset import Handset
 from esn.client.metrics import HandsetMetrics
+from esn.client.trace import Access, AccessTrace
 from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
-from esn.loadtest.trace import Access, AccessTrace
 from esn.protocol import messages as m
 from esn.transport import BrokerConfig
 

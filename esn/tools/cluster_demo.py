@@ -452,6 +452,7 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
             t.cancel()
         links = [h.transport for h in demo.everyone]
         await stop_links([*links, demo.watch] if demo.watch else links)  # (before the nodes go)
+        demo.close_trace()
         if exporter is not None:
             exporter.close()
         if prometheus is not None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from esn.client.handset import HAS_PERMISSION, Handset
 from esn.client.metrics import HandsetMetrics
+from esn.client.trace import AccessTrace
 from esn.exporter import serve_metrics
 from esn.protocol import messages as m
 from esn.tomlfile import dump_fleet, load_fleet
@@ -69,6 +70,7 @@ class DemoOptions:
     talk_mean_s: float = 2.5  # shorter than NIST's 4.69 s so a 30 s run sees many calls
     gap_mean_s: float = 2.0
     location_interval_s: float = 5.0
+    trace: str | None = None  # write every press's outcome here (docs/traces.md)
 
 
 @dataclass
@@ -129,8 +131,21 @@ class Demo:
         self.server_log = Path(tempfile.gettempdir()) / "server.log"  # set in the work folder
         self.started = 0.0
         self.stopping = False
+        self.trace: AccessTrace | None = None
 
     # --- set-up -----------------------------------------------------------------------
+
+    def traced(self, h: Handset) -> None:
+        """Have what becomes of each of `h`'s presses written to the trace, if any."""
+        trace = self.trace
+        if trace is not None:
+            caller = "dispatcher" if h.unit in (DISPATCHER, CONSOLE) else None
+            h.on_access = lambda tg, a: trace.write(a, h.unit, tg, caller or a.kind, a.sent)
+
+    def close_trace(self) -> None:
+        if self.trace is not None:
+            self.trace.close()
+            print(f"access trace: {self.opts.trace} (docs/traces.md)")
 
     async def start_handsets(self, broker_for: Callable[[str], BrokerConfig]) -> None:
         """`broker_for(unit)`: how that unit connects (its own credentials, if any)."""
@@ -140,7 +155,10 @@ class Demo:
             "metrics": self.handset_metrics,
             "qos": self.handset_qos,
         }
+        if self.opts.trace:
+            self.trace = AccessTrace(Path(self.opts.trace), time.perf_counter())
         self.dispatcher = Handset(DISPATCHER, broker_for(DISPATCHER), **kw)  # type: ignore[arg-type]
+        self.traced(self.dispatcher)
         await self.dispatcher.start()
         await self.dispatcher.affiliate(*self.groups)
         # the last unit joins late, in the middle of a call
@@ -148,9 +166,11 @@ class Demo:
         for i, uid in enumerate(regular):
             home = (51.45 + self.rng.random() * 0.15, -0.25 + self.rng.random() * 0.25)
             h = Handset(uid, broker_for(uid), home=home, **kw)  # type: ignore[arg-type]
+            self.traced(h)
             self.handsets.append(h)
             self.members[self.groups[i % len(self.groups)]].append(h)
         self.late_joiner = Handset(late, broker_for(late), **kw)  # type: ignore[arg-type]
+        self.traced(self.late_joiner)
         sem = asyncio.Semaphore(50)  # ramp connections without a thundering herd
 
         async def bring_up(h: Handset, tg: str) -> None:
@@ -477,6 +497,7 @@ async def run_demo(opts: DemoOptions) -> int:
         for t in tasks:
             t.cancel()
         await stop_links([h.transport for h in demo.everyone])  # (before the broker goes)
+        demo.close_trace()
         if exporter is not None:
             exporter.close()
         if prometheus is not None:

@@ -1,8 +1,10 @@
-"""The access trace: one row per floor request the load generator made, with its outcome
-and times, as NIST's MCPTT simulator writes them (docs/traces.md).
+"""The access trace: one row per floor request, with its outcome and times, as NIST's
+MCPTT simulator writes them (docs/traces.md).
 
-Each worker writes its own file as requests end (`AccessTrace`); the runner merges them
-into `access.csv` beside `result.json`, in the order the requests were made (`merge`).
+A handset tells what became of each of its presses (`Handset.on_access`); the demo writes
+those rows (`AccessTrace`). The load generator follows its own bursts instead (it knows
+when each was planned): each worker writes its own file, and the runner merges them into
+`access.csv` beside `result.json`, in the order the requests were made (`merge`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ OUTCOMES = ("immediate", "queued", "denied", "failed", "abandoned")
 class Access:
     """One floor request, from the press to its outcome."""
 
-    def __init__(self, sent: float, start: float | None = None) -> None:
+    def __init__(self, sent: float, start: float | None = None, kind: str = "normal") -> None:
         self.sent = sent  # on the schedule's clock (the event loop's)
         self.start = sent if start is None else start  # on the clock `seen` is given
+        self.kind = kind
         self.cause = ""
         self.answered: float | None = None
         self.granted: float | None = None
-        self.queued = self.denied = self.lost = False
+        self.queued = self.denied = self.lost = self.let_go = False
 
     def seen(self, what: str, at: float, cause: str | None = None) -> None:
         """What the handset made of an answer (`Outcome.what`), and when."""
@@ -50,7 +53,9 @@ class Access:
             return "queued" if self.queued else "immediate"
         if self.denied:
             return "denied"
-        return "abandoned" if self.queued and not self.lost else "failed"
+        if self.lost:
+            return "failed"
+        return "abandoned" if self.queued or self.let_go else "failed"
 
 
 class AccessTrace:
