@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 import os
 import random
@@ -43,6 +44,8 @@ from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
+
+log = logging.getLogger("esn.handset")
 
 NO_PERMISSION = FloorState.NO_PERMISSION
 PENDING_REQUEST = FloorState.PENDING_REQUEST
@@ -260,8 +263,8 @@ class Handset:
         """Leave gracefully: release floors, publish `offline`, disconnect."""
         for tg in self.groups:
             self.release(tg)
-        for view in self.groups.values():
-            self._idle(view)
+        for tg, view in self.groups.items():
+            self._idle(tg, view)
         if self._location_task is not None:
             self._location_task.cancel()
         for retry in self._unanswered.values():
@@ -299,7 +302,7 @@ class Handset:
                 if tg not in keep:
                     view = self.groups.pop(tg, None)  # an `ungrouped` may have taken it
                     if view is not None:
-                        self._idle(view)
+                        self._idle(tg, view)
                     await self.transport.unsubscribe(*self.group_topics(tg))
         return reply
 
@@ -310,7 +313,7 @@ class Handset:
         for tg in groups:
             view = self.groups.pop(tg, None)
             if view is not None:
-                self._idle(view)
+                self._idle(tg, view)
         await self.transport.unsubscribe(*[x for tg in groups for x in self.group_topics(tg)])
         return reply
 
@@ -361,10 +364,10 @@ class Handset:
         """PTT up: stop media and give up the floor (or leave the queue)."""
         view = self.groups.get(tg)
         if view is not None:
+            self._perform(tg, view, view.floor.release(time.perf_counter()))
             if view.access is not None:  # let go before the floor came
                 view.access.let_go = True
                 self._accessed(tg, view)
-            self._perform(tg, view, view.floor.release(time.perf_counter()))
 
     async def talk_burst(
         self,
@@ -415,7 +418,7 @@ class Handset:
         view.outcomes.clear()  # what came of earlier presses answers nothing now
         now = time.perf_counter()
         self._accessed(tg, view)  # (an earlier press never decided: told as it stands)
-        view.access = Access(now, now, kind)
+        view.access = Access(now, now, kind) if self.on_access is not None else None
         self._perform(tg, view, view.floor.press(kind, prio, self.next_ref(), now, timeout))
         return await self._next_outcome(
             tg, ("granted", "queued", "denied", "no_answer"), timeout + 1
@@ -503,7 +506,7 @@ class Handset:
             self._view(msg.tg)
             task = asyncio.ensure_future(self.transport.subscribe(*subs, qos=self.qos))
         else:
-            self._idle(self.groups.pop(msg.tg))
+            self._idle(msg.tg, self.groups.pop(msg.tg))
             task = asyncio.ensure_future(self.transport.unsubscribe(*subs))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -594,13 +597,16 @@ class Handset:
             waited = o.waited_s if o.what == "granted" else None
             at = time.perf_counter() if waited is None else view.access.start + waited
             view.access.seen(o.what, at, o.cause)
-            if o.what in ("granted", "denied", "no_answer"):
+            if o.what in ("granted", "denied", "no_answer", "revoked"):
                 self._accessed(tg, view)
 
     def _accessed(self, tg: str, view: GroupView) -> None:
         access, view.access = view.access, None
         if access is not None and self.on_access is not None:
-            self.on_access(tg, access)
+            try:  # (whatever the listener does, the handset's own path goes on)
+                self.on_access(tg, access)
+            except Exception as exc:
+                log.warning("%s: on_access failed: %s", self.unit, exc)
 
     def _arm(self, tg: str, view: GroupView) -> None:
         """Wake the participant at its next deadline (T100/T101), if it has one."""
@@ -621,8 +627,11 @@ class Handset:
         if self.groups.get(tg) is view:
             self._perform(tg, view, view.floor.on_timer(time.perf_counter()))
 
-    def _idle(self, view: GroupView) -> None:
-        """The view is done with: no voice, no timer."""
+    def _idle(self, tg: str, view: GroupView) -> None:
+        """The view is done with: no voice, no timer, and a press not yet decided let go."""
+        if view.access is not None:
+            view.access.let_go = True
+            self._accessed(tg, view)
         self._stop_media(view)
         if view.timer is not None:
             view.timer.cancel()

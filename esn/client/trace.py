@@ -68,6 +68,9 @@ class AccessTrace:
         self._rows.writerow(FIELDS)
 
     def write(self, a: Access, unit: str, tg: str, caller: str, planned: float) -> None:
+        if self._file.closed:
+            return  # (a press decided after the run's end)
+
         def ms(at: float | None) -> str:
             return "" if at is None else f"{(at - a.start) * 1000:.3f}"
 

@@ -144,7 +144,8 @@ class Demo:
 
     def close_trace(self) -> None:
         if self.trace is not None:
-            self.trace.close()
+            with contextlib.suppress(OSError):  # (a full disk costs the trace only)
+                self.trace.close()
             print(f"access trace: {self.opts.trace} (docs/traces.md)")
 
     async def start_handsets(self, broker_for: Callable[[str], BrokerConfig]) -> None:
