@@ -594,9 +594,7 @@ class Handset:
         view.outcomes.append(o)
         view.news.set()
         if view.access is not None:
-            waited = o.waited_s if o.what == "granted" else None
-            at = time.perf_counter() if waited is None else view.access.start + waited
-            view.access.seen(o.what, at, o.cause)
+            view.access.heard(o, time.perf_counter())
             if o.what in ("granted", "denied", "no_answer", "revoked"):
                 self._accessed(tg, view)
 

@@ -14,9 +14,11 @@ from collections import Counter
 from pathlib import Path
 from typing import IO
 
+from esn.client.floor import Outcome
+
 FIELDS = ("t_s", "unit", "tg", "caller", "outcome", "cause", "answer_ms", "access_ms", "late_ms")
 # immediate: granted at once; queued: granted after waiting in the queue; denied; failed:
-# no answer; abandoned: queued, and the talker let go before the floor came
+# no answer; abandoned: the talker let go before the floor came
 OUTCOMES = ("immediate", "queued", "denied", "failed", "abandoned")
 
 
@@ -31,6 +33,12 @@ class Access:
         self.answered: float | None = None
         self.granted: float | None = None
         self.queued = self.denied = self.lost = self.let_go = False
+
+    def heard(self, o: Outcome, now: float) -> None:
+        """An outcome of the press as the handset met it at `now` (on `start`'s clock): a
+        grant at the time the handset itself measured."""
+        waited = o.waited_s if o.what == "granted" else None
+        self.seen(o.what, now if waited is None else self.start + waited, o.cause)
 
     def seen(self, what: str, at: float, cause: str | None = None) -> None:
         """What the handset made of an answer (`Outcome.what`), and when."""
@@ -59,7 +67,8 @@ class Access:
 
 
 class AccessTrace:
-    """A worker's rows, written as each request ends (a run cut short keeps what ended)."""
+    """A trace file, a row written (and flushed) as each request ends: a run cut short
+    keeps what ended."""
 
     def __init__(self, path: Path, t0: float) -> None:
         self.t0 = t0

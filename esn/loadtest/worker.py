@@ -269,10 +269,7 @@ class Worker:
             access = Access(sent, perf_counter())  # (the loop's clock has 1 ms steps)
 
             def record(o: Outcome) -> None:  # as it happens: a run may end mid-burst
-                waited = o.waited_s if o.what == "granted" else None  # (the handset's own)
-                access.seen(
-                    o.what, perf_counter() if waited is None else access.start + waited, o.cause
-                )
+                access.heard(o, perf_counter())
                 if o.what == "granted" and o.via_queue:
                     self.rec.count("granted_after_queue")
                 elif o.what == "granted":

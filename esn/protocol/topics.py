@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from esn.protocol.ids import PARTITIONS, is_id, partition_of
+from esn.protocol.ids import is_id, partition_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +162,7 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
         return None
     if not is_id(unit) or (tg is not None and not is_id(tg)):
         return None
-    if part is not None and (part >= PARTITIONS or part != partition_of(tg or unit)):
+    if part is not None and part != partition_of(tg or unit):  # (which is < PARTITIONS)
         return None
     return Inbound(kind, unit, tg)
 
