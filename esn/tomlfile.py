@@ -28,12 +28,12 @@ def load_fleet(path: str | Path) -> Fleet:
 
 
 def dump_fleet(doc: dict[str, Any]) -> str:
-    """A fleet document (`defaults`, `limits`, `talkgroup` and `unit` lists) as TOML."""
+    """A fleet document (`defaults`, `limits`, `talkgroup`, `unit` and `status` lists) as TOML."""
     out: list[str] = []
     for table in ("defaults", "limits"):
         if doc.get(table):
             out += [f"[{table}]", *(f"{k} = {_value(v)}" for k, v in doc[table].items()), ""]
-    for array in ("talkgroup", "unit"):
+    for array in ("talkgroup", "unit", "status"):
         for entry in doc.get(array, []):
             out += [f"[[{array}]]", *(f"{k} = {_value(v)}" for k, v in entry.items()), ""]
     return "\n".join(out)

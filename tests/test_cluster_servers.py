@@ -321,3 +321,26 @@ async def test_an_instance_with_no_node_to_go_to_steps_aside_after_its_grace(
     finally:
         await asyncio.gather(cut_off.stop(), other.stop(), return_exceptions=True)
         await asyncio.to_thread(nats_cluster.restart, 0)
+
+
+async def test_a_units_status_is_kept_by_its_instance_and_outlives_it(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    """Tried: a unit reports "at scene" (docs/protocol.md, 11.11); the instance serving the
+    unit then stops. Expect: the instance that takes the unit's partition over holds the
+    status (from the unit's record, replicated by the cluster) and confirms a repeat of it
+    as the first one was, and consoles are told it the whole time."""
+    a = await handset("u1")
+    owner = serving(servers, "u1")
+    status = m.UnitStatus(code=3, ref=a.next_ref())
+    assert await a.ask(status) == m.Ok(op="unit_status", ref=status.ref)
+    kept = owner.network.status_msg("u1")
+    assert kept is not None and kept.text == "at scene"
+    await owner.stop()
+    others = [s for s in servers if s is not owner]
+    await eventually(lambda: any(s.network.status_msg("u1") == kept for s in others), 20)
+    assert await a.ask(status, timeout=10) == m.Ok(op="unit_status", ref=status.ref)
+    topic = a.topics.unit_status("u1")
+    shown = a.expect(on_topic(topic))
+    await a.transport.subscribe(topic)
+    assert (await shown).msg == kept

@@ -71,7 +71,7 @@ async def test_console_shows_an_emergency_and_acknowledges_it(
     u1 = await handset("u1", "tg-1")
     u1.send(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1))
     await eventually(lambda: "SOS" in row(app, "groups", "tg-1")[6])
-    assert "SOS" in row(app, "units", "u1")[6]
+    assert "SOS" in row(app, "units", "u1")[7]
     acked = u1.expect(
         lambda i: isinstance(i.msg, m.EmergencyState) and i.msg.state == "acknowledged"
     )

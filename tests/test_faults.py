@@ -536,6 +536,34 @@ async def test_secure_profile_keeps_a_closed_group_to_its_members(
             await h.stop()
 
 
+async def test_secure_profile_lets_only_the_server_write_a_status(
+    secure: Secure, prefix: str
+) -> None:
+    """Tried: u2 publishes retained `unit_status` messages of its own making ("at scene")
+    on u1's status topic and on its own. Expect: the broker drops both; a dispatcher
+    watching every status sees only the one the server publishes when u1 reports."""
+    profile = secure.profile
+    u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix)
+    u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
+    disp = Handset("disp", unit_broker(profile, "disp"), prefix=prefix)
+    try:
+        for h in (u1, u2, disp):
+            await h.start()
+        await disp.transport.subscribe(f"{prefix}/unit/+/status")
+        await disp.ask(m.Affiliate(groups=[], ref=disp.next_ref()))  # (subscribed by now)
+        shown = disp.expect(lambda i: isinstance(i.msg, m.UnitStatus))  # the first one
+        lie = codec.encode(m.UnitStatus(code=3, unit="u1", text="at scene", ts=1))
+        for unit in ("u1", "u2"):
+            u2.transport.publish(u2.topics.unit_status(unit), lie, qos=1, retain=True)
+        await u2.ask(m.Affiliate(groups=[], ref=u2.next_ref()))  # (the broker had them)
+        await u1.report_status(1)
+        got = (await shown).msg
+        assert isinstance(got, m.UnitStatus) and (got.unit, got.text) == ("u1", "available")
+    finally:
+        for h in (u1, u2, disp):
+            await h.stop()
+
+
 def process_uid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
 

@@ -47,6 +47,7 @@ FLOODS: dict[str, tuple[Callable[[Topics], str], bytes]] = {
     "a downlink type on the unit topic": (up, codec.encode(m.Ok(op="x", ref=1))),
     "sds": (up, codec.encode(m.Sds(to="tg:tg-1", text="spam", ref=1))),
     "location": (up, codec.encode(m.Location(lat=51.5, lon=0.1))),
+    "unit_status": (up, codec.encode(m.UnitStatus(code=3))),  # (no ref: none is a repeat)
     "garbage": (up, b"\xc1\xff not msgpack"),
     "media from a non-holder": (lambda t: t.media_up("tg-1", "u9"), MEDIA),
     "garbage presence": (lambda t: t.presence("u9"), b"\xc1"),

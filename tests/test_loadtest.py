@@ -141,6 +141,7 @@ activity = 0.6
 location_interval_s = 2
 emergencies_per_min = 20
 preemptions_per_min = 20
+statuses_per_min = 120
 late_joiners = 2
 """)
     out = tmp_path / "out"
@@ -157,6 +158,8 @@ late_joiners = 2
         assert result["kpis"][kpi]["n"] > 0, kpi
         assert result["kpis"][kpi]["p95"] >= result["kpis"][kpi]["p50"]
     assert result["counts"]["connected"] == 42 and "connect_failures" not in result["counts"]
+    assert result["counts"]["statuses_confirmed"] > 0  # (12 expected: none is 1 in 160,000)
+    assert "statuses_unconfirmed" not in result["counts"]
     assert set(result["thresholds"]) == {
         "floor_access_p95_ms",
         "mouth_to_ear_p95_ms",
@@ -290,4 +293,5 @@ async def test_a_load_test_runs_on_a_cluster_of_servers(tmp_path: Path) -> None:
     assert server["esn_floor_outcomes_total{outcome=granted}"] > 0
     assert result["kpis"]["mouth_to_ear"]["n"] > 0
     assert result["counts"]["connected"] == 62 and "connect_failures" not in result["counts"]
+    assert result["counts"]["statuses_confirmed"] > 0  # (8 expected) on the units' instances
     assert rc == (0 if result["passed"] else 1)

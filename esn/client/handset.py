@@ -335,6 +335,11 @@ class Handset:
             raise Refused(reply)
         raise UnexpectedReply(msg, reply)
 
+    async def report_status(self, code: int, timeout: float = 5.0) -> m.Ok:
+        """Send a pre-coded status (a code of the fleet's); raises `Refused` for a code the
+        fleet does not have."""
+        return await self._ask_for(m.UnitStatus(code=code, ref=self.next_ref()), m.Ok, timeout)
+
     def send(self, msg: m.Message) -> None:
         """Send a unit-control message without waiting (location, emergency, SDS, ...)."""
         self._send_up(msg)

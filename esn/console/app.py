@@ -44,6 +44,7 @@ class DispatcherLink(Handset):
             f"{p}/tg/+/down/floor",
             f"{p}/tg/+/down/event",
             f"{p}/unit/+/presence",
+            f"{p}/unit/+/status",
             f"{p}/loc/+",
         )
 
@@ -137,7 +138,9 @@ class ConsoleApp(App[None]):
         groups = self.query_one("#groups", DataTable)
         groups.add_columns("Group", "Floor", "Talker", "Kind/prio", "Queue", "Call", "Emerg", "Mon")
         units = self.query_one("#units", DataTable)
-        units.add_columns("Unit", "Presence", "Groups", "Position", "Age", "Speed", "Emerg")
+        units.add_columns(
+            "Unit", "Presence", "Status", "Groups", "Position", "Age", "Speed", "Emerg"
+        )
         self.query_one("#map", Static).border_title = "Map"
         self.query_one("#log", RichLog).border_title = "Events"
         groups.border_title, units.border_title = "Talkgroups", "Units"
@@ -409,9 +412,11 @@ class ConsoleApp(App[None]):
             presence = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(
                 u.presence, u.presence
             )
+            status = f"{u.status} {_age(now - u.status_at)}" if u.status_at else ""
             rows[u.unit] = (
                 mark + u.unit,
                 presence,
+                status,
                 ",".join(sorted(u.groups)),
                 pos,
                 age,
@@ -472,3 +477,9 @@ def _timer(since: float | None) -> str:
         return ""
     s = max(0, int(time.time() - since))
     return f"{s // 60}:{s % 60:02d}"
+
+
+def _age(seconds: float) -> str:
+    """How long ago, in the largest whole unit: 40s, 12m, 3h."""
+    s = max(0, int(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m" if s < 3600 else f"{s // 3600}h"

@@ -41,6 +41,9 @@ class UnitRow:
     spd: float | None = None
     located_at: float | None = None  # wall clock of the last position
     emergency: set[str] = field(default_factory=set)  # groups it raised an emergency in
+    status: str | None = None  # its last pre-coded status, in the fleet's words
+    status_code: int | None = None
+    status_at: float | None = None  # wall clock the server took it at
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ CAUSES = {
     "no_media": "no voice for too long",
     "dispatcher": "released by a dispatcher",
 }
+
+
+# a status older than this when the console first sees it is shown, not logged: it is
+# what the console starts with, not news
+STATUS_NEWS_S = 30.0
 
 
 def say(cause: str) -> str:
@@ -121,6 +129,8 @@ class ConsoleModel:
                 self._on_ungrouped(topic, msg)
             case m.Status():
                 self._on_status(topic, msg)
+            case m.UnitStatus():
+                self._on_unit_status(topic, msg)
             case _:
                 return
         self.version += 1
@@ -204,6 +214,18 @@ class ConsoleModel:
         u = self.unit(msg.unit or topic.rsplit("/", 1)[-1])
         u.lat, u.lon, u.spd = msg.lat, msg.lon, msg.spd
         u.located_at = msg.ts / 1e9 if msg.ts else time.time()
+
+    def _on_unit_status(self, topic: str, msg: m.UnitStatus) -> None:
+        if msg.unit is None or not topic.endswith(f"/unit/{msg.unit}/status"):
+            return  # (only the server's copy, on the unit's own status topic, counts)
+        u = self.unit(msg.unit)
+        at = msg.ts / 1e9 if msg.ts else time.time()
+        if (u.status_code, u.status_at) == (msg.code, at):
+            return  # seen already
+        fresh = time.time() - at < STATUS_NEWS_S
+        if u.status_at is not None or fresh:  # (not the history a console starts with)
+            self.log(None, f"{msg.unit} status {msg.code}: {msg.text}", at=at)
+        u.status, u.status_code, u.status_at = msg.text or str(msg.code), msg.code, at
 
     def _on_sds(self, topic: str, msg: m.Sds) -> None:
         tg = msg.to.partition(":")[2] if msg.to.startswith("tg:") else None

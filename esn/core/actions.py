@@ -46,4 +46,12 @@ class LocationAccepted:
     msg: m.Location
 
 
-Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted
+@dataclass(frozen=True, slots=True)
+class StatusAccepted:
+    """Publish the unit's pre-coded status, retained."""
+
+    unit: str
+    msg: m.UnitStatus
+
+
+Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted | StatusAccepted

@@ -1,4 +1,5 @@
-"""The fleet file (TOML): talkgroups, units, roles, priorities and floor timers.
+"""The fleet file (TOML): talkgroups, units, roles, priorities, floor timers and the
+pre-coded status messages units may send.
 
 `parse_fleet` turns the parsed TOML document into frozen value objects or raises `FleetError`
 with a one-line reason naming the offending key, so `esn server` can refuse a bad file
@@ -23,7 +24,21 @@ DEFAULT_LIMITS = {
     "command": Rate(per_s=10.0, burst=40.0),  # dispatcher commands
     "location": Rate(per_s=2.0, burst=5.0),
     "sds": Rate(per_s=1.0, burst=5.0),
+    "status": Rate(per_s=1.0, burst=5.0),  # pre-coded status messages
 }
+
+# the pre-coded statuses of a fleet file without [[status]] tables (TETRA-style numbers)
+DEFAULT_STATUSES = {
+    1: "available",
+    2: "en route",
+    3: "at scene",
+    4: "busy",
+    5: "returning",
+    6: "request to talk",
+    7: "off duty",
+}
+MAX_STATUSES = 256
+MAX_STATUS_CODE = 65535  # a TETRA status number is 16 bits
 
 
 class FleetError(ValueError):
@@ -75,6 +90,7 @@ class Fleet:
     unit_priority: int = 100
     open_registration: bool = True
     limits: dict[str, Rate] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
+    statuses: dict[int, str] = field(default_factory=lambda: dict(DEFAULT_STATUSES))
 
     def profile(self, unit: str) -> UnitProfile | None:
         """The unit's profile, or None when it is not registered and registration is closed."""
@@ -96,6 +112,7 @@ _POLICY_TYPES: dict[str, type] = {
 _DEFAULT_KEYS = {**_POLICY_TYPES, "unit_priority": int, "open_registration": bool}
 _GROUP_KEYS = {"id": str, "name": str, "members": list, "broadcast": bool, **_POLICY_TYPES}
 _UNIT_KEYS = {"id": str, "role": str, "priority": int}
+_STATUS_KEYS = {"code": int, "text": str}
 
 
 def _checked(where: str, table: object, allowed: dict[str, type]) -> dict[str, Any]:
@@ -132,7 +149,7 @@ def _policy(base: Policy, table: dict[str, Any]) -> Policy:
 
 
 def parse_fleet(doc: dict[str, Any]) -> Fleet:
-    unknown = set(doc) - {"defaults", "talkgroup", "unit", "limits"}
+    unknown = set(doc) - {"defaults", "talkgroup", "unit", "limits", "status"}
     if unknown:
         raise FleetError(f"unknown top-level key {sorted(unknown)[0]!r}")
     defaults = _checked("defaults", doc.get("defaults", {}), _DEFAULT_KEYS)
@@ -169,7 +186,32 @@ def parse_fleet(doc: dict[str, Any]) -> Fleet:
             raise FleetError(f"unit {uid!r}: role must be 'handset' or 'dispatcher'")
         units[uid] = UnitProfile(uid, role, u.get("priority", prio))
     limits = _limits(doc.get("limits", {}))
-    return Fleet(groups, units, policy, prio, defaults.get("open_registration", True), limits)
+    statuses = _statuses(doc.get("status"))
+    registration = defaults.get("open_registration", True)
+    return Fleet(groups, units, policy, prio, registration, limits, statuses)
+
+
+def _statuses(tables: object) -> dict[int, str]:
+    """The `[[status]]` tables: `code` (0..65535) and `text` (1..64 characters), each code
+    once; none at all: the defaults."""
+    if tables is None:
+        return dict(DEFAULT_STATUSES)
+    if not isinstance(tables, list) or len(tables) > MAX_STATUSES:
+        raise FleetError(f"status: must be at most {MAX_STATUSES} [[status]] tables")
+    statuses: dict[int, str] = {}
+    for i, raw in enumerate(tables):
+        s = _checked(f"status[{i}]", raw, _STATUS_KEYS)
+        if set(s) != {"code", "text"}:
+            raise FleetError(f"status[{i}]: needs both code and text")
+        code, text = s["code"], s["text"].strip()
+        if not 0 <= code <= MAX_STATUS_CODE:
+            raise FleetError(f"status[{i}].code: must be within 0..{MAX_STATUS_CODE}, got {code}")
+        if not 0 < len(text) <= 64 or not text.isprintable():
+            raise FleetError(f"status[{i}].text: must be 1-64 printable characters")
+        if code in statuses:
+            raise FleetError(f"status[{i}].code: {code} is defined twice")
+        statuses[code] = text
+    return statuses
 
 
 def _limits(table: object) -> dict[str, Rate]:

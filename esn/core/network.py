@@ -1,7 +1,8 @@
 """The whole push-to-talk network as the server sees it, without I/O.
 
 Owns the fleet (static and temporary groups), presence, affiliation, one `Floor` per
-group, unit emergencies, short data store-and-forward and location validation. Every
+group, unit emergencies, short data store-and-forward, units' pre-coded statuses and
+location validation. Every
 input is a decoded message plus the unit its topic names plus `now`; every output is a
 list of actions. A peer that breaks the protocol gets an `error` or `deny` action and a
 count in `rejected`; it can never make this raise.
@@ -21,6 +22,7 @@ from esn.core.actions import (
     LocationAccepted,
     StateChanged,
     StateCleared,
+    StatusAccepted,
     ToGroup,
     ToUnit,
 )
@@ -65,6 +67,7 @@ class Network:
         self.limiter = RateLimiter(fleet.limits)
         self._repeats = RateLimiter({"repeat": REPEATS})
         self._sds_store: dict[str, deque[m.Sds]] = {}
+        self.statuses: dict[str, tuple[int, float]] = {}  # unit -> (code, wall time in s)
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
@@ -154,6 +157,8 @@ class Network:
                 return self._emergency_cancel(profile, msg, now)
             case m.Sds():
                 return self._sds(profile, msg)
+            case m.UnitStatus():
+                return self._unit_status(profile, msg, now)
             case m.EmergencyAck():
                 return self._emergency_ack(profile, msg, now)
             case m.ForceRelease():
@@ -249,6 +254,30 @@ class Network:
         store.append(sds)
         self._touch("sds", target)
         return [ToUnit(p.id, m.SdsStatus(state="queued", ref=msg.ref))]
+
+    def _unit_status(self, p: UnitProfile, msg: m.UnitStatus, now: float) -> list[Action]:
+        """A pre-coded status of the fleet's: kept as the unit's last, published retained
+        for dispatchers, and confirmed with `ok`. A `text` sent with it is not the unit's
+        to choose: the fleet's words for the code are published."""
+        if msg.unit is not None and msg.unit != p.id:
+            return self._reject("spoofed")
+        if msg.code not in self.fleet.statuses:
+            return self._error(p.id, msg.ref, "invalid_field", f"no status {msg.code} in the fleet")
+        if p.id not in self.statuses and not self._room_for(p.id, self.statuses):
+            return self._error(p.id, msg.ref, "forbidden", "the network is full: try later")
+        self.statuses[p.id] = (msg.code, now + self.wall_offset)
+        self._touch("unit", p.id)
+        status = self.status_msg(p.id)
+        assert status is not None
+        return [StatusAccepted(p.id, status), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+
+    def status_msg(self, unit: str) -> m.UnitStatus | None:
+        """The unit's last status as dispatchers are shown it, if it sent one."""
+        if unit not in self.statuses:
+            return None
+        code, at = self.statuses[unit]
+        text = self.fleet.statuses.get(code, str(code))
+        return m.UnitStatus(code=code, unit=unit, text=text, ts=int(at * 1e9))
 
     def _emergency_ack(self, p: UnitProfile, msg: m.EmergencyAck, now: float) -> list[Action]:
         floor = self.floors.get(msg.tg)
@@ -441,6 +470,8 @@ class Network:
             self._guests.pop(unit, None)
         for unit in [u for u in self._sds_store if theirs(u)]:
             self._stored_sds -= len(self._sds_store.pop(unit))
+        for unit in [u for u in self.statuses if theirs(u)]:
+            del self.statuses[unit]
         self.stored = {tg for tg in self.stored if not theirs(tg)}
         self.changed = {k for k in self.changed if not theirs(k.partition("/")[2])}
 
@@ -494,14 +525,18 @@ class Network:
         """The keys of every durable record there may be something under now."""
         return (
             {f"group/{tg}" for tg in self.floors}
-            | {f"unit/{u}" for u in self.affiliations.keys() | self._answers.keys()}
+            | {
+                f"unit/{u}"
+                for u in self.affiliations.keys() | self._answers.keys() | self.statuses.keys()
+            }
             | {f"sds/{u}" for u in self._sds_store}
         )
 
     def record(self, key: str) -> object | None:
         """The durable record under `key` (one of `changed`) as it is now; None when there
         is nothing to keep. `group/TG`: the floor (and a temporary group's definition);
-        `unit/ID`: affiliations and recent answers; `sds/ID`: short data kept for it."""
+        `unit/ID`: affiliations, recent answers and last status; `sds/ID`: short data kept
+        for it."""
         kind, _, ident = key.partition("/")
         if kind == "group":
             group = self.groups.get(ident)
@@ -515,9 +550,16 @@ class Network:
         if kind == "unit":
             groups = sorted(self.affiliations.get(ident, ()))
             answers = self._answers.get(ident) or OrderedDict()
-            if not groups and not answers:
+            status = self.statuses.get(ident)
+            if not groups and not answers and status is None:
                 return None
-            return {"groups": groups, "answers": [[r, d, a] for r, (d, a) in answers.items()]}
+            kept: dict[str, Any] = {
+                "groups": groups,
+                "answers": [[r, d, a] for r, (d, a) in answers.items()],
+            }
+            if status is not None:
+                kept["status"] = list(status)
+            return kept
         if kind == "sds":
             return list(self._sds_store.get(ident, ())) or None
         return None  # a kind this version does not keep (a newer one's?): deleted
@@ -539,7 +581,7 @@ class Network:
                 if kind == "group":
                     self._load_group(ident, records[key], now)
                 elif kind == "unit":
-                    self._load_unit(ident, records[key])
+                    self._load_unit(ident, records[key], now)
                 elif kind == "sds":
                     self._load_sds(ident, records[key])
                 else:
@@ -649,7 +691,7 @@ class Network:
         if type(prio) is not int or not 0 <= prio <= profile.priority:
             raise ValueError(f"priority {prio!r} is not within {unit}'s 0-{profile.priority}")
 
-    def _load_unit(self, unit: str, rec: dict[str, Any]) -> None:
+    def _load_unit(self, unit: str, rec: dict[str, Any], now: float) -> None:
         if self.fleet.profile(unit) is None:
             raise ValueError("not a unit of the fleet")
         groups = {tg for tg in rec["groups"] if tg in self.groups and self.groups[tg].admits(unit)}
@@ -669,6 +711,15 @@ class Network:
             self._guests[unit] = None
         if answers:
             self._answers[unit] = answers
+        status = rec.get("status")
+        if status is not None:
+            code, at = status
+            if type(code) is not int or code not in self.fleet.statuses:
+                raise ValueError(f"status {code!r} is not in the fleet (any more)")
+            if not self._room_for(unit, self.statuses):
+                raise ValueError("more units with a status than the server tracks")
+            # (a clock stepped back, or a forgery: no status was sent later than now)
+            self.statuses[unit] = (code, min(_time(at), now + self.wall_offset))
         if malformed or len(groups) != len(rec["groups"]):
             raise ValueError("groups it may no longer join, or malformed answers, dropped")
 
@@ -822,6 +873,7 @@ def _opt_str(value: object) -> str | None:
 _LIMITED: dict[type[m.Message], str] = {
     m.Location: "location",
     m.Sds: "sds",
+    m.UnitStatus: "status",
     m.EmergencyAlert: "emergency",
     m.EmergencyCancel: "emergency",
     m.EmergencyAck: "command",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.client import trace
+from esn.core.fleet import DEFAULT_STATUSES
 from esn.core.partitions import PARTITIONS
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
@@ -49,6 +50,7 @@ def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
         groups = [g.id for g in fleet.groups.values() if not g.broadcast and not g.members]
         dispatchers = [u.id for u in fleet.units.values() if u.is_dispatcher]
         fleet_text = (Path(s.path).parent / f.fleet_file).read_text()
+        statuses = sorted(fleet.statuses)
     else:
         groups = [f"tg-{i:04d}" for i in range(f.talkgroups)]
         dispatchers = [f"disp-{i}" for i in range(f.dispatchers)]
@@ -59,6 +61,7 @@ def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
                 "unit": [{"id": d, "role": "dispatcher", "priority": 250} for d in dispatchers],
             }
         )
+        statuses = sorted(DEFAULT_STATUSES)
     units = [f"u-{i:05d}" for i in range(f.handsets)]
     late, regular = units[len(units) - t.late_joiners :], units[: len(units) - t.late_joiners]
     owner = {tg: i % workers for i, tg in enumerate(groups)}
@@ -76,6 +79,7 @@ def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
             share=1 / workers,
             seed=s.run.seed,
             metrics_port=free_port(),
+            statuses=statuses,
         )
         for w in range(workers)
     ]

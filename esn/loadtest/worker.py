@@ -4,10 +4,10 @@ connection, driven on an open-loop schedule.
 The worker connects its handsets at its share of the ramp rate, waits for the common
 start signal, then plays the traffic model: for each of its talkgroups a Poisson stream of
 sessions made of talk bursts (sometimes with a competing press), emergencies, dispatcher
-pre-emptions, late joiners and location reports. Every action is launched at its planned
-time whether or not earlier ones have finished. Measurements go to HdrHistograms (and to
-Prometheus on the worker's own port); a status line goes to the parent every second and
-the merged-ready histograms at the end.
+pre-emptions, late joiners, status messages and location reports. Every action is
+launched at its planned time whether or not earlier ones have finished. Measurements go
+to HdrHistograms (and to Prometheus on the worker's own port); a status line goes to the
+parent every second and the merged-ready histograms at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from time import perf_counter
 from typing import Any
 
 from esn.client.floor import Outcome
-from esn.client.handset import Handset
+from esn.client.handset import ClientError, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.client.trace import Access, AccessTrace
 from esn.exporter import serve_metrics
@@ -55,6 +55,7 @@ class WorkerPlan:
     # comma-separated; each unit keeps to one of them)
     qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
     trace: str = ""  # where this worker writes its access trace (docs/traces.md), if set
+    statuses: list[int] = field(default_factory=list)  # the fleet's pre-coded status codes
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -202,6 +203,9 @@ class Worker:
         if t.preemptions_per_min > 0 and self.plan.dispatchers:
             rate = t.preemptions_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.preemption)))
+        if t.statuses_per_min > 0 and self.plan.statuses and self.plan.units:
+            rate = t.statuses_per_min * self.plan.share
+            schedules.append(asyncio.create_task(self.poisson(rate, self.status)))
         for i, (unit, tg) in enumerate(self.plan.late):
             at = self.plan.duration_s * (i + 1) / (len(self.plan.late) + 1)
             self.spawn(self.at(at, self.late_entry(unit, tg)))
@@ -314,6 +318,19 @@ class Worker:
         disp = self.rng.choice(self.plan.dispatchers)
         self.rec.count("dispatcher_presses")
         await self.burst(tg, [disp], planned, 2.0, unit=disp)
+
+    async def status(self, planned: float) -> None:
+        """A handset reports a pre-coded status and waits for the server to confirm it."""
+        unit, _ = self.rng.choice(self.plan.units)
+        h = self.handsets.get(unit)
+        if h is None:
+            return
+        self.rec.count("statuses")
+        try:
+            await h.report_status(self.rng.choice(self.plan.statuses), timeout=10)
+            self.rec.count("statuses_confirmed")
+        except (TimeoutError, ClientError):
+            self.rec.count("statuses_unconfirmed")
 
     async def late_entry(self, unit: str, tg: str) -> None:
         """Switch on in the middle of a call: wait for one, then affiliate."""

@@ -96,6 +96,18 @@ class Sds(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class UnitStatus(Message):
+    """Addition to v1 (docs/protocol.md, 11.11): a pre-coded status, numbered in the fleet
+    file. Uplink carries `code`; the server's retained copy on the unit's status topic
+    adds `unit`, `text` (the fleet's words for the code) and `ts`."""
+
+    T: ClassVar[str] = "unit_status"
+    code: int
+    unit: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EmergencyAck(Message):
     T: ClassVar[str] = "emergency_ack"
     unit: str
@@ -307,6 +319,7 @@ ALL: tuple[type[Message], ...] = (
     EmergencyAlert,
     EmergencyCancel,
     Sds,
+    UnitStatus,
     EmergencyAck,
     ForceRelease,
     Regroup,

@@ -25,6 +25,10 @@ class Topics:
     def location(self, unit: str) -> str:
         return f"{self.prefix}/loc/{unit}"
 
+    def unit_status(self, unit: str) -> str:
+        """Where the server keeps a unit's last pre-coded status, retained."""
+        return f"{self.prefix}/unit/{unit}/status"
+
     # group-scoped
     def floor_up(self, tg: str, unit: str) -> str:
         return f"{self.prefix}/tg/{tg}/up/{unit}/floor"

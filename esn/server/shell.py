@@ -26,6 +26,7 @@ from esn.core.actions import (
     LocationAccepted,
     StateChanged,
     StateCleared,
+    StatusAccepted,
     ToGroup,
     ToUnit,
 )
@@ -735,11 +736,18 @@ class Server:
             self._announce()
 
     def _announce(self) -> None:
-        """Status online and every group's state: the broker may have lost all it retained."""
+        """Status online, every group's state and every unit's status: the broker may have
+        lost all it retained."""
         self._say_online()
         for tg in self.network.groups:
             if not self.config.cluster or self._serving(partition_of(tg)):
                 self._publish_state(tg)
+        for unit in self.network.statuses:
+            status = self.network.status_msg(unit)
+            if status is not None and (
+                not self.config.cluster or self._serving(partition_of(unit))
+            ):
+                self._publish_unit_status(status)
 
     # --- inbound ----------------------------------------------------------------------
 
@@ -958,8 +966,15 @@ class Server:
                 case LocationAccepted():
                     location = codec.encode(a.msg)
                     self._retainer.publish(t.location(a.unit), location, qos=self._qos, retain=True)
+                case StatusAccepted():
+                    self._publish_unit_status(a.msg)
         for tg in states:
             self._publish_state(tg)
+
+    def _publish_unit_status(self, status: m.UnitStatus) -> None:
+        assert status.unit is not None
+        topic = self.topics.unit_status(status.unit)
+        self._retainer.publish(topic, codec.encode(status), qos=self._qos, retain=True)
 
     def _publish_state(self, tg: str) -> None:
         state = replace(self.network.state_msg(tg, self._loop.time()), srv=self.config.server_id)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from esn.client.handset import HAS_PERMISSION, Handset
+from esn.client.handset import HAS_PERMISSION, ClientError, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.client.trace import AccessTrace
 from esn.exporter import serve_metrics
@@ -54,6 +54,7 @@ GROUP_NAMES = [
 DISPATCHER = "disp-1"
 CONSOLE = "disp-2"  # a second dispatcher account, for `esn console` beside the demo
 SERVER_ID = "esn-demo"
+AVAILABLE, AT_SCENE = 1, 3  # pre-coded statuses of a fleet that defines none
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class Demo:
             async with sem:
                 await h.start()
                 await h.affiliate(tg, "tg-all")
+                h.send(m.UnitStatus(code=AVAILABLE, ref=h.next_ref()))  # (retried if lost)
                 h.start_location_reports(self.opts.location_interval_s)
 
         await asyncio.gather(*(bring_up(h, tg) for tg, hs in self.members.items() for h in hs))
@@ -239,6 +241,27 @@ class Demo:
         await asyncio.sleep(3)
         unit.release(tg)
         unit.send(m.EmergencyCancel(tg=tg, ref=unit.next_ref()))
+
+    async def scene_status(self, tg: str) -> None:
+        """A unit of the group reports "at scene" (a pre-coded status): the dispatcher is
+        shown it, in the fleet's words."""
+        name = "dispatcher is shown a unit's status"
+        self.checks.expect(name)
+        assert self.dispatcher is not None
+        unit = self.members[tg][-1]
+        topic = self.dispatcher.topics.unit_status(unit.unit)
+        shown = self.dispatcher.expect(
+            lambda i: i.topic == topic and getattr(i.msg, "code", None) == AT_SCENE, 10
+        )
+        await self.dispatcher.transport.subscribe(topic, qos=self.dispatcher.qos)
+        try:
+            await unit.report_status(AT_SCENE)
+            ok = getattr((await shown).msg, "text", None) == "at scene"
+        except (TimeoutError, ClientError):
+            ok = False
+        finally:
+            shown.cancel()  # (when it never came: nobody waits for it now)
+        self.checks.record(name, ok)
 
     async def scene_late_entry(self, tg: str) -> None:
         """A handset switches on mid-call and hears the call at once (late entry)."""
@@ -469,6 +492,7 @@ async def run_demo(opts: DemoOptions) -> int:
         tasks.append(asyncio.create_task(demo.show_progress()))
         scenes = [
             (0.2, demo.scene_preemption, demo.groups[0]),
+            (0.3, demo.scene_status, demo.groups[0]),
             (0.4, demo.scene_emergency, demo.groups[1 % len(demo.groups)]),
             (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)]),
         ]
