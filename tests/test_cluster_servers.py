@@ -340,6 +340,8 @@ async def test_a_units_status_is_kept_by_its_instance_and_outlives_it(
     others = [s for s in servers if s is not owner]
     await eventually(lambda: any(s.network.status_msg("u1") == kept for s in others), 20)
     assert await a.ask(status, timeout=10) == m.Ok(op="unit_status", ref=status.ref)
+    heir = serving(others, "u1")
+    assert heir.network.status_msg("u1") == kept  # the repeat was not taken anew
     topic = a.topics.unit_status("u1")
     shown = a.expect(on_topic(topic))
     await a.transport.subscribe(topic)

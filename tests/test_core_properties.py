@@ -39,7 +39,9 @@ FLEET = parse_fleet(
             {"id": "disp", "role": "dispatcher", "priority": 250},
         ],
         # rate limits have their own tests; here every request must be decided
-        "limits": {k: {"per_s": 1e6, "burst": 1e6} for k in ("floor", "control", "command")},
+        "limits": {
+            k: {"per_s": 1e6, "burst": 1e6} for k in ("floor", "control", "command", "emergency")
+        },
     }
 )
 
@@ -134,6 +136,26 @@ class FloorMachine(RuleBasedStateMachine):
             ack_msg = m.EmergencyAck(tg=tg, unit=unit, ref=next(self.refs))
             self.apply(self.net.unit_message("disp", ack_msg, self.now))
 
+    @rule(unit=units, tg=groups, imminent=st.booleans())
+    def cancel(self, unit: str, tg: str, imminent: bool) -> None:
+        """A unit (or the dispatcher) cancels an emergency or imminent peril: a talker whose
+        own was cancelled talks on at normal, in the same call."""
+        floor = self.net.floors.get(tg)
+        before = floor.holder if floor else None
+        held = (before.unit, before.kind, floor.call) if before and floor else None
+        msg: m.Message = (m.ImminentCancel if imminent else m.EmergencyCancel)(
+            tg=tg, ref=next(self.refs)
+        )
+        out = self.net.unit_message(unit, msg, self.now)
+        self.apply(out)
+        accepted = any(isinstance(a, ToUnit) and not isinstance(a.msg, m.Error) for a in out)
+        cancelled = "imminent" if imminent else "emergency"
+        ended = held[0] == unit or (imminent and unit == "disp") if held else False
+        if held and accepted and held[1] == cancelled and ended:
+            after = self.net.floors[tg].holder
+            assert after is not None and (after.unit, after.kind) == (held[0], "normal")
+            assert self.net.floors[tg].call == held[2]
+
     @rule()
     def restart(self) -> None:
         """The server restarts: a new instance takes up the records the old one saved,
@@ -180,6 +202,19 @@ class FloorMachine(RuleBasedStateMachine):
             for pos, w in enumerate(floor.queue, 1):
                 assert self.told_pos.get((w.unit, tg)) == pos
                 assert w.unit not in self.offline
+
+    @invariant()
+    def emergency_and_imminent_peril_agree(self) -> None:
+        """A group is never in emergency and in imminent peril at once, and a call at
+        emergency is always an open emergency of its talker's."""
+        for tg, floor in self.net.floors.items():
+            assert not (floor.emergencies and floor.perils), f"{tg}: both"
+            h = floor.holder
+            if h is not None and h.kind == "emergency":
+                assert h.unit in floor.emergencies
+            state = floor.state_msg(0.0)
+            assert state.emergency == bool(floor.emergencies)
+            assert state.imminent == (True if floor.perils else None)
 
     @invariant()
     def no_floor_deadline_is_missed(self) -> None:

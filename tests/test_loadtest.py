@@ -141,6 +141,7 @@ activity = 0.6
 location_interval_s = 2
 emergencies_per_min = 20
 preemptions_per_min = 20
+imminent_per_min = 120
 statuses_per_min = 120
 late_joiners = 2
 """)
@@ -160,6 +161,7 @@ late_joiners = 2
     assert result["counts"]["connected"] == 42 and "connect_failures" not in result["counts"]
     assert result["counts"]["statuses_confirmed"] > 0  # (12 expected: none is 1 in 160,000)
     assert "statuses_unconfirmed" not in result["counts"]
+    assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)
     assert set(result["thresholds"]) == {
         "floor_access_p95_ms",
         "mouth_to_ear_p95_ms",
@@ -180,7 +182,7 @@ late_joiners = 2
     outcomes = result["access_trace"]["outcomes"]
     assert outcomes == {o: sum(r["outcome"] == o for r in rows) for o in outcomes}
     callers = {r["caller"] for r in rows}
-    assert {"normal", "dispatcher"} <= callers <= {"normal", "emergency", "dispatcher"}
+    assert {"normal", "dispatcher"} <= callers <= {"normal", "imminent", "emergency", "dispatcher"}
     assert not list(out.glob("access-*.csv"))  # (the workers' parts, merged)
 
 

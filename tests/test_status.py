@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.text import Text
 
 from esn.client.handset import Refused
 from esn.console.app import ConsoleApp
 from esn.console.model import ConsoleModel
-from esn.core.actions import Action, StatusAccepted, ToUnit
+from esn.core.actions import Action, StatusChanged, ToUnit
 from esn.core.fleet import DEFAULT_STATUSES, FleetError, parse_fleet
 from esn.core.network import Network
 from esn.protocol import codec
@@ -38,8 +39,9 @@ def told(actions: list[Action], unit: str) -> list[m.Message]:
     return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
 
 
-def published(actions: list[Action]) -> list[m.UnitStatus]:
-    return [a.msg for a in actions if isinstance(a, StatusAccepted)]
+def published(actions: list[Action], net: Network) -> list[m.UnitStatus | None]:
+    """What the shell publishes for these actions (None: the unit's status cleared)."""
+    return [net.status_msg(a.unit) for a in actions if isinstance(a, StatusChanged)]
 
 
 # --- the fleet file -------------------------------------------------------------------
@@ -76,18 +78,21 @@ def test_a_bad_status_table_stops_the_server_with_one_line(status: Any, why: str
 def test_a_status_is_kept_published_in_the_fleets_words_and_confirmed() -> None:
     net = Network(FLEET, wall_offset=1000.0)
     out = net.unit_message("u1", m.UnitStatus(code=3, text="on holiday", ref=7), 2.5)
-    assert published(out) == [m.UnitStatus(code=3, unit="u1", text="at scene", ts=1002_500_000_000)]
+    assert published(out, net) == [
+        m.UnitStatus(code=3, unit="u1", text="at scene", ts=1002_500_000_000)
+    ]
     assert told(out, "u1") == [m.Ok(op="unit_status", ref=7)]
     later = net.unit_message("u1", m.UnitStatus(code=40001, ref=8), 9.0)
-    assert net.status_msg("u1") == published(later)[0]
-    assert published(later)[0].text == "need water"
+    assert published(later, net) == [
+        m.UnitStatus(code=40001, unit="u1", text="need water", ts=1009_000_000_000)
+    ]
 
 
 def test_a_code_the_fleet_does_not_have_changes_nothing() -> None:
     net = Network(FLEET)
     net.unit_message("u1", m.UnitStatus(code=3, ref=1), 1.0)
     out = net.unit_message("u1", m.UnitStatus(code=4, ref=2), 2.0)
-    assert published(out) == []
+    assert published(out, net) == []
     [error] = told(out, "u1")
     assert isinstance(error, m.Error) and error.cause == "invalid_field" and "4" in error.detail
     assert net.status_msg("u1") is not None and net.status_msg("u1").code == 3  # type: ignore[union-attr]
@@ -103,7 +108,7 @@ def test_a_repeat_is_confirmed_again_and_published_once() -> None:
     net = Network(FLEET)
     first = net.unit_message("u1", m.UnitStatus(code=3, ref=5), 1.0)
     again = net.unit_message("u1", m.UnitStatus(code=3, ref=5), 1.2)
-    assert len(published(first)) == 1 and published(again) == []
+    assert len(published(first, net)) == 1 and published(again, net) == []
     assert told(again, "u1") == told(first, "u1")
     assert net.statuses["u1"] == (3, 1.0)  # the time of the first
 
@@ -111,21 +116,24 @@ def test_a_repeat_is_confirmed_again_and_published_once() -> None:
 def test_statuses_are_rate_limited_and_refused_once_a_second() -> None:
     net = Network(FLEET)
     outs = [net.unit_message("u1", m.UnitStatus(code=3, ref=i), 1.0) for i in range(8)]
-    assert sum(bool(published(o)) for o in outs) == 5  # the burst
+    assert sum(bool(published(o, net)) for o in outs) == 5  # the burst
     assert [type(told(o, "u1")[0]).__name__ for o in outs[5:6]] == ["Error"]
     assert outs[6:] == [[], []]  # further refusals are silent
-    assert published(net.unit_message("u1", m.UnitStatus(code=3, ref=99), 2.0))  # 1/s again
+    assert published(net.unit_message("u1", m.UnitStatus(code=3, ref=99), 2.0), net)  # 1/s again
 
 
-def test_made_up_units_cannot_grow_the_statuses_kept() -> None:
+def test_made_up_units_cannot_grow_the_statuses_kept_nor_push_out_the_fleets() -> None:
+    """Open registration: a flood of made-up ids keeps at most `max_units` statuses of
+    units not in the fleet; the one heard from longest ago goes (and is cleared at the
+    broker), and nobody is refused for good."""
     net = Network(FLEET, max_units=2)
-    for unit in ("x1", "x2", "x3"):
-        out = net.unit_message(unit, m.UnitStatus(code=3, ref=1), 1.0)
-    [refused] = told(out, "x3")
-    assert isinstance(refused, m.Error) and refused.cause == "forbidden"
-    assert set(net.statuses) == {"x1", "x2"}
-    ok = told(net.unit_message("disp", m.UnitStatus(code=3, ref=1), 1.0), "disp")
-    assert ok == [m.Ok(op="unit_status", ref=1)]  # the fleet's own always may
+    net.unit_message("disp", m.UnitStatus(code=3, ref=1), 1.0)
+    for i, unit in enumerate(("x1", "x2", "x1", "x3")):
+        out = net.unit_message(unit, m.UnitStatus(code=3, ref=10 + i), 2.0 + i)
+    assert told(out, "x3") == [m.Ok(op="unit_status", ref=13)]
+    assert [a.unit for a in out if isinstance(a, StatusChanged)] == ["x3", "x2"]
+    assert net.status_msg("x2") is None  # (so the shell clears it)
+    assert set(net.statuses) == {"disp", "x1", "x3"}
 
 
 def test_a_status_outlives_a_restart_and_a_forged_one_does_not() -> None:
@@ -139,8 +147,10 @@ def test_a_status_outlives_a_restart_and_a_forged_one_does_not() -> None:
     problems = again.load(records, 10.0)
     assert again.status_msg("u1") == net.status_msg("u1")
     assert [p.split(":")[0] for p in problems] == ["unit/u2", "unit/u3"]
-    assert "not in the fleet" in problems[0] and "not a time" in problems[1]
+    assert "not a status of the fleet" in problems[0] and "not a time" in problems[1]
     assert again.statuses["u4"] == (3, 2010.0)  # a clock stepped back: now
+    # consoles may have been shown the statuses not kept: they are cleared at once
+    assert published(again.settle(10.0), again) == [None, None]
     # the repeat of the status sent before the restart is told the same
     assert told(again.unit_message("u1", m.UnitStatus(code=40001, ref=1), 11.0), "u1") == [
         m.Ok(op="unit_status", ref=1)
@@ -221,18 +231,22 @@ async def test_a_status_outlives_a_server_restart_and_a_broker_that_forgot_it(
 
 def test_the_console_logs_news_not_the_history_it_starts_with() -> None:
     model = ConsoleModel()
-    now_ns = int(time.time() * 1e9)
-    old = m.UnitStatus(code=3, unit="u1", text="at scene", ts=now_ns - 3600 * 10**9)
-    model.apply("esn/unit/u1/status", old)
+    old = m.UnitStatus(code=3, unit="u1", text="at scene", ts=10**18)
+    model.apply("esn/unit/u1/status", old, history=True)  # (retained, handed over)
     assert model.units["u1"].status == "at scene" and not model.events
-    new = m.UnitStatus(code=5, unit="u1", text="returning", ts=now_ns)
+    new = m.UnitStatus(code=5, unit="u1", text="returning", ts=10**18 + 10**9)
     model.apply("esn/unit/u1/status", new)
     model.apply("esn/unit/u1/status", new)  # a duplicate
+    model.apply("esn/unit/u1/status", old)  # late: older than the one shown
     assert [e.text for e in model.events] == ["u1 status 5: returning"]
-    fresh = m.UnitStatus(code=1, unit="u2", text="available", ts=now_ns)
+    assert model.units["u1"].status == "returning"
+    fresh = m.UnitStatus(code=1, unit="u2", text="available", ts=10**18)
     model.apply("esn/unit/u2/status", fresh)  # a unit's first status, as it happens
-    model.apply("esn/tg/tg1/down/event", m.UnitStatus(code=3, unit="u2", text="lie", ts=now_ns))
+    model.apply("esn/tg/tg1/down/event", m.UnitStatus(code=3, unit="u2", text="lie", ts=2 * 10**18))
     assert model.units["u2"].status == "available" and len(model.events) == 2
+    model.cleared("esn/unit/u2/status")  # the server no longer keeps it
+    model.cleared("esn/tg/u1/status")  # (not a status topic)
+    assert model.units["u2"].status is None and model.units["u1"].status == "returning"
 
 
 async def test_the_console_shows_each_units_status_and_its_age(
@@ -247,3 +261,28 @@ async def test_the_console_shows_each_units_status_and_its_age(
         await u1.report_status(1)
         await eventually(lambda: row(app, "units", "u1")[2].startswith("available "))
         assert any(e.text == "u1 status 1: available" for e in app.model.events)
+
+
+async def test_a_status_text_is_shown_as_written_never_as_markup(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    """Tried: in the open profile anyone may publish a retained status of their making;
+    one whose text is console markup (`[/]` would stop a console that parsed it). Expect:
+    the console starts, and shows the text as written, in the table and the log."""
+    liar = make_transport(mqtt_client, broker, client_id="liar")
+    await liar.start()
+    lie = m.UnitStatus(code=3, unit="u7", text="at [/] [b]scene", ts=time.time_ns())
+    liar.publish(f"{prefix}/unit/u7/status", codec.encode(lie), qos=1, retain=True)
+    await liar.stop()
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
+
+    def shown() -> str:  # the cell as the screen shows it
+        return Text.from_markup(row(app, "units", "u7")[2]).plain
+
+    async with app.run_test(size=(180, 50)) as pilot:
+        await eventually(lambda: shown().startswith("at [/] [b]scene "))
+        fresh = m.UnitStatus(code=4, unit="u7", text="[red]busy[/red]", ts=time.time_ns())
+        app.model.apply(f"{prefix}/unit/u7/status", fresh)
+        await eventually(lambda: shown().startswith("[red]busy[/red] "))
+        await pilot.pause()  # (the log drawn too)
+        assert app.is_running

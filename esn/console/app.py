@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -32,7 +33,26 @@ SORTS = ("unit", "presence", "age", "speed")
 
 class DispatcherLink(Handset):
     """The console's own unit: it listens to monitored groups' voice only, because it
-    watches every group's floor and events through wildcard subscriptions anyway."""
+    watches every group's floor and events through wildcard subscriptions anyway.
+    `replaying` is true while a retained message handed over on subscribing is read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.replaying = False
+        self.transport.on_retained = self._replay
+        self.on_cleared: Callable[[str], None] | None = None  # a retained message removed
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if not payload and self.on_cleared is not None:
+            self.on_cleared(topic)
+        super()._on_message(topic, payload)
+
+    def _replay(self, topic: str, payload: bytes) -> None:
+        self.replaying = True
+        try:
+            self._on_message(topic, payload)
+        finally:
+            self.replaying = False
 
     def group_topics(self, tg: str) -> tuple[str, ...]:
         return (self.topics.media_down(tg),)
@@ -79,6 +99,7 @@ class ConsoleApp(App[None]):
         Binding("space", "ptt", "PTT"),
         Binding("m", "monitor", "Monitor"),
         Binding("a", "acknowledge", "Ack emergency"),
+        Binding("i", "cancel_imminent", "End peril"),
         Binding("f", "force_release", "Force release"),
         Binding("x", "mark", "Mark unit"),
         Binding("r", "regroup", "Regroup"),
@@ -118,6 +139,7 @@ class ConsoleApp(App[None]):
         self.group_filter: str | None = None
         self.last_access_ms: float | None = None
         self._drawn = -1
+        self._units_drawn = 0.0  # when, so the ages shown go on counting on a quiet network
         self._log_drawn = 0
         self._link_lost = False
 
@@ -152,6 +174,7 @@ class ConsoleApp(App[None]):
     @work(exclusive=True, group="link")
     async def connect(self) -> None:
         self.link.on_inbound = self.inbound
+        self.link.on_cleared = self.model.cleared
         self.link.on_link = self._link_changed
         await self.link.transport.subscribe(*self.link.watch_topics())
         try:
@@ -171,7 +194,7 @@ class ConsoleApp(App[None]):
 
     def inbound(self, i: Inbound) -> None:
         msg = i.msg
-        self.model.apply(i.topic, msg)
+        self.model.apply(i.topic, msg, history=self.link.replaying)
         if not i.topic.endswith(f"/unit/{self.unit_id}/down"):
             return
         if isinstance(msg, m.Error):
@@ -250,6 +273,14 @@ class ConsoleApp(App[None]):
             m.EmergencyAck(unit=unit, tg=g.tg, ref=self.link.next_ref()),
             f"{g.tg}: emergency of {unit} acknowledged",
         )
+
+    @work(group="actions")
+    async def action_cancel_imminent(self) -> None:
+        tg = self.selected_group()
+        if tg is not None:
+            await self._command(
+                m.ImminentCancel(tg=tg, ref=self.link.next_ref()), f"{tg}: imminent peril ended"
+            )
 
     @work(group="actions")
     async def action_force_release(self) -> None:
@@ -343,6 +374,8 @@ class ConsoleApp(App[None]):
         self._draw_status()
         if self.model.version == self._drawn:
             self._draw_timers()
+            if time.monotonic() - self._units_drawn >= 1.0:
+                self._draw_units()
             return
         self._drawn = self.model.version
         self._draw_groups()
@@ -372,9 +405,14 @@ class ConsoleApp(App[None]):
     def _draw_groups(self) -> None:
         table = self.query_one("#groups", DataTable)
         rows = {}
-        for g in sorted(self.model.groups.values(), key=lambda g: (not g.emergency, g.tg)):
+        ranked = sorted(
+            self.model.groups.values(), key=lambda g: (not g.emergency, not g.imminent, g.tg)
+        )
+        for g in ranked:
             g.monitored = g.tg in self.link.groups
             emerg = f"[b white on red] SOS {g.emergency_unit or ''} [/]" if g.emergency else ""
+            if g.imminent and not g.emergency:
+                emerg = "[b black on yellow] PERIL [/]"
             kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
             name = f"[b]{g.tg}[/]" if g.monitored else f"[dim]{g.tg}[/]"
             rows[g.tg] = (
@@ -390,6 +428,7 @@ class ConsoleApp(App[None]):
         _fill(table, rows)
 
     def _draw_units(self) -> None:
+        self._units_drawn = time.monotonic()
         table = self.query_one("#units", DataTable)
         now = time.time()
         units = [
@@ -412,7 +451,7 @@ class ConsoleApp(App[None]):
             presence = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(
                 u.presence, u.presence
             )
-            status = f"{u.status} {_age(now - u.status_at)}" if u.status_at else ""
+            status = f"{escape(u.status or '')} {_age(now - u.status_at)}" if u.status_at else ""
             rows[u.unit] = (
                 mark + u.unit,
                 presence,
@@ -444,7 +483,7 @@ class ConsoleApp(App[None]):
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
             where = f"[cyan]{e.tg}[/] " if e.tg else ""
-            text = f"[b red]{e.text}[/]" if e.alarm else e.text
+            text = f"[b red]{escape(e.text)}[/]" if e.alarm else escape(e.text)
             log.write(f"[dim]{stamp}[/] {where}{text}")
         self._log_drawn = len(events)
         if len(events) == self.model.events.maxlen:

@@ -26,6 +26,7 @@ class GroupRow:
     since: float | None = None  # wall clock of the current grant, for the call timer
     emergency: bool = False
     emergency_unit: str | None = None
+    imminent: bool = False  # in imminent peril (docs/protocol.md, 11.12)
     monitored: bool = False
     temporary: bool = False
     seq: int = -1
@@ -74,11 +75,6 @@ CAUSES = {
 }
 
 
-# a status older than this when the console first sees it is shown, not logged: it is
-# what the console starts with, not news
-STATUS_NEWS_S = 30.0
-
-
 def say(cause: str) -> str:
     return CAUSES.get(cause, cause)
 
@@ -103,7 +99,8 @@ class ConsoleModel:
         self.events.append(Event(at if at is not None else time.time(), tg, text, alarm))
         self.version += 1
 
-    def apply(self, topic: str, msg: m.Message) -> None:
+    def apply(self, topic: str, msg: m.Message, history: bool = False) -> None:
+        """`history`: a retained message handed over on subscribing, not news."""
         match msg:
             case m.State():
                 self._on_state(topic, msg)
@@ -117,6 +114,8 @@ class ConsoleModel:
                 self._on_emergency_cancel(topic, msg)
             case m.EmergencyState():
                 self._on_emergency_state(topic, msg)
+            case m.ImminentCancel():
+                self.log(msg.tg, f"imminent peril cancelled by {msg.unit}")
             case m.Presence():
                 self._on_presence(topic, msg)
             case m.Location():
@@ -130,7 +129,7 @@ class ConsoleModel:
             case m.Status():
                 self._on_status(topic, msg)
             case m.UnitStatus():
-                self._on_unit_status(topic, msg)
+                self._on_unit_status(topic, msg, history)
             case _:
                 return
         self.version += 1
@@ -147,6 +146,7 @@ class ConsoleModel:
             msg.queue,
         )
         g.call, g.emergency, g.seq = msg.call, msg.emergency, max(g.seq, msg.seq)
+        g.imminent = bool(msg.imminent)
         g.since = msg.since_ts / 1e9 if msg.floor == "taken" else None
         if not msg.emergency:
             g.emergency_unit = None
@@ -215,17 +215,24 @@ class ConsoleModel:
         u.lat, u.lon, u.spd = msg.lat, msg.lon, msg.spd
         u.located_at = msg.ts / 1e9 if msg.ts else time.time()
 
-    def _on_unit_status(self, topic: str, msg: m.UnitStatus) -> None:
+    def _on_unit_status(self, topic: str, msg: m.UnitStatus, history: bool) -> None:
         if msg.unit is None or not topic.endswith(f"/unit/{msg.unit}/status"):
             return  # (only the server's copy, on the unit's own status topic, counts)
         u = self.unit(msg.unit)
         at = msg.ts / 1e9 if msg.ts else time.time()
-        if (u.status_code, u.status_at) == (msg.code, at):
-            return  # seen already
-        fresh = time.time() - at < STATUS_NEWS_S
-        if u.status_at is not None or fresh:  # (not the history a console starts with)
+        if u.status_at is not None and at <= u.status_at:
+            return  # seen already, or older than the one shown
+        if not history:
             self.log(None, f"{msg.unit} status {msg.code}: {msg.text}", at=at)
         u.status, u.status_code, u.status_at = msg.text or str(msg.code), msg.code, at
+
+    def cleared(self, topic: str) -> None:
+        """A retained message was removed: a unit's status the server no longer keeps."""
+        parts = topic.split("/")
+        u = self.units.get(parts[-2]) if len(parts) > 2 and parts[-1] == "status" else None
+        if u is not None and parts[-3] == "unit" and u.status is not None:
+            u.status = u.status_code = u.status_at = None
+            self.version += 1
 
     def _on_sds(self, topic: str, msg: m.Sds) -> None:
         tg = msg.to.partition(":")[2] if msg.to.startswith("tg:") else None

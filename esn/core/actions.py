@@ -47,11 +47,10 @@ class LocationAccepted:
 
 
 @dataclass(frozen=True, slots=True)
-class StatusAccepted:
-    """Publish the unit's pre-coded status, retained."""
+class StatusChanged:
+    """Publish the unit's pre-coded status (`Network.status_msg`) retained, or clear it."""
 
     unit: str
-    msg: m.UnitStatus
 
 
-Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted | StatusAccepted
+Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted | StatusChanged

@@ -197,7 +197,7 @@ def _statuses(tables: object) -> dict[int, str]:
     if tables is None:
         return dict(DEFAULT_STATUSES)
     if not isinstance(tables, list) or len(tables) > MAX_STATUSES:
-        raise FleetError(f"status: must be at most {MAX_STATUSES} [[status]] tables")
+        raise FleetError(f"status: must be [[status]] tables, at most {MAX_STATUSES}")
     statuses: dict[int, str] = {}
     for i, raw in enumerate(tables):
         s = _checked(f"status[{i}]", raw, _STATUS_KEYS)

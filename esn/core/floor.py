@@ -15,7 +15,10 @@ Everything that decides who may talk in a group lives in this file. Theory of op
 * A call id spans consecutive grants; after `idle` it lives `hang_ms` so a grant within
   the hang time continues the same call.
 * A granted emergency request (or an emergency alert) puts the group in emergency until
-  its originator cancels or a dispatcher force-releases.
+  its originator cancels or a dispatcher force-releases. A granted imminent-peril request
+  puts a group not in emergency in imminent peril until its originator or a dispatcher
+  cancels it, a dispatcher force-releases, or an emergency supersedes it. A talker whose
+  own emergency or imminent peril is cancelled talks on in the same call at normal.
 
 Time is passed in (seconds, any monotonic clock); nothing here reads a clock, does I/O
 or knows MQTT. Inputs are method calls, outputs are lists of actions (`esn.core.actions`).
@@ -58,6 +61,7 @@ class Saved:
     holder: tuple[str, int, m.Kind, int | None, float, float | None] | None
     queue: list[tuple[str, int, m.Kind, int | None]]
     emergencies: list[tuple[str, str | None]]
+    perils: list[str]
 
 
 @dataclass(slots=True)
@@ -97,6 +101,7 @@ class Floor:
         # the order raised, each with the dispatcher who acknowledged it (or None): the
         # group is in emergency while any is open
         self.emergencies: dict[str, str | None] = {}
+        self.perils: set[str] = set()  # units with an open imminent peril here
         self.since = now
         self._arrivals = 0
         self.outcomes: dict[Outcome, int] = {}
@@ -185,24 +190,40 @@ class Floor:
             self._count("revoked")
             out.append(self._revoke(h.unit, "dispatcher", h.ref))
             self.emergencies.clear()
+            self.perils.clear()
             return out + self._end_talk(now)
-        if self.emergencies:
+        if self.emergencies or self.perils:
             self.emergencies.clear()
+            self.perils.clear()
             out.append(self._state())
         return out
 
     def raise_emergency(self, unit: str) -> list[Action]:
+        """An emergency of the unit's opens; it supersedes any imminent peril."""
         if unit in self.emergencies:
             return []
+        changed = len(self.emergencies) == 0 or bool(self.perils)
         self.emergencies[unit] = None
-        return [self._state()] if len(self.emergencies) == 1 else []
+        self.perils.clear()
+        return [self._state()] if changed else []
 
-    def cancel_emergency(self, unit: str) -> list[Action]:
+    def cancel_emergency(self, unit: str, now: float) -> list[Action]:
         """The unit's own emergency ends; the group's only when no other is open."""
         if unit not in self.emergencies:
             return []
         del self.emergencies[unit]
-        return [] if self.emergencies else [self._state()]
+        lowered = self._lowered(unit, "emergency", now)
+        return lowered or ([] if self.emergencies else [self._state()])
+
+    def cancel_imminent(self, unit: str | None, now: float) -> list[Action]:
+        """The unit's own imminent peril ends (None: every one, a dispatcher's cancel)."""
+        ended = set(self.perils) if unit is None else self.perils & {unit}
+        if not ended:
+            return []
+        self.perils -= ended
+        h = self.holder
+        lowered = self._lowered(h.unit, "imminent", now) if h and h.unit in ended else []
+        return lowered or [self._state()]
 
     def restore(self, state: m.State, age_s: float, now: float) -> None:
         """Take over a floor a previous server instance granted (its retained state)."""
@@ -220,6 +241,8 @@ class Floor:
         )
         if state.emergency:
             self.emergencies[state.talker] = None  # the best guess: the state names no originator
+        elif state.imminent:
+            self.perils.add(state.talker)
         self.since = now - age_s
 
     def record(self, wall_offset: float) -> dict[str, object]:
@@ -244,6 +267,7 @@ class Floor:
             ],
             "queue": [[x.unit, x.prio, x.kind, x.ref] for x in self.queue],
             "emergencies": [[unit, by] for unit, by in self.emergencies.items()],
+            "perils": sorted(self.perils),
         }
 
     def load(self, saved: Saved, wall_offset: float, now: float) -> None:
@@ -264,6 +288,7 @@ class Floor:
             self._arrivals += 1
             self.queue.append(_Waiter(unit, prio, kind, ref, self._arrivals))
         self.emergencies = dict(saved.emergencies)
+        self.perils = set() if self.emergencies else set(saved.perils)
 
     def next_in_queue(self, now: float) -> list[Action]:
         """An idle floor with units waiting (only after `load`) goes to the first."""
@@ -316,6 +341,7 @@ class Floor:
             tg=self.tg,
             floor="taken" if h else "idle",
             emergency=self.emergency,
+            imminent=True if self.perils else None,
             queue=len(self.queue),
             seq=self.seq,
             since_ts=int((self.since + wall_offset) * 1e9),
@@ -337,6 +363,16 @@ class Floor:
         higher kind; the group is told again, and an emergency call puts it in emergency."""
         h.kind, h.prio = kind, max(h.prio, prio)
         return self._announce(h, ref, now)
+
+    def _lowered(self, unit: str, kind: m.Kind, now: float) -> list[Action]:
+        """The holder's emergency or imminent peril was cancelled while it talks at that
+        kind: it talks on, in the same call and grant, at normal (told with the ref of the
+        request that won the floor)."""
+        h = self.holder
+        if h is None or h.unit != unit or h.kind != kind:
+            return []
+        h.kind = "normal"
+        return self._announce(h, h.ref, now)
 
     def _revoke(self, unit: str, cause: m.RevokeCause, ref: int | None) -> ToUnit:
         return ToUnit(unit, m.Revoke(tg=self.tg, cause=cause, ref=ref))
@@ -367,9 +403,13 @@ class Floor:
 
     def _announce(self, h: _Holder, ref: int | None, now: float) -> list[Action]:
         """The holder is told its grant and the group its talker (again, after an upgrade);
-        an emergency call puts the group in emergency."""
+        an emergency call puts the group in emergency, an imminent-peril call one not in
+        emergency in imminent peril."""
         if h.kind == "emergency":
             self.emergencies.setdefault(h.unit, None)
+            self.perils.clear()  # (an emergency supersedes it)
+        elif h.kind == "imminent" and not self.emergencies:
+            self.perils.add(h.unit)
         self.seq += 1
         taken = m.Taken(
             tg=self.tg, talker=h.unit, call=self.call or "", prio=h.prio, kind=h.kind, seq=self.seq

@@ -22,7 +22,7 @@ from esn.core.actions import (
     LocationAccepted,
     StateChanged,
     StateCleared,
-    StatusAccepted,
+    StatusChanged,
     ToGroup,
     ToUnit,
 )
@@ -68,6 +68,9 @@ class Network:
         self._repeats = RateLimiter({"repeat": REPEATS})
         self._sds_store: dict[str, deque[m.Sds]] = {}
         self.statuses: dict[str, tuple[int, float]] = {}  # unit -> (code, wall time in s)
+        # units not of the fleet with a status, least recently reported first
+        self._guest_statuses: OrderedDict[str, None] = OrderedDict()
+        self._unstated: set[str] = set()  # statuses read back but not kept: to be cleared
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
@@ -155,6 +158,8 @@ class Network:
                 return self._emergency_alert(profile, msg, now)
             case m.EmergencyCancel():
                 return self._emergency_cancel(profile, msg, now)
+            case m.ImminentCancel():
+                return self._imminent_cancel(profile, msg, now)
             case m.Sds():
                 return self._sds(profile, msg)
             case m.UnitStatus():
@@ -224,7 +229,23 @@ class Network:
             ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="cancelled", ref=msg.ref)),
         ]
         self._touch("group", msg.tg)
-        return out + floor.cancel_emergency(p.id)
+        return out + floor.cancel_emergency(p.id, now)
+
+    def _imminent_cancel(self, p: UnitProfile, msg: m.ImminentCancel, now: float) -> list[Action]:
+        """A unit ends its own imminent peril; a dispatcher ends every one in the group."""
+        floor = self.floors.get(msg.tg)
+        theirs = floor is not None and (p.id in floor.perils or (p.is_dispatcher and floor.perils))
+        if floor is None or not theirs:
+            whose = "" if p.is_dispatcher else " of yours"
+            return self._error(
+                p.id, msg.ref, "invalid_field", f"no imminent peril{whose} in {msg.tg}"
+            )
+        self._touch("group", msg.tg)
+        return [
+            ToGroup(msg.tg, "event", m.ImminentCancel(tg=msg.tg, unit=p.id)),
+            ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref)),
+            *floor.cancel_imminent(None if p.is_dispatcher else p.id, now),
+        ]
 
     def _sds(self, p: UnitProfile, msg: m.Sds) -> list[Action]:
         """Short data, answered with its status: delivered, queued (kept for an offline
@@ -263,13 +284,18 @@ class Network:
             return self._reject("spoofed")
         if msg.code not in self.fleet.statuses:
             return self._error(p.id, msg.ref, "invalid_field", f"no status {msg.code} in the fleet")
-        if p.id not in self.statuses and not self._room_for(p.id, self.statuses):
-            return self._error(p.id, msg.ref, "forbidden", "the network is full: try later")
         self.statuses[p.id] = (msg.code, now + self.wall_offset)
         self._touch("unit", p.id)
-        status = self.status_msg(p.id)
-        assert status is not None
-        return [StatusAccepted(p.id, status), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+        out: list[Action] = [StatusChanged(p.id), ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref))]
+        if p.id not in self.fleet.units:  # open registration: made-up ids are bounded,
+            self._guest_statuses[p.id] = None  # the one heard from longest ago goes
+            self._guest_statuses.move_to_end(p.id)
+            if len(self._guest_statuses) > self.max_units:
+                gone, _ = self._guest_statuses.popitem(last=False)
+                del self.statuses[gone]
+                self._touch("unit", gone)
+                out.append(StatusChanged(gone))
+        return out
 
     def status_msg(self, unit: str) -> m.UnitStatus | None:
         """The unit's last status as dispatchers are shown it, if it sent one."""
@@ -472,6 +498,7 @@ class Network:
             self._stored_sds -= len(self._sds_store.pop(unit))
         for unit in [u for u in self.statuses if theirs(u)]:
             del self.statuses[unit]
+            self._guest_statuses.pop(unit, None)
         self.stored = {tg for tg in self.stored if not theirs(tg)}
         self.changed = {k for k in self.changed if not theirs(k.partition("/")[2])}
 
@@ -593,8 +620,10 @@ class Network:
 
     def settle(self, now: float) -> list[Action]:
         """After loading and recovery: a floor whose talker was not kept (or went offline
-        meanwhile) goes to the head of its queue. Other due work is the timers' (at once)."""
-        out: list[Action] = []
+        meanwhile) goes to the head of its queue, and a status not kept is cleared. Other
+        due work is the timers' (at once)."""
+        out: list[Action] = [StatusChanged(u) for u in sorted(self._unstated)]
+        self._unstated.clear()
         for floor in self.floors.values():
             if floor.holder is None and floor.queue:
                 out += floor.next_in_queue(now)
@@ -614,6 +643,7 @@ class Network:
             holder=None,
             queue=[],
             emergencies=[],
+            perils=[],
         )
         why: list[str] = []
         if rec["holder"] is not None:
@@ -639,7 +669,9 @@ class Network:
             except (ValueError, TypeError) as exc:
                 why.append(f"queue place not kept: {exc}")
         saved.queue.sort(key=lambda w: (-KIND_RANK[w[2]], -w[1]))  # (stable: arrival order)
-        for entry in _first(rec["emergencies"], len(group.members) or self.max_units, why):
+        # (as many as could be real: the members and the fleet's dispatchers, or anyone)
+        most = len(group.members) + len(self.fleet.units) if group.members else self.max_units
+        for entry in _first(rec["emergencies"], most, why):
             try:
                 unit, by = entry
                 p = self.fleet.profile(unit) if isinstance(unit, str) else None
@@ -651,6 +683,13 @@ class Network:
                 saved.emergencies.append((unit, by))
             except (ValueError, TypeError) as exc:
                 why.append(f"emergency not kept: {exc}")
+        # (a record of a version before imminent peril has none)
+        for unit in _first(rec.get("perils", []), most, why):
+            p = self.fleet.profile(unit) if isinstance(unit, str) else None
+            if p is None or not (group.admits(p.id) or p.is_dispatcher):
+                why.append(f"imminent peril not kept: {unit} is not a member")
+            elif unit not in saved.perils:
+                saved.perils.append(unit)
         self.groups[tg] = group
         floor = self.floors[tg] = Floor(group, self._new_call_id, now)
         floor.load(saved, self.wall_offset, now)
@@ -711,17 +750,31 @@ class Network:
             self._guests[unit] = None
         if answers:
             self._answers[unit] = answers
+        why: list[str] = []
+        if malformed or len(groups) != len(rec["groups"]):
+            why.append("groups it may no longer join, or malformed answers, dropped")
         status = rec.get("status")
         if status is not None:
-            code, at = status
-            if type(code) is not int or code not in self.fleet.statuses:
-                raise ValueError(f"status {code!r} is not in the fleet (any more)")
-            if not self._room_for(unit, self.statuses):
-                raise ValueError("more units with a status than the server tracks")
-            # (a clock stepped back, or a forgery: no status was sent later than now)
-            self.statuses[unit] = (code, min(_time(at), now + self.wall_offset))
-        if malformed or len(groups) != len(rec["groups"]):
-            raise ValueError("groups it may no longer join, or malformed answers, dropped")
+            try:
+                self._load_status(unit, status, now)
+            except (ValueError, TypeError) as exc:
+                self._unstated.add(unit)  # (consoles may have been shown it: cleared)
+                why.append(f"status not kept: {exc}")
+        if why:
+            raise ValueError("; ".join(why))
+
+    def _load_status(self, unit: str, status: object, now: float) -> None:
+        if not isinstance(status, list) or len(status) != 2:
+            raise ValueError("not a [code, time] pair")
+        code, at = status
+        if type(code) is not int or code not in self.fleet.statuses:
+            raise ValueError(f"{code!r} is not a status of the fleet (any more)")
+        if unit not in self.fleet.units:
+            if len(self._guest_statuses) >= self.max_units:
+                raise ValueError("more units not of the fleet than the server tracks")
+            self._guest_statuses[unit] = None
+        # (a clock stepped back, or a forgery: no status was sent later than now)
+        self.statuses[unit] = (code, min(_time(at), now + self.wall_offset))
 
     def _load_sds(self, unit: str, rec: list[Any]) -> None:
         if self.fleet.profile(unit) is None:
@@ -876,6 +929,7 @@ _LIMITED: dict[type[m.Message], str] = {
     m.UnitStatus: "status",
     m.EmergencyAlert: "emergency",
     m.EmergencyCancel: "emergency",
+    m.ImminentCancel: "emergency",
     m.EmergencyAck: "command",
     m.ForceRelease: "command",
     m.Regroup: "command",

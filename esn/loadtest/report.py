@@ -50,7 +50,9 @@ def kpi_table(r: dict[str, Any]) -> str:
         f"{c.get('connect_failures', 0)}; grants {granted} "
         f"(after queuing {c.get('granted_after_queue', 0)}), queued "
         f"{c.get('queued', 0)}, denied {denied}, revoked {c.get('revoked', 0)}, "
-        f"no answer {c.get('no_answer', 0)}; statuses {c.get('statuses', 0)} "
+        f"no answer {c.get('no_answer', 0)}; imminent-peril calls "
+        f"{c.get('imminent_calls', 0)} (cancelled during the call "
+        f"{c.get('imminent_cancelled', 0)}); statuses {c.get('statuses', 0)} "
         f"(confirmed {c.get('statuses_confirmed', 0)})"
     )
     sm = r.get("server_metrics") or {}

@@ -56,6 +56,7 @@ class Traffic:
     location_interval_s: float = 10.0
     emergencies_per_min: float = 0.5
     preemptions_per_min: float = 0.5
+    imminent_per_min: float = 0.5  # imminent-peril calls, each cancelled half-way through
     statuses_per_min: float = 10.0  # pre-coded status messages, over the whole fleet
     late_joiners: int = 5
     media_interval_s: float = 0.06

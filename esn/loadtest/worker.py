@@ -3,8 +3,8 @@ connection, driven on an open-loop schedule.
 
 The worker connects its handsets at its share of the ramp rate, waits for the common
 start signal, then plays the traffic model: for each of its talkgroups a Poisson stream of
-sessions made of talk bursts (sometimes with a competing press), emergencies, dispatcher
-pre-emptions, late joiners, status messages and location reports. Every action is
+sessions made of talk bursts (sometimes with a competing press), emergencies, imminent-peril
+calls, dispatcher pre-emptions, late joiners, status messages and location reports. Every action is
 launched at its planned time whether or not earlier ones have finished. Measurements go
 to HdrHistograms (and to Prometheus on the worker's own port); a status line goes to the
 parent every second and the merged-ready histograms at the end.
@@ -203,6 +203,9 @@ class Worker:
         if t.preemptions_per_min > 0 and self.plan.dispatchers:
             rate = t.preemptions_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.preemption)))
+        if t.imminent_per_min > 0:
+            rate = t.imminent_per_min * self.plan.share
+            schedules.append(asyncio.create_task(self.poisson(rate, self.imminent)))
         if t.statuses_per_min > 0 and self.plan.statuses and self.plan.units:
             rate = t.statuses_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.status)))
@@ -312,6 +315,26 @@ class Worker:
         self.rec.count("emergencies")
         await self.burst(tg, members, planned, 3.0, kind="emergency", unit=unit)
         h.send(m.EmergencyCancel(tg=tg, ref=h.next_ref()))
+
+    async def imminent(self, planned: float) -> None:
+        """An imminent-peril call, cancelled half-way through: it goes on at normal."""
+        tg, members = self.rng.choice(list(self.plan.talkers.items()))
+        free = [u for u in members if u not in self.busy]
+        if not free:
+            return
+        unit = self.rng.choice(free)
+        self.rec.count("imminent_calls")
+        self.spawn(self.cancel_imminent(self.handsets[unit], tg, planned + 1.5))
+        await self.burst(tg, members, planned, 3.0, kind="imminent", unit=unit)
+
+    async def cancel_imminent(self, h: Handset, tg: str, planned: float) -> None:
+        await asyncio.sleep(max(0.0, planned - asyncio.get_running_loop().time()))
+        try:
+            answer = await h.ask(m.ImminentCancel(tg=tg, ref=h.next_ref()), timeout=10)
+        except TimeoutError:
+            answer = None
+        # (refused when the call never got the floor, or lost it before)
+        self.rec.count("imminent_cancelled" if isinstance(answer, m.Ok) else "imminent_refused")
 
     async def preemption(self, planned: float) -> None:
         tg = self.rng.choice(list(self.plan.talkers))

@@ -86,6 +86,17 @@ class EmergencyCancel(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ImminentCancel(Message):
+    """Addition to v1 (docs/protocol.md, 11.12): ends imminent peril in group `tg`: the
+    sender's own, or every one from a dispatcher. On the group's event topic it names the
+    unit that cancelled."""
+
+    T: ClassVar[str] = "imminent_cancel"
+    tg: str
+    unit: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Sds(Message):
     """Short data. Uplink carries `to` and `text`; delivery adds `from` (`sender`)."""
 
@@ -288,6 +299,7 @@ class State(Message):
     kind: Kind | None = None
     prio: int | None = None
     srv: str | None = None  # the id of the server instance serving the group
+    imminent: bool | None = None  # addition (11.12): true while in imminent peril
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -318,6 +330,7 @@ ALL: tuple[type[Message], ...] = (
     Location,
     EmergencyAlert,
     EmergencyCancel,
+    ImminentCancel,
     Sds,
     UnitStatus,
     EmergencyAck,

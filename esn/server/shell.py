@@ -26,7 +26,7 @@ from esn.core.actions import (
     LocationAccepted,
     StateChanged,
     StateCleared,
-    StatusAccepted,
+    StatusChanged,
     ToGroup,
     ToUnit,
 )
@@ -608,6 +608,7 @@ class Server:
             for tg in self.network.groups:
                 if partition_of(tg) in new:
                     self._publish_state(tg)
+            self._chore(self._republish_statuses(new))
             # (handsets waiting in a queue ask for their place again)
             self._say_online()
             self._perform(due)
@@ -742,12 +743,7 @@ class Server:
         for tg in self.network.groups:
             if not self.config.cluster or self._serving(partition_of(tg)):
                 self._publish_state(tg)
-        for unit in self.network.statuses:
-            status = self.network.status_msg(unit)
-            if status is not None and (
-                not self.config.cluster or self._serving(partition_of(unit))
-            ):
-                self._publish_unit_status(status)
+        self._chore(self._republish_statuses())
 
     # --- inbound ----------------------------------------------------------------------
 
@@ -966,15 +962,28 @@ class Server:
                 case LocationAccepted():
                     location = codec.encode(a.msg)
                     self._retainer.publish(t.location(a.unit), location, qos=self._qos, retain=True)
-                case StatusAccepted():
-                    self._publish_unit_status(a.msg)
+                case StatusChanged():
+                    self._publish_unit_status(a.unit)
         for tg in states:
             self._publish_state(tg)
 
-    def _publish_unit_status(self, status: m.UnitStatus) -> None:
-        assert status.unit is not None
-        topic = self.topics.unit_status(status.unit)
-        self._retainer.publish(topic, codec.encode(status), qos=self._qos, retain=True)
+    def _publish_unit_status(self, unit: str) -> None:
+        status = self.network.status_msg(unit)  # (none: cleared)
+        payload = b"" if status is None else codec.encode(status)
+        self._retainer.publish(self.topics.unit_status(unit), payload, qos=self._qos, retain=True)
+
+    async def _republish_statuses(self, parts: set[int] | None = None) -> None:
+        """Every unit's last status again (of the partitions `parts`, else of all we serve),
+        a chunk at a time: a fleet's worth at once would use up the link's packet ids."""
+        ours = self._serving if parts is None else parts.__contains__
+        units = [
+            u for u in self.network.statuses if not self.config.cluster or ours(partition_of(u))
+        ]
+        for i in range(0, len(units), 500):
+            await self._retainer.writable()
+            for unit in units[i : i + 500]:
+                if unit in self.network.statuses:  # (still: it may have been pushed out)
+                    self._publish_unit_status(unit)
 
     def _publish_state(self, tg: str) -> None:
         state = replace(self.network.state_msg(tg, self._loop.time()), srv=self.config.server_id)

@@ -421,6 +421,7 @@ async def run_cluster_demo(opts: DemoOptions) -> int:
             (0.1, demo.scene_preemption, demo.groups[0]),
             (0.2, demo.scene_emergency, demo.groups[1]),
             (0.25, demo.scene_status, demo.groups[0]),
+            (0.35, demo.scene_imminent_peril, demo.groups[0]),
             (0.3, demo.scene_late_entry, demo.groups[2]),
             (0.4, demo.scene_instance_killed, doomed),
             (0.65, demo.scene_node_killed, survivor),

@@ -263,6 +263,39 @@ class Demo:
             shown.cancel()  # (when it never came: nobody waits for it now)
         self.checks.record(name, ok)
 
+    async def scene_imminent_peril(self, tg: str) -> None:
+        """A unit calls in imminent peril: the group shows it. Cancelled during the call,
+        the call goes on at normal, same call."""
+        names = (
+            "imminent-peril call puts the group in imminent peril",
+            "imminent peril cancelled: the call goes on at normal",
+        )
+        for n in names:
+            self.checks.expect(n)
+        assert self.dispatcher is not None
+        unit = self.members[tg][0]
+        shown = self.dispatcher.expect(
+            lambda i: isinstance(i.msg, m.State) and i.msg.tg == tg and i.msg.imminent is True, 10
+        )
+        lowered = unit.expect(
+            lambda i: isinstance(i.msg, m.Granted) and i.msg.tg == tg and i.msg.kind == "normal", 10
+        )
+        try:  # (a check left unrecorded fails the run)
+            granted = await unit.press(tg, kind="imminent")
+            if isinstance(granted, m.Granted):
+                await shown
+                self.checks.record(names[0], True)
+                answer = await unit.ask(m.ImminentCancel(tg=tg, ref=unit.next_ref()))
+                call = getattr((await lowered).msg, "call", None)
+                self.checks.record(names[1], isinstance(answer, m.Ok) and call == granted.call)
+        except TimeoutError:
+            pass
+        finally:
+            shown.cancel()
+            lowered.cancel()
+        await asyncio.sleep(1.0)
+        unit.release(tg)
+
     async def scene_late_entry(self, tg: str) -> None:
         """A handset switches on mid-call and hears the call at once (late entry)."""
         name = "late joiner hears the ongoing call"
@@ -494,6 +527,7 @@ async def run_demo(opts: DemoOptions) -> int:
             (0.2, demo.scene_preemption, demo.groups[0]),
             (0.3, demo.scene_status, demo.groups[0]),
             (0.4, demo.scene_emergency, demo.groups[1 % len(demo.groups)]),
+            (0.5, demo.scene_imminent_peril, demo.groups[0]),
             (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)]),
         ]
         for frac, scene, tg in scenes:
