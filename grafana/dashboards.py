@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders.bargauge import Panel as BarGauge
 from grafana_foundation_sdk.builders.common import (
     GraphThresholdsStyleConfig,
     ReduceDataOptions,
@@ -29,12 +30,14 @@ from grafana_foundation_sdk.builders.stat import Panel as Stat
 from grafana_foundation_sdk.builders.timeseries import Panel as Timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.common import (
+    BarGaugeDisplayMode,
     BigValueGraphMode,
     GraphTresholdsStyleMode,
     LegendDisplayMode,
     LegendPlacement,
     SortOrder,
     TooltipDisplayMode,
+    VizOrientation,
 )
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
@@ -117,6 +120,32 @@ def rates(title: str, expr: str, legend: str, unit: str = "ops") -> Timeseries:
     return timeseries(title, unit).with_target(query(expr, legend))
 
 
+def hotspots() -> BarGauge:
+    """Where emergencies and imminent-peril calls concentrated: the busiest map cells."""
+    return (
+        BarGauge()
+        .title("Incident hotspots, last 15 minutes")
+        .description(
+            "Emergencies and imminent-peril calls raised in the last 15 minutes, by map cell "
+            "(about 5 km, named by its south-west corner, lat,lon); `unknown`: raised by a "
+            "unit whose position the server has not heard."
+        )
+        .datasource(DATASOURCE)
+        .height(8)
+        .span(18)
+        .with_target(
+            query("topk(10, sum by (cell) (increase(esn_incidents_total[15m])))", "{{cell}}")
+        )
+        .unit("short")
+        .decimals(0)
+        .min(0)
+        .orientation(VizOrientation.HORIZONTAL)
+        .display_mode(BarGaugeDisplayMode.GRADIENT)
+        .reduce_options(ReduceDataOptions().values(False).calcs(["lastNotNull"]))
+        .thresholds(thresholds((None, "yellow"), (3, "orange"), (10, "red")))
+    )
+
+
 def overview() -> Dashboard:
     return (
         Dashboard("ESN push-to-talk — overview")
@@ -164,6 +193,15 @@ def overview() -> Dashboard:
                 "Floor queue length", "sum(esn_floor_queue_length)", (None, "green"), (5, "orange")
             )
         )
+        .with_panel(
+            stat(
+                "Groups in imminent peril",
+                "sum(esn_groups_in_imminent_peril)",
+                (None, "green"),
+                (1, "orange"),
+            )
+        )
+        .with_panel(hotspots())
         .with_panel(
             rates(
                 "Messages by type",
@@ -274,6 +312,14 @@ def talkgroups() -> Dashboard:
         .with_panel(
             rates(
                 "Emergency", f"max by (tg) (esn_group_emergency{tg})", "{{tg}}", unit="bool_yes_no"
+            )
+        )
+        .with_panel(
+            rates(
+                "Imminent peril",
+                f"max by (tg) (esn_group_imminent{tg})",
+                "{{tg}}",
+                unit="bool_yes_no",
             )
         )
     )

@@ -164,6 +164,18 @@ def test_server_back_while_talking_asks_again_and_voice_goes_on() -> None:
     assert next(a for a in out if isinstance(a, Outcome)).waited_s is None  # no sample
 
 
+def test_a_call_lowered_while_talking_is_asked_for_again_at_its_new_kind() -> None:
+    """An imminent-peril call cancelled while we talk goes on at normal (docs/protocol.md,
+    11.12): a reclaim after the server's `online` must not raise the peril again."""
+    p = FloorParticipant("me", T)
+    p.press("imminent", None, 1, 0.0)
+    p.received(granted(kind="imminent"), 0.01)
+    assert p.received(granted(kind="normal"), 1.0) == []  # told, nothing to do
+    assert p.server_online(7, 2.0) == [SendRequest("normal", None, 7)]
+    p.received(granted(kind="emergency"), 2.01)  # (the reclaim answered at another kind)
+    assert p.received(granted("c9", kind="normal"), 2.02) == [] and p.kind == "emergency"
+
+
 def test_server_back_but_the_floor_was_taken_meanwhile() -> None:
     p = talking()
     p.server_online(7, 2.0)

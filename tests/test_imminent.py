@@ -91,13 +91,24 @@ def test_only_its_originator_or_a_dispatcher_ends_an_imminent_peril(net: Network
     assert isinstance(nothing, m.Error) and "no imminent peril in tg1" in nothing.detail
 
 
-def test_an_emergency_cancelled_during_its_call_goes_on_at_normal(net: Network) -> None:
+def test_an_emergency_cancelled_during_its_call_keeps_v1s_rule(net: Network) -> None:
+    """v1: `emergency_cancel` ends the group's emergency, not the call's kind (a v1 client
+    reclaiming after `online` asks at the kind it was granted)."""
     req(net, "a", 1.0, kind="emergency", ref=3)
-    call = net.state_msg("tg1", 1.0).call
     out = net.unit_message("a", m.EmergencyCancel(tg="tg1", ref=4), 2.0)
-    assert [(t.kind, t.call) for t in taken(out)] == [("normal", call)]
+    assert taken(out) == [] and not [x for x in to(out, "a") if isinstance(x, m.Granted)]
     state = net.state_msg("tg1", 2.0)
-    assert (state.emergency, state.kind, state.talker) == (False, "normal", "a")
+    assert (state.emergency, state.kind, state.talker) == (False, "emergency", "a")
+
+
+def test_cancelled_after_its_talk_time_the_talker_is_not_told_to_go_on(net: Network) -> None:
+    req(net, "a", 1.0, kind="imminent", ref=5)
+    revoked = net.on_timer(11.0)  # T2 (10 s): revoke, T3 grace (1 s) starts
+    assert isinstance(to(revoked, "a")[0], m.Revoke)
+    out = cancel(net, "a", 11.5)
+    assert m.Ok(op="imminent_cancel", ref=1) in to(out, "a")
+    assert not [x for x in to(out, "a") if isinstance(x, m.Granted)]
+    assert [(t.talker, t.kind) for t in taken(out)] == [("a", "normal")]
 
 
 def test_an_emergency_alert_supersedes_an_imminent_peril(net: Network) -> None:

@@ -162,6 +162,7 @@ late_joiners = 2
     assert result["counts"]["statuses_confirmed"] > 0  # (12 expected: none is 1 in 160,000)
     assert "statuses_unconfirmed" not in result["counts"]
     assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)
+    assert result["counts"].get("imminent_cancelled", 0) > 0  # (most of those talk at +1.5 s)
     assert set(result["thresholds"]) == {
         "floor_access_p95_ms",
         "mouth_to_ear_p95_ms",

@@ -106,7 +106,7 @@ async def live(
     exporter = await serve_metrics(hm.registry, hport)
     units = [await handset(u, "tg-1", metrics=hm) for u in ("u1", "u2", "u3")]
     await units[2].affiliate("tg-2")
-    units[2].send(m.EmergencyAlert(tg="tg-2"))  # a group in emergency
+    units[2].send(m.EmergencyAlert(tg="tg-2", lat=51.5, lon=-0.1))  # a group in emergency
     units[2].transport.publish(units[2].topics.unit_up("u3"), b"\xc1")  # a rejected input
 
     async def traffic() -> None:

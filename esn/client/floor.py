@@ -220,7 +220,9 @@ class FloorParticipant:
     def _granted(self, msg: m.Granted, now: float) -> list[Action]:
         state = self.state
         if state is FloorState.HAS_PERMISSION:
-            return []  # a repeated grant
+            if msg.call == self.call:  # a repeated grant, or our call raised or lowered:
+                self.kind = msg.kind  # a reclaim asks for it at the kind it has now
+            return []
         if state not in (FloorState.PENDING_REQUEST, FloorState.QUEUED):
             return [SendRelease()]  # nobody here wants it any more: hand it back
         waited = None if self.pressed_at is None else now - self.pressed_at

@@ -39,6 +39,7 @@ from esn.client.floor import (
     StopMedia,
     Timers,
 )
+from esn.client.scan import ScanList
 from esn.client.trace import Access
 from esn.protocol import codec
 from esn.protocol import messages as m
@@ -128,6 +129,8 @@ class Observer(Protocol):
 
     def late_entry(self, seconds: float) -> None: ...
 
+    def scan_entry(self, seconds: float) -> None: ...
+
 
 @dataclass
 class Stats:
@@ -135,6 +138,7 @@ class Stats:
     queued_access_s: list[float] = field(default_factory=list)  # press -> granted via queue
     mouth_to_ear_s: list[float] = field(default_factory=list)
     late_entry_s: list[float] = field(default_factory=list)
+    scan_entry_s: list[float] = field(default_factory=list)  # scan switch -> first media
     counts: dict[str, int] = field(default_factory=dict)
 
     def count(self, what: str) -> None:
@@ -211,8 +215,12 @@ class Handset:
         keep_stats: bool = True,
         timers: Timers | None = None,
         qos: int = 1,
+        scan: ScanList | None = None,
     ) -> None:
         self.unit = unit
+        # which of its groups' calls the user hears (docs/scanning.md); None: all of them
+        self.scan = scan
+        self._entering: tuple[str, float] | None = None  # a scan switch: (group, when)
         # the QoS it subscribes and sends at: 0 on a NATS cluster, which delivers QoS 1
         # through a JetStream consumer per subscription (slow to make, and stalled while
         # a node dies: docs/scaling.md)
@@ -503,6 +511,24 @@ class Handset:
         if isinstance(msg, m.State) and msg.floor == "idle":
             view.joined_at = None  # no call to enter late
         self._perform(tg, view, view.floor.received(msg, now))
+        if self.scan is not None:
+            self._scanned(self.scan, tg, msg, now)
+
+    def _scanned(self, scan: ScanList, tg: str, msg: m.Message, now: float) -> None:
+        """Tell the scan list a group's floor; a switch to another call is entered late."""
+        kind: m.Kind | None
+        if isinstance(msg, m.Taken):
+            kind = msg.kind
+        elif isinstance(msg, m.State):
+            kind = (msg.kind or "normal") if msg.floor == "taken" else None
+        elif isinstance(msg, m.Idle):
+            kind = None
+        else:
+            return
+        switched = scan.floor(tg, kind)
+        if switched is not None:
+            self.stats.count("scan_switches")
+            self._entering = (switched, now)
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
@@ -526,6 +552,16 @@ class Handset:
         if talker == self.unit:
             return
         self.stats.count("media_rx")
+        if self.scan is not None and tg != self.scan.heard:
+            self.stats.count("media_unheard")  # (received and read, not played)
+            return
+        if self._entering is not None and self._entering[0] == tg:
+            entered = time.perf_counter() - self._entering[1]
+            self._entering = None
+            if self.keep_stats:
+                self.stats.scan_entry_s.append(entered)
+            if self.metrics is not None:
+                self.metrics.scan_entry(entered)
         now_ns = time.time_ns()
         if isinstance(ts, int):
             m2e = (now_ns - ts) / 1e9

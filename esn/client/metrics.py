@@ -26,6 +26,12 @@ class HandsetMetrics:
             buckets=BUCKETS,
             registry=r,
         )
+        self.scan_entry_s = Histogram(
+            "esn_scan_entry_seconds",
+            "A scanning handset switching to another group's call, to its first media heard",
+            buckets=BUCKETS,
+            registry=r,
+        )
         self.mouth_to_ear_s = Histogram(
             "esn_mouth_to_ear_seconds",
             "Talker timestamp to media received by a listener",
@@ -42,3 +48,6 @@ class HandsetMetrics:
 
     def late_entry(self, seconds: float) -> None:
         self.late_entry_s.observe(seconds)
+
+    def scan_entry(self, seconds: float) -> None:
+        self.scan_entry_s.observe(seconds)

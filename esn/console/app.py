@@ -108,6 +108,7 @@ class ConsoleApp(App[None]):
         Binding("c", "all_call", "All-call"),
         Binding("o", "sort_units", "Sort"),
         Binding("g", "filter_group", "Filter"),
+        Binding("h", "hotspots", "Hotspots"),
         Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
         Binding("minus", "zoom(0.5)", "Zoom-", show=False),
         Binding("H", "pan(-0.25, 0)", show=False),
@@ -137,6 +138,7 @@ class ConsoleApp(App[None]):
         self.marked: set[str] = set()
         self.sort = "unit"
         self.group_filter: str | None = None
+        self.show_hotspots = True  # incidents of the last 15 minutes on the map
         self.last_access_ms: float | None = None
         self._drawn = -1
         self._units_drawn = 0.0  # when, so the ages shown go on counting on a quiet network
@@ -347,6 +349,10 @@ class ConsoleApp(App[None]):
         self.query_one("#log", RichLog).clear()
         self.model.version += 1
 
+    def action_hotspots(self) -> None:
+        self.show_hotspots = not self.show_hotspots
+        self.model.version += 1
+
     def action_zoom(self, factor: float) -> None:
         self.view.zoom_by(factor)
         self.model.version += 1
@@ -374,8 +380,9 @@ class ConsoleApp(App[None]):
         self._draw_status()
         if self.model.version == self._drawn:
             self._draw_timers()
-            if time.monotonic() - self._units_drawn >= 1.0:
+            if time.monotonic() - self._units_drawn >= 1.0:  # (ages, and hotspots ageing out)
                 self._draw_units()
+                self._draw_map()
             return
         self._drawn = self.model.version
         self._draw_groups()
@@ -472,7 +479,13 @@ class ConsoleApp(App[None]):
             if u.lat is not None and u.lon is not None
         ]
         size = widget.content_size
-        widget.update(render(points, size.width, size.height, self.view, self.selected_unit()))
+        recent = self.model.hotspots() if self.show_hotspots else []
+        heat = [(i.lat, i.lon) for i in recent]
+        widget.update(
+            render(points, size.width, size.height, self.view, self.selected_unit(), heat)
+        )
+        shown = f"hotspots, 15 min: {len(recent)}" if self.show_hotspots else "hotspots off"
+        widget.border_title = f"Map · {shown} (h)"
         widget.border_subtitle = f"zoom x{self.view.zoom:g}  (+/- zoom, H J K L pan)"
 
     def _draw_log(self) -> None:

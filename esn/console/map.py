@@ -2,11 +2,13 @@
 
 The view fits every known position, then zoom and pan move it. A cell holding an
 emergency is red, the selected unit's cell is reversed, so both stand out even where
-units crowd.
+units crowd. Incident hotspots, when given, shade the character cells they fall in by
+how many there were (a cell with no unit in it shows the count).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -49,13 +51,28 @@ def bounds(points: list[Point], view: View) -> tuple[float, float, float, float]
     return lat_c - lat_h, lat_c + lat_h, lon_c - lon_h, lon_c + lon_h
 
 
+# background of a hotspot cell by its count: 1, 2, 3 or more
+_HEAT = ("on grey30", "on dark_orange3", "on red3")
+
+
 def render(
-    points: list[Point], width: int, height: int, view: View, selected: str | None = None
+    points: list[Point],
+    width: int,
+    height: int,
+    view: View,
+    selected: str | None = None,
+    heat: Sequence[tuple[float, float]] = (),
 ) -> Text:
     width, height = max(width, 4), max(height, 2)
     if not points:
         return Text("no positions yet", style="dim")
     lat0, lat1, lon0, lon1 = bounds(points, view)
+    hot: dict[tuple[int, int], int] = {}
+    for lat, lon in heat:
+        if lat0 <= lat <= lat1 and lon0 <= lon <= lon1:
+            x = min(width - 1, int((lon - lon0) / (lon1 - lon0) * width))
+            y = min(height - 1, int((lat1 - lat) / (lat1 - lat0) * height))
+            hot[(x, y)] = hot.get((x, y), 0) + 1
     cells: dict[tuple[int, int], int] = {}
     style: dict[tuple[int, int], str] = {}
     for p in points:
@@ -73,10 +90,12 @@ def render(
     for row in range(height):
         for col in range(width):
             bits = cells.get((col, row))
+            n = hot.get((col, row), 0)
+            shade = f" {_HEAT[min(n, 3) - 1]}" if n else ""
             if bits is None:
-                text.append(" ")
+                text.append(str(n) if 0 < n < 10 else "+" if n else " ", style=f"bold{shade}")
             else:
-                text.append(chr(0x2800 + bits), style=style.get((col, row), "green"))
+                text.append(chr(0x2800 + bits), style=style.get((col, row), "green") + shade)
         if row < height - 1:
             text.append("\n")
     return text

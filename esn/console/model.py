@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from esn.protocol import messages as m
+from esn.protocol.ids import is_id
 
 
 @dataclass
@@ -45,6 +46,21 @@ class UnitRow:
     status: str | None = None  # its last pre-coded status, in the fleet's words
     status_code: int | None = None
     status_at: float | None = None  # wall clock the server took it at
+
+
+@dataclass(frozen=True)
+class Incident:
+    """An emergency or imminent-peril call raised, where its unit was: for the hotspots."""
+
+    at: float
+    unit: str
+    kind: str
+    lat: float
+    lon: float
+
+
+HOTSPOT_WINDOW_S = 15 * 60  # the hotspots show the incidents of the last 15 minutes
+REPEAT_S = 60.0  # a unit's alert and its emergency call, or a raise in place: one incident
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class ConsoleModel:
         self.groups: dict[str, GroupRow] = {}
         self.units: dict[str, UnitRow] = {}
         self.events: deque[Event] = deque(maxlen=max_events)
+        self.incidents: deque[Incident] = deque(maxlen=max_events)
         self.server_state = "unknown"
         self.server_started: int | None = None
         self.version = 0  # bumped on every change, so the screen redraws only when needed
@@ -98,6 +115,24 @@ class ConsoleModel:
     def log(self, tg: str | None, text: str, alarm: bool = False, at: float | None = None) -> None:
         self.events.append(Event(at if at is not None else time.time(), tg, text, alarm))
         self.version += 1
+
+    def hotspots(self, now: float | None = None) -> list[Incident]:
+        """The incidents of the last HOTSPOT_WINDOW_S seconds."""
+        since = (time.time() if now is None else now) - HOTSPOT_WINDOW_S
+        return [i for i in self.incidents if i.at >= since]
+
+    def _incident(self, unit: str, kind: str, lat: float | None, lon: float | None) -> None:
+        u = self.unit(unit)
+        if lat is None or lon is None:
+            lat, lon = u.lat, u.lon
+        now = time.time()
+        for i in reversed(self.incidents):  # (oldest first: the recent ones are read)
+            if now - i.at >= REPEAT_S:
+                break
+            if (i.unit, i.kind) == (unit, kind):
+                return
+        if lat is not None and lon is not None:
+            self.incidents.append(Incident(now, unit, kind, lat, lon))
 
     def apply(self, topic: str, msg: m.Message, history: bool = False) -> None:
         """`history`: a retained message handed over on subscribing, not news."""
@@ -167,6 +202,8 @@ class ConsoleModel:
         )
         g.since = time.time()
         self.unit(msg.talker).groups.add(msg.tg)
+        if msg.kind != "normal":
+            self._incident(msg.talker, msg.kind, None, None)
         label = "" if msg.kind == "normal" else f" ({msg.kind})"
         self.log(
             msg.tg, f"{msg.talker} talks{label}, prio {msg.prio}", alarm=msg.kind == "emergency"
@@ -188,6 +225,7 @@ class ConsoleModel:
         u.emergency.add(msg.tg)
         if msg.lat is not None and msg.lon is not None:
             u.lat, u.lon, u.located_at = msg.lat, msg.lon, time.time()
+        self._incident(msg.unit, "emergency", msg.lat, msg.lon)
         self.log(msg.tg, f"EMERGENCY raised by {msg.unit}", alarm=True)
 
     def _on_emergency_cancel(self, topic: str, msg: m.EmergencyCancel) -> None:
@@ -204,6 +242,8 @@ class ConsoleModel:
 
     def _on_presence(self, topic: str, msg: m.Presence) -> None:
         unit = topic.split("/")[-2]
+        if not is_id(unit) or msg.state not in ("online", "offline"):
+            return  # (not a presence the protocol has: the server ignores it too)
         u = self.unit(unit)
         if u.presence != msg.state:
             if u.presence != "?":

@@ -18,7 +18,7 @@ Everything that decides who may talk in a group lives in this file. Theory of op
   its originator cancels or a dispatcher force-releases. A granted imminent-peril request
   puts a group not in emergency in imminent peril until its originator or a dispatcher
   cancels it, a dispatcher force-releases, or an emergency supersedes it. A talker whose
-  own emergency or imminent peril is cancelled talks on in the same call at normal.
+  own imminent peril is cancelled talks on in the same call at normal.
 
 Time is passed in (seconds, any monotonic clock); nothing here reads a clock, does I/O
 or knows MQTT. Inputs are method calls, outputs are lists of actions (`esn.core.actions`).
@@ -207,13 +207,12 @@ class Floor:
         self.perils.clear()
         return [self._state()] if changed else []
 
-    def cancel_emergency(self, unit: str, now: float) -> list[Action]:
+    def cancel_emergency(self, unit: str) -> list[Action]:
         """The unit's own emergency ends; the group's only when no other is open."""
         if unit not in self.emergencies:
             return []
         del self.emergencies[unit]
-        lowered = self._lowered(unit, "emergency", now)
-        return lowered or ([] if self.emergencies else [self._state()])
+        return [] if self.emergencies else [self._state()]
 
     def cancel_imminent(self, unit: str | None, now: float) -> list[Action]:
         """The unit's own imminent peril ends (None: every one, a dispatcher's cancel)."""
@@ -222,8 +221,9 @@ class Floor:
             return []
         self.perils -= ended
         h = self.holder
-        lowered = self._lowered(h.unit, "imminent", now) if h and h.unit in ended else []
-        return lowered or [self._state()]
+        if h is not None and h.unit in ended and h.kind == "imminent":
+            return self._lowered(h, now)
+        return [self._state()]
 
     def restore(self, state: m.State, age_s: float, now: float) -> None:
         """Take over a floor a previous server instance granted (its retained state)."""
@@ -364,15 +364,15 @@ class Floor:
         h.kind, h.prio = kind, max(h.prio, prio)
         return self._announce(h, ref, now)
 
-    def _lowered(self, unit: str, kind: m.Kind, now: float) -> list[Action]:
-        """The holder's emergency or imminent peril was cancelled while it talks at that
-        kind: it talks on, in the same call and grant, at normal (told with the ref of the
-        request that won the floor)."""
-        h = self.holder
-        if h is None or h.unit != unit or h.kind != kind:
-            return []
+    def _lowered(self, h: _Holder, now: float) -> list[Action]:
+        """The holder's imminent peril was cancelled while it talks at that kind: it talks
+        on, in the same call and grant, at normal (told with the ref of the request that
+        won the floor; not told at all once its talk time is up: it was told to stop)."""
         h.kind = "normal"
-        return self._announce(h, h.ref, now)
+        out = self._announce(h, h.ref, now)
+        if h.revoked_at is not None:
+            out = [a for a in out if not isinstance(a, ToUnit)]
+        return out
 
     def _revoke(self, unit: str, cause: m.RevokeCause, ref: int | None) -> ToUnit:
         return ToUnit(unit, m.Revoke(tg=self.tg, cause=cause, ref=ref))

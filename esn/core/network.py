@@ -229,7 +229,7 @@ class Network:
             ToUnit(p.id, m.EmergencyState(tg=msg.tg, state="cancelled", ref=msg.ref)),
         ]
         self._touch("group", msg.tg)
-        return out + floor.cancel_emergency(p.id, now)
+        return out + floor.cancel_emergency(p.id)
 
     def _imminent_cancel(self, p: UnitProfile, msg: m.ImminentCancel, now: float) -> list[Action]:
         """A unit ends its own imminent peril; a dispatcher ends every one in the group."""
@@ -616,6 +616,10 @@ class Network:
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 problems.append(f"{key}: {exc}")
                 self.changed.add(key)
+                record = records[key]
+                shown = kind == "unit" and isinstance(record, dict) and "status" in record
+                if shown and ident not in self.statuses and is_id(ident):
+                    self._unstated.add(ident)  # (consoles may have been shown it: cleared)
         return problems
 
     def settle(self, now: float) -> list[Action]:
@@ -679,17 +683,23 @@ class Network:
                 if p is None or not (group.admits(p.id) or p.is_dispatcher):
                     raise ValueError(f"{unit} is not a member")
                 if by is not None and (acker is None or not acker.is_dispatcher):
-                    raise ValueError(f"{by} is no dispatcher")
+                    # (an emergency stays open: only who took charge of it is forgotten)
+                    why.append(f"emergency of {unit} kept, unacknowledged: {by} is no dispatcher")
+                    by = None
                 saved.emergencies.append((unit, by))
             except (ValueError, TypeError) as exc:
                 why.append(f"emergency not kept: {exc}")
         # (a record of a version before imminent peril has none)
+        perils: dict[str, None] = {}  # (in order, once each)
         for unit in _first(rec.get("perils", []), most, why):
             p = self.fleet.profile(unit) if isinstance(unit, str) else None
             if p is None or not (group.admits(p.id) or p.is_dispatcher):
                 why.append(f"imminent peril not kept: {unit} is not a member")
-            elif unit not in saved.perils:
-                saved.perils.append(unit)
+            elif group.broadcast and not p.is_dispatcher:
+                why.append(f"imminent peril not kept: {unit} may not talk in {tg}")
+            else:
+                perils[p.id] = None
+        saved.perils.extend(perils)
         self.groups[tg] = group
         floor = self.floors[tg] = Floor(group, self._new_call_id, now)
         floor.load(saved, self.wall_offset, now)
@@ -758,7 +768,6 @@ class Network:
             try:
                 self._load_status(unit, status, now)
             except (ValueError, TypeError) as exc:
-                self._unstated.add(unit)  # (consoles may have been shown it: cleared)
                 why.append(f"status not kept: {exc}")
         if why:
             raise ValueError("; ".join(why))

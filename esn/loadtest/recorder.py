@@ -17,7 +17,15 @@ from hdrh.histogram import HdrHistogram
 LOWEST_US, HIGHEST_US, DIGITS = 1, 600_000_000, 3  # 1 µs .. 10 min, 3 significant digits
 LATE_S = 0.010  # an action started later than this behind plan is a schedule overrun
 
-KPIS = ("floor_access", "floor_access_sent", "mouth_to_ear", "late_entry", "connect", "loop_lag")
+KPIS = (
+    "floor_access",
+    "floor_access_sent",
+    "mouth_to_ear",
+    "late_entry",
+    "scan_entry",
+    "connect",
+    "loop_lag",
+)
 
 
 def new_histogram() -> HdrHistogram:
@@ -63,6 +71,9 @@ class Recorder:
 
     def late_entry(self, seconds: float) -> None:
         record_s(self.hist["late_entry"], seconds)
+
+    def scan_entry(self, seconds: float) -> None:
+        record_s(self.hist["scan_entry"], seconds)
 
     def encode(self) -> dict[str, str]:
         return {k: base64.b64encode(h.encode()).decode() for k, h in self.hist.items()}

@@ -18,6 +18,7 @@ NAMES = {
     "floor_access_sent": "floor access (from actual send)",
     "mouth_to_ear": "KPI3 mouth-to-ear",
     "late_entry": "KPI4 late entry",
+    "scan_entry": "scan switch → first media heard",
     "connect": "connect time",
     "loop_lag": "generator loop lag",
 }

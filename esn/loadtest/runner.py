@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import platform
 import queue as queue_mod
+import random
 import sys
 import tempfile
 import time
@@ -84,12 +85,19 @@ def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
         for w in range(workers)
     ]
     n_multi = int(len(regular) * f.multi_group_fraction)
+    n_scan = int(len(regular) * f.scan_fraction) if len(groups) > 1 else 0
+    rng = random.Random(s.run.seed)
     for i, unit in enumerate(regular):
         first = groups[i % len(groups)]
         mine = [first] + (
             [groups[(i + 1) % len(groups)]] if i < n_multi and len(groups) > 1 else []
         )
         p = plans[owner[first]]
+        if n_multi <= i < n_multi + n_scan:  # scans its group and 1-3 others, by priority
+            others = [g for g in groups if g != first]
+            scanned = rng.sample(others, min(len(others), rng.randint(1, 3)))
+            p.scans[unit] = {tg: rng.randint(1, 15) for tg in scanned}
+            mine += scanned
         p.units.append((unit, mine))
         p.talkers.setdefault(first, []).append(unit)
     for i, unit in enumerate(late):

@@ -44,6 +44,8 @@ class FleetShape:
     dispatchers: int = 1
     talkgroups: int = 10
     multi_group_fraction: float = 0.1  # of handsets, also affiliated to a second group
+    # of handsets, scanning 2-4 groups by priority, hearing one call at a time (the rest)
+    scan_fraction: float = 0.1
     fleet_file: str = ""  # a fleet file for the server; empty: generated from this shape
 
 
@@ -125,6 +127,10 @@ def parse_scenario(doc: dict[str, Any], path: str = "") -> Scenario:
             "[fleet] handsets must be at least two per talkgroup",
         ),
         (s.fleet.multi_group_fraction <= 1, "[fleet] multi_group_fraction must be within 0..1"),
+        (
+            s.fleet.multi_group_fraction + s.fleet.scan_fraction <= 1,
+            "[fleet] multi_group_fraction and scan_fraction must add up to at most 1",
+        ),
         (0 < s.traffic.activity < 1, "[traffic] activity must be between 0 and 1"),
         (
             s.traffic.mean_talk_s > 0 and s.traffic.mean_session_s >= s.traffic.mean_talk_s,

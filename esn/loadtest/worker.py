@@ -26,6 +26,7 @@ from typing import Any
 from esn.client.floor import Outcome
 from esn.client.handset import ClientError, Handset
 from esn.client.metrics import HandsetMetrics
+from esn.client.scan import ScanList
 from esn.client.trace import Access, AccessTrace
 from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
@@ -56,6 +57,7 @@ class WorkerPlan:
     qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
     trace: str = ""  # where this worker writes its access trace (docs/traces.md), if set
     statuses: list[int] = field(default_factory=list)  # the fleet's pre-coded status codes
+    scans: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> scanned: prio
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +79,10 @@ class _Fanout:
         for o in self.observers:
             o.late_entry(seconds)
 
+    def scan_entry(self, seconds: float) -> None:
+        for o in self.observers:
+            o.scan_entry(seconds)
+
 
 class Worker:
     def __init__(self, plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
@@ -89,6 +95,7 @@ class Worker:
         self.prom = HandsetMetrics()
         self.observer = _Fanout(self.rec, self.prom)
         self.handsets: dict[str, Handset] = {}
+        self.homes = {unit: groups[0] for unit, groups in plan.units if groups}
         self.busy: set[str] = set()  # units in a talk burst right now
         self.tasks: set[asyncio.Task[None]] = set()
         self.series: list[dict[str, float]] = []
@@ -141,6 +148,9 @@ class Worker:
     def handset(self, unit: str) -> Handset:
         urls = self.plan.broker_url.split(",")
         cfg = BrokerConfig.from_url(urls[zlib.crc32(unit.encode()) % len(urls)])
+        scanned = self.plan.scans.get(unit)
+        spot = zlib.crc32(unit.encode("utf-8") + b"home")  # somewhere in Greater London
+        home = (51.38 + (spot % 1000) / 1000 * 0.24, -0.35 + (spot // 1000 % 1000) / 1000 * 0.5)
         h = Handset(
             unit,
             cfg,
@@ -151,6 +161,8 @@ class Worker:
             keep_inbox=False,
             keep_stats=False,
             metrics=self.observer,
+            scan=ScanList(self.homes[unit], dict(scanned)) if scanned else None,
+            home=home,
         )
         self.handsets[unit] = h
         return h
@@ -311,7 +323,8 @@ class Worker:
             return
         unit = self.rng.choice(free)
         h = self.handsets[unit]
-        h.send(m.EmergencyAlert(tg=tg, ref=h.next_ref()))
+        lat, lon = h.position
+        h.send(m.EmergencyAlert(tg=tg, lat=lat, lon=lon, ref=h.next_ref()))
         self.rec.count("emergencies")
         await self.burst(tg, members, planned, 3.0, kind="emergency", unit=unit)
         h.send(m.EmergencyCancel(tg=tg, ref=h.next_ref()))
@@ -323,18 +336,26 @@ class Worker:
         if not free:
             return
         unit = self.rng.choice(free)
+        h = self.handsets[unit]
         self.rec.count("imminent_calls")
-        self.spawn(self.cancel_imminent(self.handsets[unit], tg, planned + 1.5))
-        await self.burst(tg, members, planned, 3.0, kind="imminent", unit=unit)
+        midway = asyncio.ensure_future(self.cancel_imminent(h, tg, planned + 1.5))
+        try:
+            await self.burst(tg, members, planned, 3.0, kind="imminent", unit=unit)
+            if not await midway:  # (its call had no floor then: the peril, if any, ends now)
+                await self.cancel_imminent(h, tg, 0.0)
+        finally:
+            midway.cancel()
 
-    async def cancel_imminent(self, h: Handset, tg: str, planned: float) -> None:
+    async def cancel_imminent(self, h: Handset, tg: str, planned: float) -> bool:
+        """Whether the unit's imminent peril ended then (refused: it had none open)."""
         await asyncio.sleep(max(0.0, planned - asyncio.get_running_loop().time()))
         try:
             answer = await h.ask(m.ImminentCancel(tg=tg, ref=h.next_ref()), timeout=10)
         except TimeoutError:
             answer = None
-        # (refused when the call never got the floor, or lost it before)
-        self.rec.count("imminent_cancelled" if isinstance(answer, m.Ok) else "imminent_refused")
+        ended = isinstance(answer, m.Ok)
+        self.rec.count("imminent_cancelled" if ended else "imminent_refused")
+        return ended
 
     async def preemption(self, planned: float) -> None:
         tg = self.rng.choice(list(self.plan.talkers))

@@ -20,6 +20,7 @@ from esn import __version__
 from esn.core.network import Network
 from esn.core.partitions import PARTITIONS
 from esn.exporter import BUCKETS
+from esn.server.hotspots import Hotspots
 
 # Mosquitto's $SYS topics (cumulative counters and a gauge) -> our metric names
 BROKER_SYS = {
@@ -90,6 +91,7 @@ class ServerMetrics:
         self.served: Callable[[], Collection[int]] = lambda: range(PARTITIONS)
         self.partitions_taken = 0
         self.foreign = 0  # uplinks heard for a partition another instance serves
+        self.hotspots = Hotspots()  # incidents by map cell
 
     def count_message(self, kind: str, direction: str) -> None:
         key = (kind, direction)
@@ -185,11 +187,28 @@ class _LiveState(Collector):
         emergency = GaugeMetricFamily(
             "esn_group_emergency", "1 while the group is in emergency", labels=["tg"]
         )
+        imminent = GaugeMetricFamily(
+            "esn_group_imminent", "1 while the group is in imminent peril", labels=["tg"]
+        )
         for f in floors:
             taken.add_metric([f.tg], f.holder is not None)
             queued.add_metric([f.tg], len(f.queue))
             emergency.add_metric([f.tg], f.emergency)
-        yield from (taken, queued, emergency)
+            imminent.add_metric([f.tg], bool(f.perils))
+        yield from (taken, queued, emergency, imminent)
+        yield GaugeMetricFamily(
+            "esn_groups_in_imminent_peril",
+            "Talkgroups in imminent peril",
+            value=sum(bool(f.perils) for f in floors),
+        )
+        incidents = CounterMetricFamily(
+            "esn_incidents",
+            "Emergencies and imminent-peril calls raised, by map cell (about 5 km) and kind",
+            labels=["cell", "kind"],
+        )
+        for (cell, kind), n in sorted(self.metrics.hotspots.counts.items()):
+            incidents.add_metric([cell, kind], n)
+        yield incidents
         for name, value in sorted(self.metrics.broker.items()):
             doc = "Mosquitto $SYS figure, as the broker reports it"
             if name.endswith("_total"):

@@ -169,6 +169,7 @@ class Server:
         self._gathered: dict[str, bytes] = {}
         self._taking: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()
+        self._republishing: asyncio.Task[None] | None = None  # statuses, after a (re)connect
         self._deferred: set[tuple[str, int | None]] = set()  # (`_ahead_of_record`)
 
     # --- lifecycle --------------------------------------------------------------------
@@ -633,10 +634,11 @@ class Server:
         if less:
             self._chore(self._retainer.unsubscribe(*sorted(less)))
 
-    def _chore(self, work: Coroutine[Any, Any, None]) -> None:
+    def _chore(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._chores.add(task)
         task.add_done_callback(self._chores.discard)
+        return task
 
     def _on_record(self, topic: str, payload: bytes) -> None:
         """A record another instance kept (or one we asked for while taking up)."""
@@ -743,7 +745,9 @@ class Server:
         for tg in self.network.groups:
             if not self.config.cluster or self._serving(partition_of(tg)):
                 self._publish_state(tg)
-        self._chore(self._republish_statuses())
+        if self._republishing is not None:  # (one at a time: this one has them all)
+            self._republishing.cancel()
+        self._republishing = self._chore(self._republish_statuses())
 
     # --- inbound ----------------------------------------------------------------------
 
@@ -954,6 +958,7 @@ class Server:
                     topic = t.floor_down(a.tg) if a.channel == "floor" else t.event_down(a.tg)
                     self.transport.publish(topic, codec.encode(a.msg), qos=self._qos)
                     self._count_msg(a.msg.T, "out")
+                    self._incident(a.msg)
                 case StateChanged():
                     states[a.tg] = None
                 case StateCleared():
@@ -962,10 +967,19 @@ class Server:
                 case LocationAccepted():
                     location = codec.encode(a.msg)
                     self._retainer.publish(t.location(a.unit), location, qos=self._qos, retain=True)
+                    self.metrics.hotspots.located(a.unit, a.msg.lat, a.msg.lon)
                 case StatusChanged():
                     self._publish_unit_status(a.unit)
         for tg in states:
             self._publish_state(tg)
+
+    def _incident(self, msg: m.Message) -> None:
+        """An emergency raised, or a call at emergency or imminent peril: on the map."""
+        now = self._loop.time()
+        if isinstance(msg, m.Emergency):
+            self.metrics.hotspots.incident(msg.unit, "emergency", now, msg.lat, msg.lon)
+        elif isinstance(msg, m.Taken) and msg.kind != "normal":
+            self.metrics.hotspots.incident(msg.talker, msg.kind, now)
 
     def _publish_unit_status(self, unit: str) -> None:
         status = self.network.status_msg(unit)  # (none: cleared)
@@ -973,16 +987,17 @@ class Server:
         self._retainer.publish(self.topics.unit_status(unit), payload, qos=self._qos, retain=True)
 
     async def _republish_statuses(self, parts: set[int] | None = None) -> None:
-        """Every unit's last status again (of the partitions `parts`, else of all we serve),
-        a chunk at a time: a fleet's worth at once would use up the link's packet ids."""
-        ours = self._serving if parts is None else parts.__contains__
-        units = [
-            u for u in self.network.statuses if not self.config.cluster or ours(partition_of(u))
-        ]
+        """Every unit's last status again (of the partitions `parts`, else of all), a chunk
+        at a time: a fleet's worth at once would use up the link's packet ids. In a cluster
+        each is checked to be ours still when it goes (a lease may lapse meanwhile)."""
+        cluster = self.config.cluster
+        units = [u for u in self.network.statuses if parts is None or partition_of(u) in parts]
         for i in range(0, len(units), 500):
             await self._retainer.writable()
             for unit in units[i : i + 500]:
-                if unit in self.network.statuses:  # (still: it may have been pushed out)
+                if unit in self.network.statuses and (
+                    not cluster or self._serving(partition_of(unit))
+                ):
                     self._publish_unit_status(unit)
 
     def _publish_state(self, tg: str) -> None:

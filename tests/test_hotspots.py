@@ -1,0 +1,108 @@
+"""Incident hotspots: where emergencies and imminent-peril calls concentrate, counted by
+map cell for Prometheus and Grafana, and shaded on the console's map."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+
+from esn.console.app import ConsoleApp
+from esn.console.map import Point, View, render
+from esn.console.model import HOTSPOT_WINDOW_S, ConsoleModel
+from esn.protocol import messages as m
+from esn.server import hotspots
+from esn.server.hotspots import Hotspots, cell_of
+from esn.server.shell import Server
+from esn.transport import BrokerConfig
+from tests.conftest import HandsetFactory, eventually
+
+
+def test_incidents_are_counted_by_cell_once_per_unit_and_minute() -> None:
+    h = Hotspots()
+    assert cell_of(51.5072, -0.1276) == "51.50,-0.15"
+    h.incident("u1", "emergency", 0.0, 51.51, -0.12)  # an alert, with its position
+    h.incident("u1", "emergency", 5.0)  # its emergency call: the same incident
+    h.located("u2", 51.52, -0.13)
+    h.incident("u2", "imminent", 6.0)  # at its last reported position
+    h.incident("u3", "emergency", 7.0)  # never located
+    h.incident("u1", "emergency", 70.0)  # a minute later: a new one
+    assert h.counts == {
+        ("51.50,-0.15", "emergency"): 2,
+        ("51.50,-0.15", "imminent"): 1,
+        ("unknown", "emergency"): 1,
+    }
+
+
+def test_made_up_positions_cannot_grow_the_cells_counted() -> None:
+    h = Hotspots()
+    for i in range(hotspots.MAX_CELLS + 50):
+        h.incident(f"u{i}", "emergency", 0.0, -80 + i * 0.1, 10.0)
+    cells = {cell for cell, _ in h.counts}
+    assert len(cells) == hotspots.MAX_CELLS + 1 and h.counts[("other", "emergency")] == 50
+
+
+async def test_the_server_exports_where_incidents_happen(
+    server: Server, handset: HandsetFactory
+) -> None:
+    sos = await handset("u1", "tg-1")
+    peril = await handset("u2", "tg-2")
+    sos.send(m.EmergencyAlert(tg="tg-1", lat=51.52, lon=-0.11, ref=sos.next_ref()))
+    peril.send(m.Location(lat=53.48, lon=-2.24))  # Manchester
+    await peril.ask(m.Affiliate(groups=["tg-2"], ref=peril.next_ref()))  # (located by now)
+    assert isinstance(await peril.press("tg-2", kind="imminent"), m.Granted)
+    registry = server.metrics.registry
+
+    def count(cell: str, kind: str) -> float | None:
+        return registry.get_sample_value("esn_incidents_total", {"cell": cell, "kind": kind})
+
+    await eventually(lambda: count("51.50,-0.15", "emergency") == 1)
+    assert count("53.45,-2.25", "imminent") == 1
+
+
+def test_the_map_shades_hotspots_and_counts_where_no_unit_is() -> None:
+    units = [Point("u1", 51.50, -0.20), Point("u2", 51.60, 0.00)]
+    heat = [(51.55, -0.10)] * 2 + [(51.50, -0.20)]
+    plain = render(units, 20, 10, View())
+    shaded = render(units, 20, 10, View(), heat=heat)
+    assert "2" in shaded.plain and "2" not in plain.plain  # two incidents in one empty cell
+    assert shaded.plain.replace("2", " ") == plain.plain  # the units' dots are all still there
+    styles = {str(span.style) for span in shaded.spans}
+    assert any("on dark_orange3" in s for s in styles) and any("on grey30" in s for s in styles)
+    assert isinstance(render(units, 20, 10, View(), heat=[(0.0, 0.0)]), Text)  # outside: left out
+
+
+def test_the_console_keeps_the_last_minutes_incidents_where_they_were() -> None:
+    model = ConsoleModel()
+    model.apply("esn/loc/u1", m.Location(lat=51.5, lon=-0.1, unit="u1", ts=time.time_ns()))
+    model.apply("esn/tg/tg1/down/event", m.Emergency(unit="u1", tg="tg1", lat=51.51, lon=-0.12))
+    taken = m.Taken(tg="tg1", talker="u1", call="c1", prio=100, kind="emergency", seq=1)
+    model.apply("esn/tg/tg1/down/floor", taken)  # its emergency call: the same incident
+    peril = m.Taken(tg="tg2", talker="u1", call="c2", prio=100, kind="imminent", seq=1)
+    model.apply("esn/tg/tg2/down/floor", peril)  # at its last position
+    model.apply(
+        "esn/tg/tg2/down/floor",
+        m.Taken(tg="tg2", talker="u9", call="c2", prio=1, kind="imminent", seq=2),
+    )  # (nowhere known: not on the map)
+    assert [(i.kind, i.lat, i.lon) for i in model.hotspots()] == [
+        ("emergency", 51.51, -0.12),
+        ("imminent", 51.51, -0.12),
+    ]
+    assert model.hotspots(time.time() + HOTSPOT_WINDOW_S + 1) == []
+
+
+async def test_the_console_map_shows_the_hotspots_and_hides_them_on_h(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+) -> None:
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
+    async with app.run_test(size=(180, 50)) as pilot:
+        await eventually(lambda: app.model.server_state == "online")
+        u1 = await handset("u1", "tg-1")
+        u1.send(m.EmergencyAlert(tg="tg-1", lat=51.52, lon=-0.11, ref=u1.next_ref()))
+
+        def title() -> str:
+            return str(app.query_one("#map").border_title)
+
+        await eventually(lambda: "hotspots, 15 min: 1" in title())
+        await pilot.press("h")
+        await eventually(lambda: "hotspots off" in title())
