@@ -127,15 +127,13 @@ def hotspots() -> BarGauge:
         .title("Incident hotspots, last 15 minutes")
         .description(
             "Emergencies and imminent-peril calls raised in the last 15 minutes, by map cell "
-            "(about 5 km, named by its south-west corner, lat,lon); `unknown`: raised by a "
-            "unit whose position the server has not heard."
+            "(about 5 km, named by its south-west corner, lat,lon), as the server counts "
+            "them now; `unknown`: raised by a unit whose position the server has not heard."
         )
         .datasource(DATASOURCE)
         .height(8)
         .span(18)
-        .with_target(
-            query("topk(10, sum by (cell) (increase(esn_incidents_total[15m])))", "{{cell}}")
-        )
+        .with_target(query("topk(10, sum by (cell) (esn_incidents_recent))", "{{cell}}").instant())
         .unit("short")
         .decimals(0)
         .min(0)

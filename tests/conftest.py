@@ -43,7 +43,12 @@ FLEET: dict[str, Any] = {
         {"id": "tg-closed", "members": ["u1", "disp"]},
     ],
     "unit": [
-        {"id": "disp", "role": "dispatcher", "priority": 250},
+        {
+            "id": "disp",
+            "role": "dispatcher",
+            "priority": 250,
+            "may": ["ambient_listening", "remote_talk"],
+        },
         {"id": "boss", "priority": 220},
     ],
 }

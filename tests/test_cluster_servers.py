@@ -27,12 +27,24 @@ from esn.server.shell import LINK_GRACE_S, Config, Server
 from esn.tools.nats import NatsCluster
 from esn.tools.processes import free_port
 from esn.transport import BrokerConfig, make_transport
-from tests import test_wire_floor
+from tests import test_ambient, test_wire_floor
 from tests.conftest import FLEET, HandsetFactory, eventually, handsets
 
 pytestmark = [pytest.mark.broker, pytest.mark.cluster]
 
 globals().update({k: v for k, v in vars(test_wire_floor).items() if k.startswith("test_")})
+# listening in and remote talk, acted on by the instance serving the target unit or group
+globals().update(
+    {
+        k: v
+        for k, v in vars(test_ambient).items()
+        if k
+        in (
+            "test_a_dispatcher_hears_a_unit_whose_user_is_shown_nothing",
+            "test_remote_talk_makes_a_unit_talk_in_its_group",
+        )
+    }
+)
 
 
 @pytest.fixture(params=["gmqtt"])

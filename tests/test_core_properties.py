@@ -150,6 +150,9 @@ class FloorMachine(RuleBasedStateMachine):
         out = self.net.unit_message(unit, msg, self.now)
         self.apply(out)
         accepted = any(isinstance(a, ToUnit) and isinstance(a.msg, m.Ok) for a in out)
+        if held and not imminent:  # v1: an emergency's cancel leaves the call's kind be
+            after = self.net.floors[tg].holder
+            assert after is not None and after.kind == held[1]
         if held and accepted and held[1] == "imminent" and unit in (held[0], "disp"):
             after = self.net.floors[tg].holder
             assert after is not None and (after.unit, after.kind) == (held[0], "normal")
@@ -208,6 +211,9 @@ class FloorMachine(RuleBasedStateMachine):
     def never_in_emergency_and_imminent_peril_at_once(self) -> None:
         for tg, floor in self.net.floors.items():
             assert not (floor.emergencies and floor.perils), f"{tg}: both"
+            state = floor.state_msg(0.0)
+            assert state.emergency == bool(floor.emergencies)
+            assert bool(state.imminent) == bool(floor.perils)
 
     @invariant()
     def no_floor_deadline_is_missed(self) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import msgpack
 import pytest
 
 from esn.client.handset import HAS_PERMISSION, Handset, Inbound
@@ -533,6 +534,35 @@ async def test_secure_profile_keeps_a_closed_group_to_its_members(
         assert not any("tg-closed" in i.topic for i in u2.inbox)
     finally:
         for h in (u1, disp, u2):
+            await h.stop()
+
+
+async def test_secure_profile_keeps_a_listened_in_voice_to_its_listener(
+    secure: Secure, prefix: str
+) -> None:
+    """Tried: the dispatcher listens in on u1 (docs/protocol.md, 11.13) while u2 subscribes
+    to the dispatcher's unit media topic and publishes a packet as u1's. Expect: the
+    dispatcher hears u1; u2 receives nothing and its forged packet is not relayed."""
+    profile = secure.profile
+    u1 = Handset("u1", unit_broker(profile, "u1"), prefix=prefix, media_interval=0.02)
+    u2 = Handset("u2", unit_broker(profile, "u2"), prefix=prefix)
+    disp = Handset("disp", unit_broker(profile, "disp"), prefix=prefix)
+    try:
+        for h in (u1, u2, disp):
+            await h.start()
+        await u2.transport.subscribe(disp.topics.unit_media_down("disp"))
+        answer = await disp.ask(m.AmbientListen(unit="u1", ref=disp.next_ref()))
+        assert isinstance(answer, m.Ambient) and answer.state == "listening"
+        forged = {"t": "media", "call": answer.call, "seq": 999_999, "data": b"x"}
+        u2.transport.publish(u2.topics.unit_media_up("u1"), msgpack.packb(forged), qos=1)
+        for _ in range(5):
+            got = await disp.expect(lambda i: isinstance(i.msg, m.Media))
+            assert isinstance(got.msg, m.Media) and got.msg.talker == "u1"
+            assert got.msg.seq < 999_999  # (u1's own, not the forgery)
+        await u2.ask(m.Affiliate(groups=[], ref=u2.next_ref()))
+        assert u2.stats.counts.get("ambient_rx", 0) == 0
+    finally:
+        for h in (u1, u2, disp):
             await h.stop()
 
 

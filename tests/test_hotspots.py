@@ -9,7 +9,7 @@ from rich.text import Text
 
 from esn.console.app import ConsoleApp
 from esn.console.map import Point, View, render
-from esn.console.model import HOTSPOT_WINDOW_S, ConsoleModel
+from esn.console.model import ConsoleModel
 from esn.protocol import messages as m
 from esn.server import hotspots
 from esn.server.hotspots import Hotspots, cell_of
@@ -21,25 +21,34 @@ from tests.conftest import HandsetFactory, eventually
 def test_incidents_are_counted_by_cell_once_per_unit_and_minute() -> None:
     h = Hotspots()
     assert cell_of(51.5072, -0.1276) == "51.50,-0.15"
+    assert cell_of(51.55, 0.3) == "51.55,0.30"  # (a grid line is its cell's south-west side)
     h.incident("u1", "emergency", 0.0, 51.51, -0.12)  # an alert, with its position
     h.incident("u1", "emergency", 5.0)  # its emergency call: the same incident
     h.located("u2", 51.52, -0.13)
     h.incident("u2", "imminent", 6.0)  # at its last reported position
     h.incident("u3", "emergency", 7.0)  # never located
     h.incident("u1", "emergency", 70.0)  # a minute later: a new one
-    assert h.counts == {
+    assert h.recent(80.0) == {
         ("51.50,-0.15", "emergency"): 2,
         ("51.50,-0.15", "imminent"): 1,
         ("unknown", "emergency"): 1,
     }
+    assert h.totals == {"emergency": 3, "imminent": 1}
+    assert h.recent(70.0 + hotspots.WINDOW_S + 1) == {}  # (the last 15 minutes only)
 
 
-def test_made_up_positions_cannot_grow_the_cells_counted() -> None:
+def test_made_up_positions_cannot_grow_the_cells_exported() -> None:
+    """Made-up positions, one a minute: the busiest cells stay shown, the rest are summed."""
     h = Hotspots()
+    for _ in range(3):  # a real hotspot
+        h.incident("u", "emergency", 0.0, 51.5, -0.1)
+        h.incident("u", "emergency", 0.0)  # (a repeat: not counted)
     for i in range(hotspots.MAX_CELLS + 50):
-        h.incident(f"u{i}", "emergency", 0.0, -80 + i * 0.1, 10.0)
-    cells = {cell for cell, _ in h.counts}
-    assert len(cells) == hotspots.MAX_CELLS + 1 and h.counts[("other", "emergency")] == 50
+        h.incident(f"x{i}", "emergency", 1.0, -80 + i * 0.1, 10.0)
+    h.incident("v", "emergency", 1.0, 51.5, -0.1)
+    recent = h.recent(2.0)
+    assert len(recent) == hotspots.MAX_CELLS and recent[("51.50,-0.10", "emergency")] == 2
+    assert sum(recent.values()) == hotspots.MAX_CELLS + 52
 
 
 async def test_the_server_exports_where_incidents_happen(
@@ -53,11 +62,13 @@ async def test_the_server_exports_where_incidents_happen(
     assert isinstance(await peril.press("tg-2", kind="imminent"), m.Granted)
     registry = server.metrics.registry
 
-    def count(cell: str, kind: str) -> float | None:
-        return registry.get_sample_value("esn_incidents_total", {"cell": cell, "kind": kind})
+    def recent(cell: str, kind: str) -> float | None:
+        return registry.get_sample_value("esn_incidents_recent", {"cell": cell, "kind": kind})
 
-    await eventually(lambda: count("51.50,-0.15", "emergency") == 1)
-    assert count("53.45,-2.25", "imminent") == 1
+    await eventually(lambda: recent("51.50,-0.15", "emergency") == 1)
+    assert recent("53.45,-2.25", "imminent") == 1
+    for kind in ("emergency", "imminent"):
+        assert registry.get_sample_value("esn_incidents_total", {"kind": kind}) == 1
 
 
 def test_the_map_shades_hotspots_and_counts_where_no_unit_is() -> None:
@@ -88,7 +99,7 @@ def test_the_console_keeps_the_last_minutes_incidents_where_they_were() -> None:
         ("emergency", 51.51, -0.12),
         ("imminent", 51.51, -0.12),
     ]
-    assert model.hotspots(time.time() + HOTSPOT_WINDOW_S + 1) == []
+    assert model.hotspots(time.time() + hotspots.WINDOW_S + 1) == []
 
 
 async def test_the_console_map_shows_the_hotspots_and_hides_them_on_h(

@@ -18,7 +18,7 @@ import pytest
 from esn.cli import main
 from esn.client.trace import FIELDS, OUTCOMES, Access, AccessTrace, merge
 from esn.loadtest.recorder import Recorder, summary_ms
-from esn.loadtest.runner import run_loadtest
+from esn.loadtest.runner import plan, run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "esn" / "loadtest" / "scenarios"
@@ -298,3 +298,22 @@ async def test_a_load_test_runs_on_a_cluster_of_servers(tmp_path: Path) -> None:
     assert result["counts"]["connected"] == 62 and "connect_failures" not in result["counts"]
     assert result["counts"]["statuses_confirmed"] > 0  # (8 expected) on the units' instances
     assert rc == (0 if result["passed"] else 1)
+
+
+def test_a_share_of_the_handsets_scans_two_to_four_groups_by_priority() -> None:
+    """`[fleet] scan_fraction`: those handsets listen to their own group and 1-3 others,
+    with priorities from the run's seed, and talk in their own only."""
+    doc = {"fleet": {"handsets": 200, "talkgroups": 10, "scan_fraction": 0.25}}
+    plans, _ = plan(parse_scenario(doc), 2)
+    scans = {u: s for p in plans for u, s in p.scans.items()}
+    groups = {u: g for p in plans for u, g in p.units}
+    assert len(scans) == int((200 - 5) * 0.25)  # (the late joiners scan nothing)
+    for unit, scanned in scans.items():
+        own, *others = groups[unit]
+        assert 1 <= len(scanned) <= 3 and sorted(scanned) == sorted(others) and own not in scanned
+        assert all(1 <= p <= 15 for p in scanned.values())
+        assert all(
+            unit not in members or own == tg for p in plans for tg, members in p.talkers.items()
+        )
+    again, _ = plan(parse_scenario(doc), 2)
+    assert {u: s for p in again for u, s in p.scans.items()} == scans  # the seed's, again

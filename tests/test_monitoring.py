@@ -152,6 +152,9 @@ async def test_every_panel_query_returns_data_from_a_live_server(
         if pending and loop.time() > deadline:
             raise AssertionError(f"no data for {[(b, t) for b, t, _ in pending]}")
         await asyncio.sleep(1)
+    # the hotspots count the alert where it was raised: one, not a counter's increase
+    spots = await asyncio.to_thread(prometheus.query, "sum by (cell) (esn_incidents_recent)")
+    assert [(r["metric"]["cell"], r["value"][1]) for r in spots["result"]] == [("51.50,-0.10", "1")]
     kpi = await asyncio.to_thread(prometheus.query, "esn:mouth_to_ear_seconds:p95_5m")
     assert kpi["result"] and float(kpi["result"][0]["value"][1]) < 0.3
 

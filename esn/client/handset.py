@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgpack
 
@@ -221,6 +221,8 @@ class Handset:
         # which of its groups' calls the user hears (docs/scanning.md); None: all of them
         self.scan = scan
         self._entering: tuple[str, float] | None = None  # a scan switch: (group, when)
+        self._mic: asyncio.Task[None] | None = None  # listened in on (11.13): sending
+        self.on_ambient: Callable[[str], None] | None = None  # a packet of a unit listened to
         # the QoS it subscribes and sends at: 0 on a NATS cluster, which delivers QoS 1
         # through a JetStream consumer per subscription (slow to make, and stalled while
         # a node dies: docs/scaling.md)
@@ -246,7 +248,7 @@ class Handset:
         self._waiters: Waiters[Inbound] = Waiters(unit)
         self._unanswered: dict[int, asyncio.TimerHandle] = {}  # ref -> its next retry
         self._location_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         offline = codec.encode(m.Presence(state="offline"))
         self.transport: Transport = make_transport(
             mqtt_client,
@@ -265,6 +267,7 @@ class Handset:
     async def start(self) -> None:
         t = self.topics
         await self.transport.subscribe(t.unit_down(self.unit), t.status("+"), qos=self.qos)
+        await self.transport.subscribe(t.unit_media_down(self.unit), qos=0)  # (listening in)
         await self.transport.start()
 
     async def stop(self) -> None:
@@ -275,6 +278,8 @@ class Handset:
             self._idle(tg, view)
         if self._location_task is not None:
             self._location_task.cancel()
+        if self._mic is not None:
+            self._mic.cancel()
         for retry in self._unanswered.values():
             retry.cancel()
         self._unanswered.clear()
@@ -475,7 +480,8 @@ class Handset:
         if msg.ref in self._unanswered and _answers(inbound, msg.ref):
             self._unanswered.pop(msg.ref).cancel()
         self._apply(msg)
-        self._deliver(inbound)
+        if not isinstance(msg, m.MicOpen | m.MicClose):  # (its user is shown nothing)
+            self._deliver(inbound)
 
     def _deliver(self, inbound: Inbound) -> None:
         if self.keep_inbox:
@@ -488,6 +494,9 @@ class Handset:
     def _apply(self, msg: m.Message) -> None:
         """Hand the message to the floor participant of its group (or follow a regroup)."""
         now = time.perf_counter()
+        if isinstance(msg, m.MicOpen | m.MicClose | m.RemoteTalk):
+            self._remote_control(msg)
+            return
         if isinstance(msg, m.Status):
             # The server says online after it (or we) reconnected: it may have lost our
             # affiliations (a restart, our will firing), so state them again; it is idempotent.
@@ -525,10 +534,34 @@ class Handset:
             kind = None
         else:
             return
-        switched = scan.floor(tg, kind)
-        if switched is not None:
+        self._switched(scan.floor(tg, kind, msg.seq), now)
+
+    def _switched(self, to: str | None, now: float) -> None:
+        if to is not None:
             self.stats.count("scan_switches")
-            self._entering = (switched, now)
+            self._entering = (to, now)
+
+    def _remote_control(self, msg: m.MicOpen | m.MicClose | m.RemoteTalk) -> None:
+        """What an authorised unit does to this handset (11.13): its microphone opened to
+        a listener, with nothing shown; or its PTT pressed for it, in one of its groups."""
+        if isinstance(msg, m.RemoteTalk):
+            if msg.tg in self.groups and msg.seconds:  # (counted as any message: remote_talk)
+                task = asyncio.ensure_future(self.talk(msg.tg, float(msg.seconds)))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            return
+        if self._mic is not None:
+            self._mic.cancel()
+            self._mic = None
+        if isinstance(msg, m.MicOpen) and self.media_interval > 0:
+            self._mic = asyncio.create_task(self._send_ambient(msg.call))
+
+    async def _send_ambient(self, call: str) -> None:
+        topic, frame = self.topics.unit_media_up(self.unit), os.urandom(self.payload_bytes)
+        for seq in itertools.count():
+            packet = {"t": "media", "call": call, "seq": seq, "data": frame, "ts": time.time_ns()}
+            self.transport.publish(topic, msgpack.packb(packet), qos=0)
+            await asyncio.sleep(self.media_interval)
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
@@ -545,15 +578,28 @@ class Handset:
     def _on_media(self, topic: str, payload: bytes) -> None:
         try:
             obj = msgpack.unpackb(payload)
-            tg, talker, ts = obj["tg"], obj["talker"], obj.get("ts")
+            tg, talker, ts = obj.get("tg"), obj["talker"], obj.get("ts")
         except Exception:  # any bytes from the wire: count, never crash
             self.stats.count("bad_media")
             return
         if talker == self.unit:
             return
+        if tg is None:  # a unit we listen in on (11.13)
+            self.stats.count("ambient_rx")
+            if self.on_ambient is not None and isinstance(talker, str):
+                self.on_ambient(talker)
+            if self._waiters:
+                seq = obj.get("seq")
+                seq = seq if isinstance(seq, int) else -1
+                media = m.Media(call=str(obj.get("call")), seq=seq, data=b"", talker=str(talker))
+                self._deliver(Inbound(topic, media))
+            return
         self.stats.count("media_rx")
         if self.scan is not None and tg != self.scan.heard:
             self.stats.count("media_unheard")  # (received and read, not played)
+            view = self.groups.get(tg)
+            if view is not None:
+                view.joined_at = None  # (entering its call later is a scan switch)
             return
         if self._entering is not None and self._entering[0] == tg:
             entered = time.perf_counter() - self._entering[1]
@@ -667,7 +713,10 @@ class Handset:
             self._perform(tg, view, view.floor.on_timer(time.perf_counter()))
 
     def _idle(self, tg: str, view: GroupView) -> None:
-        """The view is done with: no voice, no timer, and a press not yet decided let go."""
+        """The view is done with: no voice, no timer, and a press not yet decided let go
+        (and, scanning, none of the group's calls is heard any more)."""
+        if self.scan is not None:
+            self._switched(self.scan.forget(tg), time.perf_counter())
         if view.access is not None:
             view.access.let_go = True
             self._accessed(tg, view)

@@ -109,6 +109,8 @@ class ConsoleApp(App[None]):
         Binding("o", "sort_units", "Sort"),
         Binding("g", "filter_group", "Filter"),
         Binding("h", "hotspots", "Hotspots"),
+        Binding("l", "listen", "Listen in"),
+        Binding("t", "remote_talk", "Remote talk"),
         Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
         Binding("minus", "zoom(0.5)", "Zoom-", show=False),
         Binding("H", "pan(-0.25, 0)", show=False),
@@ -139,6 +141,7 @@ class ConsoleApp(App[None]):
         self.sort = "unit"
         self.group_filter: str | None = None
         self.show_hotspots = True  # incidents of the last 15 minutes on the map
+        self.listening: dict[str, int] = {}  # units listened in on -> packets heard
         self.last_access_ms: float | None = None
         self._drawn = -1
         self._units_drawn = 0.0  # when, so the ages shown go on counting on a quiet network
@@ -177,6 +180,7 @@ class ConsoleApp(App[None]):
     async def connect(self) -> None:
         self.link.on_inbound = self.inbound
         self.link.on_cleared = self.model.cleared
+        self.link.on_ambient = self._ambient_heard
         self.link.on_link = self._link_changed
         await self.link.transport.subscribe(*self.link.watch_topics())
         try:
@@ -209,6 +213,9 @@ class ConsoleApp(App[None]):
             self.tell(f"{msg.tg}: queued at position {msg.pos}")
         elif isinstance(msg, m.SdsStatus):
             self.tell(f"SDS {msg.state}", warn=msg.state == "failed")
+        elif isinstance(msg, m.Ambient) and msg.state == "ended" and msg.cause:
+            self.listening.pop(msg.unit, None)
+            self.refused(f"listening in on {msg.unit} ended: {msg.cause}")
 
     def tell(self, text: str, warn: bool = False) -> None:
         self.model.log(None, text, alarm=warn)
@@ -283,6 +290,44 @@ class ConsoleApp(App[None]):
             await self._command(
                 m.ImminentCancel(tg=tg, ref=self.link.next_ref()), f"{tg}: imminent peril ended"
             )
+
+    @work(group="actions")
+    async def action_listen(self) -> None:
+        """Listen in on the selected unit, unknown to its user; again to stop."""
+        unit = self.selected_unit()
+        if unit is None:
+            return
+        ending = unit in self.listening
+        msg = (m.AmbientEnd if ending else m.AmbientListen)(unit=unit, ref=self.link.next_ref())
+        try:
+            reply = await self.link.ask(msg)
+        except TimeoutError:
+            self.refused(f"no answer from the server to {msg.T}")
+            return
+        if isinstance(reply, m.Error):
+            self.refused(f"{msg.T} refused: {say(reply.cause)} ({reply.detail})")
+        elif ending:
+            self.listening.pop(unit, None)
+            self.tell(f"no longer listening in on {unit}")
+        else:
+            self.listening.setdefault(unit, 0)
+            self.tell(f"listening in on {unit}: its user is shown nothing")
+
+    def _ambient_heard(self, unit: str) -> None:
+        if unit in self.listening:
+            self.listening[unit] += 1
+
+    @work(group="actions")
+    async def action_remote_talk(self) -> None:
+        """Make the selected unit talk in the selected group for 5 s."""
+        unit, tg = self.selected_unit(), self.selected_group()
+        if unit is None or tg is None:
+            self.refused("select a unit and a group first")
+            return
+        await self._command(
+            m.RemoteTalk(unit=unit, tg=tg, seconds=5, ref=self.link.next_ref()),
+            f"{unit} made to talk in {tg} for 5 s",
+        )
 
     @work(group="actions")
     async def action_force_release(self) -> None:
@@ -398,8 +443,10 @@ class ConsoleApp(App[None]):
         talk = f"  TALKING in {', '.join(ptt)}" if ptt else ""
         access = f"  last access {self.last_access_ms:.1f} ms" if self.last_access_ms else ""
         self.sub_title = f"server {server} · broker {broker}"
+        heard = ", ".join(f"{u} ({n} packets)" for u, n in sorted(self.listening.items()))
+        listen = f"  LISTENING IN on {heard}" if heard else ""
         self.query_one("#status", Static).update(
-            f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}"
+            f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}{listen}"
             f"  marked: {', '.join(sorted(self.marked)) or '-'}"
         )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from esn.protocol import messages as m
 from esn.protocol.ids import is_id
+from esn.server.hotspots import REPEAT_S, WINDOW_S
 
 
 @dataclass
@@ -59,10 +60,6 @@ class Incident:
     lon: float
 
 
-HOTSPOT_WINDOW_S = 15 * 60  # the hotspots show the incidents of the last 15 minutes
-REPEAT_S = 60.0  # a unit's alert and its emergency call, or a raise in place: one incident
-
-
 @dataclass(frozen=True)
 class Event:
     at: float
@@ -102,6 +99,7 @@ class ConsoleModel:
         self.units: dict[str, UnitRow] = {}
         self.events: deque[Event] = deque(maxlen=max_events)
         self.incidents: deque[Incident] = deque(maxlen=max_events)
+        self._raised: dict[tuple[str, str], float] = {}  # (unit, kind) -> last seen
         self.server_state = "unknown"
         self.server_started: int | None = None
         self.version = 0  # bumped on every change, so the screen redraws only when needed
@@ -117,22 +115,22 @@ class ConsoleModel:
         self.version += 1
 
     def hotspots(self, now: float | None = None) -> list[Incident]:
-        """The incidents of the last HOTSPOT_WINDOW_S seconds."""
-        since = (time.time() if now is None else now) - HOTSPOT_WINDOW_S
+        """The incidents of the last WINDOW_S seconds (the server's window)."""
+        since = (time.time() if now is None else now) - WINDOW_S
         return [i for i in self.incidents if i.at >= since]
 
     def _incident(self, unit: str, kind: str, lat: float | None, lon: float | None) -> None:
         u = self.unit(unit)
         if lat is None or lon is None:
             lat, lon = u.lat, u.lon
-        now = time.time()
-        for i in reversed(self.incidents):  # (oldest first: the recent ones are read)
-            if now - i.at >= REPEAT_S:
-                break
-            if (i.unit, i.kind) == (unit, kind):
-                return
-        if lat is not None and lon is not None:
-            self.incidents.append(Incident(now, unit, kind, lat, lon))
+        now, key = time.time(), (unit, kind)
+        last = self._raised.get(key)  # (as the server counts: one per unit and kind a minute)
+        if (last is not None and now - last < REPEAT_S) or lat is None or lon is None:
+            return
+        if len(self._raised) >= 10_000:
+            self._raised = {k: t for k, t in self._raised.items() if now - t < REPEAT_S}
+        self._raised[key] = now
+        self.incidents.append(Incident(now, unit, kind, lat, lon))
 
     def apply(self, topic: str, msg: m.Message, history: bool = False) -> None:
         """`history`: a retained message handed over on subscribing, not news."""
@@ -187,6 +185,8 @@ class ConsoleModel:
             g.emergency_unit = None
         if msg.talker:
             self.unit(msg.talker).groups.add(msg.tg)
+            if msg.kind in ("emergency", "imminent"):  # (a state may overtake its taken)
+                self._incident(msg.talker, msg.kind, None, None)
 
     def _on_taken(self, topic: str, msg: m.Taken) -> None:
         g = self.group(msg.tg)

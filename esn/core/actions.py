@@ -53,4 +53,12 @@ class StatusChanged:
     unit: str
 
 
-Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted | StatusChanged
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """A use of an authority the fleet grants (listening in, remote talk): to be recorded."""
+
+    what: str  # the message type
+    text: str
+
+
+Action = ToUnit | ToGroup | StateChanged | StateCleared | LocationAccepted | StatusChanged | Audit

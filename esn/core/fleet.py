@@ -71,11 +71,16 @@ class Talkgroup:
         return not self.members or unit in self.members
 
 
+# what a unit may do beyond talking, only where the fleet file says so (`may = [...]`)
+MAY = ("ambient_listening", "remote_talk")
+
+
 @dataclass(frozen=True, slots=True)
 class UnitProfile:
     id: str
     role: str = "handset"
     priority: int = 100
+    may: frozenset[str] = frozenset()  # of MAY
 
     @property
     def is_dispatcher(self) -> bool:
@@ -111,7 +116,7 @@ _POLICY_TYPES: dict[str, type] = {
 }
 _DEFAULT_KEYS = {**_POLICY_TYPES, "unit_priority": int, "open_registration": bool}
 _GROUP_KEYS = {"id": str, "name": str, "members": list, "broadcast": bool, **_POLICY_TYPES}
-_UNIT_KEYS = {"id": str, "role": str, "priority": int}
+_UNIT_KEYS = {"id": str, "role": str, "priority": int, "may": list}
 _STATUS_KEYS = {"code": int, "text": str}
 
 
@@ -184,7 +189,10 @@ def parse_fleet(doc: dict[str, Any]) -> Fleet:
         role = u.get("role", "handset")
         if role not in ("handset", "dispatcher"):
             raise FleetError(f"unit {uid!r}: role must be 'handset' or 'dispatcher'")
-        units[uid] = UnitProfile(uid, role, u.get("priority", prio))
+        may = u.get("may", [])
+        if not all(isinstance(x, str) and x in MAY for x in may):
+            raise FleetError(f"unit {uid!r}: may lists only {', '.join(MAY)}")
+        units[uid] = UnitProfile(uid, role, u.get("priority", prio), frozenset(may))
     limits = _limits(doc.get("limits", {}))
     statuses = _statuses(doc.get("status"))
     registration = defaults.get("open_registration", True)

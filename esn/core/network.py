@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from esn.core.actions import (
     Action,
+    Audit,
     LocationAccepted,
     StateChanged,
     StateCleared,
@@ -41,6 +42,7 @@ SDS_STORED_IN_ALL = 10_000  # short messages kept for offline units, in all
 MAX_UNITS = 100_000  # units tracked at once (online or affiliated) beyond the fleet's own
 MAX_GROUPS_TOLD = 256  # groups of a unit another instance tells us of; more is a forgery
 MAX_RESTORED_SEQ = 2**40  # a group's event count read back; more is a forgery (or a bug)
+MAX_LISTENED = 8  # units one listener may listen in on at once
 
 # why the core refused input without (or besides) an error reply; counted in `rejected`
 RejectReason = m.ErrorCause | Literal["spoofed", "invalid_presence", "too_many_units"]
@@ -71,6 +73,7 @@ class Network:
         # units not of the fleet with a status, least recently reported first
         self._guest_statuses: OrderedDict[str, None] = OrderedDict()
         self._unstated: set[str] = set()  # statuses read back but not kept: to be cleared
+        self.ambient: dict[str, tuple[str, str]] = {}  # unit listened in on -> (by, call)
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
@@ -164,6 +167,12 @@ class Network:
                 return self._sds(profile, msg)
             case m.UnitStatus():
                 return self._unit_status(profile, msg, now)
+            case m.AmbientListen():
+                return self._ambient_listen(profile, msg)
+            case m.AmbientEnd():
+                return self._ambient_end(profile, msg)
+            case m.RemoteTalk():
+                return self._remote_talk(profile, msg)
             case m.EmergencyAck():
                 return self._emergency_ack(profile, msg, now)
             case m.ForceRelease():
@@ -296,6 +305,72 @@ class Network:
                 self._touch("unit", gone)
                 out.append(StatusChanged(gone))
         return out
+
+    # --- listening in, talking remotely (docs/protocol.md, 11.13) ----------------------
+
+    def _ambient_listen(self, p: UnitProfile, msg: m.AmbientListen) -> list[Action]:
+        """Open a unit's microphone to an authorised listener, unknown to its user."""
+        if "ambient_listening" not in p.may:
+            return self._error(p.id, msg.ref, "forbidden", f"{p.id} may not listen in")
+        target, held = msg.unit, self.ambient.get(msg.unit)
+        if held is not None and held[0] == p.id:  # (already: told so again)
+            return [
+                ToUnit(p.id, m.Ambient(unit=target, call=held[1], state="listening", ref=msg.ref))
+            ]
+        if target == p.id or self.fleet.profile(target) is None or target not in self.online:
+            return self._error(p.id, msg.ref, "invalid_field", f"{target} is not online")
+        if held is not None:
+            return self._error(p.id, msg.ref, "invalid_field", f"{held[0]} listens to {target}")
+        if sum(by == p.id for by, _ in self.ambient.values()) >= MAX_LISTENED:
+            return self._error(p.id, msg.ref, "forbidden", f"at most {MAX_LISTENED} at once")
+        call = self._new_call_id()
+        self.ambient[target] = (p.id, call)
+        self._touch("unit", target)
+        return [
+            ToUnit(target, m.MicOpen(call=call)),
+            ToUnit(p.id, m.Ambient(unit=target, call=call, state="listening", ref=msg.ref)),
+            Audit(msg.T, f"{p.id} listens in on {target} (call {call})"),
+        ]
+
+    def _ambient_end(self, p: UnitProfile, msg: m.AmbientEnd) -> list[Action]:
+        held = self.ambient.get(msg.unit)
+        if held is None or held[0] != p.id:
+            return self._error(p.id, msg.ref, "invalid_field", f"not listening to {msg.unit}")
+        return self._stop_listening(msg.unit, None, msg.ref)
+
+    def _stop_listening(self, target: str, cause: str | None, ref: int | None) -> list[Action]:
+        by, call = self.ambient.pop(target)
+        self._touch("unit", target)
+        out: list[Action] = [
+            ToUnit(by, m.Ambient(unit=target, call=call, state="ended", cause=cause, ref=ref)),
+            Audit("ambient_end", f"{by} no longer listens in on {target} ({cause or 'ended'})"),
+        ]
+        if target in self.online:
+            out.insert(0, ToUnit(target, m.MicClose(call=call)))
+        return out
+
+    def ambient_listener(self, unit: str) -> tuple[str, str] | None:
+        """(listener, call) of the unit's voice sent outside any group, if it is wanted."""
+        return self.ambient.get(unit)
+
+    def _remote_talk(self, p: UnitProfile, msg: m.RemoteTalk) -> list[Action]:
+        """Make a unit talk in its group: it presses PTT as if its user had (the floor's
+        rules as ever), for the seconds asked, at most the group's talk time."""
+        if "remote_talk" not in p.may:
+            return self._error(p.id, msg.ref, "forbidden", f"{p.id} may not make units talk")
+        target, group = msg.unit, self.groups.get(msg.tg)
+        if target is None or group is None:
+            return self._error(p.id, msg.ref, "invalid_field", "remote_talk needs unit and tg")
+        if target not in self.online or msg.tg not in self.affiliations.get(target, ()):
+            return self._error(
+                p.id, msg.ref, "invalid_field", f"{target} is not online in {msg.tg}"
+            )
+        seconds = max(1, min(msg.seconds or 5, group.policy.max_talk_ms // 1000))
+        return [
+            ToUnit(target, m.RemoteTalk(tg=msg.tg, seconds=seconds, by=p.id)),
+            ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref)),
+            Audit(msg.T, f"{p.id} makes {target} talk in {msg.tg} for {seconds} s"),
+        ]
 
     def status_msg(self, unit: str) -> m.UnitStatus | None:
         """The unit's last status as dispatchers are shown it, if it sent one."""
@@ -434,10 +509,11 @@ class Network:
                 self._touch("sds", unit)
             return [ToUnit(unit, sds) for sds in stored]
         self.online.discard(unit)
+        ended = [t for t, (by, _) in self.ambient.items() if unit in (t, by)]
+        out: list[Action] = [a for t in ended for a in self._stop_listening(t, "offline", None)]
         if unit not in self.offline and len(self.offline) >= self.max_units:
             self.offline.pop()  # bounded: made-up ids going offline cannot grow it
         self.offline.add(unit)  # (a retained offline tells recovery a talker is gone)
-        out: list[Action] = []
         if unit in self.affiliations:
             self._touch("unit", unit)
         for tg in sorted(self.affiliations.pop(unit, set())):
@@ -499,6 +575,8 @@ class Network:
         for unit in [u for u in self.statuses if theirs(u)]:
             del self.statuses[unit]
             self._guest_statuses.pop(unit, None)
+        for unit in [u for u in self.ambient if theirs(u)]:
+            del self.ambient[unit]
         self.stored = {tg for tg in self.stored if not theirs(tg)}
         self.changed = {k for k in self.changed if not theirs(k.partition("/")[2])}
 
@@ -554,7 +632,10 @@ class Network:
             {f"group/{tg}" for tg in self.floors}
             | {
                 f"unit/{u}"
-                for u in self.affiliations.keys() | self._answers.keys() | self.statuses.keys()
+                for u in self.affiliations.keys()
+                | self._answers.keys()
+                | self.statuses.keys()
+                | self.ambient.keys()
             }
             | {f"sds/{u}" for u in self._sds_store}
         )
@@ -578,7 +659,8 @@ class Network:
             groups = sorted(self.affiliations.get(ident, ()))
             answers = self._answers.get(ident) or OrderedDict()
             status = self.statuses.get(ident)
-            if not groups and not answers and status is None:
+            ambient = self.ambient.get(ident)
+            if not groups and not answers and status is None and ambient is None:
                 return None
             kept: dict[str, Any] = {
                 "groups": groups,
@@ -586,6 +668,8 @@ class Network:
             }
             if status is not None:
                 kept["status"] = list(status)
+            if ambient is not None:
+                kept["ambient"] = list(ambient)
             return kept
         if kind == "sds":
             return list(self._sds_store.get(ident, ())) or None
@@ -769,6 +853,16 @@ class Network:
                 self._load_status(unit, status, now)
             except (ValueError, TypeError) as exc:
                 why.append(f"status not kept: {exc}")
+        ambient = rec.get("ambient")
+        if ambient is not None:
+            by, call = ambient if isinstance(ambient, list) and len(ambient) == 2 else ("", None)
+            listener = self.fleet.profile(by) if isinstance(by, str) else None
+            if listener is None or "ambient_listening" not in listener.may:
+                why.append(f"listening in not kept: {by!r} may not listen in")
+            elif not isinstance(call, str) or not 0 < len(call) <= 64:
+                why.append(f"listening in not kept: {call!r} is not a call id")
+            else:
+                self.ambient[unit] = (by, call)
         if why:
             raise ValueError("; ".join(why))
 

@@ -43,7 +43,10 @@ RENEW_S = 2.0  # a lease is renewed at least this often (a quarter of its time i
 def acts_on(unit: str, msg: m.Message) -> str:
     """Whose partition acts on a message a unit sent up: the group it names (an emergency,
     a regroup, a short message to a group), the unit it is for (a short message to a unit,
-    kept by that unit's partition while it is offline), else the sender's own."""
+    kept by that unit's partition while it is offline; listening in, which that unit's
+    partition relays), else the sender's own."""
+    if isinstance(msg, m.AmbientListen | m.AmbientEnd):
+        return msg.unit
     tg = getattr(msg, "tg", None)
     if isinstance(tg, str):
         return tg

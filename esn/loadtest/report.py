@@ -54,7 +54,8 @@ def kpi_table(r: dict[str, Any]) -> str:
         f"no answer {c.get('no_answer', 0)}; imminent-peril calls "
         f"{c.get('imminent_calls', 0)} (cancelled during the call "
         f"{c.get('imminent_cancelled', 0)}); statuses {c.get('statuses', 0)} "
-        f"(confirmed {c.get('statuses_confirmed', 0)})"
+        f"(confirmed {c.get('statuses_confirmed', 0)}); listened in {c.get('listen_ins', 0)}, "
+        f"remote talks {c.get('remote_talks', 0)}"
     )
     sm = r.get("server_metrics") or {}
     if "esn_floor_access_seconds:p95_ms" in sm:

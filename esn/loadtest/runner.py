@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.client import trace
-from esn.core.fleet import DEFAULT_STATUSES
+from esn.core.fleet import DEFAULT_STATUSES, MAY
 from esn.core.partitions import PARTITIONS
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
@@ -59,7 +59,10 @@ def plan(s: Scenario, workers: int) -> tuple[list[WorkerPlan], str]:
             {
                 "defaults": {"queue_depth": 8, "preempt_threshold": 200},
                 "talkgroup": [{"id": tg} for tg in groups],
-                "unit": [{"id": d, "role": "dispatcher", "priority": 250} for d in dispatchers],
+                "unit": [
+                    {"id": d, "role": "dispatcher", "priority": 250, "may": MAY}
+                    for d in dispatchers
+                ],
             }
         )
         statuses = sorted(DEFAULT_STATUSES)

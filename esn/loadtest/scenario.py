@@ -45,7 +45,7 @@ class FleetShape:
     talkgroups: int = 10
     multi_group_fraction: float = 0.1  # of handsets, also affiliated to a second group
     # of handsets, scanning 2-4 groups by priority, hearing one call at a time (the rest)
-    scan_fraction: float = 0.1
+    scan_fraction: float = 0.0
     fleet_file: str = ""  # a fleet file for the server; empty: generated from this shape
 
 
@@ -59,6 +59,8 @@ class Traffic:
     emergencies_per_min: float = 0.5
     preemptions_per_min: float = 0.5
     imminent_per_min: float = 0.5  # imminent-peril calls, each cancelled half-way through
+    listen_ins_per_min: float = 0.5  # a dispatcher listening in on a handset for 3 s
+    remote_talks_per_min: float = 0.5  # a dispatcher making a handset talk for 2 s
     statuses_per_min: float = 10.0  # pre-coded status messages, over the whole fleet
     late_joiners: int = 5
     media_interval_s: float = 0.06

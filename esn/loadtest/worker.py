@@ -218,6 +218,13 @@ class Worker:
         if t.imminent_per_min > 0:
             rate = t.imminent_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.imminent)))
+        for per_min, action in (
+            (t.listen_ins_per_min, self.listen_in),
+            (t.remote_talks_per_min, self.remote_talk),
+        ):
+            if per_min > 0 and self.plan.dispatchers:
+                rate = per_min * self.plan.share
+                schedules.append(asyncio.create_task(self.poisson(rate, action)))
         if t.statuses_per_min > 0 and self.plan.statuses and self.plan.units:
             rate = t.statuses_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.status)))
@@ -356,6 +363,33 @@ class Worker:
         ended = isinstance(answer, m.Ok)
         self.rec.count("imminent_cancelled" if ended else "imminent_refused")
         return ended
+
+    async def listen_in(self, planned: float) -> None:
+        """A dispatcher listens in on a handset for 3 s (docs/protocol.md, 11.13)."""
+        d = self.handsets[self.rng.choice(self.plan.dispatchers)]
+        unit, _ = self.rng.choice(self.plan.units)
+        try:
+            answer = await d.ask(m.AmbientListen(unit=unit, ref=d.next_ref()), timeout=10)
+            if not isinstance(answer, m.Ambient):
+                self.rec.count("listen_ins_refused")
+                return
+            self.rec.count("listen_ins")
+            await asyncio.sleep(3.0)
+            await d.ask(m.AmbientEnd(unit=unit, ref=d.next_ref()), timeout=10)
+        except TimeoutError:
+            self.rec.count("listen_ins_unanswered")
+
+    async def remote_talk(self, planned: float) -> None:
+        """A dispatcher makes a free handset talk in its group for 2 s."""
+        tg, members = self.rng.choice(list(self.plan.talkers.items()))
+        free = [u for u in members if u not in self.busy]
+        if not free:
+            return
+        d = self.handsets[self.rng.choice(self.plan.dispatchers)]
+        asked = m.RemoteTalk(unit=self.rng.choice(free), tg=tg, seconds=2, ref=d.next_ref())
+        with contextlib.suppress(TimeoutError):
+            answer = await d.ask(asked, timeout=10)
+            self.rec.count("remote_talks" if isinstance(answer, m.Ok) else "remote_talks_refused")
 
     async def preemption(self, planned: float) -> None:
         tg = self.rng.choice(list(self.plan.talkers))

@@ -126,6 +126,35 @@ class EmergencyAck(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AmbientListen(Message):
+    """Addition to v1 (docs/protocol.md, 11.13): open `unit`'s microphone to the sender,
+    with no indication on the unit. For units the fleet authorises."""
+
+    T: ClassVar[str] = "ambient_listen"
+    unit: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AmbientEnd(Message):
+    """Addition to v1 (11.13): stop listening in on `unit`."""
+
+    T: ClassVar[str] = "ambient_end"
+    unit: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoteTalk(Message):
+    """Addition to v1 (11.13): uplink from an authorised unit, make `unit` talk in `tg` for
+    `seconds`; the copy the target gets names who asked (`by`)."""
+
+    T: ClassVar[str] = "remote_talk"
+    tg: str
+    seconds: int | None = None
+    unit: str | None = None
+    by: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ForceRelease(Message):
     T: ClassVar[str] = "force_release"
     tg: str
@@ -189,6 +218,35 @@ class Ungrouped(Message):
 
     T: ClassVar[str] = "ungrouped"
     tg: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ambient(Message):
+    """Addition to v1 (11.13): to the listener, how listening in on `unit` stands:
+    `listening`, or `ended` (with a `cause` when it did not ask)."""
+
+    T: ClassVar[str] = "ambient"
+    unit: str
+    call: str
+    state: str
+    cause: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MicOpen(Message):
+    """Addition to v1 (11.13): to the unit listened in on: send the microphone's sound as
+    media of `call` on its unit media topic, showing nothing to its user."""
+
+    T: ClassVar[str] = "mic_open"
+    call: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MicClose(Message):
+    """Addition to v1 (11.13): stop what `mic_open` started."""
+
+    T: ClassVar[str] = "mic_close"
+    call: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -334,6 +392,9 @@ ALL: tuple[type[Message], ...] = (
     Sds,
     UnitStatus,
     EmergencyAck,
+    AmbientListen,
+    AmbientEnd,
+    RemoteTalk,
     ForceRelease,
     Regroup,
     Ungroup,
@@ -343,6 +404,9 @@ ALL: tuple[type[Message], ...] = (
     SdsStatus,
     Regrouped,
     Ungrouped,
+    Ambient,
+    MicOpen,
+    MicClose,
     Ok,
     Presence,
     Emergency,

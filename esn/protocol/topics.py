@@ -25,6 +25,14 @@ class Topics:
     def location(self, unit: str) -> str:
         return f"{self.prefix}/loc/{unit}"
 
+    def unit_media_up(self, unit: str) -> str:
+        """A unit's voice outside any group: what it sends while listened in on (11.13)."""
+        return f"{self.prefix}/unit/{unit}/up/media"
+
+    def unit_media_down(self, unit: str) -> str:
+        """Voice for one unit outside any group: what it listens in on."""
+        return f"{self.prefix}/unit/{unit}/down/media"
+
     def unit_status(self, unit: str) -> str:
         """Where the server keeps a unit's last pre-coded status, retained."""
         return f"{self.prefix}/unit/{unit}/status"
@@ -124,7 +132,12 @@ class Topics:
     # what the server subscribes to
     def server_subscriptions(self) -> list[str]:
         p = self.prefix
-        return [f"{p}/unit/+/up", f"{p}/unit/+/presence", f"{p}/tg/+/up/+/+"]
+        return [
+            f"{p}/unit/+/up",
+            f"{p}/unit/+/presence",
+            f"{p}/tg/+/up/+/+",
+            f"{p}/unit/+/up/media",
+        ]
 
     def parted_uplinks(self) -> tuple[str, str]:
         """Every partition's uplinks and floor requests as a NATS cluster's subject mapping
@@ -156,6 +169,8 @@ def _parse_inbound(prefix: str, topic: str) -> Inbound | None:
             return None
     if len(parts) == 3 and parts[0] == "unit" and parts[2] in ("up", "presence"):
         kind, unit, tg = parts[2], parts[1], None
+    elif len(parts) == 4 and parts[0] == "unit" and parts[2:] == ["up", "media"] and part is None:
+        kind, unit, tg = "unit_media", parts[1], None
     elif len(parts) == 4 and parts[:2] == ["cluster", "fwd"] and _number(parts[2]):
         kind, unit, tg = "fwd", parts[3], parts[2]  # (`tg` carries the partition)
     elif (
@@ -177,6 +192,8 @@ def _number(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    kind: str  # "up", "presence", "floor", "media", or "fwd" (between instances)
+    # "up", "presence", "floor", "media", "unit_media" (listened in on), or "fwd" (between
+    # instances)
+    kind: str
     unit: str
     tg: str | None

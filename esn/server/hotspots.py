@@ -1,37 +1,40 @@
-"""Where incidents happen: emergencies and imminent-peril calls counted by map cell.
+"""Where incidents happen: emergencies and imminent-peril calls by map cell, lately.
 
 The server sees every emergency alert (often with a position), every call raised to
 emergency or imminent peril, and every position report; this keeps the last position of
-each unit and counts incidents by a coarse grid cell, for `esn_incidents_total{cell,
-kind}`: Grafana shows where they concentrated over the last minutes from the counters'
-increase. Bounded: at most MAX_CELLS cells (the rest count as `other`), positions of at
-most MAX_UNITS units (the least recently heard go first), and one incident per unit and
-kind per REPEAT_S, so a unit raising its call in place, or an alert followed by its
-emergency call, is one incident.
+each unit and the incidents of the last WINDOW_S, and counts them by a coarse grid cell
+for `esn_incidents_recent{cell,kind}`, the figure Grafana's hotspot panel shows as it is.
+The console draws the same from what it sees, with the same window and repeat rule.
+
+Bounded: positions of at most MAX_UNITS units (the least recently heard go first), at
+most MAX_RECENT incidents kept, at most MAX_CELLS cells exported (the busiest; the rest
+summed as `other`), and one incident per unit and kind per REPEAT_S, so a unit raising
+its call in place, or an alert followed by its emergency call, is one incident.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 
-CELL_DEG = 0.05  # about 5.5 km north-south, 3.5 km east-west in the UK
+CELLS_PER_DEGREE = 20  # 0.05°: about 5.5 km north-south, 3.5 km east-west in the UK
+WINDOW_S = 15 * 60
+REPEAT_S = 60.0
 MAX_CELLS = 256
 MAX_UNITS = 100_000
-REPEAT_S = 60.0
+MAX_RECENT = 100_000
 
 
 def cell_of(lat: float, lon: float) -> str:
     """The grid cell of a position, named by its south-west corner: `51.50,-0.15`."""
-    return (
-        f"{math.floor(lat / CELL_DEG) * CELL_DEG:.2f},{math.floor(lon / CELL_DEG) * CELL_DEG:.2f}"
-    )
+    n = CELLS_PER_DEGREE
+    return f"{math.floor(lat * n) / n:.2f},{math.floor(lon * n) / n:.2f}"
 
 
 class Hotspots:
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}  # (cell, kind) -> incidents
-        self._cells: set[str] = set()
+        self.totals: dict[str, int] = {}  # kind -> incidents since start
+        self._recent: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT)
         self._where: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._last: OrderedDict[tuple[str, str], float] = OrderedDict()
 
@@ -45,21 +48,31 @@ class Hotspots:
         self, unit: str, kind: str, now: float, lat: float | None = None, lon: float | None = None
     ) -> None:
         """`kind` (emergency, imminent) raised by `unit` at `now`, where it says or was."""
+        if lat is not None and lon is not None:
+            self.located(unit, lat, lon)
         key = (unit, kind)
         last = self._last.get(key)
+        if last is not None and now - last < REPEAT_S:
+            return
         self._last[key] = now
         self._last.move_to_end(key)
         if len(self._last) > MAX_UNITS:
             self._last.popitem(last=False)
-        if last is not None and now - last < REPEAT_S:
-            return
-        if lat is not None and lon is not None:
-            self.located(unit, lat, lon)
         where = self._where.get(unit)
-        cell = "unknown" if where is None else cell_of(*where)
-        if cell not in self._cells and cell != "unknown":
-            if len(self._cells) >= MAX_CELLS:
-                cell = "other"
-            else:
-                self._cells.add(cell)
-        self.counts[(cell, kind)] = self.counts.get((cell, kind), 0) + 1
+        self._recent.append((now, "unknown" if where is None else cell_of(*where), kind))
+        self.totals[kind] = self.totals.get(kind, 0) + 1
+
+    def recent(self, now: float) -> dict[tuple[str, str], int]:
+        """(cell, kind) -> incidents of the last WINDOW_S, the busiest MAX_CELLS cells."""
+        while self._recent and now - self._recent[0][0] > WINDOW_S:
+            self._recent.popleft()
+        counts = Counter((cell, kind) for _, cell, kind in self._recent)
+        by_cell = Counter[str]()
+        for (cell, _), n in counts.items():
+            by_cell[cell] += n
+        shown = {cell for cell, _ in by_cell.most_common(MAX_CELLS - 1)}
+        out: dict[tuple[str, str], int] = {}
+        for (cell, kind), n in counts.items():
+            key = (cell if cell in shown else "other", kind)
+            out[key] = out.get(key, 0) + n
+        return out

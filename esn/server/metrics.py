@@ -10,6 +10,7 @@ figures (from Mosquitto's `$SYS` topics).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Collection, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -44,6 +45,7 @@ REJECT_REASONS = (
     "spoofed",
     "invalid_presence",
 )
+AUDITED = ("ambient_listen", "ambient_end", "remote_talk")
 DROP_REASONS = (
     "rate_limited",
     "not_holder",
@@ -92,6 +94,7 @@ class ServerMetrics:
         self.partitions_taken = 0
         self.foreign = 0  # uplinks heard for a partition another instance serves
         self.hotspots = Hotspots()  # incidents by map cell
+        self.audited: dict[str, int] = {}  # uses of an authority the fleet grants, by kind
 
     def count_message(self, kind: str, direction: str) -> None:
         key = (kind, direction)
@@ -99,6 +102,9 @@ class ServerMetrics:
 
     def count_rejected(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def count_audited(self, what: str) -> None:
+        self.audited[what] = self.audited.get(what, 0) + 1
 
     def count_media_dropped(self, reason: str) -> None:
         self.media_dropped[reason] = self.media_dropped.get(reason, 0) + 1
@@ -201,14 +207,27 @@ class _LiveState(Collector):
             "Talkgroups in imminent peril",
             value=sum(bool(f.perils) for f in floors),
         )
-        incidents = CounterMetricFamily(
+        yield _counter(
+            "esn_audited",
+            "Uses of an authority the fleet grants (listening in, remote talk), each logged",
+            "action",
+            _sum(dict.fromkeys(AUDITED, 0), self.metrics.audited),
+        )
+        hotspots = self.metrics.hotspots
+        yield _counter(
             "esn_incidents",
-            "Emergencies and imminent-peril calls raised, by map cell (about 5 km) and kind",
+            "Emergencies and imminent-peril calls raised (one per unit and kind a minute)",
+            "kind",
+            _sum({"emergency": 0, "imminent": 0}, hotspots.totals),
+        )
+        recent = GaugeMetricFamily(
+            "esn_incidents_recent",
+            "Emergencies and imminent-peril calls of the last 15 minutes, by map cell (5 km)",
             labels=["cell", "kind"],
         )
-        for (cell, kind), n in sorted(self.metrics.hotspots.counts.items()):
-            incidents.add_metric([cell, kind], n)
-        yield incidents
+        for (cell, kind), n in sorted(hotspots.recent(time.monotonic()).items()):
+            recent.add_metric([cell, kind], n)
+        yield recent
         for name, value in sorted(self.metrics.broker.items()):
             doc = "Mosquitto $SYS figure, as the broker reports it"
             if name.endswith("_total"):

@@ -23,6 +23,7 @@ import msgpack
 from esn import __version__
 from esn.core.actions import (
     Action,
+    Audit,
     LocationAccepted,
     StateChanged,
     StateCleared,
@@ -186,7 +187,7 @@ class Server:
         except BaseException:
             self.store.close()  # (its lock with it: a later start may take the file)
             raise
-        up, presence, group = self.topics.server_subscriptions()
+        up, presence, group, unit_media = self.topics.server_subscriptions()
         # (where a NATS cluster's subject mapping moves uplinks and floor requests to)
         parted_up, parted_floor = self.topics.parted_uplinks()
         # QoS 1 in a persistent session: what units send while we restart waits at the broker
@@ -194,7 +195,7 @@ class Server:
         # Floor and voice are of the moment: a request made while we were away is sent
         # again by the handset (T101), not served late. Our own status too: another
         # instance under our id announcing itself (see _rival_seen).
-        await self.transport.subscribe(group, parted_floor, self._status_topic, qos=0)
+        await self.transport.subscribe(group, parted_floor, unit_media, self._status_topic, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)  # broker health, where allowed
         await self._recover()
         if self.config.metrics_port is not None:
@@ -468,14 +469,15 @@ class Server:
             await self._retainer.stop()
             raise
         t = self.topics
-        up, presence, _ = t.server_subscriptions()
+        up, presence, _, unit_media = t.server_subscriptions()
         # QoS 0: on a NATS cluster, what is subscribed at QoS 1 stalls when a node dies.
         # Every unit's presence and record comes to every instance. Uplinks and floor
         # requests come by partition (`_follow`), moved there by the cluster's subject
         # mapping; without one, every instance hears them all and drops those of
         # partitions it does not serve by their topic. Voice, by group (`_follow`).
         # What units send comes on the state link, presence included: in the order sent.
-        mine = (t.status("+"), self._sync_topic, t.unit_records())
+        # (a unit's voice listened in on comes to every instance: few units send it)
+        mine = (t.status("+"), self._sync_topic, t.unit_records(), unit_media)
         await self.transport.subscribe(*mine, qos=0)
         await self.transport.subscribe(*BROKER_SYS, qos=0)
         await self._retainer.subscribe(presence, self._state_sync, qos=0)
@@ -822,6 +824,9 @@ class Server:
         if where.kind == "media":
             self._relay(where.unit, where.tg or "", payload, received)
             return
+        if where.kind == "unit_media":
+            self._relay_to_listener(where.unit, payload, received)
+            return
         if where.kind == "presence" and not payload:
             return  # a cleared retained presence
         try:
@@ -941,6 +946,30 @@ class Server:
         self._count_msg("media", "out")
         self.metrics.media_relay.observe(perf_counter() - received)
 
+    def _relay_to_listener(self, unit: str, payload: bytes, received: float) -> None:
+        """A unit's voice outside any group: to whoever listens in on it (11.13), if any."""
+        self._count_msg("media", "in")
+        session = self.network.ambient_listener(unit)
+        if session is None:
+            self.metrics.count_media_dropped("not_holder")  # (nobody listens in on it)
+            return
+        listener, call = session
+        try:
+            msg = codec.media_from_dict(codec.unpack(payload))
+        except codec.ProtocolError as exc:
+            self.metrics.count_media_dropped(exc.cause)
+            return
+        if msg.call != call or (msg.talker is not None and msg.talker != unit):
+            self.metrics.count_media_dropped("spoofed" if msg.call == call else "not_holder")
+            return
+        out = {"t": "media", "talker": unit, "call": call, "seq": msg.seq, "data": msg.data}
+        out["rts"] = time.time_ns()
+        if msg.ts is not None:
+            out["ts"] = msg.ts
+        self.transport.publish(self.topics.unit_media_down(listener), msgpack.packb(out), qos=0)
+        self._count_msg("media", "out")
+        self.metrics.media_relay.observe(perf_counter() - received)
+
     # --- outbound ---------------------------------------------------------------------
 
     def _send(self, unit: str, msg: m.Message) -> None:
@@ -970,12 +999,15 @@ class Server:
                     self.metrics.hotspots.located(a.unit, a.msg.lat, a.msg.lon)
                 case StatusChanged():
                     self._publish_unit_status(a.unit)
+                case Audit():  # (each line its own: the log's repeat filter passes it)
+                    log.warning(f"audit: {a.text}")
+                    self.metrics.count_audited(a.what)
         for tg in states:
             self._publish_state(tg)
 
     def _incident(self, msg: m.Message) -> None:
         """An emergency raised, or a call at emergency or imminent peril: on the map."""
-        now = self._loop.time()
+        now = time.monotonic()  # (the clock the metrics read the window with)
         if isinstance(msg, m.Emergency):
             self.metrics.hotspots.incident(msg.unit, "emergency", now, msg.lat, msg.lon)
         elif isinstance(msg, m.Taken) and msg.kind != "normal":

@@ -95,7 +95,10 @@ def fleet_doc(groups: list[str], supervisors: set[str]) -> dict[str, Any]:
         {"id": tg, "name": GROUP_NAMES[i % len(GROUP_NAMES)]} for i, tg in enumerate(groups)
     ]
     talkgroups.append({"id": "tg-all", "name": "All-call", "broadcast": True})
-    dispatchers = [{"id": d, "role": "dispatcher", "priority": 250} for d in (DISPATCHER, CONSOLE)]
+    may = ["ambient_listening", "remote_talk"]  # (docs/protocol.md, 11.13)
+    dispatchers = [
+        {"id": d, "role": "dispatcher", "priority": 250, "may": may} for d in (DISPATCHER, CONSOLE)
+    ]
     return {
         "defaults": {
             "max_talk_ms": 20000,
@@ -313,19 +316,59 @@ class Demo:
         name = "scanning handset switches to a higher-priority call"
         self.checks.expect(name)
         talker = self.members[tg][0]
-        heard = scanner.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.tg == tg, 10)
-        entries = len(scanner.stats.scan_entry_s)
+        heard = scanner.expect(
+            lambda i: isinstance(i.msg, m.Media) and i.msg.talker == talker.unit, 15
+        )
         try:
-            if isinstance(await talker.press(tg), m.Granted):
-                await heard
-                ok = scanner.scan.heard == tg and len(scanner.stats.scan_entry_s) > entries
-                self.checks.record(name, ok)
-                await asyncio.sleep(1.0)
+            if not isinstance(await talker.press(tg), m.Granted):  # (another scene's call)
+                await talker.expect(lambda i: isinstance(i.msg, m.Granted) and i.msg.tg == tg, 10)
+            await heard
+            self.checks.record(name, scanner.scan.heard == tg)
+            await asyncio.sleep(1.0)
+        except TimeoutError:
+            self.checks.record(name, False)
+        finally:
+            heard.cancel()
+            talker.release(tg)
+
+    async def scene_listen_in(self, tg: str) -> None:
+        """The dispatcher listens in on a handset for two seconds, unknown to its user."""
+        name = "dispatcher listens in on a handset, its user shown nothing"
+        self.checks.expect(name)
+        assert self.dispatcher is not None
+        d, unit = self.dispatcher, self.members[tg][-1]
+        heard = d.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == unit.unit, 10)
+        try:
+            answer = await d.ask(m.AmbientListen(unit=unit.unit, ref=d.next_ref()))
+            await heard
+            ok = isinstance(answer, m.Ambient) and answer.state == "listening"
+            await asyncio.sleep(2.0)
+            ended = await d.ask(m.AmbientEnd(unit=unit.unit, ref=d.next_ref()))
+            self.checks.record(name, ok and isinstance(ended, m.Ambient))
         except TimeoutError:
             pass  # (a check left unrecorded fails the run)
         finally:
             heard.cancel()
-            talker.release(tg)
+
+    async def scene_remote_talk(self, tg: str) -> None:
+        """The dispatcher makes a handset talk in its group; the group hears it."""
+        name = "dispatcher makes a handset talk in its group"
+        self.checks.expect(name)
+        assert self.dispatcher is not None
+        d, target = self.dispatcher, self.members[tg][0]
+        heard = d.expect(
+            lambda i: isinstance(i.msg, m.Media) and i.msg.tg == tg and i.msg.talker == target.unit,
+            10,
+        )
+        try:
+            asked = m.RemoteTalk(unit=target.unit, tg=tg, seconds=2, ref=d.next_ref())
+            if isinstance(await d.ask(asked), m.Ok):
+                await heard
+                self.checks.record(name, True)
+        except TimeoutError:
+            pass
+        finally:
+            heard.cancel()
 
     async def scene_late_entry(self, tg: str) -> None:
         """A handset switches on mid-call and hears the call at once (late entry)."""
@@ -565,6 +608,8 @@ async def run_demo(opts: DemoOptions) -> int:
             (0.5, demo.scene_imminent_peril, demo.groups[0]),
             (0.6, demo.scene_late_entry, demo.groups[2 % len(demo.groups)]),
             (0.75, demo.scene_scan, demo.groups[1 % len(demo.groups)]),
+            (0.35, demo.scene_listen_in, demo.groups[2 % len(demo.groups)]),
+            (0.85, demo.scene_remote_talk, demo.groups[2 % len(demo.groups)]),
         ]
         for frac, scene, tg in scenes:
             tasks.append(asyncio.create_task(_after(frac * d, scene, tg)))
