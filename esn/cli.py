@@ -152,6 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         monitoring=args.monitoring,
         secure=args.secure,
         trace=args.trace,
+        trace_dir=args.trace_dir,
     )
     if args.cluster:
         from esn.tools.cluster_demo import run_cluster_demo
@@ -296,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trace",
         metavar="FILE",
         help="write every floor request and its outcome to this CSV file (docs/traces.md)",
+    )
+    p.add_argument(
+        "--trace-dir",
+        metavar="DIR",
+        help="write the access, message and floor state traces (access.csv, messages.csv, "
+        "floor.csv) into this folder, made if need be (docs/traces.md)",
     )
     p.set_defaults(func=cmd_demo)
 

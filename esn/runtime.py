@@ -61,6 +61,9 @@ def run(main: Coroutine[Any, Any, T], *, stoppable: bool = True) -> T:
             raise
 
 
+AUDIT_LOGGER = "esn.audit"  # what units authorised by the fleet did (docs/protocol.md, 11.13)
+
+
 class Throttle(logging.Filter):
     """Lets each distinct message (logger, level, format string) through at most `burst`
     times per `window_s`, then says once how many it held back: a flood of bad input, or a
@@ -72,6 +75,8 @@ class Throttle(logging.Filter):
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # -> (since, count)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == AUDIT_LOGGER:
+            return True  # (every use of an authority is kept: few, and bounded by limits)
         key = (record.name, record.levelno, str(record.msg))
         since, count = self._seen.get(key, (record.created, 0))
         if record.created - since >= self.window_s:

@@ -4,6 +4,7 @@ explicit time, then the wire on a real broker."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from textual.widgets import Static
 
@@ -11,6 +12,7 @@ from esn.console.app import ConsoleApp
 from esn.core.actions import Action, Audit, ToUnit
 from esn.core.fleet import FleetError, parse_fleet
 from esn.core.network import MAX_LISTENED, Network
+from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
@@ -127,7 +129,7 @@ def test_remote_talk_tells_the_unit_to_press_within_its_groups_talk_time() -> No
     [refused] = told(net.unit_message("u3", m.RemoteTalk(unit="u1", tg="tg1"), 1.0), "u3")
     assert isinstance(refused, m.Error) and refused.cause == "forbidden"
     [absent] = told(net.unit_message("sup", m.RemoteTalk(unit="u9", tg="tg1"), 1.0), "sup")
-    assert isinstance(absent, m.Error) and "not online in tg1" in absent.detail
+    assert isinstance(absent, m.Error) and absent.detail == "u9 is not online"
 
 
 # --- on the wire ----------------------------------------------------------------------
@@ -198,3 +200,53 @@ async def test_the_console_listens_in_and_makes_a_unit_talk(
         await pilot.press("t")
         await eventually(lambda: row(app, "groups", "tg-1")[2] == "u1")
         assert any("made to talk in tg-1" in e.text for e in app.model.events)
+
+
+def test_a_dispatcher_is_never_listened_to_nor_made_to_talk_nor_a_user_cut_off() -> None:
+    net = online("disp", "sup", "disp2", "u1")
+    refused = told(net.unit_message("sup", m.AmbientListen(unit="disp2", ref=1), 1.0), "sup")
+    assert isinstance(refused[0], m.Error) and "is a dispatcher" in refused[0].detail
+    net.floor_message("u1", "tg1", m.Request(ref=1), 1.0)  # u1's user talks already
+    [busy] = told(net.unit_message("sup", m.RemoteTalk(unit="u1", tg="tg1", ref=2), 1.0), "sup")
+    assert isinstance(busy, m.Error) and "talks or waits in tg1" in busy.detail
+    net.unit_message("sup", m.AmbientListen(unit="u1", ref=3), 1.0)
+    assert net.ambient["u1"][1].startswith("a") and len(net.ambient["u1"][1]) == 17  # random
+
+
+def test_read_back_a_session_opens_the_microphone_again_or_ends_if_a_side_left() -> None:
+    net = online("disp", "sup", "u1", "u2")
+    net.unit_message("disp", m.AmbientListen(unit="u1", ref=1), 1.0)
+    net.unit_message("sup", m.AmbientListen(unit="u2", ref=1), 1.0)
+    records = {k: unpack(pack(net.record(k))) for k in net.changed}
+    records["unit/disp"] = {"groups": [], "answers": [], "ambient": ["disp", "c1"]}  # itself
+    again = Network(FLEET)
+    problems = again.load(records, 2.0)
+    assert problems == ["unit/disp: listening in not kept: disp may not listen to disp now"]
+    for unit in ("disp", "u1", "u2"):  # (sup is offline now)
+        again.presence(unit, m.Presence(state="online"), 2.0)
+    out = again.settle(2.0)
+    assert told(out, "u1") == [m.MicOpen(call=net.ambient["u1"][1])]  # (it may have restarted)
+    assert told(out, "u2") == [m.MicClose(call=net.ambient["u2"][1])]
+    assert set(again.ambient) == {"u1"}
+
+
+async def test_a_microphone_nobody_listens_to_is_closed(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """Tried: a unit sends on its unit media topic with no session (its server restarted
+    without it, say); and, in the open profile, a retained `mic_open` of someone's making
+    waits on another unit's down topic when that unit connects. Expect: the first is told
+    `mic_close` for that call; the second is ignored: that unit sends nothing."""
+    u1 = await handset("u1")
+    packet = {"t": "media", "call": "stale", "seq": 1, "data": b"x"}
+    u1._mic_call = "stale"  # (as if its session had been lost at the server)
+    u1.transport.publish(u1.topics.unit_media_up("u1"), msgpack.packb(packet), qos=0)
+    await eventually(lambda: u1.stats.counts.get("mic_close", 0) == 1)
+    assert u1._mic_call is None
+    lie = codec.encode(m.MicOpen(call="forged"))
+    u1.transport.publish(u1.topics.unit_down("u7"), lie, qos=1, retain=True)
+    await u1.ask(m.Affiliate(groups=[], ref=u1.next_ref()))  # (the broker has it by now)
+    u7 = await handset("u7")
+    await eventually(lambda: u7.stats.counts.get("retained_ignored", 0) == 1)
+    assert u7._mic is None and "mic_open" not in u7.stats.counts
+    u1.transport.publish(u1.topics.unit_down("u7"), b"", qos=1, retain=True)  # (cleared)

@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from esn.cli import main
-from esn.client.trace import FIELDS, OUTCOMES, Access, AccessTrace, merge
+from esn.client.trace import (
+    FIELDS,
+    FLOOR_FIELDS,
+    MESSAGE_FIELDS,
+    OUTCOMES,
+    Access,
+    AccessTrace,
+    merge,
+)
 from esn.loadtest.recorder import Recorder, summary_ms
 from esn.loadtest.runner import plan, run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
@@ -130,6 +138,7 @@ async def test_a_small_scenario_runs_end_to_end(tmp_path: Path) -> None:
 name = "tiny"
 duration_s = 6
 workers = 2
+full_trace = true
 [fleet]
 handsets = 40
 dispatchers = 2
@@ -163,6 +172,13 @@ late_joiners = 2
     assert "statuses_unconfirmed" not in result["counts"]
     assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)
     assert result["counts"].get("imminent_cancelled", 0) > 0  # (most of those talk at +1.5 s)
+    # `full_trace`: every message and floor state change, the workers' merged in time order
+    for name, fields in (("messages", MESSAGE_FIELDS), ("floor", FLOOR_FIELDS)):
+        rows = list(csv.DictReader((out / f"{name}.csv").read_text().splitlines()))
+        assert list(rows[0]) == list(fields) and len(rows) == result[f"{name}_trace"]["rows"]
+        assert [float(r["t_s"]) for r in rows] == sorted(float(r["t_s"]) for r in rows)
+        assert {r["tg"] for r in rows} >= {"tg-0000", "tg-0001"}  # (both workers' groups)
+        assert not list(out.glob(f"{name}-*.csv"))
     assert set(result["thresholds"]) == {
         "floor_access_p95_ms",
         "mouth_to_ear_p95_ms",

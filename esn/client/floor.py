@@ -30,6 +30,7 @@ clock, does I/O or knows MQTT.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -102,6 +103,8 @@ class FloorParticipant:
         self.unit = unit
         self.timers = timers or Timers()
         self.state = FloorState.NO_PERMISSION
+        # told each change of state (from, to): the floor state trace (docs/traces.md)
+        self.on_state: Callable[[FloorState, FloorState], None] | None = None
         self.kind: m.Kind = "normal"  # of our own request or grant
         self.prio: int | None = None
         self.ref: int | None = None
@@ -257,6 +260,8 @@ class FloorParticipant:
     def _to(self, state: FloorState, deadline: float | None = None) -> None:
         if state is not FloorState.QUEUED:
             self.queue_pos = None
+        if self.on_state is not None and state is not self.state:
+            self.on_state(self.state, state)
         self.state = state
         self._deadline = deadline
         self._tries = 0

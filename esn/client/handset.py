@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -222,7 +223,12 @@ class Handset:
         self.scan = scan
         self._entering: tuple[str, float] | None = None  # a scan switch: (group, when)
         self._mic: asyncio.Task[None] | None = None  # listened in on (11.13): sending
+        self._mic_call: str | None = None
         self.on_ambient: Callable[[str], None] | None = None  # a packet of a unit listened to
+        # every control and floor message sent ("out") or received ("in"), voice left out,
+        # and each change of a group's floor state: the full traces (docs/traces.md)
+        self.on_wire: Callable[[str, str, m.Message], None] | None = None
+        self.on_floor: Callable[[str, FloorState, FloorState], None] | None = None
         # the QoS it subscribes and sends at: 0 on a NATS cluster, which delivers QoS 1
         # through a JetStream consumer per subscription (slow to make, and stalled while
         # a node dies: docs/scaling.md)
@@ -258,8 +264,9 @@ class Handset:
             will=Will(self.topics.presence(unit), offline),
         )
         self.transport.on_message = self._on_message
+        self.transport.on_retained = self._on_retained
         self.transport.on_connect = self._on_connect
-        self.transport.on_disconnect = lambda: self.on_link(False) if self.on_link else None
+        self.transport.on_disconnect = self._on_disconnect
         self.on_link: Callable[[bool], None] | None = None  # told when the link goes down/up
 
     # --- lifecycle --------------------------------------------------------------------
@@ -278,13 +285,25 @@ class Handset:
             self._idle(tg, view)
         if self._location_task is not None:
             self._location_task.cancel()
-        if self._mic is not None:
-            self._mic.cancel()
+        self._close_mic()
         for retry in self._unanswered.values():
             retry.cancel()
         self._unanswered.clear()
         self._publish(self.topics.presence(self.unit), m.Presence(state="offline"), retain=True)
         await self.transport.stop()
+
+    def _on_disconnect(self) -> None:
+        self._close_mic()  # (the server ends listening in when our will fires)
+        if self.on_link is not None:
+            self.on_link(False)
+
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        """Nothing for this unit alone is ever retained by the server: a retained message
+        on its own topics is someone's forgery (in the open profile), and ignored."""
+        if topic in (self.topics.unit_down(self.unit), self.topics.unit_media_down(self.unit)):
+            self.stats.count("retained_ignored")
+            return
+        self._on_message(topic, payload)
 
     def _on_connect(self) -> None:
         self._publish(self.topics.presence(self.unit), m.Presence(state="online"), retain=True)
@@ -476,6 +495,8 @@ class Handset:
             self.stats.count("bad_downlink")
             return
         self.stats.count(msg.T)
+        if self.on_wire is not None:
+            self.on_wire("in", topic, msg)
         inbound = Inbound(topic, msg)
         if msg.ref in self._unanswered and _answers(inbound, msg.ref):
             self._unanswered.pop(msg.ref).cancel()
@@ -544,17 +565,26 @@ class Handset:
     def _remote_control(self, msg: m.MicOpen | m.MicClose | m.RemoteTalk) -> None:
         """What an authorised unit does to this handset (11.13): its microphone opened to
         a listener, with nothing shown; or its PTT pressed for it, in one of its groups."""
-        if isinstance(msg, m.RemoteTalk):
-            if msg.tg in self.groups and msg.seconds:  # (counted as any message: remote_talk)
+        if isinstance(msg, m.RemoteTalk):  # (counted as any message: remote_talk)
+            view = self.groups.get(msg.tg)
+            if view is not None and msg.seconds and view.floor.state == NO_PERMISSION:
                 task = asyncio.ensure_future(self.talk(msg.tg, float(msg.seconds)))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+            return  # (its user talking or waiting already: the user's own press goes on)
+        if isinstance(msg, m.MicClose):
+            if msg.call == self._mic_call:  # (an old one's close leaves a newer one be)
+                self._close_mic()
             return
+        self._close_mic()
+        if self.media_interval > 0:
+            self._mic_call = msg.call
+            self._mic = asyncio.create_task(self._send_ambient(msg.call))
+
+    def _close_mic(self) -> None:
         if self._mic is not None:
             self._mic.cancel()
-            self._mic = None
-        if isinstance(msg, m.MicOpen) and self.media_interval > 0:
-            self._mic = asyncio.create_task(self._send_ambient(msg.call))
+        self._mic = self._mic_call = None
 
     async def _send_ambient(self, call: str) -> None:
         topic, frame = self.topics.unit_media_up(self.unit), os.urandom(self.payload_bytes)
@@ -584,7 +614,7 @@ class Handset:
             return
         if talker == self.unit:
             return
-        if tg is None:  # a unit we listen in on (11.13)
+        if topic == self.topics.unit_media_down(self.unit):  # a unit we listen in on (11.13)
             self.stats.count("ambient_rx")
             if self.on_ambient is not None and isinstance(talker, str):
                 self.on_ambient(talker)
@@ -593,6 +623,9 @@ class Handset:
                 seq = seq if isinstance(seq, int) else -1
                 media = m.Media(call=str(obj.get("call")), seq=seq, data=b"", talker=str(talker))
                 self._deliver(Inbound(topic, media))
+            return
+        if not isinstance(tg, str):
+            self.stats.count("bad_media")
             return
         self.stats.count("media_rx")
         if self.scan is not None and tg != self.scan.heard:
@@ -646,7 +679,16 @@ class Handset:
         view = self.groups.get(tg)
         if view is None:
             view = self.groups[tg] = GroupView(FloorParticipant(self.unit, self.timers))
+            if self.on_floor is not None:
+                view.floor.on_state = functools.partial(self.on_floor, tg)
         return view
+
+    def follow_floor(self, told: Callable[[str, FloorState, FloorState], None]) -> None:
+        """Have each change of a group's floor state told (group, from, to), in the groups
+        it is in and those it joins from now on."""
+        self.on_floor = told
+        for tg, view in self.groups.items():
+            view.floor.on_state = functools.partial(told, tg)
 
     def _perform(self, tg: str, view: GroupView, actions: list[Action]) -> None:
         for a in actions:
@@ -803,3 +845,5 @@ class Handset:
     ) -> None:
         qos = self.qos if qos is None else min(qos, self.qos)
         self.transport.publish(topic, codec.encode(msg), qos=qos, retain=retain)
+        if self.on_wire is not None:
+            self.on_wire("out", topic, msg)

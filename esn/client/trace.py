@@ -116,3 +116,65 @@ def merge(parts: list[Path], into: Path) -> Counter[str]:
         writer.writerow(FIELDS)
         writer.writerows(rows)
     return Counter(r[FIELDS.index("outcome")] for r in rows)
+
+
+# the message trace (every control and floor message a handset sent or received, voice
+# left out) and the floor state trace (each change of a handset's floor participant)
+MESSAGE_FIELDS = ("t_s", "unit", "dir", "type", "tg", "ref", "detail")
+FLOOR_FIELDS = ("t_s", "unit", "tg", "from", "to")
+# what a message's detail column shows, when it has one of these fields
+_DETAIL = ("cause", "state", "kind", "pos", "op", "talker", "to", "code")
+
+
+class RowTrace:
+    """A CSV file of rows in time order, buffered (written out as the file's buffer
+    fills, and at close): for the message and floor state traces, many rows a second."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...], t0: float) -> None:
+        self.t0 = t0
+        self._file: IO[str] = open(path, "w", newline="")  # noqa: SIM115 (closed by close())
+        self._rows = csv.writer(self._file)
+        self._rows.writerow(fields)
+
+    def row(self, at: float, *cells: object) -> None:
+        if not self._file.closed:
+            self._rows.writerow([f"{at - self.t0:.6f}", *cells])
+
+    def message(self, at: float, unit: str, direction: str, topic: str, msg: object) -> None:
+        tg = getattr(msg, "tg", None) or _group_of(topic)
+        ref = getattr(msg, "ref", None)
+        detail = ";".join(
+            f"{k}={v}" for k in _DETAIL if (v := getattr(msg, k, None)) not in (None, "")
+        )
+        self.row(
+            at, unit, direction, getattr(msg, "T", "?"), tg, "" if ref is None else ref, detail
+        )
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _group_of(topic: str) -> str:
+    """The talkgroup a topic names (`.../tg/{tg}/...`), or ""."""
+    parts = topic.split("/")
+    return parts[parts.index("tg") + 1] if "tg" in parts[:-1] else ""
+
+
+def merge_rows(parts: list[Path], into: Path) -> int:
+    """Merge the workers' row traces into one file ordered by time, remove them, and
+    return how many rows there are."""
+    header: list[str] = []
+    rows: list[list[str]] = []
+    for part in parts:
+        with open(part, newline="") as f:
+            found = list(csv.reader(f))
+        part.unlink()
+        if found:
+            header = found[0]
+            rows += [r for r in found[1:] if len(r) == len(header)]
+    rows.sort(key=lambda r: float(r[0]))
+    with open(into, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return len(rows)

@@ -50,7 +50,7 @@ class DispatcherLink(Handset):
     def _replay(self, topic: str, payload: bytes) -> None:
         self.replaying = True
         try:
-            self._on_message(topic, payload)
+            self._on_retained(topic, payload)
         finally:
             self.replaying = False
 
@@ -306,6 +306,8 @@ class ConsoleApp(App[None]):
             return
         if isinstance(reply, m.Error):
             self.refused(f"{msg.T} refused: {say(reply.cause)} ({reply.detail})")
+            if ending:  # (the server had ended it already: a link lost meanwhile)
+                self.listening.pop(unit, None)
         elif ending:
             self.listening.pop(unit, None)
             self.tell(f"no longer listening in on {unit}")

@@ -136,7 +136,7 @@ class ConsoleModel:
         """`history`: a retained message handed over on subscribing, not news."""
         match msg:
             case m.State():
-                self._on_state(topic, msg)
+                self._on_state(topic, msg, history)
             case m.Taken():
                 self._on_taken(topic, msg)
             case m.Idle():
@@ -169,8 +169,9 @@ class ConsoleModel:
 
     # --- per message type -------------------------------------------------------------
 
-    def _on_state(self, topic: str, msg: m.State) -> None:
+    def _on_state(self, topic: str, msg: m.State, history: bool = False) -> None:
         g = self.group(msg.tg)
+        news = msg.seq > g.seq and not history  # (a grant its `taken` did not tell first)
         g.floor, g.talker, g.kind, g.prio, g.queue = (
             msg.floor,
             msg.talker,
@@ -185,7 +186,7 @@ class ConsoleModel:
             g.emergency_unit = None
         if msg.talker:
             self.unit(msg.talker).groups.add(msg.tg)
-            if msg.kind in ("emergency", "imminent"):  # (a state may overtake its taken)
+            if news and msg.kind in ("emergency", "imminent"):  # (it may overtake the taken)
                 self._incident(msg.talker, msg.kind, None, None)
 
     def _on_taken(self, topic: str, msg: m.Taken) -> None:

@@ -160,6 +160,11 @@ class Floor:
             return self._end_talk(now)
         return self._leave_queue(unit)
 
+    def involves(self, unit: str) -> bool:
+        """Whether the unit holds the floor or waits for it."""
+        h = self.holder
+        return (h is not None and h.unit == unit) or any(w.unit == unit for w in self.queue)
+
     def queue_status(self, unit: str, ref: int | None) -> list[Action]:
         for w in self.queue:
             if w.unit == unit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import replace
@@ -317,13 +318,14 @@ class Network:
             return [
                 ToUnit(p.id, m.Ambient(unit=target, call=held[1], state="listening", ref=msg.ref))
             ]
-        if target == p.id or self.fleet.profile(target) is None or target not in self.online:
-            return self._error(p.id, msg.ref, "invalid_field", f"{target} is not online")
+        refused = self._not_a_target(p, target)
+        if refused:
+            return self._error(p.id, msg.ref, "invalid_field", refused)
         if held is not None:
             return self._error(p.id, msg.ref, "invalid_field", f"{held[0]} listens to {target}")
         if sum(by == p.id for by, _ in self.ambient.values()) >= MAX_LISTENED:
             return self._error(p.id, msg.ref, "forbidden", f"at most {MAX_LISTENED} at once")
-        call = self._new_call_id()
+        call = f"a{secrets.token_hex(8)}"  # (not guessable from the group calls' ids)
         self.ambient[target] = (p.id, call)
         self._touch("unit", target)
         return [
@@ -331,6 +333,17 @@ class Network:
             ToUnit(p.id, m.Ambient(unit=target, call=call, state="listening", ref=msg.ref)),
             Audit(msg.T, f"{p.id} listens in on {target} (call {call})"),
         ]
+
+    def _not_a_target(self, p: UnitProfile, target: str) -> str:
+        """Why `target` cannot be listened in on or made to talk by `p`, or ""."""
+        profile = self.fleet.profile(target)
+        if target == p.id:
+            return "not yourself"
+        if profile is None or target not in self.online:
+            return f"{target} is not online"
+        if profile.is_dispatcher:
+            return f"{target} is a dispatcher"
+        return ""
 
     def _ambient_end(self, p: UnitProfile, msg: m.AmbientEnd) -> list[Action]:
         held = self.ambient.get(msg.unit)
@@ -341,9 +354,10 @@ class Network:
     def _stop_listening(self, target: str, cause: str | None, ref: int | None) -> list[Action]:
         by, call = self.ambient.pop(target)
         self._touch("unit", target)
+        why = cause or "asked"
         out: list[Action] = [
             ToUnit(by, m.Ambient(unit=target, call=call, state="ended", cause=cause, ref=ref)),
-            Audit("ambient_end", f"{by} no longer listens in on {target} ({cause or 'ended'})"),
+            Audit("ambient_end", f"{by} no longer listens in on {target} (call {call}, {why})"),
         ]
         if target in self.online:
             out.insert(0, ToUnit(target, m.MicClose(call=call)))
@@ -361,15 +375,21 @@ class Network:
         target, group = msg.unit, self.groups.get(msg.tg)
         if target is None or group is None:
             return self._error(p.id, msg.ref, "invalid_field", "remote_talk needs unit and tg")
-        if target not in self.online or msg.tg not in self.affiliations.get(target, ()):
-            return self._error(
-                p.id, msg.ref, "invalid_field", f"{target} is not online in {msg.tg}"
-            )
+        refused = self._not_a_target(p, target)
+        if not refused and msg.tg not in self.affiliations.get(target, ()):
+            refused = f"{target} is not in {msg.tg}"
+        floor = self.floors.get(msg.tg)
+        if not refused and group.broadcast:
+            refused = f"{msg.tg} is receive-only"
+        if not refused and floor is not None and floor.involves(target):
+            refused = f"{target} talks or waits in {msg.tg} already"
+        if refused:
+            return self._error(p.id, msg.ref, "invalid_field", refused)
         seconds = max(1, min(msg.seconds or 5, group.policy.max_talk_ms // 1000))
         return [
             ToUnit(target, m.RemoteTalk(tg=msg.tg, seconds=seconds, by=p.id)),
             ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref)),
-            Audit(msg.T, f"{p.id} makes {target} talk in {msg.tg} for {seconds} s"),
+            Audit(msg.T, f"{p.id} makes {target} talk in {msg.tg} for {seconds} s (ref {msg.ref})"),
         ]
 
     def status_msg(self, unit: str) -> m.UnitStatus | None:
@@ -712,6 +732,11 @@ class Network:
         due work is the timers' (at once)."""
         out: list[Action] = [StatusChanged(u) for u in sorted(self._unstated)]
         self._unstated.clear()
+        for target, (by, call) in sorted(self.ambient.items()):  # (read back: still so?)
+            if target in self.online and by in self.online:
+                out.append(ToUnit(target, m.MicOpen(call=call)))  # (it may have restarted)
+            else:
+                out += self._stop_listening(target, "offline", None)
         for floor in self.floors.values():
             if floor.holder is None and floor.queue:
                 out += floor.next_in_queue(now)
@@ -857,8 +882,12 @@ class Network:
         if ambient is not None:
             by, call = ambient if isinstance(ambient, list) and len(ambient) == 2 else ("", None)
             listener = self.fleet.profile(by) if isinstance(by, str) else None
+            target = self.fleet.profile(unit)
+            held = sum(b == by for b, _ in self.ambient.values())
             if listener is None or "ambient_listening" not in listener.may:
                 why.append(f"listening in not kept: {by!r} may not listen in")
+            elif by == unit or target is None or target.is_dispatcher or held >= MAX_LISTENED:
+                why.append(f"listening in not kept: {by} may not listen to {unit} now")
             elif not isinstance(call, str) or not 0 < len(call) <= 64:
                 why.append(f"listening in not kept: {call!r} is not a call id")
             else:

@@ -141,6 +141,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for p in plans:
             p.trace = str(out / f"access-{p.index}.csv")
+            p.full_trace = str(out) if s.run.full_trace else ""
         if s.run.server:
             fleet = Path(work.name) / "fleet.toml"
             fleet.write_text(fleet_text)
@@ -203,6 +204,13 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     if parts:  # (none when interrupted before the traffic began)
         outcomes = trace.merge(parts, out / "access.csv")
         report["access_trace"] = {"file": "access.csv", "outcomes": dict(sorted(outcomes.items()))}
+    for name in ("messages", "floor"):  # (with `full_trace`)
+        rows = sorted(out.glob(f"{name}-*.csv"))
+        if rows:
+            report[f"{name}_trace"] = {
+                "file": f"{name}.csv",
+                "rows": trace.merge_rows(rows, out / f"{name}.csv"),
+            }
     if interrupted:
         report["interrupted"] = True  # a partial run: figures so far, and no verdict
         report["passed"] = False
@@ -212,7 +220,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     print(kpi_table(report))
     print(f"\nJSON: {out / 'result.json'}\nHTML: {out / 'report.html'}")
     if parts:
-        print(f"access trace: {out / 'access.csv'} (docs/traces.md)")
+        more = " and messages.csv, floor.csv" if "messages_trace" in report else ""
+        print(f"access trace: {out / 'access.csv'}{more} (docs/traces.md)")
     if interrupted:
         print("RESULT: INTERRUPTED (a partial report of the run so far)")
         raise asyncio.CancelledError  # the command ends as interrupted, its report written

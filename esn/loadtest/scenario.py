@@ -36,6 +36,9 @@ class Run:
     # a 3-node NATS cluster on loopback with one server instance per node, the handsets
     # spread over the nodes (docs/scaling.md)
     cluster: bool = False
+    # besides access.csv, write messages.csv and floor.csv: every control and floor message
+    # of every handset, and each floor state change (docs/traces.md); large at scale
+    full_trace: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from esn.client.floor import Outcome
 from esn.client.handset import ClientError, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.client.scan import ScanList
-from esn.client.trace import Access, AccessTrace
+from esn.client.trace import FLOOR_FIELDS, MESSAGE_FIELDS, Access, AccessTrace, RowTrace
 from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
@@ -56,6 +56,7 @@ class WorkerPlan:
     # comma-separated; each unit keeps to one of them)
     qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
     trace: str = ""  # where this worker writes its access trace (docs/traces.md), if set
+    full_trace: str = ""  # where it writes messages-N.csv and floor-N.csv, if set
     statuses: list[int] = field(default_factory=list)  # the fleet's pre-coded status codes
     scans: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> scanned: prio
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +103,7 @@ class Worker:
         self.stopping = False
         self.t0 = 0.0
         self.trace: AccessTrace | None = None
+        self.rows: list[RowTrace] = []  # the message and floor state traces, if asked
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -122,12 +124,15 @@ class Worker:
             self.t0 = loop.time()
             if self.plan.trace:
                 self.trace = AccessTrace(Path(self.plan.trace), self.t0)
+            if self.plan.full_trace:
+                self.trace_everything(Path(self.plan.full_trace))
             await self.play()
         finally:
             self.stopping = True
-            if self.trace is not None:
-                with contextlib.suppress(OSError):  # (a full disk costs the trace only)
-                    self.trace.close()
+            for trace in [self.trace, *self.rows]:
+                if trace is not None:
+                    with contextlib.suppress(OSError):  # (a full disk costs the trace only)
+                        trace.close()
             lag.cancel()
             status.cancel()
             exporter.close()
@@ -166,6 +171,16 @@ class Worker:
         )
         self.handsets[unit] = h
         return h
+
+    def trace_everything(self, folder: Path) -> None:
+        """Every handset's control and floor messages, and floor state changes, from now
+        (on the loop's clock, which every worker shares: the runner merges them)."""
+        i = self.plan.index
+        messages = RowTrace(folder / f"messages-{i}.csv", MESSAGE_FIELDS, self.t0)
+        floors = RowTrace(folder / f"floor-{i}.csv", FLOOR_FIELDS, self.t0)
+        self.rows = [messages, floors]
+        for h in self.handsets.values():
+            _trace(h, messages, floors)
 
     async def connect_all(self) -> None:
         """Connect at the ramp rate, each on its own connection; count failures."""
@@ -454,6 +469,13 @@ class Worker:
                 actions=self.rec.actions,
                 overruns=self.rec.overruns,
             )
+
+
+def _trace(h: Handset, messages: RowTrace, floors: RowTrace) -> None:
+    """Write what `h` sends and receives, and its floor state changes, from now on."""
+    clock, unit = time.monotonic, h.unit
+    h.on_wire = lambda way, topic, msg: messages.message(clock(), unit, way, topic, msg)
+    h.follow_floor(lambda tg, was, now: floors.row(clock(), unit, tg, was, now))
 
 
 def _chunks(items: list[Handset], n: int) -> list[list[Handset]]:

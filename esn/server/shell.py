@@ -39,12 +39,14 @@ from esn.exporter import serve_metrics
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Inbound, Topics
+from esn.runtime import AUDIT_LOGGER
 from esn.server.cluster import SERVER_LEASE_S, ClusterLink
 from esn.server.metrics import BROKER_SYS, ServerMetrics
 from esn.store import Store, StoreError, open_store, pack, unpack
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
 log = logging.getLogger("esn.server")
+audit = logging.getLogger(AUDIT_LOGGER)
 
 # What one unit may send per topic kind, checked before anything is decoded: far above any
 # honest use, so a flood costs a lookup per message, not a decode, and cannot take the event
@@ -142,7 +144,9 @@ class Server:
         self._replay: asyncio.Task[None] | None = None
         self._count_msg = self.metrics.count_message
         # answers to garbage are capped per unit, so a flood cannot make us flood the broker
-        self._error_replies = RateLimiter({"error": Rate(per_s=1.0, burst=5.0)})
+        self._error_replies = RateLimiter(
+            {"error": Rate(per_s=1.0, burst=5.0), "mic": Rate(per_s=1.0, burst=2.0)}
+        )
         # what one unit may send, per topic kind, before anything is decoded
         self._intake = RateLimiter(INTAKE)
         self.received = 0  # every message the broker handed us
@@ -811,7 +815,9 @@ class Server:
             self.metrics.count_rejected("bad_topic")
             return
         if self.config.cluster and not self._ours(where):
-            if where.kind != "fwd" and partition_of(where.tg or where.unit) not in self._gathering:
+            if where.kind not in ("fwd", "unit_media") and (
+                partition_of(where.tg or where.unit) not in self._gathering
+            ):  # (a unit's voice listened in on comes to every instance: not foreign)
                 self.metrics.foreign += 1
             return
         if self.config.cluster and not self.transport.connected and where.kind != "presence":
@@ -950,8 +956,12 @@ class Server:
         """A unit's voice outside any group: to whoever listens in on it (11.13), if any."""
         self._count_msg("media", "in")
         session = self.network.ambient_listener(unit)
-        if session is None:
-            self.metrics.count_media_dropped("not_holder")  # (nobody listens in on it)
+        if session is None:  # nobody listens in on it (any more): its microphone closes
+            self.metrics.count_media_dropped("not_holder")
+            if self._error_replies.check(unit, "mic", self._loop.time()) is Verdict.ALLOW:
+                with contextlib.suppress(codec.ProtocolError):
+                    call = codec.media_from_dict(codec.unpack(payload)).call
+                    self._send(unit, m.MicClose(call=call))
             return
         listener, call = session
         try:
@@ -999,8 +1009,8 @@ class Server:
                     self.metrics.hotspots.located(a.unit, a.msg.lat, a.msg.lon)
                 case StatusChanged():
                     self._publish_unit_status(a.unit)
-                case Audit():  # (each line its own: the log's repeat filter passes it)
-                    log.warning(f"audit: {a.text}")
+                case Audit():  # (the log's repeat filter passes every one)
+                    audit.warning("audit: %s", a.text)
                     self.metrics.count_audited(a.what)
         for tg in states:
             self._publish_state(tg)

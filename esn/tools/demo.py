@@ -27,7 +27,7 @@ from typing import Any
 from esn.client.handset import HAS_PERMISSION, ClientError, Handset
 from esn.client.metrics import HandsetMetrics
 from esn.client.scan import SELECTED_PRIORITY, ScanList
-from esn.client.trace import AccessTrace
+from esn.client.trace import FLOOR_FIELDS, MESSAGE_FIELDS, AccessTrace, RowTrace
 from esn.exporter import serve_metrics
 from esn.protocol import messages as m
 from esn.tomlfile import dump_fleet, load_fleet
@@ -73,6 +73,7 @@ class DemoOptions:
     gap_mean_s: float = 2.0
     location_interval_s: float = 5.0
     trace: str | None = None  # write every press's outcome here (docs/traces.md)
+    trace_dir: str | None = None  # write that, every message and floor state change here
 
 
 @dataclass
@@ -138,20 +139,48 @@ class Demo:
         self.started = 0.0
         self.stopping = False
         self.trace: AccessTrace | None = None
+        self.messages: RowTrace | None = None  # with `trace_dir`
+        self.floors: RowTrace | None = None
 
     # --- set-up -----------------------------------------------------------------------
 
     def traced(self, h: Handset) -> None:
         """Have what becomes of each of `h`'s presses written to the trace, if any."""
-        trace = self.trace
+        trace, messages, floors = self.trace, self.messages, self.floors
         if trace is not None:
             caller = "dispatcher" if h.unit in (DISPATCHER, CONSOLE) else None
             h.on_access = lambda tg, a: trace.write(a, h.unit, tg, caller or a.kind, a.sent)
+        if messages is not None:
+            h.on_wire = lambda way, topic, msg: messages.message(
+                time.perf_counter(), h.unit, way, topic, msg
+            )
+        if floors is not None:
+            h.follow_floor(
+                lambda tg, was, now: floors.row(time.perf_counter(), h.unit, tg, was, now)
+            )
+
+    def open_traces(self) -> None:
+        t0, where = time.perf_counter(), self.opts.trace_dir or self.opts.trace
+        try:
+            if self.opts.trace_dir:
+                folder = Path(self.opts.trace_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                self.trace = AccessTrace(folder / "access.csv", t0)
+                self.messages = RowTrace(folder / "messages.csv", MESSAGE_FIELDS, t0)
+                self.floors = RowTrace(folder / "floor.csv", FLOOR_FIELDS, t0)
+            elif self.opts.trace:
+                self.trace = AccessTrace(Path(self.opts.trace), t0)
+        except OSError as exc:
+            raise DemoError(f"cannot write the trace at {where}: {exc.strerror}") from None
 
     def close_trace(self) -> None:
-        if self.trace is not None:
-            with contextlib.suppress(OSError):  # (a full disk costs the trace only)
-                self.trace.close()
+        for each in (self.trace, self.messages, self.floors):
+            if each is not None:
+                with contextlib.suppress(OSError):  # (a full disk costs the trace only)
+                    each.close()
+        if self.opts.trace_dir:
+            print(f"traces: {self.opts.trace_dir}/{{access,messages,floor}}.csv (docs/traces.md)")
+        elif self.trace is not None:
             print(f"access trace: {self.opts.trace} (docs/traces.md)")
 
     async def start_handsets(self, broker_for: Callable[[str], BrokerConfig]) -> None:
@@ -162,8 +191,7 @@ class Demo:
             "metrics": self.handset_metrics,
             "qos": self.handset_qos,
         }
-        if self.opts.trace:
-            self.trace = AccessTrace(Path(self.opts.trace), time.perf_counter())
+        self.open_traces()
         self.dispatcher = Handset(DISPATCHER, broker_for(DISPATCHER), **kw)  # type: ignore[arg-type]
         self.traced(self.dispatcher)
         await self.dispatcher.start()

@@ -80,8 +80,14 @@ def acl_text(fleet: Fleet, server_id: str, prefix: str = "esn") -> str:
         profile = fleet.units.get(unit)
         rules = [f"topic read {p}/tg/{tg}/#" for tg in sorted(members.get(unit, []))]
         if profile is not None and profile.is_dispatcher:
-            # consoles watch everything: every group, presence and position
-            rules = [f"topic read {p}/#"]
+            # consoles watch every group, presence, status and position; not other units'
+            # own topics (their answers, or the voice of a unit listened in on: 11.13)
+            rules = [
+                f"topic read {p}/tg/#",
+                f"topic read {p}/unit/+/presence",
+                f"topic read {p}/unit/+/status",
+                f"topic read {p}/loc/#",
+            ]
         if rules:
             lines += ["", f"user {unit}", *rules]
     return "\n".join(lines) + "\n"
