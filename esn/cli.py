@@ -174,6 +174,40 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return run(run_loadtest(scenario, Path(args.out) if args.out else None))
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from esn.client.recorder import Recorder
+    from esn.store import StoreError
+
+    if args.keep_days <= 0 or args.keep_mb <= 0:
+        raise CliError("--keep-days and --keep-mb must be above 0")
+
+    async def main() -> None:
+        recorder = Recorder(
+            _broker(args),
+            args.db,
+            unit=args.unit,
+            prefix=args.prefix,
+            mqtt_client=args.mqtt_client,
+            keep_days=args.keep_days,
+            keep_mb=args.keep_mb,
+        )
+        stop = _stop_on_signals()
+        await recorder.start()
+        print(f"esn record: recording every talkgroup of {args.broker} into {args.db}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await recorder.stop()
+            print(f"esn record: {recorder.bursts} talk bursts, {recorder.packets} packets kept")
+
+    try:
+        run(main())
+    except StoreError as exc:
+        print(f"esn record: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     need("textual", "console", "esn console")
     from esn.console.app import ConsoleApp
@@ -184,6 +218,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         mqtt_client=args.mqtt_client,
         all_call=args.all_call,
+        recordings=args.recordings,
     ).run()
     return 0
 
@@ -336,7 +371,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TG",
         help="the broadcast group for all-calls (default tg-all)",
     )
+    p.add_argument(
+        "--recordings",
+        metavar="FILE",
+        help="the recorder's file (esn record --db): instant recall with p",
+    )
     p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser(
+        "record", help="record every talk burst, its voice and the groups' events (SQLite)"
+    )
+    _add_broker_args(p)
+    p.add_argument("--db", required=True, metavar="FILE", help="the recordings file (SQLite)")
+    p.add_argument(
+        "--unit",
+        default="recorder",
+        help="its unit id: a dispatcher in a secure fleet (default recorder)",
+    )
+    p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
+    p.add_argument(
+        "--keep-days", type=float, default=30.0, help="drop bursts older than this (default 30)"
+    )
+    p.add_argument(
+        "--keep-mb",
+        type=float,
+        default=1024.0,
+        help="drop the oldest bursts while the voice kept is over this (default 1024)",
+    )
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("broker-config", help="generate the secure Mosquitto profile from a fleet")
     p.add_argument("fleet", metavar="FLEET.toml")

@@ -9,6 +9,7 @@ go out through the same link, and every answer, refusals included, is shown in w
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.console.map import Point, View, render
 from esn.console.model import ConsoleModel, say
 from esn.protocol import messages as m
+from esn.store import StoreError
+from esn.store.recordings import Burst, Recordings
 from esn.transport import BrokerConfig
 
 SORTS = ("unit", "presence", "age", "speed")
@@ -67,6 +70,57 @@ class DispatcherLink(Handset):
             f"{p}/unit/+/status",
             f"{p}/loc/+",
         )
+
+
+class Recall(ModalScreen[int | None]):
+    """A list of recorded talk bursts, newest first: Enter picks one, Escape closes."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Close")]
+
+    def __init__(self, title: str, bursts: list[Burst]) -> None:
+        super().__init__()
+        self.title_text, self.bursts = title, bursts
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="ask"):
+            yield Label(f"Instant recall: {self.title_text}" + ("" if self.bursts else " (none)"))
+            yield DataTable(id="recall", cursor_type="row")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#recall", DataTable)
+        table.add_columns("Time", "Group", "Talker", "Kind/prio", "Length")
+        for b in self.bursts:
+            when = time.strftime("%H:%M:%S", time.localtime(b.started_ns / 1e9))
+            length = f"{b.seconds:.1f} s" if b.ended_ns else "going on"
+            table.add_row(when, b.tg, b.talker, f"{b.kind}/{b.prio}", length, key=str(b.id))
+        table.focus()
+
+    @on(DataTable.RowSelected)
+    def picked(self, event: DataTable.RowSelected) -> None:
+        self.dismiss(int(str(event.row_key.value)))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def _last_bursts(path: str, tg: str | None, unit: str | None) -> list[Burst]:
+    recordings = Recordings(path, readonly=True)
+    try:
+        return recordings.last_bursts(tg=tg, talker=unit, n=10)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path} is not a recordings file: {exc}") from None
+    finally:
+        recordings.close()
+
+
+def _media_of(path: str, burst: int) -> list[tuple[int, int, bytes]]:
+    recordings = Recordings(path, readonly=True)
+    try:
+        return recordings.media(burst)
+    except sqlite3.Error:
+        return []
+    finally:
+        recordings.close()
 
 
 class Ask(ModalScreen[str | None]):
@@ -111,6 +165,7 @@ class ConsoleApp(App[None]):
         Binding("h", "hotspots", "Hotspots"),
         Binding("l", "listen", "Listen in"),
         Binding("t", "remote_talk", "Remote talk"),
+        Binding("p", "recall", "Recall"),
         Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
         Binding("minus", "zoom(0.5)", "Zoom-", show=False),
         Binding("H", "pan(-0.25, 0)", show=False),
@@ -128,8 +183,11 @@ class ConsoleApp(App[None]):
         prefix: str = "esn",
         mqtt_client: str = "gmqtt",
         all_call: str = "tg-all",
+        recordings: str | None = None,
     ) -> None:
         super().__init__()
+        self.recordings = recordings  # the recorder's file, for instant recall
+        self.replaying: str | None = None  # what the status line says of a replay
         self.model = ConsoleModel(prefix)
         self.link = DispatcherLink(
             unit, broker, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.06
@@ -331,6 +389,40 @@ class ConsoleApp(App[None]):
             f"{unit} made to talk in {tg} for 5 s",
         )
 
+    @work(group="actions", exclusive=True)
+    async def action_recall(self) -> None:
+        """Instant recall: the selected group's last talk bursts (or, from the units
+        panel, the selected unit's), from the recorder's file; Enter replays one."""
+        if self.recordings is None:
+            self.refused("no recordings: start the console with --recordings FILE")
+            return
+        units = self.query_one("#units", DataTable)
+        unit = self.selected_unit() if self.focused is units else None
+        tg = None if unit else self.selected_group()
+        try:
+            found = await asyncio.to_thread(_last_bursts, self.recordings, tg, unit)
+        except StoreError as exc:
+            self.refused(str(exc))
+            return
+        title = f"last talk bursts of {unit or tg or 'every group'}"
+        chosen = await self.push_screen_wait(Recall(title, found))
+        burst = next((b for b in found if b.id == chosen), None)
+        if burst is not None:
+            await self._replay(burst)
+
+    async def _replay(self, burst: Burst) -> None:
+        """Play a recorded burst back at its own pace (the console has no loudspeaker:
+        the status line follows it, packet by packet)."""
+        packets = await asyncio.to_thread(_media_of, self.recordings or "", burst.id)
+        when = time.strftime("%H:%M:%S", time.localtime(burst.started_ns / 1e9))
+        label = f"{burst.talker} in {burst.tg} at {when}"
+        start = time.monotonic()
+        for i, (_, ts, _) in enumerate(packets, 1):
+            await asyncio.sleep(max(0.0, start + (ts - packets[0][1]) / 1e9 - time.monotonic()))
+            self.replaying = f"REPLAYING {label}: {i}/{len(packets)} packets"
+        self.replaying = None
+        self.tell(f"replayed {label} ({burst.seconds:.1f} s, {len(packets)} packets)")
+
     @work(group="actions")
     async def action_force_release(self) -> None:
         tg = self.selected_group()
@@ -447,6 +539,7 @@ class ConsoleApp(App[None]):
         self.sub_title = f"server {server} · broker {broker}"
         heard = ", ".join(f"{u} ({n} packets)" for u, n in sorted(self.listening.items()))
         listen = f"  LISTENING IN on {heard}" if heard else ""
+        listen += f"  {self.replaying}" if self.replaying else ""
         self.query_one("#status", Static).update(
             f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}{listen}"
             f"  marked: {', '.join(sorted(self.marked)) or '-'}"

@@ -1,11 +1,11 @@
 """The whole push-to-talk network as the server sees it, without I/O.
 
 Owns the fleet (static and temporary groups), presence, affiliation, one `Floor` per
-group, unit emergencies, short data store-and-forward, units' pre-coded statuses and
-location validation. Every
-input is a decoded message plus the unit its topic names plus `now`; every output is a
-list of actions. A peer that breaks the protocol gets an `error` or `deny` action and a
-count in `rejected`; it can never make this raise.
+group, unit emergencies, short data store-and-forward, units' pre-coded statuses,
+listening in (who listens to whom) and location validation. Every input is a decoded
+message plus the unit its topic names plus `now`; every output is a list of actions. A
+peer that breaks the protocol gets an `error` or `deny` action and a count in `rejected`;
+it can never make this raise.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 from esn.client.handset import HAS_PERMISSION, ClientError, Handset
 from esn.client.metrics import HandsetMetrics
+from esn.client.recorder import Recorder
 from esn.client.scan import SELECTED_PRIORITY, ScanList
 from esn.client.trace import FLOOR_FIELDS, MESSAGE_FIELDS, AccessTrace, RowTrace
 from esn.exporter import serve_metrics
@@ -56,6 +57,7 @@ DISPATCHER = "disp-1"
 CONSOLE = "disp-2"  # a second dispatcher account, for `esn console` beside the demo
 SERVER_ID = "esn-demo"
 AVAILABLE, AT_SCENE = 1, 3  # pre-coded statuses of a fleet that defines none
+RECORDER = "recorder"  # the recorder's unit: a dispatcher account, to read every group
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def fleet_doc(groups: list[str], supervisors: set[str]) -> dict[str, Any]:
     dispatchers = [
         {"id": d, "role": "dispatcher", "priority": 250, "may": may} for d in (DISPATCHER, CONSOLE)
     ]
+    dispatchers.append({"id": RECORDER, "role": "dispatcher", "priority": 0})
     return {
         "defaults": {
             "max_talk_ms": 20000,
@@ -132,6 +135,7 @@ class Demo:
         self.dispatcher: Handset | None = None
         self.late_joiner: Handset | None = None
         self.scanner: Handset | None = None  # scans the second group above its own
+        self.recorder: Recorder | None = None
         self.checks = Checks()
         self.handset_metrics = HandsetMetrics() if opts.monitoring else None
         self.metrics_port = opts.metrics_port or free_port()
@@ -507,6 +511,17 @@ class Demo:
         )
         return outcomes.get("granted", 0) > 0 and relayed > 0
 
+    def check_recording(self) -> None:
+        """The dispatcher's break-in (the pre-emption scene) is in the recordings: its
+        talker, its group, and its voice, packet by packet."""
+        if self.recorder is None:
+            return
+        name = "every talk burst recorded, with its talker and voice"
+        self.checks.expect(name)
+        self.recorder.recordings.commit()
+        bursts = self.recorder.recordings.last_bursts(tg=self.groups[0], talker=DISPATCHER)
+        self.checks.record(name, any(b.packets > 0 and b.ended_ns for b in bursts))
+
     def check_list(self) -> bool:
         print()
         for name, result in self.checks.results.items():
@@ -620,8 +635,13 @@ async def run_demo(opts: DemoOptions) -> int:
             log=demo.server_log,
         )
         print(f"server metrics: http://127.0.0.1:{demo.metrics_port}/metrics")
+        recordings = Path(workdir.name) / "recordings.sqlite3"
+        demo.recorder = Recorder(
+            broker_for(RECORDER), str(recordings), unit=RECORDER, mqtt_client=opts.mqtt_client
+        )
+        await demo.recorder.start()
         if not opts.secure:
-            print(f"console: esn console --broker {url} --unit {CONSOLE}")
+            print(f"console: esn console --broker {url} --unit {CONSOLE} --recordings {recordings}")
         if demo.handset_metrics is not None:
             prometheus, exporter = await _start_monitoring(demo, [demo.metrics_port])
         await demo.start_handsets(broker_for)
@@ -646,6 +666,7 @@ async def run_demo(opts: DemoOptions) -> int:
         await asyncio.wait(tasks, timeout=15)
         for t in tasks:
             t.cancel()
+        demo.check_recording()
         ok = demo.report(demo.scrape())
         await asyncio.gather(*(h.stop() for h in demo.everyone), return_exceptions=True)
         ok &= await end_server(server, demo.server_log, "server")
@@ -665,6 +686,9 @@ async def run_demo(opts: DemoOptions) -> int:
         for t in tasks:
             t.cancel()
         await stop_links([h.transport for h in demo.everyone])  # (before the broker goes)
+        if demo.recorder is not None:
+            with contextlib.suppress(Exception):  # (its file goes with the work folder)
+                await asyncio.wait_for(demo.recorder.stop(), 5)
         demo.close_trace()
         if exporter is not None:
             exporter.close()
