@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -178,8 +179,8 @@ def cmd_record(args: argparse.Namespace) -> int:
     from esn.client.recorder import Recorder
     from esn.store import StoreError
 
-    if args.keep_days <= 0 or args.keep_mb <= 0:
-        raise CliError("--keep-days and --keep-mb must be above 0")
+    if not (0 < args.keep_days <= 36500 and 0 < args.keep_mb <= 1e9):
+        raise CliError("--keep-days must be within 0..36500 and --keep-mb within 0..1e9")
 
     async def main() -> None:
         recorder = Recorder(
@@ -202,7 +203,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-    except StoreError as exc:
+    except (StoreError, sqlite3.Error) as exc:
         print(f"esn record: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 from textual.widgets import DataTable
 
 from esn.client.recorder import Recorder
 from esn.console.app import ConsoleApp
+from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Server
+from esn.store import StoreError
 from esn.store.recordings import Recordings
 from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually
@@ -187,3 +191,85 @@ async def test_instant_recall_lists_a_groups_last_bursts_and_replays_one(
             assert int((replayed(app) or "").split(", ")[1].split()[0]) >= 5  # its packets
     finally:
         await recorder.stop()
+
+
+def floor_news(rec: Recorder, tg: str, msg: m.Message, where: str = "down/floor") -> None:
+    """What the recorder is handed for a group's topic (as the broker would)."""
+    rec._on_message(f"esn/tg/{tg}/{where}", codec.encode(msg))
+
+
+def taken(talker: str, call: str, seq: int, kind: m.Kind = "normal", tg: str = "tg-1") -> m.Taken:
+    return m.Taken(tg=tg, talker=talker, call=call, prio=100, kind=kind, seq=seq)
+
+
+def test_a_call_raised_in_place_is_one_burst_and_old_news_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    rec = Recorder(BrokerConfig.from_url("mqtt://127.0.0.1:1"), str(tmp_path / "r.sqlite3"))
+    try:
+        floor_news(rec, "tg-1", taken("u1", "c1", 1))
+        floor_news(rec, "tg-1", taken("u1", "c1", 2, kind="emergency"))  # raised in place
+        state = m.State(
+            tg="tg-1",
+            floor="taken",
+            emergency=False,
+            queue=0,
+            seq=1,
+            since_ts=1,
+            talker="u1",
+            call="c1",
+            kind="normal",
+            prio=100,
+        )
+        floor_news(rec, "tg-1", state, "state")  # (older: ignored)
+        floor_news(rec, "tg-1", taken("u2", "c1", 3))  # pre-empted: a burst of its own
+        floor_news(rec, "tg-1", m.Idle(tg="tg-1", call="c1", seq=4))
+        bursts = rec.recordings.last_bursts(tg="tg-1")
+        assert [(b.talker, b.kind, b.ended_ns is not None) for b in bursts] == [
+            ("u2", "normal", True),
+            ("u1", "emergency", True),
+        ]
+        # a temporary group dissolved (its state cleared) and made again counts from 1
+        floor_news(rec, "tmp", taken("u3", "c9", 7, tg="tmp"))
+        rec._on_message("esn/tg/tmp/state", b"")
+        floor_news(rec, "tmp", taken("u4", "c1", 1, tg="tmp"))
+        assert [b.talker for b in rec.recordings.last_bursts(tg="tmp")] == ["u4", "u3"]
+    finally:
+        rec.recordings.close()
+
+
+def test_a_write_the_disk_refuses_costs_only_what_was_not_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder(BrokerConfig.from_url("mqtt://127.0.0.1:1"), str(tmp_path / "r.sqlite3"))
+    try:
+        floor_news(rec, "tg-1", taken("u1", "c1", 1))
+        floor_news(rec, "tg-1", m.Idle(tg="tg-1", call="c1", seq=2))  # (committed)
+        floor_news(rec, "tg-2", taken("u2", "c2", 1, tg="tg-2"))
+        real = rec.recordings.add_media
+
+        def full(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(rec.recordings, "add_media", full)
+        packet = {"t": "media", "tg": "tg-2", "talker": "u2", "call": "c2", "seq": 0, "data": b"x"}
+        rec._on_message("esn/tg/tg-2/down/media", msgpack.packb(packet))
+        assert rec.failures == 1 and rec.open == {}  # (tg-2's burst went with the rollback)
+        monkeypatch.setattr(rec.recordings, "add_media", real)
+        floor_news(rec, "tg-2", taken("u3", "c3", 2, tg="tg-2"))  # recording goes on
+        rec._on_message("esn/tg/tg-2/down/media", msgpack.packb({**packet, "talker": "u3"}))
+        rec.recordings.commit()
+        assert [(b.talker, b.packets) for b in rec.recordings.last_bursts()] == [
+            ("u3", 1),
+            ("u1", 0),
+        ]
+    finally:
+        rec.recordings.close()
+
+
+def test_one_recorder_writes_a_file_at_a_time(tmp_path: Path) -> None:
+    first = Recordings(tmp_path / "r.sqlite3")
+    with pytest.raises(StoreError, match="being written by another recorder"):
+        Recordings(tmp_path / "r.sqlite3")
+    first.close()
+    Recordings(tmp_path / "r.sqlite3").close()  # (free again)

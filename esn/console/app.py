@@ -114,11 +114,11 @@ def _last_bursts(path: str, tg: str | None, unit: str | None) -> list[Burst]:
 
 
 def _media_of(path: str, burst: int) -> list[tuple[int, int, bytes]]:
-    recordings = Recordings(path, readonly=True)
+    recordings = Recordings(path, readonly=True)  # (StoreError: gone since the list)
     try:
         return recordings.media(burst)
-    except sqlite3.Error:
-        return []
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the recordings {path}: {exc}") from None
     finally:
         recordings.close()
 
@@ -389,7 +389,7 @@ class ConsoleApp(App[None]):
             f"{unit} made to talk in {tg} for 5 s",
         )
 
-    @work(group="actions", exclusive=True)
+    @work(group="recall", exclusive=True)
     async def action_recall(self) -> None:
         """Instant recall: the selected group's last talk bursts (or, from the units
         panel, the selected unit's), from the recorder's file; Enter replays one."""
@@ -413,14 +413,20 @@ class ConsoleApp(App[None]):
     async def _replay(self, burst: Burst) -> None:
         """Play a recorded burst back at its own pace (the console has no loudspeaker:
         the status line follows it, packet by packet)."""
-        packets = await asyncio.to_thread(_media_of, self.recordings or "", burst.id)
+        try:
+            packets = await asyncio.to_thread(_media_of, self.recordings or "", burst.id)
+        except StoreError as exc:
+            self.refused(str(exc))
+            return
         when = time.strftime("%H:%M:%S", time.localtime(burst.started_ns / 1e9))
         label = f"{burst.talker} in {burst.tg} at {when}"
         start = time.monotonic()
-        for i, (_, ts, _) in enumerate(packets, 1):
-            await asyncio.sleep(max(0.0, start + (ts - packets[0][1]) / 1e9 - time.monotonic()))
-            self.replaying = f"REPLAYING {label}: {i}/{len(packets)} packets"
-        self.replaying = None
+        try:
+            for i, (_, ts, _) in enumerate(packets, 1):
+                await asyncio.sleep(max(0.0, start + (ts - packets[0][1]) / 1e9 - time.monotonic()))
+                self.replaying = f"REPLAYING {label}: {i}/{len(packets)} packets"
+        finally:
+            self.replaying = None  # (also when another recall cut it short)
         self.tell(f"replayed {label} ({burst.seconds:.1f} s, {len(packets)} packets)")
 
     @work(group="actions")

@@ -3,18 +3,23 @@ said (docs/recording.md). Written by the recorder (`esn record`), read by the co
 instant recall and by anyone with `sqlite3`.
 
 Write-ahead-log mode with `synchronous=NORMAL`: what a commit wrote survives the recorder
-being killed (SIGKILL included). The recorder commits every half second and at the end
-of each talk burst; readers (the console) open the file read-only and never block it.
+being killed (SIGKILL included), though not the machine losing power in the next moments.
+The recorder commits every half second and at the end of each talk burst; readers (the
+console) open the file read-only and never block it. One recorder at a time: it holds a
+lock on `FILE.lock` while it writes.
 
 Schema (times in Unix nanoseconds):
 
     bursts(id, tg, call, talker, kind, prio, started_ns, ended_ns, packets, bytes)
     media(burst, seq, ts_ns, data)      -- each voice packet, as relayed
     events(at_ns, tg, type, unit, detail)  -- emergencies, acknowledgements, cancels, SDS...
+                                           -- (detail: a JSON object)
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ from esn.store import StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bursts (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     tg TEXT NOT NULL,
     call TEXT NOT NULL,
     talker TEXT NOT NULL,
@@ -36,6 +41,7 @@ CREATE TABLE IF NOT EXISTS bursts (
 );
 CREATE INDEX IF NOT EXISTS bursts_by_tg ON bursts (tg, started_ns);
 CREATE INDEX IF NOT EXISTS bursts_by_talker ON bursts (talker, started_ns);
+CREATE INDEX IF NOT EXISTS bursts_by_time ON bursts (started_ns);
 CREATE TABLE IF NOT EXISTS media (
     burst INTEGER NOT NULL REFERENCES bursts (id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
@@ -48,7 +54,7 @@ CREATE TABLE IF NOT EXISTS events (
     tg TEXT,
     type TEXT NOT NULL,
     unit TEXT,
-    detail TEXT NOT NULL DEFAULT ''
+    detail TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_by_time ON events (at_ns);
 """
@@ -72,23 +78,31 @@ class Burst:
         return 0.0 if self.ended_ns is None else (self.ended_ns - self.started_ns) / 1e9
 
 
+MAX_EVENTS = 1_000_000  # events kept at most (the oldest go first): short data floods
+
+
 class Recordings:
     """The file, for writing (the recorder) or for reading (`readonly`)."""
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = str(path)
+        self._lock: int | None = None
         try:
             if readonly:
-                uri = f"file:{Path(path).resolve()}?mode=ro"
+                uri = Path(path).resolve().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=2)
-            else:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=2)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                self._db.execute("PRAGMA foreign_keys=ON")
-                self._db.executescript(SCHEMA)
-                self._db.execute("BEGIN")
+                return
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=2)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            self._db.execute("BEGIN")
+        except BlockingIOError:
+            raise StoreError(f"recordings {path} are being written by another recorder") from None
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open recordings {path}: {exc}") from None
 
@@ -104,6 +118,10 @@ class Recordings:
     def close_burst(self, burst: int, at_ns: int) -> None:
         self._db.execute("UPDATE bursts SET ended_ns = ? WHERE id = ?", (at_ns, burst))
 
+    def raised(self, burst: int, kind: str, prio: int) -> None:
+        """The burst's call was raised (or lowered) in place: its kind and priority now."""
+        self._db.execute("UPDATE bursts SET kind = ?, prio = ? WHERE id = ?", (kind, prio, burst))
+
     def add_media(self, burst: int, seq: int, ts_ns: int, data: bytes) -> None:
         self._db.execute("INSERT INTO media VALUES (?,?,?,?)", (burst, seq, ts_ns, data))
         self._db.execute(
@@ -116,7 +134,15 @@ class Recordings:
 
     def commit(self) -> None:
         """What was written so far, kept for good (a kill after this loses none of it)."""
-        self._db.execute("COMMIT")
+        if self._db.in_transaction:
+            self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+
+    def rollback(self) -> None:
+        """After a failed write (a full disk): what the open transaction held is gone; a
+        new one begins."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
         self._db.execute("BEGIN")
 
     def close_open_bursts(self) -> int:
@@ -130,23 +156,29 @@ class Recordings:
         return cur.rowcount
 
     def trim(self, now_ns: int, keep_s: float, keep_bytes: int) -> int:
-        """Drop what is older than `keep_s`, then the oldest bursts while the voice kept is
-        over `keep_bytes`; returns how many bursts went."""
+        """Drop the ended bursts older than `keep_s`, then the oldest ended ones while the
+        voice kept is over `keep_bytes`; events older than `keep_s`, and beyond
+        MAX_EVENTS. Returns how many bursts went."""
+        cutoff = max(0, now_ns - int(keep_s * 1e9))
+        ended = "ended_ns IS NOT NULL"
         gone = self._db.execute(
-            "DELETE FROM bursts WHERE started_ns < ?", (now_ns - int(keep_s * 1e9),)
+            f"DELETE FROM bursts WHERE started_ns < ? AND {ended}", (cutoff,)
         ).rowcount
-        self._db.execute("DELETE FROM events WHERE at_ns < ?", (now_ns - int(keep_s * 1e9),))
+        self._db.execute("DELETE FROM events WHERE at_ns < ?", (cutoff,))
+        self._db.execute(
+            "DELETE FROM events WHERE rowid <= (SELECT MAX(rowid) FROM events) - ?", (MAX_EVENTS,)
+        )
         total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM bursts").fetchone()[0]
-        while total > keep_bytes:
-            row = self._db.execute(
-                "SELECT id, bytes FROM bursts WHERE ended_ns IS NOT NULL "
-                "ORDER BY started_ns LIMIT 1"
-            ).fetchone()
-            if row is None:
+        excess, last = total - keep_bytes, None
+        rows = self._db.execute(f"SELECT id, bytes FROM bursts WHERE {ended} ORDER BY id")
+        for burst, size in rows if excess > 0 else ():
+            if excess <= 0:
                 break
-            self._db.execute("DELETE FROM bursts WHERE id = ?", (row[0],))
-            total -= row[1]
-            gone += 1
+            excess, last = excess - size, burst
+        if last is not None:
+            gone += self._db.execute(
+                f"DELETE FROM bursts WHERE id <= ? AND {ended}", (last,)
+            ).rowcount
         self.commit()
         return int(gone)
 
@@ -170,7 +202,7 @@ class Recordings:
     def media(self, burst: int) -> list[tuple[int, int, bytes]]:
         """(seq, ts_ns, data) of a burst's packets, in order."""
         rows = self._db.execute(
-            "SELECT seq, ts_ns, data FROM media WHERE burst = ? ORDER BY seq", (burst,)
+            "SELECT seq, ts_ns, data FROM media WHERE burst = ? ORDER BY rowid", (burst,)
         )
         return [(int(s), int(t), bytes(d)) for s, t, d in rows.fetchall()]
 
@@ -180,3 +212,5 @@ class Recordings:
                 self._db.execute("COMMIT")
         finally:
             self._db.close()
+            if self._lock is not None:
+                os.close(self._lock)  # (the lock with it)

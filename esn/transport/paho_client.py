@@ -58,7 +58,10 @@ class PahoTransport(Transport):
         try:
             async for msg in client.messages:
                 payload = msg.payload if isinstance(msg.payload, bytes) else b""
-                self._receive(msg.topic.value, payload, bool(msg.retain))
+                try:
+                    self._receive(msg.topic.value, payload, bool(msg.retain))
+                except Exception:  # a handler's bug costs its message, not the link's reader
+                    _log.exception("a message on %s was not handled", msg.topic.value)
         except aiomqtt.MqttError:
             if client is self._client:
                 self._link_lost()
