@@ -338,12 +338,17 @@ class Worker:
             if not self.stopping:
                 self.spawn(action(planned))
 
-    async def emergency(self, planned: float) -> None:
+    def free_member(self) -> tuple[str, list[str], str] | None:
+        """A group of this worker's, its talkers, and one of them not talking now."""
         tg, members = self.rng.choice(list(self.plan.talkers.items()))
         free = [u for u in members if u not in self.busy]
-        if not free:
+        return (tg, members, self.rng.choice(free)) if free else None
+
+    async def emergency(self, planned: float) -> None:
+        picked = self.free_member()
+        if picked is None:
             return
-        unit = self.rng.choice(free)
+        tg, members, unit = picked
         h = self.handsets[unit]
         lat, lon = h.position
         h.send(m.EmergencyAlert(tg=tg, lat=lat, lon=lon, ref=h.next_ref()))
@@ -353,11 +358,10 @@ class Worker:
 
     async def imminent(self, planned: float) -> None:
         """An imminent-peril call, cancelled half-way through: it goes on at normal."""
-        tg, members = self.rng.choice(list(self.plan.talkers.items()))
-        free = [u for u in members if u not in self.busy]
-        if not free:
+        picked = self.free_member()
+        if picked is None:
             return
-        unit = self.rng.choice(free)
+        tg, members, unit = picked
         h = self.handsets[unit]
         self.rec.count("imminent_calls")
         midway = asyncio.ensure_future(self.cancel_imminent(h, tg, planned + 1.5))
@@ -396,12 +400,12 @@ class Worker:
 
     async def remote_talk(self, planned: float) -> None:
         """A dispatcher makes a free handset talk in its group for 2 s."""
-        tg, members = self.rng.choice(list(self.plan.talkers.items()))
-        free = [u for u in members if u not in self.busy]
-        if not free:
+        picked = self.free_member()
+        if picked is None:
             return
+        tg, _, unit = picked
         d = self.handsets[self.rng.choice(self.plan.dispatchers)]
-        asked = m.RemoteTalk(unit=self.rng.choice(free), tg=tg, seconds=2, ref=d.next_ref())
+        asked = m.RemoteTalk(unit=unit, tg=tg, seconds=2, ref=d.next_ref())
         with contextlib.suppress(TimeoutError):
             answer = await d.ask(asked, timeout=10)
             self.rec.count("remote_talks" if isinstance(answer, m.Ok) else "remote_talks_refused")
