@@ -579,19 +579,13 @@ class Handset:
         self._close_mic()
         if self.media_interval > 0:
             self._mic_call = msg.call
-            self._mic = asyncio.create_task(self._send_ambient(msg.call))
+            topic = self.topics.unit_media_up(self.unit)
+            self._mic = asyncio.create_task(self._send_media(topic, msg.call))
 
     def _close_mic(self) -> None:
         if self._mic is not None:
             self._mic.cancel()
         self._mic = self._mic_call = None
-
-    async def _send_ambient(self, call: str) -> None:
-        topic, frame = self.topics.unit_media_up(self.unit), os.urandom(self.payload_bytes)
-        for seq in itertools.count():
-            packet = {"t": "media", "call": call, "seq": seq, "data": frame, "ts": time.time_ns()}
-            self.transport.publish(topic, msgpack.packb(packet), qos=0)
-            await asyncio.sleep(self.media_interval)
 
     def _follow_regroup(self, msg: m.Regrouped | m.Ungrouped) -> None:
         """A dispatcher put us in (or took us out of) a temporary group: listen to it."""
@@ -702,7 +696,8 @@ class Handset:
                 case StartMedia():
                     self._stop_media(view)
                     if self.media_interval > 0:
-                        view.media_task = asyncio.create_task(self._send_media(tg, a.call))
+                        topic = self.topics.media_up(tg, self.unit)
+                        view.media_task = asyncio.create_task(self._send_media(topic, a.call))
                 case StopMedia():
                     self._stop_media(view)
                 case Outcome():
@@ -775,8 +770,8 @@ class Handset:
             view.media_task.cancel()
             view.media_task = None
 
-    async def _send_media(self, tg: str, call: str) -> None:
-        topic = self.topics.media_up(tg, self.unit)
+    async def _send_media(self, topic: str, call: str) -> None:
+        """Voice packets of `call` on `topic` (a group's, or our own while listened in on)."""
         frame = os.urandom(self.payload_bytes)
         loop = asyncio.get_running_loop()
         start = loop.time()
