@@ -103,18 +103,9 @@ class AccessTrace:
 
 
 def merge(parts: list[Path], into: Path) -> Counter[str]:
-    """Merge the workers' traces into one file ordered by the time of each request,
-    remove them, and return how many requests had each outcome."""
-    rows = []
-    for part in parts:
-        with open(part, newline="") as f:
-            rows += [r for r in list(csv.reader(f))[1:] if len(r) == len(FIELDS)]  # (no stub)
-        part.unlink()
-    rows.sort(key=lambda r: float(r[0]))
-    with open(into, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(FIELDS)
-        writer.writerows(rows)
+    """Merge the workers' access traces into one file ordered by the time of each
+    request, remove them, and return how many requests had each outcome."""
+    rows = _merge(parts, into, FIELDS)
     return Counter(r[FIELDS.index("outcome")] for r in rows)
 
 
@@ -160,21 +151,23 @@ def _group_of(topic: str) -> str:
     return parts[parts.index("tg") + 1] if "tg" in parts[:-1] else ""
 
 
-def merge_rows(parts: list[Path], into: Path) -> int:
-    """Merge the workers' row traces into one file ordered by time, remove them, and
-    return how many rows there are."""
-    header: list[str] = []
+def merge_rows(parts: list[Path], into: Path, fields: tuple[str, ...]) -> int:
+    """Merge the workers' row traces (of `fields`) into one file ordered by time, remove
+    them, and return how many rows there are."""
+    return len(_merge(parts, into, fields))
+
+
+def _merge(parts: list[Path], into: Path, fields: tuple[str, ...]) -> list[list[str]]:
+    """The rows of the workers' files (their header left out, and any row of another
+    length: a stub), in time order, written to `into` under `fields`; the parts removed."""
     rows: list[list[str]] = []
     for part in parts:
         with open(part, newline="") as f:
-            found = list(csv.reader(f))
+            rows += [r for r in list(csv.reader(f))[1:] if len(r) == len(fields)]
         part.unlink()
-        if found:
-            header = found[0]
-            rows += [r for r in found[1:] if len(r) == len(header)]
     rows.sort(key=lambda r: float(r[0]))
     with open(into, "w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(header)
+        writer.writerow(fields)
         writer.writerows(rows)
-    return len(rows)
+    return rows

@@ -204,12 +204,12 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     if parts:  # (none when interrupted before the traffic began)
         outcomes = trace.merge(parts, out / "access.csv")
         report["access_trace"] = {"file": "access.csv", "outcomes": dict(sorted(outcomes.items()))}
-    for name in ("messages", "floor"):  # (with `full_trace`)
-        rows = sorted(out.glob(f"{name}-*.csv"))
+    for name, fields in (("messages", trace.MESSAGE_FIELDS), ("floor", trace.FLOOR_FIELDS)):
+        rows = sorted(out.glob(f"{name}-*.csv"))  # (with `full_trace`)
         if rows:
             report[f"{name}_trace"] = {
                 "file": f"{name}.csv",
-                "rows": trace.merge_rows(rows, out / f"{name}.csv"),
+                "rows": trace.merge_rows(rows, out / f"{name}.csv", fields),
             }
     if interrupted:
         report["interrupted"] = True  # a partial run: figures so far, and no verdict
