@@ -37,12 +37,12 @@ SORTS = ("unit", "presence", "age", "speed")
 class DispatcherLink(Handset):
     """The console's own unit: it listens to monitored groups' voice only, because it
     watches every group's floor and events through wildcard subscriptions anyway.
-    `replaying` is true while a retained message handed over on subscribing is read."""
+    `handing_over` is true while a retained message handed over on subscribing is read."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.replaying = False
-        self.transport.on_retained = self._replay
+        self.handing_over = False
+        self.transport.on_retained = self._handed_over
         self.on_cleared: Callable[[str], None] | None = None  # a retained message removed
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -50,12 +50,12 @@ class DispatcherLink(Handset):
             self.on_cleared(topic)
         super()._on_message(topic, payload)
 
-    def _replay(self, topic: str, payload: bytes) -> None:
-        self.replaying = True
+    def _handed_over(self, topic: str, payload: bytes) -> None:
+        self.handing_over = True
         try:
             self._on_retained(topic, payload)
         finally:
-            self.replaying = False
+            self.handing_over = False
 
     def group_topics(self, tg: str) -> tuple[str, ...]:
         return (self.topics.media_down(tg),)
@@ -258,7 +258,7 @@ class ConsoleApp(App[None]):
 
     def inbound(self, i: Inbound) -> None:
         msg = i.msg
-        self.model.apply(i.topic, msg, history=self.link.replaying)
+        self.model.apply(i.topic, msg, history=self.link.handing_over)
         if not i.topic.endswith(f"/unit/{self.unit_id}/down"):
             return
         if isinstance(msg, m.Error):
@@ -357,13 +357,10 @@ class ConsoleApp(App[None]):
             return
         ending = unit in self.listening
         msg = (m.AmbientEnd if ending else m.AmbientListen)(unit=unit, ref=self.link.next_ref())
-        try:
-            reply = await self.link.ask(msg)
-        except TimeoutError:
-            self.refused(f"no answer from the server to {msg.T}")
+        reply = await self._ask(msg)
+        if reply is None:
             return
         if isinstance(reply, m.Error):
-            self.refused(f"{msg.T} refused: {say(reply.cause)} ({reply.detail})")
             if ending:  # (the server had ended it already: a link lost meanwhile)
                 self.listening.pop(unit, None)
         elif ending:
@@ -507,17 +504,22 @@ class ConsoleApp(App[None]):
         self.model.version += 1
 
     async def _command(self, msg: m.Message, done: str) -> bool:
+        if isinstance(await self._ask(msg), m.Ok):
+            self.tell(done)
+            return True
+        return False
+
+    async def _ask(self, msg: m.Message) -> m.Message | None:
+        """The server's answer to `msg`, a refusal already told in words; None (told too)
+        when no answer came."""
         try:
             reply = await self.link.ask(msg)
         except TimeoutError:
             self.refused(f"no answer from the server to {msg.T}")
-            return False
-        if isinstance(reply, m.Ok):
-            self.tell(done)
-            return True
+            return None
         if isinstance(reply, m.Error):
             self.refused(f"{msg.T} refused: {say(reply.cause)} ({reply.detail})")
-        return False
+        return reply
 
     # --- drawing ------------------------------------------------------------------------
 
