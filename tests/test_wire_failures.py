@@ -102,6 +102,36 @@ async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_clie
             await srv.stop()
 
 
+async def test_a_subscription_the_broker_does_not_answer_is_made_again(
+    prefix: str, mqtt_client: str
+) -> None:
+    """Tried: a subscribe sent to a broker frozen with SIGSTOP (it takes the bytes and
+    answers nothing). Expect: the subscribe returns after `connect_timeout` instead of
+    waiting for good, the link is dropped, and once the broker answers again the
+    reconnect makes the subscription: a message published there arrives."""
+    with Mosquitto() as own:
+        cfg = BrokerConfig.from_url(own.url)
+        sub = make_transport(mqtt_client, cfg, client_id=f"{prefix}-sub")
+        pub = make_transport(mqtt_client, cfg, client_id=f"{prefix}-pub")
+        sub.connect_timeout = 1.0
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+        sub.on_message = lambda topic, payload: got.put_nowait(payload)
+        await sub.start()
+        await pub.start()
+        assert own.proc is not None
+        try:
+            own.proc.send_signal(signal.SIGSTOP)
+            await asyncio.wait_for(sub.subscribe(f"{prefix}/x", qos=1), 10)
+            own.proc.send_signal(signal.SIGCONT)
+            await eventually(lambda: sub.reconnects >= 1 and sub.connected, timeout=20)
+            await eventually(lambda: pub.connected, timeout=20)
+            pub.publish(f"{prefix}/x", b"after", qos=1)
+            assert await asyncio.wait_for(got.get(), 5) == b"after"
+        finally:
+            own.proc.send_signal(signal.SIGCONT)
+            await asyncio.gather(sub.stop(), pub.stop())
+
+
 async def run(cmd: list[str], timeout: float = 20) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
     try:

@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -164,11 +164,14 @@ class Transport(ABC):
             await self._disconnect()
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
-        """Subscribe and wait for the broker's SUBACK; kept across reconnects."""
+        """Subscribe and wait for the broker's SUBACK; kept across reconnects. Returns
+        once the link is lost meanwhile (the reconnect subscribes again), and drops a
+        link whose broker does not answer within `connect_timeout` (a link that does not
+        answer is not to be trusted: the reconnect subscribes again)."""
         for t in topics:
             self._subscriptions[t] = qos
         if self.connected:
-            await self._subscribe([(t, qos) for t in topics])
+            await self._unanswered(self._subscribe([(t, qos) for t in topics]))
 
     async def writable(self, timeout: float = 5.0) -> None:
         """Return once at most half of `max_inflight` publishes await acks (waiting at most
@@ -186,7 +189,16 @@ class Transport(ABC):
         for t in topics:
             self._subscriptions.pop(t, None)
         if self.connected:
-            await self._unsubscribe(list(topics))
+            await self._unanswered(self._unsubscribe(list(topics)))
+
+    async def _unanswered(self, request: Awaitable[None]) -> None:
+        try:
+            await request
+        except TransportError as exc:
+            log.warning("%s: %s; reconnecting", self.client_id, exc)
+            self.connected = False
+            await self._disconnect()
+            self._link_lost()
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
         """Hand a message to the link, or count it as dropped: this never raises, so no
@@ -233,6 +245,10 @@ class Transport(ABC):
             raise TransportError(
                 f"broker {self.broker.url()} did not answer within {timeout:g} s"
             ) from None
+        except TransportError:  # (a subscription not acknowledged)
+            self.connected = False
+            await self._disconnect()
+            raise
         self.on_connect()
 
     async def _resubscribe(self) -> None:

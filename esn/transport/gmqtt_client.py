@@ -70,6 +70,9 @@ class GmqttTransport(Transport):
 
     def _lost_from(self, client: _Client) -> None:
         if client is self._client:  # a failed or retired session closing late is no news
+            for fut in self._acks.values():  # (what they asked for is asked again)
+                if not fut.done():
+                    fut.set_result(None)
             self._link_lost()
 
     async def _disconnect(self) -> None:
@@ -87,7 +90,15 @@ class GmqttTransport(Transport):
 
     async def _await_ack(self, mid: int) -> None:
         fut = self._acks[mid] = asyncio.get_running_loop().create_future()
-        await fut
+        try:
+            await asyncio.wait_for(fut, self.connect_timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"broker {self.broker.url()} did not acknowledge a subscription "
+                f"within {self.connect_timeout:g} s"
+            ) from None
+        finally:
+            self._acks.pop(mid, None)
 
     async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
         assert self._client is not None

@@ -76,11 +76,17 @@ class PahoTransport(Transport):
 
     async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
         assert self._client is not None
-        await self._client.subscribe(subs)
+        try:
+            await self._client.subscribe(subs)
+        except aiomqtt.MqttError as exc:  # (no SUBACK within its timeout, or the link went)
+            raise TransportError(f"broker {self.broker.url()}: subscribing: {exc}") from None
 
     async def _unsubscribe(self, topics: list[str]) -> None:
         assert self._client is not None
-        await self._client.unsubscribe(topics)
+        try:
+            await self._client.unsubscribe(topics)
+        except aiomqtt.MqttError as exc:
+            raise TransportError(f"broker {self.broker.url()}: unsubscribing: {exc}") from None
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         assert self._client is not None
