@@ -225,6 +225,12 @@ class Handset:
         self._mic: asyncio.Task[None] | None = None  # listened in on (11.13): sending
         self._mic_call: str | None = None
         self.on_ambient: Callable[[str], None] | None = None  # a packet of a unit listened to
+        # the private call it is in (11.14), as last told; a ringing one is answered after
+        # `answer_after` seconds (None: left to ring), one while in another refused busy
+        self.private: m.Private | None = None
+        self.answer_after: float | None = 0.5
+        self.on_private_media: Callable[[str], None] | None = None  # (talker) per packet
+        self._private_voice: asyncio.Task[None] | None = None
         # every control and floor message sent ("out") or received ("in"), voice left out,
         # and each change of a group's floor state: the full traces (docs/traces.md)
         self.on_wire: Callable[[str, str, m.Message], None] | None = None
@@ -286,6 +292,7 @@ class Handset:
         if self._location_task is not None:
             self._location_task.cancel()
         self._close_mic()
+        self._private_over()
         for retry in self._unanswered.values():
             retry.cancel()
         self._unanswered.clear()
@@ -294,6 +301,7 @@ class Handset:
 
     def _on_disconnect(self) -> None:
         self._close_mic()  # (the server ends listening in when our will fires)
+        self._private_over()  # (and a private call)
         if self.on_link is not None:
             self.on_link(False)
 
@@ -371,6 +379,90 @@ class Handset:
         """Send a pre-coded status (a code of the fleet's); raises `Refused` for a code the
         fleet does not have."""
         return await self._ask_for(m.UnitStatus(code=code, ref=self.next_ref()), m.Ok, timeout)
+
+    # --- private calls (11.14) ---------------------------------------------------------
+
+    async def private_call(
+        self,
+        unit: str,
+        *,
+        kind: m.Kind = "normal",
+        floor: bool = True,
+        answer: m.Answer = "manual",
+        timeout: float = 5.0,
+    ) -> m.Private:
+        """Call `unit` alone; returns how the call stands once the server answered:
+        `ringing`, `connected`, or `ended` with its cause (offline, busy)."""
+        msg = m.PrivateCall(unit=unit, kind=kind, floor=floor, answer=answer, ref=self.next_ref())
+        return await self._ask_for(msg, m.Private, timeout)
+
+    async def answer_private(self, accept: bool = True, timeout: float = 5.0) -> m.Private:
+        """Take (or refuse) the call ringing here."""
+        call = self.private
+        if call is None or call.state != "ringing" or call.caller == self.unit:
+            raise ClientError(f"{self.unit}: no call rings here")
+        msg = m.PrivateAnswer(call=call.call, accept=accept, ref=self.next_ref())
+        return await self._ask_for(msg, m.Private, timeout)
+
+    async def hang_up(self, timeout: float = 5.0) -> m.Private | None:
+        """End the private call it is in, if any."""
+        call = self.private
+        if call is None:
+            return None
+        self._stop_private_voice()
+        msg = m.PrivateEnd(call=call.call, ref=self.next_ref())
+        return await self._ask_for(msg, m.Private, timeout)
+
+    async def talk_private(self, seconds: float, timeout: float = 5.0) -> bool:
+        """Talk in the connected private call for `seconds`: with floor control, PTT down
+        first (False when the other party has the turn) and up after; a turn taken back
+        or the call ending stops the voice at once."""
+        call = self.private
+        if call is None or call.state != "connected":
+            return False
+        if call.floor:
+            press = m.PrivateTalk(call=call.call, on=True, ref=self.next_ref())
+            if (await self._ask_for(press, m.Private, timeout)).talker != self.unit:
+                return False
+        self._stop_private_voice()
+        topic = self.topics.unit_media_up(self.unit)
+        voice = self._private_voice = asyncio.create_task(self._send_media(topic, call.call))
+        await asyncio.wait({voice}, timeout=seconds)  # (or stopped by the call's news)
+        self._stop_private_voice()
+        now = self.private
+        if call.floor and now is not None and now.call == call.call and now.talker == self.unit:
+            self._send_up(m.PrivateTalk(call=call.call, on=False, ref=self.next_ref()))
+        return True
+
+    def _private_news(self, msg: m.Private) -> None:
+        mine = self.private
+        if mine is not None and mine.call != msg.call:
+            if msg.state == "ringing" and msg.caller != self.unit:  # (in a call already)
+                ref = self.next_ref()
+                self._send_up(m.PrivateAnswer(call=msg.call, accept=False, cause="busy", ref=ref))
+            return
+        if msg.state == "ended":
+            self._private_over()
+            return
+        self.private = msg
+        if msg.floor and msg.talker != self.unit:
+            self._stop_private_voice()  # (the turn is not, or no longer, ours)
+        if msg.state == "ringing" and msg.caller != self.unit and self.answer_after is not None:
+            asyncio.get_running_loop().call_later(self.answer_after, self._pick_up, msg.call)
+
+    def _pick_up(self, call: str) -> None:
+        now = self.private
+        if now is not None and now.call == call and now.state == "ringing":
+            self._send_up(m.PrivateAnswer(call=call, accept=True, ref=self.next_ref()))
+
+    def _stop_private_voice(self) -> None:
+        if self._private_voice is not None:
+            self._private_voice.cancel()
+            self._private_voice = None
+
+    def _private_over(self) -> None:
+        self._stop_private_voice()
+        self.private = None
 
     def send(self, msg: m.Message) -> None:
         """Send a unit-control message without waiting (location, emergency, SDS, ...)."""
@@ -518,6 +610,9 @@ class Handset:
         if isinstance(msg, m.MicOpen | m.MicClose | m.RemoteTalk):
             self._remote_control(msg)
             return
+        if isinstance(msg, m.Private):
+            self._private_news(msg)
+            return
         if isinstance(msg, m.Status):
             # The server says online after it (or we) reconnected: it may have lost our
             # affiliations (a restart, our will firing), so state them again; it is idempotent.
@@ -608,10 +703,17 @@ class Handset:
             return
         if talker == self.unit:
             return
-        if topic == self.topics.unit_media_down(self.unit):  # a unit we listen in on (11.13)
-            self.stats.count("ambient_rx")
-            if self.on_ambient is not None and isinstance(talker, str):
-                self.on_ambient(talker)
+        if topic == self.topics.unit_media_down(self.unit):  # a private call, or listening in
+            call = self.private
+            if call is not None and obj.get("call") == call.call:
+                self.stats.count("private_rx")
+                self._mouth_to_ear(ts)
+                if self.on_private_media is not None and isinstance(talker, str):
+                    self.on_private_media(talker)
+            else:
+                self.stats.count("ambient_rx")
+                if self.on_ambient is not None and isinstance(talker, str):
+                    self.on_ambient(talker)
             if self._waiters:
                 seq = obj.get("seq")
                 seq = seq if isinstance(seq, int) else -1
@@ -622,6 +724,10 @@ class Handset:
             self.stats.count("bad_media")
             return
         self.stats.count("media_rx")
+        call = self.private
+        if call is not None and call.kind == "emergency" and call.state == "connected":
+            self.stats.count("media_unheard")  # (an emergency private call is heard instead)
+            return
         if self.scan is not None and tg != self.scan.heard:
             self.stats.count("media_unheard")  # (received and read, not played)
             view = self.groups.get(tg)
@@ -635,13 +741,7 @@ class Handset:
                 self.stats.scan_entry_s.append(entered)
             if self.metrics is not None:
                 self.metrics.scan_entry(entered)
-        now_ns = time.time_ns()
-        if isinstance(ts, int):
-            m2e = (now_ns - ts) / 1e9
-            if self.keep_stats:
-                self.stats.mouth_to_ear_s.append(m2e)
-            if self.metrics is not None:
-                self.metrics.mouth_to_ear(m2e)
+        self._mouth_to_ear(ts)
         view = self.groups.get(tg)
         if view is not None and view.joined_at is not None:
             late = time.perf_counter() - view.joined_at
@@ -666,6 +766,14 @@ class Handset:
                     ),
                 )
             )
+
+    def _mouth_to_ear(self, ts: object) -> None:
+        if isinstance(ts, int):
+            m2e = (time.time_ns() - ts) / 1e9
+            if self.keep_stats:
+                self.stats.mouth_to_ear_s.append(m2e)
+            if self.metrics is not None:
+                self.metrics.mouth_to_ear(m2e)
 
     # --- the floor participant's actions ---------------------------------------------
 

@@ -25,6 +25,7 @@ DEFAULT_LIMITS = {
     "location": Rate(per_s=2.0, burst=5.0),
     "sds": Rate(per_s=1.0, burst=5.0),
     "status": Rate(per_s=1.0, burst=5.0),  # pre-coded status messages
+    "call": Rate(per_s=1.0, burst=5.0),  # private calls set up (each may ring a unit)
 }
 
 # the pre-coded statuses of a fleet file without [[status]] tables (TETRA-style numbers)

@@ -188,6 +188,15 @@ class Floor:
             return self._end_talk(now)
         return self._leave_queue(unit)
 
+    def preempt(self, unit: str, now: float) -> list[Action]:
+        """The unit's talk here ends, for an emergency private call of its (11.14), unless
+        it is an emergency call itself."""
+        h = self.holder
+        if h is None or h.unit != unit or h.kind == "emergency":
+            return []
+        self._count("preempted")
+        return [self._revoke(unit, "preempted", h.ref), *self._end_talk(now)]
+
     def force_release(self, now: float) -> list[Action]:
         out: list[Action] = []
         h = self.holder

@@ -2,7 +2,8 @@
 
 Owns the fleet (static and temporary groups), presence, affiliation, one `Floor` per
 group, unit emergencies, short data store-and-forward, units' pre-coded statuses,
-listening in (who listens to whom) and location validation. Every input is a decoded
+listening in (who listens to whom), private calls (`esn.core.private`) and location
+validation. Every input is a decoded
 message plus the unit its topic names plus `now`; every output is a list of actions. A
 peer that breaks the protocol gets an `error` or `deny` action and a count in `rejected`;
 it can never make this raise.
@@ -31,6 +32,7 @@ from esn.core.actions import (
 from esn.core.fleet import Fleet, Talkgroup, UnitProfile
 from esn.core.floor import KIND_RANK, Floor, Saved
 from esn.core.limits import Rate, RateLimiter, Verdict
+from esn.core.private import NotYours, PrivateCalls
 from esn.protocol import messages as m
 from esn.protocol.ids import is_id
 
@@ -75,6 +77,7 @@ class Network:
         self._guest_statuses: OrderedDict[str, None] = OrderedDict()
         self._unstated: set[str] = set()  # statuses read back but not kept: to be cleared
         self.ambient: dict[str, tuple[str, str]] = {}  # unit listened in on -> (by, call)
+        self.private = PrivateCalls(fleet.defaults.max_talk_ms / 1000)
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
@@ -174,6 +177,8 @@ class Network:
                 return self._ambient_end(profile, msg)
             case m.RemoteTalk():
                 return self._remote_talk(profile, msg)
+            case m.PrivateCall() | m.PrivateAnswer() | m.PrivateTalk() | m.PrivateEnd():
+                return self._private(profile, msg, now)
             case m.EmergencyAck():
                 return self._emergency_ack(profile, msg, now)
             case m.ForceRelease():
@@ -392,6 +397,62 @@ class Network:
             Audit(msg.T, f"{p.id} makes {target} talk in {msg.tg} for {seconds} s (ref {msg.ref})"),
         ]
 
+    # --- private calls (docs/protocol.md, 11.14) ----------------------------------------
+
+    def _private(
+        self,
+        p: UnitProfile,
+        msg: m.PrivateCall | m.PrivateAnswer | m.PrivateTalk | m.PrivateEnd,
+        now: float,
+    ) -> list[Action]:
+        calls = self.private
+        try:
+            match msg:
+                case m.PrivateCall():
+                    if msg.kind == "imminent":
+                        raise NotYours("a private call is normal or emergency")
+                    if msg.unit == p.id or self.fleet.profile(msg.unit) is None:
+                        raise NotYours(f"{msg.unit} is not another unit of the fleet")
+                    out = calls.setup(p.id, msg, now, self.online.__contains__)
+                    out += self._preempt_for(msg.unit, now)
+                case m.PrivateAnswer():
+                    out = calls.answer(p.id, msg, now) + self._preempt_for(p.id, now)
+                case m.PrivateTalk():
+                    out = calls.talk(p.id, msg, now)
+                case m.PrivateEnd():
+                    out = calls.hang_up(p.id, msg)
+        except NotYours as exc:
+            return self._error(p.id, msg.ref, "invalid_field", str(exc))
+        return self._told_private(out)
+
+    def _preempt_for(self, callee: str, now: float) -> list[Action]:
+        """An emergency private call just connected takes the callee off the floors it
+        holds at a lower priority (it is to hear and answer this call)."""
+        call = self.private.of_unit(callee)
+        if call is None or call.state != "connected" or call.kind != "emergency":
+            return []
+        out: list[Action] = []
+        for tg in sorted(self.affiliations.get(callee, ())):
+            floor = self.floors.get(tg)
+            if floor is not None:
+                revoked = floor.preempt(callee, now)
+                if revoked:
+                    out += revoked
+                    self._arm(floor)
+                    self._touch("group", tg)
+        return out
+
+    def _told_private(self, out: list[Action]) -> list[Action]:
+        """Private-call news is in both parties' records (the caller's keeps the call)."""
+        for a in out:
+            if isinstance(a, ToUnit) and isinstance(a.msg, m.Private):
+                self._touch("unit", a.unit)
+        return out
+
+    def private_voice_to(self, unit: str, call: str, now: float) -> str | None:
+        """The party a voice packet of `unit` in private call `call` goes to, if any."""
+        return self.private.voice_to(unit, call, now)
+
     def status_msg(self, unit: str) -> m.UnitStatus | None:
         """The unit's last status as dispatchers are shown it, if it sent one."""
         if unit not in self.statuses:
@@ -531,6 +592,7 @@ class Network:
         self.online.discard(unit)
         ended = [t for t, (by, _) in self.ambient.items() if unit in (t, by)]
         out: list[Action] = [a for t in ended for a in self._stop_listening(t, "offline", None)]
+        out += self._told_private(self.private.offline(unit))
         if unit not in self.offline and len(self.offline) >= self.max_units:
             self.offline.pop()  # bounded: made-up ids going offline cannot grow it
         self.offline.add(unit)  # (a retained offline tells recovery a talker is gone)
@@ -597,6 +659,7 @@ class Network:
             self._guest_statuses.pop(unit, None)
         for unit in [u for u in self.ambient if theirs(u)]:
             del self.ambient[unit]
+        self.private.forget(theirs)
         self.stored = {tg for tg in self.stored if not theirs(tg)}
         self.changed = {k for k in self.changed if not theirs(k.partition("/")[2])}
 
@@ -656,6 +719,7 @@ class Network:
                 | self._answers.keys()
                 | self.statuses.keys()
                 | self.ambient.keys()
+                | self.private.of.keys()
             }
             | {f"sds/{u}" for u in self._sds_store}
         )
@@ -680,7 +744,8 @@ class Network:
             answers = self._answers.get(ident) or OrderedDict()
             status = self.statuses.get(ident)
             ambient = self.ambient.get(ident)
-            if not groups and not answers and status is None and ambient is None:
+            private = self.private.record(ident)
+            if not (groups or answers or status or ambient or private):
                 return None
             kept: dict[str, Any] = {
                 "groups": groups,
@@ -690,6 +755,8 @@ class Network:
                 kept["status"] = list(status)
             if ambient is not None:
                 kept["ambient"] = list(ambient)
+            if private is not None:
+                kept["private"] = private
             return kept
         if kind == "sds":
             return list(self._sds_store.get(ident, ())) or None
@@ -737,6 +804,7 @@ class Network:
                 out.append(ToUnit(target, m.MicOpen(call=call)))  # (it may have restarted)
             else:
                 out += self._stop_listening(target, "offline", None)
+        out += self._told_private(self.private.settle(self.online.__contains__))
         for floor in self.floors.values():
             if floor.holder is None and floor.queue:
                 out += floor.next_in_queue(now)
@@ -892,6 +960,11 @@ class Network:
                 why.append(f"listening in not kept: {call!r} is not a call id")
             else:
                 self.ambient[unit] = (by, call)
+        if rec.get("private") is not None:
+            try:
+                self.private.load(unit, rec["private"], now, self._is_unit)
+            except (ValueError, TypeError) as exc:
+                why.append(f"private call not kept: {exc}")
         if why:
             raise ValueError("; ".join(why))
 
@@ -934,10 +1007,12 @@ class Network:
     # --- timers -----------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
+        floors = self._timers[0][0] if self._timers else None
+        calls = self.private.next_deadline()
+        return calls if floors is None else floors if calls is None else min(floors, calls)
 
     def on_timer(self, now: float) -> list[Action]:
-        out: list[Action] = []
+        out: list[Action] = self._told_private(self.private.on_timer(now))
         while self._timers and self._timers[0][0] <= now:
             at, tg = heapq.heappop(self._timers)
             if self._armed.get(tg) != at:
@@ -991,6 +1066,9 @@ class Network:
         self._arm(floor)
         self._touch("group", tg)
         return out
+
+    def _is_unit(self, unit: str) -> bool:
+        return self.fleet.profile(unit) is not None
 
     def _room_for(self, unit: str, tracked: Sized) -> bool:
         """Whether one more unit may join `tracked`: the fleet's own always may."""
@@ -1062,6 +1140,8 @@ _LIMITED: dict[type[m.Message], str] = {
     m.EmergencyAlert: "emergency",
     m.EmergencyCancel: "emergency",
     m.ImminentCancel: "emergency",
+    m.PrivateCall: "call",
+    m.PrivateTalk: "floor",
     m.EmergencyAck: "command",
     m.ForceRelease: "command",
     m.Regroup: "command",

@@ -30,6 +30,8 @@ ErrorCause = Literal[
     "malformed", "unknown_type", "invalid_field", "forbidden", "rate_limited", "too_large"
 ]
 
+Answer = Literal["auto", "manual"]  # how the callee of a private call answers (11.14)
+
 KINDS: tuple[Kind, ...] = get_args(Kind)
 
 
@@ -155,6 +157,47 @@ class RemoteTalk(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PrivateCall(Message):
+    """Addition to v1 (11.14): call `unit` alone. `kind` normal (the default) or
+    emergency; `floor` false for both talking at will (default: floor control, one at a
+    time); `answer` auto to connect without the callee's answer (default: manual)."""
+
+    T: ClassVar[str] = "private_call"
+    unit: str
+    kind: Kind | None = None
+    floor: bool | None = None
+    answer: Answer | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrivateAnswer(Message):
+    """Addition to v1 (11.14): the callee takes (`accept`) or refuses a ringing call; a
+    refusal may say `busy` (in another call) as its `cause`."""
+
+    T: ClassVar[str] = "private_answer"
+    call: str
+    accept: bool
+    cause: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrivateTalk(Message):
+    """Addition to v1 (11.14): PTT down (`on`) or up in a call with floor control."""
+
+    T: ClassVar[str] = "private_talk"
+    call: str
+    on: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrivateEnd(Message):
+    """Addition to v1 (11.14): either party hangs up."""
+
+    T: ClassVar[str] = "private_end"
+    call: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ForceRelease(Message):
     T: ClassVar[str] = "force_release"
     tg: str
@@ -247,6 +290,23 @@ class MicClose(Message):
 
     T: ClassVar[str] = "mic_close"
     call: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Private(Message):
+    """Addition to v1 (11.14): to both parties, how a private call stands: `ringing`,
+    `connected` (with its `talker`, under floor control) or `ended` with its `cause`;
+    `unit` is the other party, `caller` who called."""
+
+    T: ClassVar[str] = "private"
+    call: str
+    unit: str
+    state: str
+    kind: Kind | None = None
+    floor: bool | None = None
+    talker: str | None = None
+    caller: str | None = None
+    cause: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -395,6 +455,10 @@ ALL: tuple[type[Message], ...] = (
     AmbientListen,
     AmbientEnd,
     RemoteTalk,
+    PrivateCall,
+    PrivateAnswer,
+    PrivateTalk,
+    PrivateEnd,
     ForceRelease,
     Regroup,
     Ungroup,
@@ -407,6 +471,7 @@ ALL: tuple[type[Message], ...] = (
     Ambient,
     MicOpen,
     MicClose,
+    Private,
     Ok,
     Presence,
     Emergency,

@@ -35,6 +35,7 @@ from esn.core.fleet import Fleet
 from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
 from esn.core.partitions import PARTITIONS, acts_on, partition_of
+from esn.core.private import owner
 from esn.exporter import serve_metrics
 from esn.protocol import codec
 from esn.protocol import messages as m
@@ -814,7 +815,7 @@ class Server:
         if where is None:
             self.metrics.count_rejected("bad_topic")
             return
-        if self.config.cluster and not self._ours(where):
+        if self.config.cluster and not self._ours(where, payload):
             if where.kind not in ("fwd", "unit_media") and (
                 partition_of(where.tg or where.unit) not in self._gathering
             ):  # (a unit's voice listened in on comes to every instance: not foreign)
@@ -831,7 +832,7 @@ class Server:
             self._relay(where.unit, where.tg or "", payload, received)
             return
         if where.kind == "unit_media":
-            self._relay_to_listener(where.unit, payload, received)
+            self._relay_unit_voice(where.unit, payload, received)
             return
         if where.kind == "presence" and not payload:
             return  # a cleared retained presence
@@ -893,14 +894,17 @@ class Server:
         self._loop.call_later(0.2, self._on_message, topic, payload, True)
         return True
 
-    def _ours(self, where: Inbound) -> bool:
+    def _ours(self, where: Inbound, payload: bytes) -> bool:
         """In a cluster: whether a message is for a partition we serve (presence is for
-        everyone: every instance's floors let go of a unit that went offline)."""
+        everyone: every instance's floors let go of a unit that went offline; a unit's
+        voice in a private call is for its caller's)."""
         if where.kind == "presence":
             return True
         if where.kind == "fwd":
             partition = int(where.tg or "")
             return partition < PARTITIONS and self._serving(partition)
+        if where.kind == "unit_media":
+            return self._serving(partition_of(_caller_of(payload) or where.unit))
         return self._serving(partition_of(where.tg or where.unit))
 
     def _acts_here(self, where: Inbound, msg: m.Message, payload: bytes) -> bool:
@@ -952,31 +956,40 @@ class Server:
         self._count_msg("media", "out")
         self.metrics.media_relay.observe(perf_counter() - received)
 
-    def _relay_to_listener(self, unit: str, payload: bytes, received: float) -> None:
-        """A unit's voice outside any group: to whoever listens in on it (11.13), if any."""
+    def _relay_unit_voice(self, unit: str, payload: bytes, received: float) -> None:
+        """A unit's voice outside any group: to the other party of its private call
+        (11.14), or to whoever listens in on it (11.13), if any."""
         self._count_msg("media", "in")
-        session = self.network.ambient_listener(unit)
-        if session is None:  # nobody listens in on it (any more): its microphone closes
-            self.metrics.count_media_dropped("not_holder")
-            if self._error_replies.check(unit, "mic", self._loop.time()) is Verdict.ALLOW:
-                with contextlib.suppress(codec.ProtocolError):
-                    call = codec.media_from_dict(codec.unpack(payload)).call
-                    self._send(unit, m.MicClose(call=call))
-            return
-        listener, call = session
         try:
             msg = codec.media_from_dict(codec.unpack(payload))
         except codec.ProtocolError as exc:
             self.metrics.count_media_dropped(exc.cause)
             return
-        if msg.call != call or (msg.talker is not None and msg.talker != unit):
-            self.metrics.count_media_dropped("spoofed" if msg.call == call else "not_holder")
+        if msg.talker is not None and msg.talker != unit:
+            self.metrics.count_media_dropped("spoofed")
             return
+        call = msg.call
+        if owner(call) is not None:  # (a private call's id names its caller)
+            to = self.network.private_voice_to(unit, call, self._loop.time())
+            if to is None:  # not its call, not connected, or the other's turn
+                self.metrics.count_media_dropped("not_holder")
+                return
+        else:
+            session = self.network.ambient_listener(unit)
+            if session is None or session[1] != call:  # nobody listens (any more): closed
+                self.metrics.count_media_dropped("not_holder")
+                if self._error_replies.check(unit, "mic", self._loop.time()) is Verdict.ALLOW:
+                    self._send(unit, m.MicClose(call=call))
+                return
+            to = session[0]
+        self._relay_to(to, unit, call, msg, received)
+
+    def _relay_to(self, to: str, unit: str, call: str, msg: m.Media, received: float) -> None:
         out = {"t": "media", "talker": unit, "call": call, "seq": msg.seq, "data": msg.data}
         out["rts"] = time.time_ns()
         if msg.ts is not None:
             out["ts"] = msg.ts
-        self.transport.publish(self.topics.unit_media_down(listener), msgpack.packb(out), qos=0)
+        self.transport.publish(self.topics.unit_media_down(to), msgpack.packb(out), qos=0)
         self._count_msg("media", "out")
         self.metrics.media_relay.observe(perf_counter() - received)
 
@@ -1067,6 +1080,16 @@ class Server:
         self._save()
         self._perform(actions)
         self._rearm()
+
+
+def _caller_of(payload: bytes) -> str | None:
+    """The caller a unit voice packet's private call id names, if it is one (a cluster
+    relays it where that call is kept)."""
+    try:
+        call = codec.unpack(payload).get("call")
+    except codec.ProtocolError:
+        return None
+    return owner(call) if isinstance(call, str) else None
 
 
 def _spans(partitions: Iterable[int]) -> str:

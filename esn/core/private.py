@@ -1,0 +1,308 @@
+"""Private calls (TS 24.379 §11): one unit calls another, without I/O.
+
+A call rings the callee (manual answer) or connects at once (automatic answer), with
+floor control (half-duplex: one talker at a time, the caller first, each turn at most the
+fleet's talk time) or without (both talk at will). It ends on either side's hang-up, the
+callee's refusal, a ring not answered within RING_S, INACTIVE_S without voice or PTT, or
+a party going offline; each end is told to both in words (docs/protocol.md, 11.14). A
+unit is in one call at a time: a call to a unit in one is answered `busy`, unless it is
+an emergency call and the one it is in is not, which it ends (`preempted`).
+
+A call belongs to its caller: its id starts with the caller's id (`CALLER~token`), so a
+cluster routes everything about it to the instance serving the caller (`owner`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from esn.core.actions import Action, ToUnit
+from esn.protocol import messages as m
+from esn.protocol.ids import is_id
+
+RING_S = 20.0  # a call not answered in this time ends: no_answer
+INACTIVE_S = 30.0  # a connected call with no voice and no talk request for this long ends
+MAX_CALL_ID = 96  # (a unit id, "~", a token)
+
+End = Literal["busy", "no_answer", "offline", "rejected", "hung_up", "inactive", "preempted"]
+CallState = Literal["ringing", "connected"]
+
+
+def owner(call: str) -> str | None:
+    """The caller a private call's id names, or None for another kind of id."""
+    head, sep, _ = call.partition("~")
+    return head if sep and is_id(head) else None
+
+
+@dataclass(slots=True)
+class Call:
+    call: str
+    caller: str
+    callee: str
+    kind: m.Kind
+    floor: bool  # half-duplex, one talker at a time
+    state: CallState
+    deadline: float  # ringing: its end; connected: of inactivity, from `active`
+    active: float  # last voice or talk request
+    talker: str | None = None
+    turn_until: float = float("inf")  # the talker's turn ends
+
+    def peer(self, unit: str) -> str:
+        return self.callee if unit == self.caller else self.caller
+
+    def msg(self, to: str, ref: int | None = None, cause: str | None = None) -> m.Private:
+        state = "ended" if cause in END_CAUSES else self.state
+        return m.Private(
+            call=self.call,
+            unit=self.peer(to),
+            state=state,
+            kind=self.kind,
+            floor=self.floor,
+            talker=self.talker if state == "connected" else None,
+            caller=self.caller,
+            cause=cause,
+            ref=ref,
+        )
+
+
+END_CAUSES = frozenset(End.__args__)  # type: ignore[attr-defined]
+
+
+class NotYours(ValueError):
+    """A unit asked about a call it is not in (or not in that state): why, in words."""
+
+
+class PrivateCalls:
+    """Every private call of the units this server acts for; `talk_s` is a turn's most."""
+
+    def __init__(self, talk_s: float) -> None:
+        self.talk_s = talk_s
+        self.calls: dict[str, Call] = {}
+        self.of: dict[str, str] = {}  # unit -> the call it is in
+        self._timers: list[tuple[float, str]] = []  # (deadline, call) min-heap
+        self._armed: dict[str, float] = {}  # call -> its live deadline in the heap
+
+    # --- what units ask --------------------------------------------------------------
+
+    def setup(
+        self,
+        caller: str,
+        msg: m.PrivateCall,
+        now: float,
+        online: Callable[[str], bool],
+    ) -> list[Action]:
+        """A call from `caller` to `msg.unit`, which the caller checked is a unit of the
+        fleet other than itself: rung, connected, or ended at once (offline or busy)."""
+        if caller in self.of:
+            raise NotYours(f"{caller} is in call {self.of[caller]}: end it first")
+        kind: m.Kind = "emergency" if msg.kind == "emergency" else "normal"
+        floor = msg.floor is not False
+        callee = msg.unit
+        call = Call(
+            f"{caller}~{secrets.token_hex(6)}", caller, callee, kind, floor, "ringing", 0.0, now
+        )
+        if not online(callee):
+            return [ToUnit(caller, call.msg(caller, msg.ref, "offline"))]
+        out: list[Action] = []
+        busy = self.calls.get(self.of.get(callee, ""))
+        if busy is not None:
+            if kind != "emergency" or busy.kind == "emergency":
+                return [ToUnit(caller, call.msg(caller, msg.ref, "busy"))]
+            out += self._end(busy, "preempted", None, None)
+        self.calls[call.call] = call
+        self.of[caller] = self.of[callee] = call.call
+        if msg.answer == "auto":
+            out += self._connect(call, now, msg.ref)
+        else:
+            call.deadline = now + RING_S
+            self._arm(call)
+            out += [ToUnit(caller, call.msg(caller, msg.ref)), ToUnit(callee, call.msg(callee))]
+        return out
+
+    def answer(self, unit: str, msg: m.PrivateAnswer, now: float) -> list[Action]:
+        call = self._of(unit, msg.call)
+        if call.callee != unit or call.state != "ringing":
+            raise NotYours(f"call {msg.call} does not ring at {unit}")
+        if not msg.accept:
+            cause: End = "busy" if msg.cause == "busy" else "rejected"
+            return self._end(call, cause, unit, msg.ref)
+        return self._connect(call, now, msg.ref, answered_by=unit)
+
+    def hang_up(self, unit: str, msg: m.PrivateEnd) -> list[Action]:
+        return self._end(self._of(unit, msg.call), "hung_up", unit, msg.ref)
+
+    def talk(self, unit: str, msg: m.PrivateTalk, now: float) -> list[Action]:
+        """PTT in a call with floor control: the turn is the unit's if nobody else has it;
+        PTT up gives it back. Both parties are told who talks (the asker with its ref)."""
+        call = self._of(unit, msg.call)
+        if call.state != "connected":
+            raise NotYours(f"call {msg.call} is not connected yet")
+        call.active = now
+        if not call.floor:  # (both talk at will: nothing to decide)
+            return [ToUnit(unit, call.msg(unit, msg.ref))]
+        if msg.on and call.talker in (None, unit):
+            if call.talker is None:
+                call.turn_until = now + self.talk_s
+                self._arm(call)
+            call.talker = unit  # (asked again: told again)
+            return self._tell_both(call, unit, msg.ref)
+        if not msg.on and call.talker == unit:
+            call.talker, call.turn_until = None, float("inf")
+            return self._tell_both(call, unit, msg.ref)
+        return [ToUnit(unit, call.msg(unit, msg.ref))]  # (someone else talks: it is told who)
+
+    def voice_to(self, unit: str, call_id: str, now: float) -> str | None:
+        """The hot path: the party a voice packet of `unit` in `call_id` goes to, or None
+        (no such call of the unit's, not connected, or the other party's turn)."""
+        call = self.calls.get(call_id)
+        if call is None or call.state != "connected" or unit not in (call.caller, call.callee):
+            return None
+        if call.floor and call.talker != unit:
+            return None
+        call.active = now
+        return call.peer(unit)
+
+    # --- what happens to units --------------------------------------------------------
+
+    def offline(self, unit: str) -> list[Action]:
+        call = self.calls.get(self.of.get(unit, ""))
+        return [] if call is None else self._end(call, "offline", None, None, gone=unit)
+
+    def of_unit(self, unit: str) -> Call | None:
+        return self.calls.get(self.of.get(unit, ""))
+
+    # --- timers -----------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def on_timer(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        while self._timers and self._timers[0][0] <= now:
+            at, call_id = heapq.heappop(self._timers)
+            if self._armed.get(call_id) != at:
+                continue  # superseded by an earlier wake-up for the same call
+            del self._armed[call_id]
+            call = self.calls[call_id]
+            if call.state == "ringing" and call.deadline <= now:
+                out += self._end(call, "no_answer", None, None)
+                continue
+            if call.talker is not None and call.turn_until <= now:
+                call.talker, call.turn_until = None, float("inf")
+                out += self._tell_both(call, None, None, "max_talk_time")
+            if call.state == "connected":
+                call.deadline = call.active + INACTIVE_S
+                if call.deadline <= now:
+                    out += self._end(call, "inactive", None, None)
+                    continue
+            self._arm(call)
+        return out
+
+    # --- durable state ----------------------------------------------------------------
+
+    def record(self, caller: str) -> list[Any] | None:
+        """The call the unit made, as its durable record keeps it, if any."""
+        call = self.calls.get(self.of.get(caller, ""))
+        if call is None or call.caller != caller:
+            return None
+        return [call.call, call.callee, call.kind, call.floor, call.state, call.talker]
+
+    def load(self, caller: str, rec: object, now: float, is_unit: Callable[[str], bool]) -> None:
+        """Adopt a call read back (raising ValueError with why not): its timers start
+        afresh; `settle` then tells both parties how it stands."""
+        if not isinstance(rec, list) or len(rec) != 6:
+            raise ValueError("not a call record")
+        call_id, callee, kind, floor, state, talker = rec
+        if not isinstance(call_id, str) or len(call_id) > MAX_CALL_ID or owner(call_id) != caller:
+            raise ValueError(f"{call_id!r} is not a call id of {caller}")
+        if not isinstance(callee, str) or callee == caller or not is_unit(callee):
+            raise ValueError(f"{callee!r} is not another unit of the fleet")
+        if kind not in ("normal", "emergency") or type(floor) is not bool:
+            raise ValueError("not a kind of private call")
+        if state not in ("ringing", "connected"):
+            raise ValueError(f"{state!r} is not a call state")
+        if not (floor and state == "connected" and talker in (caller, callee)):
+            talker = None  # (a turn only in a connected call with floor control)
+        if caller in self.of or callee in self.of:
+            raise ValueError("a party is in another call")
+        deadline = now + (RING_S if state == "ringing" else INACTIVE_S)
+        call = Call(call_id, caller, callee, kind, floor, state, deadline, now, talker)
+        if talker is not None:
+            call.turn_until = now + self.talk_s
+        self.calls[call_id] = call
+        self.of[caller] = self.of[callee] = call_id
+        self._arm(call)
+
+    def settle(self, online: Callable[[str], bool]) -> list[Action]:
+        """After a restart: each call read back told again to both parties (who may have
+        missed its last news), or ended if one of them went offline meanwhile."""
+        out: list[Action] = []
+        for call in list(self.calls.values()):
+            gone = next((u for u in (call.caller, call.callee) if not online(u)), None)
+            if gone is not None:
+                out += self._end(call, "offline", None, None, gone=gone)
+            else:
+                out += self._tell_both(call, None, None)
+        return out
+
+    def forget(self, theirs: Callable[[str], bool]) -> None:
+        """Another instance serves these callers now."""
+        for call in [c for c in self.calls.values() if theirs(c.caller)]:
+            self._drop(call)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _connect(
+        self, call: Call, now: float, ref: int | None, answered_by: str | None = None
+    ) -> list[Action]:
+        call.state, call.active = "connected", now
+        call.deadline = now + INACTIVE_S
+        if call.floor:  # (the caller's press set the call up: the first turn is its)
+            call.talker, call.turn_until = call.caller, now + self.talk_s
+        self._arm(call)
+        return self._tell_both(call, answered_by or call.caller, ref)
+
+    def _tell_both(
+        self, call: Call, asker: str | None, ref: int | None, cause: str | None = None
+    ) -> list[Action]:
+        return [
+            ToUnit(u, call.msg(u, ref if u == asker else None, cause))
+            for u in (call.caller, call.callee)
+        ]
+
+    def _end(
+        self, call: Call, cause: End, asker: str | None, ref: int | None, gone: str | None = None
+    ) -> list[Action]:
+        self._drop(call)
+        return [
+            ToUnit(u, call.msg(u, ref if u == asker else None, cause))
+            for u in (call.caller, call.callee)
+            if u != gone
+        ]
+
+    def _of(self, unit: str, call_id: str) -> Call:
+        call = self.calls.get(call_id)
+        if call is None or unit not in (call.caller, call.callee):
+            raise NotYours(f"{unit} is in no call {call_id}")
+        return call
+
+    def _drop(self, call: Call) -> None:
+        del self.calls[call.call]
+        self._armed.pop(call.call, None)  # (its heap entries are skipped from now on)
+        for u in (call.caller, call.callee):
+            if self.of.get(u) == call.call:
+                del self.of[u]
+
+    def _arm(self, call: Call) -> None:
+        """Make sure the call is woken by its next deadline: one live heap entry per call
+        (voice and presses move its deadlines later: the wake-up finds that and re-arms)."""
+        at = min(call.deadline, call.turn_until)
+        armed = self._armed.get(call.call)
+        if armed is not None and armed <= at:
+            return
+        self._armed[call.call] = at
+        heapq.heappush(self._timers, (at, call.call))

@@ -1,0 +1,331 @@
+"""Private calls (docs/protocol.md, 11.14): one unit calls another, rung or connected at
+once, with floor control or both talking at will. The core with explicit time (and
+hypothesis for the one-talker rule), then the wire on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+import msgpack
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from esn.client.handset import Inbound
+from esn.core.actions import Action, ToUnit
+from esn.core.fleet import parse_fleet
+from esn.core.network import Network
+from esn.core.private import INACTIVE_S, RING_S, owner
+from esn.protocol import messages as m
+from esn.server.shell import Server
+from esn.store import pack, unpack
+from tests.conftest import HandsetFactory, eventually
+
+FLEET = parse_fleet(
+    {
+        "defaults": {"max_talk_ms": 10_000},
+        "talkgroup": [{"id": "tg1"}],
+        "unit": [{"id": "disp", "role": "dispatcher", "priority": 250}],
+    }
+)
+
+
+def told(actions: list[Action], unit: str) -> list[m.Message]:
+    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
+
+
+def private(actions: list[Action], unit: str) -> m.Private:
+    [msg] = [x for x in told(actions, unit) if isinstance(x, m.Private)]
+    return msg
+
+
+def online(*units: str) -> Network:
+    net = Network(FLEET)
+    for u in units:
+        net.presence(u, m.Presence(state="online"), 0.0)
+        net.unit_message(u, m.Affiliate(groups=["tg1"]), 0.0)
+    return net
+
+
+REFS = itertools.count(1000)
+
+
+def call(net: Network, caller: str, callee: str, now: float = 1.0, **kw: object) -> str:
+    msg = m.PrivateCall(unit=callee, ref=next(REFS), **kw)  # type: ignore[arg-type]
+    out = net.unit_message(caller, msg, now)
+    return private(out, caller).call
+
+
+def test_a_call_rings_is_answered_and_the_caller_talks_first() -> None:
+    net = online("u1", "u2")
+    out = net.unit_message("u1", m.PrivateCall(unit="u2", ref=7), 1.0)
+    rung, ringing = private(out, "u1"), private(out, "u2")
+    assert (rung.state, rung.unit, rung.ref) == ("ringing", "u2", 7)
+    assert (ringing.state, ringing.unit, ringing.caller, ringing.floor) == (
+        "ringing",
+        "u1",
+        "u1",
+        True,
+    )
+    assert owner(rung.call) == "u1" and ringing.call == rung.call
+    assert net.private_voice_to("u1", rung.call, 1.5) is None  # (not connected yet)
+    out = net.unit_message("u2", m.PrivateAnswer(call=rung.call, accept=True, ref=3), 2.0)
+    assert private(out, "u2").ref == 3
+    for u in ("u1", "u2"):
+        assert (private(out, u).state, private(out, u).talker) == ("connected", "u1")
+    assert net.private_voice_to("u1", rung.call, 2.1) == "u2"
+    assert net.private_voice_to("u2", rung.call, 2.1) is None  # (not its turn)
+
+
+def test_outcomes_in_words_offline_busy_rejected_no_answer() -> None:
+    net = online("u1", "u2", "u3")
+    out = net.unit_message("u1", m.PrivateCall(unit="u9", ref=1), 1.0)
+    assert (private(out, "u1").state, private(out, "u1").cause) == ("ended", "offline")
+    first = call(net, "u1", "u2")
+    out = net.unit_message("u3", m.PrivateCall(unit="u2", ref=1), 1.0)
+    assert private(out, "u3").cause == "busy" and told(out, "u2") == []
+    out = net.unit_message("u2", m.PrivateAnswer(call=first, accept=False, ref=2), 2.0)
+    assert private(out, "u1").cause == "rejected" and private(out, "u2").state == "ended"
+    call(net, "u1", "u2", now=3.0)
+    assert net.on_timer(3.0 + RING_S - 0.1) == []
+    out = net.on_timer(3.0 + RING_S)
+    assert private(out, "u1").cause == private(out, "u2").cause == "no_answer"
+    assert net.private.calls == {}
+
+
+def test_the_callees_handset_may_say_it_is_busy() -> None:
+    net = online("u1", "u2")
+    ringing = call(net, "u1", "u2")
+    out = net.unit_message("u2", m.PrivateAnswer(call=ringing, accept=False, cause="busy"), 2.0)
+    assert private(out, "u1").cause == "busy"
+
+
+def test_half_duplex_turns_follow_the_floor_rules() -> None:
+    net = online("u1", "u2")
+    c = call(net, "u1", "u2", answer="auto")
+    out = net.unit_message("u2", m.PrivateTalk(call=c, on=True, ref=5), 2.0)
+    assert told(out, "u1") == [] and private(out, "u2").talker == "u1"  # denied: told who
+    out = net.unit_message("u1", m.PrivateTalk(call=c, on=False), 3.0)
+    assert private(out, "u2").talker is None
+    out = net.unit_message("u2", m.PrivateTalk(call=c, on=True, ref=6), 4.0)
+    assert private(out, "u1").talker == private(out, "u2").talker == "u2"
+    assert net.private_voice_to("u2", c, 5.0) == "u1" and net.private_voice_to("u1", c, 5.0) is None
+    out = net.on_timer(4.0 + 10.0)  # the fleet's talk time: the turn is taken back
+    assert private(out, "u1").talker is None and private(out, "u2").cause == "max_talk_time"
+    assert private(out, "u2").state == "connected"
+
+
+def test_without_floor_control_both_talk_at_will() -> None:
+    net = online("u1", "u2")
+    c = call(net, "u1", "u2", answer="auto", floor=False)
+    assert net.private_voice_to("u1", c, 2.0) == "u2"
+    assert net.private_voice_to("u2", c, 2.0) == "u1"
+    assert net.private_voice_to("u3", c, 2.0) is None  # (not a party: nothing to anyone)
+
+
+def test_a_call_ends_on_hang_up_inactivity_and_a_party_going_offline() -> None:
+    net = online("u1", "u2", "u3", "u4")
+    c = call(net, "u1", "u2", answer="auto", floor=False)
+    out = net.unit_message("u2", m.PrivateEnd(call=c, ref=9), 2.0)
+    assert private(out, "u2").ref == 9 and private(out, "u1").cause == "hung_up"
+    c = call(net, "u3", "u4", now=10.0, answer="auto", floor=False)
+    net.private_voice_to("u3", c, 20.0)  # (voice keeps it up)
+    assert told(net.on_timer(10.0 + INACTIVE_S), "u3") == []
+    out = net.on_timer(20.0 + INACTIVE_S)
+    assert private(out, "u4").cause == "inactive"
+    c = call(net, "u1", "u2", now=100.0, answer="auto")
+    out = net.presence("u2", m.Presence(state="offline"), 101.0)
+    assert private(out, "u1").cause == "offline" and told(out, "u2") == []
+    assert net.private.of == {}
+
+
+def test_only_the_parties_act_on_a_call() -> None:
+    net = online("u1", "u2", "u3")
+    c = call(net, "u1", "u2")
+    for msg in (
+        m.PrivateAnswer(call=c, accept=True, ref=1),
+        m.PrivateEnd(call=c, ref=1),
+        m.PrivateTalk(call=c, on=True, ref=1),
+    ):
+        [error] = told(net.unit_message("u3", msg, 2.0), "u3")
+        assert isinstance(error, m.Error) and error.cause == "invalid_field"
+    [error] = told(net.unit_message("u1", m.PrivateAnswer(call=c, accept=True, ref=2), 2), "u1")
+    assert isinstance(error, m.Error)  # (the caller does not answer its own call)
+    [error] = told(net.unit_message("u1", m.PrivateCall(unit="u3", ref=3), 2.0), "u1")
+    assert isinstance(error, m.Error) and "end it first" in error.detail
+    [error] = told(net.unit_message("u3", m.PrivateCall(unit="u3", ref=3), 2.0), "u3")
+    assert isinstance(error, m.Error)
+
+
+def test_an_emergency_call_preempts_the_callees_lower_activity() -> None:
+    net = online("u1", "u2", "u3", "disp")
+    assert isinstance(
+        told(net.floor_message("u2", "tg1", m.Request(ref=1), 1.0), "u2")[0], m.Granted
+    )
+    normal = call(net, "u3", "u2", answer="auto")
+    out = net.unit_message("disp", m.PrivateCall(unit="u2", kind="emergency", answer="auto"), 2)
+    assert private(out, "u3").cause == "preempted"  # the normal call it was in ends
+    assert next(x.call for x in told(out, "u2") if isinstance(x, m.Private)) == normal
+    assert m.Revoke(tg="tg1", cause="preempted", ref=1) in told(out, "u2")
+    assert net.floors["tg1"].holder is None
+    out = net.unit_message("u1", m.PrivateCall(unit="u2", kind="emergency"), 3.0)
+    assert private(out, "u1").cause == "busy"  # (an emergency call is not pre-empted)
+
+
+def test_a_call_survives_a_restart_and_is_told_again() -> None:
+    net = online("u1", "u2")
+    c = call(net, "u1", "u2", answer="auto")
+    records = {k: unpack(pack(net.record(k))) for k in net.record_keys() if net.record(k)}
+    again = Network(FLEET)
+    assert again.load(records, 50.0) == []
+    for u in ("u1", "u2"):
+        again.presence(u, m.Presence(state="online"), 50.0)
+    out = again.settle(50.0)
+    assert private(out, "u2").call == c and private(out, "u2").talker == "u1"
+    assert again.private_voice_to("u1", c, 51.0) == "u2"
+    gone = Network(FLEET)  # (and read back with the callee gone meanwhile: ended)
+    gone.load(records, 50.0)
+    gone.presence("u1", m.Presence(state="online"), 50.0)
+    assert private(gone.settle(50.0), "u1").cause == "offline"
+
+
+def test_a_forged_call_record_is_not_adopted() -> None:
+    net = Network(FLEET)
+    base: dict[str, list[str]] = {"groups": [], "answers": []}
+    forged = {
+        "unit/u1": {**base, "private": ["u9~x", "u2", "normal", True, "connected", None]},
+        "unit/u3": {**base, "private": ["u3~x", "u3", "normal", True, "connected", None]},
+        "unit/u4": {**base, "private": ["u4~x", "u5", "imminent", True, "connected", None]},
+        "unit/u6": {**base, "private": "u6~x"},
+    }
+    problems = net.load(forged, 1.0)
+    assert len(problems) == 4 and net.private.calls == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["call", "auto", "full", "answer", "reject", "on", "off", "end", "gone"]
+            ),
+            st.sampled_from(["u1", "u2", "u3"]),
+            st.sampled_from(["u1", "u2", "u3"]),
+            st.floats(0, 40),
+        ),
+        max_size=40,
+    )
+)
+def test_never_two_talkers_under_floor_control_nor_voice_outside_a_call(
+    steps: list[tuple[str, str, str, float]],
+) -> None:
+    net = online("u1", "u2", "u3")
+    now = 0.0
+    for op, unit, other, dt in steps:
+        now += dt
+        c = net.private.of_unit(unit)
+        cid = c.call if c else f"{other}~x"
+        match op:
+            case "call" | "auto" | "full":
+                kw = {"auto": {"answer": "auto"}, "full": {"floor": False, "answer": "auto"}}
+                net.unit_message(unit, m.PrivateCall(unit=other, **kw.get(op, {})), now)  # type: ignore[arg-type]
+            case "answer" | "reject":
+                net.unit_message(unit, m.PrivateAnswer(call=cid, accept=op == "answer"), now)
+            case "on" | "off":
+                net.unit_message(unit, m.PrivateTalk(call=cid, on=op == "on"), now)
+            case "end":
+                net.unit_message(unit, m.PrivateEnd(call=cid), now)
+            case "gone":
+                net.presence(unit, m.Presence(state="offline"), now)
+                net.presence(unit, m.Presence(state="online"), now)
+        net.on_timer(now)
+        for c in net.private.calls.values():
+            both = [u for u in (c.caller, c.callee) if net.private_voice_to(u, c.call, now)]
+            if c.floor:
+                assert both in ([], [c.talker])  # one talker at most, the one with the turn
+            if c.state != "connected":
+                assert both == []
+            assert c.caller in net.online and c.callee in net.online
+            assert net.private.of[c.caller] == net.private.of[c.callee] == c.call
+        assert len(net.private.of) == 2 * len(net.private.calls)  # one call per unit
+
+
+# --- on the wire ------------------------------------------------------------------------
+
+
+def is_private(state: str, cause: str | None = None) -> Callable[[Inbound], bool]:
+    return lambda i: isinstance(i.msg, m.Private) and (i.msg.state, i.msg.cause) == (state, cause)
+
+
+async def test_a_private_call_rings_is_answered_and_both_talk_in_turn(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """Tried: u1 calls u2 (whose user answers after half a second), each talks in turn,
+    u1 hangs up; u3, in their group, and a packet u3 forges with the call's id. Expect:
+    ringing, then connected with u1's turn; each hears the other's voice and u3 nothing;
+    the forged packet reaches nobody; both told `hung_up`."""
+    caller, callee, other = [await handset(u, "tg-1") for u in ("u1", "u2", "u3")]
+    connected = caller.expect(is_private("connected"))
+    rung = await caller.private_call("u2")
+    assert rung.state == "ringing"
+    assert (await connected).msg.talker == "u1"  # type: ignore[attr-defined]
+    assert callee.private is not None and callee.private.call == rung.call
+    heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
+    assert await caller.talk_private(0.3)
+    await heard
+    forged = {"t": "media", "call": rung.call, "seq": 1, "data": b"x"}
+    other.transport.publish(other.topics.unit_media_up("u3"), msgpack.packb(forged))
+    heard = caller.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u2")
+    await eventually(lambda: callee.private is not None and callee.private.talker is None)
+    assert await callee.talk_private(0.3)
+    await heard
+    ended = callee.expect(is_private("ended", "hung_up"))
+    hung = await caller.hang_up()
+    assert hung is not None and (hung.call, hung.state, hung.cause) == (
+        rung.call,
+        "ended",
+        "hung_up",
+    )
+    await ended
+    assert caller.private is None and callee.private is None
+    assert other.stats.counts.get("private_rx", 0) == other.stats.counts.get("ambient_rx", 0) == 0
+    assert caller.stats.counts.get("ambient_rx", 0) == 0  # (nothing but the callee's voice)
+
+
+async def test_busy_rejected_and_offline_are_told_in_words(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """Tried: u2 lets a call from u1 ring; u3 calls u2 meanwhile; u2 refuses u1's call;
+    u1 calls a unit that is offline. Expect: busy, rejected, offline."""
+    caller, callee, third = [await handset(u, "tg-1") for u in ("u1", "u2", "u3")]
+    callee.answer_after = None
+    rung = await caller.private_call("u2")
+    await eventually(lambda: callee.private is not None and callee.private.state == "ringing")
+    assert (await third.private_call("u2")).cause == "busy"
+    told = caller.expect(is_private("ended", "rejected"))
+    assert (await callee.answer_private(accept=False)).cause == "rejected"
+    assert (await told).msg.call == rung.call  # type: ignore[attr-defined]
+    assert (await caller.private_call("u9")).cause == "offline"
+
+
+async def test_an_emergency_private_call_takes_the_callee_off_its_group_talk(
+    server: Server, handset: HandsetFactory
+) -> None:
+    """Tried: u2 talks in tg-1; the dispatcher makes an emergency call to u2 with
+    automatic answer. Expect: u2's talk is revoked (`preempted`), the call is connected at
+    once, and u2 hears the dispatcher, not the group."""
+    disp, callee, listener = [await handset(u, "tg-1") for u in ("disp", "u2", "u3")]
+    revoked = callee.expect(lambda i: isinstance(i.msg, m.Revoke))
+    talking = asyncio.ensure_future(callee.talk_burst("tg-1", 5.0))
+    await listener.expect(lambda i: isinstance(i.msg, m.Media))
+    answer = await disp.private_call("u2", kind="emergency", answer="auto")
+    assert (answer.state, answer.talker) == ("connected", "disp")
+    assert (await revoked).msg == m.Revoke(
+        tg="tg-1", cause="preempted", ref=(await revoked).msg.ref
+    )
+    assert (await talking).outcome == "revoked"
+    heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "disp")
+    assert await disp.talk_private(0.3)
+    await heard
+    assert callee.private is not None and callee.private.kind == "emergency"
