@@ -29,6 +29,7 @@ from esn.tools.processes import free_port
 from esn.transport import BrokerConfig, make_transport
 from tests import test_ambient, test_wire_floor
 from tests.conftest import FLEET, HandsetFactory, eventually, handsets
+from tests.test_private import is_private
 
 pytestmark = [pytest.mark.broker, pytest.mark.cluster]
 
@@ -148,6 +149,32 @@ async def test_a_unit_served_by_one_instance_talks_in_a_group_served_by_another(
     idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
     await t.deaffiliate("tg-1")
     await idle
+
+
+async def test_a_private_call_between_units_of_two_instances(
+    servers: list[Server], handset: HandsetFactory
+) -> None:
+    """Tried: a private call between units served by different instances, each talking
+    in turn, the callee hanging up. Expect: the call kept by the caller's instance only
+    (the answer, the turns and the hang-up handed to it), voice both ways."""
+    units = [f"u{i}" for i in range(1, 40)]
+    b = next(u for u in units if serving(servers, u) is not serving(servers, "u1"))
+    caller, callee = await handset("u1", "tg-1"), await handset(b, "tg-1")
+    connected = caller.expect(is_private("connected"), timeout=10)
+    assert (await caller.private_call(b)).state == "ringing"
+    await connected
+    assert [len(s.network.private.calls) for s in servers].count(1) == 1
+    assert serving(servers, "u1").network.private.of_unit(b) is not None
+    heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
+    assert await caller.talk_private(0.3)
+    await heard
+    await eventually(lambda: callee.private is not None and callee.private.talker is None)
+    heard = caller.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == b)
+    assert await callee.talk_private(0.3)
+    await heard
+    hung = await callee.hang_up()
+    assert hung is not None and hung.cause == "hung_up"
+    await eventually(lambda: caller.private is None)
 
 
 async def test_each_instance_exports_what_it_serves(servers: list[Server]) -> None:

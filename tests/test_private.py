@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 
 import msgpack
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
 from tests.conftest import HandsetFactory, eventually
+from tests.test_durable import Restartable, restartable  # noqa: F401 (a fixture)
 
 FLEET = parse_fleet(
     {
@@ -329,3 +331,22 @@ async def test_an_emergency_private_call_takes_the_callee_off_its_group_talk(
     assert await disp.talk_private(0.3)
     await heard
     assert callee.private is not None and callee.private.kind == "emergency"
+
+
+async def test_a_private_call_goes_on_after_a_server_restart(
+    restartable: Restartable, handset: HandsetFactory
+) -> None:
+    """Tried: a connected call, the server stopped and started again on its state file.
+    Expect: both parties told the call again (same id, the turn as it was), and voice
+    relayed again."""
+    await restartable.start()
+    caller, callee = await handset("u1", "tg-1"), await handset("u2", "tg-1")
+    answer = await caller.private_call("u2", answer="auto", floor=False)
+    assert answer.state == "connected"
+    await restartable.stop()
+    told_again = callee.expect(lambda i: isinstance(i.msg, m.Private) and i.msg.ref is None)
+    await restartable.start()
+    assert (await told_again).msg == replace(answer, unit="u1", ref=None)
+    heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
+    assert await caller.talk_private(0.3)
+    await heard
