@@ -22,7 +22,8 @@ from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
 from tests.conftest import HandsetFactory, eventually
-from tests.test_durable import Restartable, restartable  # noqa: F401 (a fixture)
+from tests.test_durable import Restartable
+from tests.test_durable import restartable as restartable  # (the fixture, used here)
 
 FLEET = parse_fleet(
     {
