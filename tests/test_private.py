@@ -12,8 +12,10 @@ from dataclasses import replace
 import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from textual.widgets import Static
 
 from esn.client.handset import Inbound
+from esn.console.app import ConsoleApp
 from esn.core.actions import Action, ToUnit
 from esn.core.fleet import parse_fleet
 from esn.core.network import Network
@@ -21,7 +23,9 @@ from esn.core.private import INACTIVE_S, RING_S, owner
 from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
+from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually
+from tests.test_console import select
 from tests.test_durable import Restartable
 from tests.test_durable import restartable as restartable  # (the fixture, used here)
 
@@ -351,3 +355,30 @@ async def test_a_private_call_goes_on_after_a_server_restart(
     heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
     assert await caller.talk_private(0.3)
     await heard
+
+
+async def test_the_console_calls_a_unit_talks_and_hangs_up(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+) -> None:
+    """Tried, as a dispatcher: `d` on a unit, `k` to talk and `k` again, `d` to hang up.
+    Expect: the unit's user answers, the status line shows the call and who talks, the
+    unit hears the dispatcher, and the end is logged in words."""
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
+    async with app.run_test(size=(180, 50)) as pilot:
+        await eventually(lambda: app.model.server_state == "online")
+        u1 = await handset("u1", "tg-1")
+        u1.send(m.Location(lat=51.5, lon=-0.1))  # (so it shows in the units panel)
+        await select(app, pilot, "units", "u1")
+
+        def status() -> str:
+            return str(app.query_one("#status", Static).render())
+
+        await pilot.press("d")
+        await eventually(lambda: "PRIVATE CALL with u1 (connected, disp talks)" in status())
+        await pilot.press("k")
+        await eventually(lambda: u1.stats.counts.get("private_rx", 0) > 3)
+        await pilot.press("k")
+        await eventually(lambda: "PRIVATE CALL with u1 (connected)" in status())
+        await pilot.press("d")
+        await eventually(lambda: "PRIVATE CALL" not in status() and u1.private is None)
+        assert any("private call with u1 ended: hung up" in e.text for e in app.model.events)

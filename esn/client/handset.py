@@ -414,25 +414,41 @@ class Handset:
         return await self._ask_for(msg, m.Private, timeout)
 
     async def talk_private(self, seconds: float, timeout: float = 5.0) -> bool:
-        """Talk in the connected private call for `seconds`: with floor control, PTT down
-        first (False when the other party has the turn) and up after; a turn taken back
-        or the call ending stops the voice at once."""
+        """Talk in the connected private call for `seconds` (`press_private`, then
+        `release_private`); False when the turn was not had."""
+        voice = await self.press_private(timeout)
+        if voice is None:
+            return False
+        await asyncio.wait({voice}, timeout=seconds)  # (or stopped by the call's news)
+        self.release_private()
+        return True
+
+    async def press_private(self, timeout: float = 5.0) -> asyncio.Task[None] | None:
+        """PTT down in the connected private call: with floor control the turn is asked
+        for (None when the other party has it); the voice goes until `release_private`,
+        the turn taken back or the call ending. Returns the voice's task."""
         call = self.private
         if call is None or call.state != "connected":
-            return False
+            return None
         if call.floor:
             press = m.PrivateTalk(call=call.call, on=True, ref=self.next_ref())
             if (await self._ask_for(press, m.Private, timeout)).talker != self.unit:
-                return False
+                return None
         self._stop_private_voice()
         topic = self.topics.unit_media_up(self.unit)
         voice = self._private_voice = asyncio.create_task(self._send_media(topic, call.call))
-        await asyncio.wait({voice}, timeout=seconds)  # (or stopped by the call's news)
+        return voice
+
+    @property
+    def private_talking(self) -> bool:
+        return self._private_voice is not None and not self._private_voice.done()
+
+    def release_private(self) -> None:
+        """PTT up in the private call: the voice stops, and the turn is given back."""
         self._stop_private_voice()
-        now = self.private
-        if call.floor and now is not None and now.call == call.call and now.talker == self.unit:
+        call = self.private
+        if call is not None and call.floor and call.talker == self.unit:
             self._send_up(m.PrivateTalk(call=call.call, on=False, ref=self.next_ref()))
-        return True
 
     def _private_news(self, msg: m.Private) -> None:
         mine = self.private

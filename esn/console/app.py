@@ -9,6 +9,7 @@ go out through the same link, and every answer, refusals included, is shown in w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -23,9 +24,9 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, RichLog, Static
 
-from esn.client.handset import HAS_PERMISSION, Handset, Inbound
+from esn.client.handset import HAS_PERMISSION, ClientError, Handset, Inbound
 from esn.console.map import Point, View, render
-from esn.console.model import ConsoleModel, say
+from esn.console.model import CALL_ENDS, ConsoleModel, say
 from esn.protocol import messages as m
 from esn.store import StoreError
 from esn.store.recordings import Burst, Recordings
@@ -166,6 +167,8 @@ class ConsoleApp(App[None]):
         Binding("l", "listen", "Listen in"),
         Binding("t", "remote_talk", "Remote talk"),
         Binding("p", "recall", "Recall"),
+        Binding("d", "private_call", "Call unit"),
+        Binding("k", "private_talk", "Talk in call", show=False),
         Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
         Binding("minus", "zoom(0.5)", "Zoom-", show=False),
         Binding("H", "pan(-0.25, 0)", show=False),
@@ -274,6 +277,19 @@ class ConsoleApp(App[None]):
         elif isinstance(msg, m.Ambient) and msg.state == "ended" and msg.cause:
             self.listening.pop(msg.unit, None)
             self.refused(f"listening in on {msg.unit} ended: {msg.cause}")
+        elif isinstance(msg, m.Private):
+            self._private_news(msg)
+
+    def _private_news(self, msg: m.Private) -> None:
+        emergency = " EMERGENCY" if msg.kind == "emergency" else ""
+        if msg.state == "ended":
+            why = CALL_ENDS.get(msg.cause or "", msg.cause or "ended")
+            self.tell(f"private call with {msg.unit} ended: {why}", warn=msg.cause != "hung_up")
+        elif msg.state == "ringing" and msg.caller != self.unit_id:
+            self.tell(f"{msg.unit} calls you{emergency} (private): answering", warn=bool(emergency))
+        elif msg.state == "connected":
+            talks = f", {msg.talker} talks" if msg.talker else ""
+            self.model.log(None, f"private{emergency} call with {msg.unit}: connected{talks}")
 
     def tell(self, text: str, warn: bool = False) -> None:
         self.model.log(None, text, alarm=warn)
@@ -385,6 +401,37 @@ class ConsoleApp(App[None]):
             m.RemoteTalk(unit=unit, tg=tg, seconds=5, ref=self.link.next_ref()),
             f"{unit} made to talk in {tg} for 5 s",
         )
+
+    @work(group="actions")
+    async def action_private_call(self) -> None:
+        """Call the selected unit alone (its user answers); again to hang up."""
+        if self.link.private is not None:
+            with contextlib.suppress(ClientError, TimeoutError):
+                await self.link.hang_up()
+            return
+        unit = self.selected_unit()
+        if unit is None:
+            self.refused("select a unit first")
+            return
+        try:
+            answer = await self.link.private_call(unit)
+        except (ClientError, TimeoutError) as exc:
+            self.refused(f"private call to {unit} failed: {exc}")
+            return
+        if answer.state != "ended":  # (an end is told as it comes, by `inbound`)
+            self.tell(f"calling {unit}: {answer.state}; k talks, d hangs up")
+
+    @work(group="actions")
+    async def action_private_talk(self) -> None:
+        """PTT in the private call: down, or up again."""
+        if self.link.private_talking:
+            self.link.release_private()
+            return
+        try:
+            if await self.link.press_private() is None:
+                self.refused("no turn to talk: not connected, or the other party talks")
+        except (ClientError, TimeoutError) as exc:
+            self.refused(f"talk in the call failed: {exc}")
 
     @work(group="recall", exclusive=True)
     async def action_recall(self) -> None:
@@ -548,6 +595,10 @@ class ConsoleApp(App[None]):
         heard = ", ".join(f"{u} ({n} packets)" for u, n in sorted(self.listening.items()))
         listen = f"  LISTENING IN on {heard}" if heard else ""
         listen += f"  {self.replaying}" if self.replaying else ""
+        call = self.link.private
+        if call is not None:
+            talker = f", {call.talker} talks" if call.talker else ""
+            listen += f"  PRIVATE CALL with {call.unit} ({call.state}{talker})"
         self.query_one("#status", Static).update(
             f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}{listen}"
             f"  marked: {', '.join(sorted(self.marked)) or '-'}"

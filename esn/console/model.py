@@ -88,6 +88,18 @@ CAUSES = {
 }
 
 
+# how a private call ended (docs/protocol.md, 11.14)
+CALL_ENDS = {
+    "busy": "the unit is in another call",
+    "no_answer": "no answer",
+    "offline": "the unit is offline",
+    "rejected": "the call was refused",
+    "hung_up": "hung up",
+    "inactive": "nothing said for too long",
+    "preempted": "an emergency call took its place",
+}
+
+
 def say(cause: str) -> str:
     return CAUSES.get(cause, cause)
 
