@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import random
@@ -402,6 +403,34 @@ class Demo:
         finally:
             heard.cancel()
 
+    async def scene_private_call(self, tg: str) -> None:
+        """A handset calls another alone: it rings, the other's user answers, each talks
+        in turn and hears the other, and the caller hangs up."""
+        name = "handset calls another privately: answered, both heard, hung up"
+        self.checks.expect(name)
+        caller, callee = self.members[tg][1], self.members[tg][3 % len(self.members[tg])]
+        try:
+            connected = caller.expect(
+                lambda i: isinstance(i.msg, m.Private) and i.msg.state == "connected", 5
+            )
+            heard = {caller.unit: 0, callee.unit: 0}
+            for a in (caller, callee):
+                a.on_private_media = functools.partial(_count, heard, a.unit)
+            if (await caller.private_call(callee.unit)).state != "ringing":
+                return
+            await connected
+            said = await caller.talk_private(0.5)
+            await asyncio.sleep(0.1)  # (the turn given back reaches the callee)
+            said = said and await callee.talk_private(0.5)
+            ended = await caller.hang_up()
+            ok = said and ended is not None and ended.cause == "hung_up"
+            self.checks.record(name, ok and min(heard.values()) > 0)
+        except (TimeoutError, ClientError):
+            pass  # (a check left unrecorded fails the run)
+        finally:
+            for h in (caller, callee):
+                h.on_private_media = None
+
     async def scene_late_entry(self, tg: str) -> None:
         """A handset switches on mid-call and hears the call at once (late entry)."""
         name = "late joiner hears the ongoing call"
@@ -658,6 +687,7 @@ async def run_demo(opts: DemoOptions) -> int:
             (0.75, demo.scene_scan, demo.groups[1 % len(demo.groups)]),
             (0.35, demo.scene_listen_in, demo.groups[2 % len(demo.groups)]),
             (0.85, demo.scene_remote_talk, demo.groups[2 % len(demo.groups)]),
+            (0.45, demo.scene_private_call, demo.groups[0]),
         ]
         for frac, scene, tg in scenes:
             tasks.append(asyncio.create_task(_after(frac * d, scene, tg)))
@@ -732,6 +762,10 @@ async def _start_monitoring(
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _count(heard: dict[str, int], unit: str, talker: str) -> None:
+    heard[unit] += 1
 
 
 async def _after(delay: float, scene: Callable[[str], Awaitable[None]], tg: str) -> None:
