@@ -152,6 +152,7 @@ emergencies_per_min = 20
 preemptions_per_min = 20
 imminent_per_min = 120
 statuses_per_min = 120
+private_calls_per_min = 120
 late_joiners = 2
 """)
     out = tmp_path / "out"
@@ -162,6 +163,7 @@ late_joiners = 2
         "floor_access_sent",
         "mouth_to_ear",
         "late_entry",
+        "private_setup",
         "connect",
         "loop_lag",
     ):
@@ -172,6 +174,8 @@ late_joiners = 2
     assert "statuses_unconfirmed" not in result["counts"]
     assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)
     assert result["counts"].get("imminent_cancelled", 0) > 0  # (most of those talk at +1.5 s)
+    assert result["counts"].get("private_calls", 0) > 0  # (12 expected)
+    assert "private_calls_failed" not in result["counts"]
     # `full_trace`: every message and floor state change, the workers' merged in time order
     for name, fields in (("messages", MESSAGE_FIELDS), ("floor", FLOOR_FIELDS)):
         rows = list(csv.DictReader((out / f"{name}.csv").read_text().splitlines()))

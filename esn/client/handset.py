@@ -414,13 +414,18 @@ class Handset:
         return await self._ask_for(msg, m.Private, timeout)
 
     async def talk_private(self, seconds: float, timeout: float = 5.0) -> bool:
-        """Talk in the connected private call for `seconds` (`press_private`, then
-        `release_private`); False when the turn was not had."""
+        """Talk in the connected private call for `seconds` (`press_private`, then PTT
+        up, waiting for the server to take the turn back); False when the turn was not
+        had."""
         voice = await self.press_private(timeout)
         if voice is None:
             return False
         await asyncio.wait({voice}, timeout=seconds)  # (or stopped by the call's news)
-        self.release_private()
+        self._stop_private_voice()
+        call = self.private
+        if call is not None and call.floor and call.talker == self.unit:
+            up = m.PrivateTalk(call=call.call, on=False, ref=self.next_ref())
+            await self._ask_for(up, m.Private, timeout)
         return True
 
     async def press_private(self, timeout: float = 5.0) -> asyncio.Task[None] | None:

@@ -23,6 +23,7 @@ KPIS = (
     "mouth_to_ear",
     "late_entry",
     "scan_entry",
+    "private_setup",
     "connect",
     "loop_lag",
 )

@@ -19,6 +19,7 @@ NAMES = {
     "mouth_to_ear": "KPI3 mouth-to-ear",
     "late_entry": "KPI4 late entry",
     "scan_entry": "scan switch → first media heard",
+    "private_setup": "private call set-up (automatic answer)",
     "connect": "connect time",
     "loop_lag": "generator loop lag",
 }
@@ -55,7 +56,8 @@ def kpi_table(r: dict[str, Any]) -> str:
         f"{c.get('imminent_calls', 0)} (cancelled during the call "
         f"{c.get('imminent_cancelled', 0)}); statuses {c.get('statuses', 0)} "
         f"(confirmed {c.get('statuses_confirmed', 0)}); listened in {c.get('listen_ins', 0)}, "
-        f"remote talks {c.get('remote_talks', 0)}"
+        f"remote talks {c.get('remote_talks', 0)}; private calls "
+        f"{c.get('private_calls', 0)} (failed {c.get('private_calls_failed', 0)})"
     )
     sm = r.get("server_metrics") or {}
     if "esn_floor_access_seconds:p95_ms" in sm:

@@ -65,6 +65,7 @@ class Traffic:
     listen_ins_per_min: float = 0.5  # a dispatcher listening in on a handset for 3 s
     remote_talks_per_min: float = 0.5  # a dispatcher making a handset talk for 2 s
     statuses_per_min: float = 10.0  # pre-coded status messages, over the whole fleet
+    private_calls_per_min: float = 1.0  # a handset calling another alone, 2 s each way
     late_joiners: int = 5
     media_interval_s: float = 0.06
 

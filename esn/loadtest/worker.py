@@ -240,6 +240,9 @@ class Worker:
             if per_min > 0 and self.plan.dispatchers:
                 rate = per_min * self.plan.share
                 schedules.append(asyncio.create_task(self.poisson(rate, action)))
+        if t.private_calls_per_min > 0 and len(self.plan.units) >= 2:
+            rate = t.private_calls_per_min * self.plan.share
+            schedules.append(asyncio.create_task(self.poisson(rate, self.private_call)))
         if t.statuses_per_min > 0 and self.plan.statuses and self.plan.units:
             rate = t.statuses_per_min * self.plan.share
             schedules.append(asyncio.create_task(self.poisson(rate, self.status)))
@@ -428,6 +431,30 @@ class Worker:
             self.rec.count("statuses_confirmed")
         except (TimeoutError, ClientError):
             self.rec.count("statuses_unconfirmed")
+
+    async def private_call(self, planned: float) -> None:
+        """A free handset calls another alone (automatic answer, floor control): each
+        talks for 2 s in turn, then the caller hangs up. Set-up is press -> connected."""
+        (a, _), (b, _) = self.rng.sample(self.plan.units, 2)
+        if {a, b} & self.busy or not {a, b} <= self.handsets.keys():
+            self.rec.count("skipped_no_free_member")
+            return
+        caller, callee = self.handsets[a], self.handsets[b]
+        self.busy |= {a, b}
+        try:
+            answer = await caller.private_call(b, answer="auto", timeout=10)
+            if answer.state != "connected":
+                self.rec.count(f"private_calls_{answer.cause}")
+                return  # (from plan: a late start counts against it)
+            self.rec.observe("private_setup", asyncio.get_running_loop().time() - planned)
+            self.rec.count("private_calls")
+            await caller.talk_private(2.0, timeout=10)
+            await callee.talk_private(2.0, timeout=10)
+            await caller.hang_up(timeout=10)
+        except (TimeoutError, ClientError):
+            self.rec.count("private_calls_failed")
+        finally:
+            self.busy -= {a, b}
 
     async def late_entry(self, unit: str, tg: str) -> None:
         """Switch on in the middle of a call: wait for one, then affiliate."""

@@ -419,9 +419,7 @@ class Demo:
             if (await caller.private_call(callee.unit)).state != "ringing":
                 return
             await connected
-            said = await caller.talk_private(0.5)
-            await asyncio.sleep(0.1)  # (the turn given back reaches the callee)
-            said = said and await callee.talk_private(0.5)
+            said = await caller.talk_private(0.5) and await callee.talk_private(0.5)
             ended = await caller.hang_up()
             ok = said and ended is not None and ended.cause == "hung_up"
             self.checks.record(name, ok and min(heard.values()) > 0)
