@@ -468,6 +468,10 @@ class Handset:
         self.private = msg
         if msg.floor and msg.talker != self.unit:
             self._stop_private_voice()  # (the turn is not, or no longer, ours)
+        if msg.state == "connected" and msg.kind == "emergency":
+            for tg, view in self.groups.items():  # (its user leaves group talk for it; the
+                if view.floor.state != NO_PERMISSION:  # server revokes it where it can)
+                    self.release(tg)
         if msg.state == "ringing" and msg.caller != self.unit and self.answer_after is not None:
             asyncio.get_running_loop().call_later(self.answer_after, self._pick_up, msg.call)
 

@@ -414,9 +414,10 @@ class Network:
                     if msg.unit == p.id or self.fleet.profile(msg.unit) is None:
                         raise NotYours(f"{msg.unit} is not another unit of the fleet")
                     out = calls.setup(p.id, msg, now, self.online.__contains__)
-                    out += self._preempt_for(msg.unit, now)
+                    out = self._preempt_for(msg.unit, now) + out  # (revoked, then told)
                 case m.PrivateAnswer():
-                    out = calls.answer(p.id, msg, now) + self._preempt_for(p.id, now)
+                    out = calls.answer(p.id, msg, now)
+                    out = self._preempt_for(p.id, now) + out
                 case m.PrivateTalk():
                     out = calls.talk(p.id, msg, now)
                 case m.PrivateEnd():
