@@ -50,6 +50,7 @@ async def test_every_protocol_metric_is_served(server: Server, handset: HandsetF
     b = await handset("u2", "tg-1")
     await a.press("tg-1", kind="emergency")
     await b.press("tg-1")
+    assert (await b.private_call("u3")).cause == "offline"
     a.transport.publish(a.topics.unit_up("u1"), b"\xc1")  # one rejected input
     await a.expect(lambda i: isinstance(i.msg, m.Error))
     assert server.config.metrics_port is not None
@@ -84,6 +85,8 @@ async def test_every_protocol_metric_is_served(server: Server, handset: HandsetF
     assert samples[("esn_calls_active", ())] == 1
     assert samples[("esn_groups_in_emergency", ())] == 1
     assert samples[("esn_floor_queue_length", ())] == 1
+    assert samples[("esn_private_calls_total", (("outcome", "offline"),))] == 1
+    assert samples[("esn_private_calls_total", (("outcome", "connected"),))] == 0
     buckets = {
         dict(labels)["le"]
         for (name, labels) in samples

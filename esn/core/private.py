@@ -18,7 +18,7 @@ import heapq
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from esn.core.actions import Action, ToUnit
 from esn.protocol import messages as m
@@ -69,7 +69,7 @@ class Call:
         )
 
 
-END_CAUSES = frozenset(End.__args__)  # type: ignore[attr-defined]
+END_CAUSES: tuple[str, ...] = get_args(End)
 
 
 class NotYours(ValueError):
@@ -85,6 +85,7 @@ class PrivateCalls:
         self.of: dict[str, str] = {}  # unit -> the call it is in
         self._timers: list[tuple[float, str]] = []  # (deadline, call) min-heap
         self._armed: dict[str, float] = {}  # call -> its live deadline in the heap
+        self.outcomes: dict[str, int] = {}  # connected, and each end's cause: counted
 
     # --- what units ask --------------------------------------------------------------
 
@@ -106,12 +107,12 @@ class PrivateCalls:
             f"{caller}~{secrets.token_hex(6)}", caller, callee, kind, floor, "ringing", 0.0, now
         )
         if not online(callee):
-            return [ToUnit(caller, call.msg(caller, msg.ref, "offline"))]
+            return self._refused(call, "offline", msg.ref)
         out: list[Action] = []
         busy = self.calls.get(self.of.get(callee, ""))
         if busy is not None:
             if kind != "emergency" or busy.kind == "emergency":
-                return [ToUnit(caller, call.msg(caller, msg.ref, "busy"))]
+                return self._refused(call, "busy", msg.ref)
             out += self._end(busy, "preempted", None, None)
         self.calls[call.call] = call
         self.of[caller] = self.of[callee] = call.call
@@ -260,6 +261,7 @@ class PrivateCalls:
         self, call: Call, now: float, ref: int | None, answered_by: str | None = None
     ) -> list[Action]:
         call.state, call.active = "connected", now
+        self.outcomes["connected"] = self.outcomes.get("connected", 0) + 1
         call.deadline = now + INACTIVE_S
         if call.floor:  # (the caller's press set the call up: the first turn is its)
             call.talker, call.turn_until = call.caller, now + self.talk_s
@@ -278,6 +280,7 @@ class PrivateCalls:
         self, call: Call, cause: End, asker: str | None, ref: int | None, gone: str | None = None
     ) -> list[Action]:
         self._drop(call)
+        self.outcomes[cause] = self.outcomes.get(cause, 0) + 1
         return [
             ToUnit(u, call.msg(u, ref if u == asker else None, cause))
             for u in (call.caller, call.callee)
@@ -289,6 +292,10 @@ class PrivateCalls:
         if call is None or unit not in (call.caller, call.callee):
             raise NotYours(f"{unit} is in no call {call_id}")
         return call
+
+    def _refused(self, call: Call, cause: End, ref: int | None) -> list[Action]:
+        self.outcomes[cause] = self.outcomes.get(cause, 0) + 1
+        return [ToUnit(call.caller, call.msg(call.caller, ref, cause))]
 
     def _drop(self, call: Call) -> None:
         del self.calls[call.call]

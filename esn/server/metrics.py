@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from esn import __version__
 from esn.core.network import Network
 from esn.core.partitions import PARTITIONS
+from esn.core.private import END_CAUSES
 from esn.exporter import BUCKETS
 from esn.server.hotspots import Hotspots
 
@@ -46,6 +47,7 @@ REJECT_REASONS = (
     "invalid_presence",
 )
 AUDITED = ("ambient_listen", "ambient_end", "remote_talk")
+PRIVATE_OUTCOMES = ("connected", *END_CAUSES)
 DROP_REASONS = (
     "rate_limited",
     "not_holder",
@@ -137,6 +139,12 @@ class _LiveState(Collector):
         for name in ("granted", "queued", "denied", "preempted", "revoked", "released"):
             outcomes.add_metric([name], found.get(name, 0))
         yield outcomes
+        yield _counter(
+            "esn_private_calls",
+            "Private calls connected, and ended by cause",
+            "outcome",
+            _sum(dict.fromkeys(PRIVATE_OUTCOMES, 0), net.private.outcomes),
+        )
         messages = CounterMetricFamily(
             "esn_messages", "Protocol messages by type and direction", labels=["kind", "direction"]
         )
