@@ -210,6 +210,14 @@ def overview() -> Dashboard:
         .with_panel(
             rates("Floor outcomes", rate("esn_floor_outcomes_total", "outcome"), "{{outcome}}")
         )
+        .with_panel(
+            rates(
+                "Private calls", rate("esn_private_calls_total", "outcome"), "{{outcome}}"
+            ).description(
+                "Calls connected, and calls ended by cause: busy, no_answer, offline, rejected, "
+                "hung_up, inactive, preempted (docs/protocol.md, 11.14)."
+            )
+        )
         .with_row(Row("Problems"))
         .with_panel(
             rates("Rejected input by reason", rate("esn_rejected_total", "reason"), "{{reason}}")
