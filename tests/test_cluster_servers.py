@@ -155,23 +155,42 @@ async def test_a_private_call_between_units_of_two_instances(
     servers: list[Server], handset: HandsetFactory
 ) -> None:
     """Tried: a private call between units served by different instances, each talking
-    in turn, the callee hanging up. Expect: the call kept by the caller's instance only
-    (the answer, the turns and the hang-up handed to it), voice both ways."""
-    units = [f"u{i}" for i in range(1, 40)]
+    in turn, the callee hanging up; a third unit, served elsewhere again, calling the
+    callee meanwhile. Expect: the call kept by the callee's instance only (the set-up
+    and the caller's turns handed to it), so the third is told busy; voice both ways,
+    each packet relayed once."""
+    units = [f"u{i}" for i in range(1, 60)]
     b = next(u for u in units if serving(servers, u) is not serving(servers, "u1"))
-    caller, callee = await handset("u1", "tg-1"), await handset(b, "tg-1")
+    c = next(
+        u for u in units if serving(servers, u) not in (serving(servers, x) for x in ("u1", b))
+    )
+    caller, callee, third = [await handset(u, "tg-1") for u in ("u1", b, c)]
     connected = caller.expect(is_private("connected"), timeout=10)
     assert (await caller.private_call(b)).state == "ringing"
     await connected
     assert [len(s.network.private.calls) for s in servers].count(1) == 1
-    assert serving(servers, "u1").network.private.of_unit(b) is not None
-    heard = callee.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == "u1")
+    assert serving(servers, b).network.private.of_unit(b) is not None
+    assert (await third.private_call(b)).cause == "busy"
+    seqs: list[int] = []
+
+    def heard_from(talker: str) -> Callable[[Inbound], bool]:
+        def seen(i: Inbound) -> bool:
+            if isinstance(i.msg, m.Media) and i.msg.talker == talker:
+                seqs.append(i.msg.seq)
+                return len(seqs) >= 5
+            return False
+
+        return seen
+
+    heard = callee.expect(heard_from("u1"))
     assert await caller.talk_private(0.3)
     await heard
-    await eventually(lambda: callee.private is not None and callee.private.talker is None)
-    heard = caller.expect(lambda i: isinstance(i.msg, m.Media) and i.msg.talker == b)
+    assert len(seqs) == len(set(seqs))
+    heard = caller.expect(heard_from(b))
+    seqs.clear()
     assert await callee.talk_private(0.3)
     await heard
+    assert len(seqs) == len(set(seqs))  # (relayed by one instance, not two)
     hung = await callee.hang_up()
     assert hung is not None and hung.cause == "hung_up"
     await eventually(lambda: caller.private is None)

@@ -44,6 +44,7 @@ from esn.client.scan import ScanList
 from esn.client.trace import Access
 from esn.protocol import codec
 from esn.protocol import messages as m
+from esn.protocol.ids import call_owner
 from esn.protocol.topics import Topics
 from esn.transport import BrokerConfig, Transport, Will, make_transport
 
@@ -231,6 +232,8 @@ class Handset:
         self.answer_after: float | None = 0.5
         self.on_private_media: Callable[[str], None] | None = None  # (talker) per packet
         self._private_voice: asyncio.Task[None] | None = None
+        self._calls_over: deque[str] = deque(maxlen=8)  # (news of them is stale)
+        self._link_lost_in: str | None = None  # the call we were in when the link went
         # every control and floor message sent ("out") or received ("in"), voice left out,
         # and each change of a group's floor state: the full traces (docs/traces.md)
         self.on_wire: Callable[[str, str, m.Message], None] | None = None
@@ -301,7 +304,9 @@ class Handset:
 
     def _on_disconnect(self) -> None:
         self._close_mic()  # (the server ends listening in when our will fires)
-        self._private_over()  # (and a private call)
+        if self.private is not None:  # (and a private call; if the will did not fire,
+            self._link_lost_in = self.private.call  # it is hung up once back)
+        self._private_over()
         if self.on_link is not None:
             self.on_link(False)
 
@@ -315,6 +320,9 @@ class Handset:
 
     def _on_connect(self) -> None:
         self._publish(self.topics.presence(self.unit), m.Presence(state="online"), retain=True)
+        if self._link_lost_in is not None:  # (answered, or refused: either way it is over)
+            self._send_up(m.PrivateEnd(call=self._link_lost_in, ref=self.next_ref()))
+            self._link_lost_in = None
         if self.on_link is not None:
             self.on_link(True)
 
@@ -402,7 +410,7 @@ class Handset:
         if call is None or call.state != "ringing" or call.caller == self.unit:
             raise ClientError(f"{self.unit}: no call rings here")
         msg = m.PrivateAnswer(call=call.call, accept=accept, ref=self.next_ref())
-        return await self._ask_for(msg, m.Private, timeout)
+        return await self._about_call(msg, timeout)
 
     async def hang_up(self, timeout: float = 5.0) -> m.Private | None:
         """End the private call it is in, if any."""
@@ -410,8 +418,7 @@ class Handset:
         if call is None:
             return None
         self._stop_private_voice()
-        msg = m.PrivateEnd(call=call.call, ref=self.next_ref())
-        return await self._ask_for(msg, m.Private, timeout)
+        return await self._about_call(m.PrivateEnd(call=call.call, ref=self.next_ref()), timeout)
 
     async def talk_private(self, seconds: float, timeout: float = 5.0) -> bool:
         """Talk in the connected private call for `seconds` (`press_private`, then PTT
@@ -425,7 +432,7 @@ class Handset:
         call = self.private
         if call is not None and call.floor and call.talker == self.unit:
             up = m.PrivateTalk(call=call.call, on=False, ref=self.next_ref())
-            await self._ask_for(up, m.Private, timeout)
+            await self._about_call(up, timeout)
         return True
 
     async def press_private(self, timeout: float = 5.0) -> asyncio.Task[None] | None:
@@ -436,8 +443,11 @@ class Handset:
         if call is None or call.state != "connected":
             return None
         if call.floor:
-            press = m.PrivateTalk(call=call.call, on=True, ref=self.next_ref())
-            if (await self._ask_for(press, m.Private, timeout)).talker != self.unit:
+            await self._about_call(
+                m.PrivateTalk(call=call.call, on=True, ref=self.next_ref()), timeout
+            )
+            now = self.private  # (what the answer, or news meanwhile, left)
+            if now is None or now.call != call.call or now.talker != self.unit:
                 return None
         self._stop_private_voice()
         topic = self.topics.unit_media_up(self.unit)
@@ -455,16 +465,30 @@ class Handset:
         if call is not None and call.floor and call.talker == self.unit:
             self._send_up(m.PrivateTalk(call=call.call, on=False, ref=self.next_ref()))
 
+    async def _about_call(
+        self, msg: m.PrivateAnswer | m.PrivateTalk | m.PrivateEnd, timeout: float
+    ) -> m.Private:
+        """Ask about our call; a refusal means the server knows no such call of ours (it
+        ended unheard, or a restart did not keep it): the call is over here too."""
+        try:
+            return await self._ask_for(msg, m.Private, timeout)
+        except Refused:
+            if self.private is not None and self.private.call == msg.call:
+                self._private_over()
+            raise
+
     def _private_news(self, msg: m.Private) -> None:
+        if msg.call in self._calls_over:
+            return  # (a late or repeated answer about a call that ended)
         mine = self.private
         if mine is not None and mine.call != msg.call:
-            if msg.state == "ringing" and msg.caller != self.unit:  # (in a call already)
-                ref = self.next_ref()
-                self._send_up(m.PrivateAnswer(call=msg.call, accept=False, cause="busy", ref=ref))
+            self._another_call(mine, msg)
             return
         if msg.state == "ended":
             self._private_over()
             return
+        if mine is not None and mine.state == "connected" and msg.state == "ringing":
+            return  # (a repeated answer to our call: it is connected since)
         self.private = msg
         if msg.floor and msg.talker != self.unit:
             self._stop_private_voice()  # (the turn is not, or no longer, ours)
@@ -474,6 +498,25 @@ class Handset:
                     self.release(tg)
         if msg.state == "ringing" and msg.caller != self.unit and self.answer_after is not None:
             asyncio.get_running_loop().call_later(self.answer_after, self._pick_up, msg.call)
+
+    def _another_call(self, mine: m.Private, msg: m.Private) -> None:
+        """News of a call while in another (a cluster's instances each know only the
+        calls they keep): an emergency call takes the place of a normal one; else we are
+        busy, and say so."""
+        if msg.state == "ended":
+            return
+        if msg.caller == self.unit:  # (one we placed: the server knows us in no other)
+            self._private_over()
+            self._private_news(msg)
+        elif msg.kind == "emergency" and mine.kind != "emergency":
+            self._send_up(m.PrivateEnd(call=mine.call, ref=self.next_ref()))
+            self._private_over()
+            self._private_news(msg)
+        elif msg.state == "ringing" and msg.caller != self.unit:
+            ref = self.next_ref()
+            self._send_up(m.PrivateAnswer(call=msg.call, accept=False, cause="busy", ref=ref))
+        else:
+            self._send_up(m.PrivateEnd(call=msg.call, ref=self.next_ref()))
 
     def _pick_up(self, call: str) -> None:
         now = self.private
@@ -487,6 +530,8 @@ class Handset:
 
     def _private_over(self) -> None:
         self._stop_private_voice()
+        if self.private is not None:
+            self._calls_over.append(self.private.call)
         self.private = None
 
     def send(self, msg: m.Message) -> None:
@@ -729,12 +774,15 @@ class Handset:
         if talker == self.unit:
             return
         if topic == self.topics.unit_media_down(self.unit):  # a private call, or listening in
-            call = self.private
-            if call is not None and obj.get("call") == call.call:
+            call, of = self.private, obj.get("call")
+            if call is not None and of == call.call:
                 self.stats.count("private_rx")
                 self._mouth_to_ear(ts)
                 if self.on_private_media is not None and isinstance(talker, str):
                     self.on_private_media(talker)
+            elif isinstance(of, str) and call_owner(of) is not None:
+                self.stats.count("private_unheard")  # (a call we are not in, or no longer)
+                return
             else:
                 self.stats.count("ambient_rx")
                 if self.on_ambient is not None and isinstance(talker, str):

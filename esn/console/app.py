@@ -286,7 +286,9 @@ class ConsoleApp(App[None]):
             why = CALL_ENDS.get(msg.cause or "", msg.cause or "ended")
             self.tell(f"private call with {msg.unit} ended: {why}", warn=msg.cause != "hung_up")
         elif msg.state == "ringing" and msg.caller != self.unit_id:
-            self.tell(f"{msg.unit} calls you{emergency} (private): answering", warn=bool(emergency))
+            mine = self.link.private is not None and self.link.private.call == msg.call
+            doing = "answering" if mine else "refused, you are in another call"
+            self.tell(f"{msg.unit} calls you{emergency} (private): {doing}", warn=bool(emergency))
         elif msg.state == "connected":
             talks = f", {msg.talker} talks" if msg.talker else ""
             self.model.log(None, f"private{emergency} call with {msg.unit}: connected{talks}")

@@ -73,7 +73,7 @@ class Talkgroup:
 
 
 # what a unit may do beyond talking, only where the fleet file says so (`may = [...]`)
-MAY = ("ambient_listening", "remote_talk")
+MAY = ("ambient_listening", "remote_talk", "emergency_private_call")
 
 
 @dataclass(frozen=True, slots=True)

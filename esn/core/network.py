@@ -77,7 +77,7 @@ class Network:
         self._guest_statuses: OrderedDict[str, None] = OrderedDict()
         self._unstated: set[str] = set()  # statuses read back but not kept: to be cleared
         self.ambient: dict[str, tuple[str, str]] = {}  # unit listened in on -> (by, call)
-        self.private = PrivateCalls(fleet.defaults.max_talk_ms / 1000)
+        self.private = PrivateCalls(fleet.defaults.max_talk_ms / 1000, max_units)
         self._stored_sds = 0  # messages in all the stores
         # per unit, its recent refs -> (digest of the message, the answer it was given)
         self._answers: dict[str, OrderedDict[int, tuple[bytes, m.Message]]] = {}
@@ -409,29 +409,58 @@ class Network:
         try:
             match msg:
                 case m.PrivateCall():
-                    if msg.kind == "imminent":
-                        raise NotYours("a private call is normal or emergency")
-                    if msg.unit == p.id or self.fleet.profile(msg.unit) is None:
-                        raise NotYours(f"{msg.unit} is not another unit of the fleet")
+                    self._may_call(p, msg)
                     out = calls.setup(p.id, msg, now, self.online.__contains__)
-                    out = self._preempt_for(msg.unit, now) + out  # (revoked, then told)
+                    made = calls.of_unit(p.id)
+                    if made is not None and made.kind == "emergency":
+                        what = f"{p.id} makes an emergency call to {msg.unit} (call {made.call})"
+                        out.append(Audit("private_emergency", what))
                 case m.PrivateAnswer():
                     out = calls.answer(p.id, msg, now)
-                    out = self._preempt_for(p.id, now) + out
                 case m.PrivateTalk():
                     out = calls.talk(p.id, msg, now)
                 case m.PrivateEnd():
                     out = calls.hang_up(p.id, msg)
         except NotYours as exc:
-            return self._error(p.id, msg.ref, "invalid_field", str(exc))
-        return self._told_private(out)
+            cause: m.ErrorCause = "forbidden" if isinstance(exc, _Forbidden) else "invalid_field"
+            return self._error(p.id, msg.ref, cause, str(exc))
+        return self._private_done(out, now)
+
+    def _may_call(self, p: UnitProfile, msg: m.PrivateCall) -> None:
+        """Raise NotYours unless the unit may make this call: to another unit of the
+        fleet, from a unit online; an emergency call from a dispatcher, to a dispatcher,
+        or from a unit the fleet lets make them (`may`)."""
+        callee = self.fleet.profile(msg.unit)
+        if msg.unit == p.id or callee is None:
+            raise NotYours(f"{msg.unit} is not another unit of the fleet")
+        if p.id not in self.online:
+            raise NotYours(f"{p.id} is not online: announce presence first")
+        if msg.kind == "imminent":
+            raise NotYours("a private call is normal or emergency")
+        if msg.kind == "emergency" and not (
+            p.is_dispatcher or callee.is_dispatcher or "emergency_private_call" in p.may
+        ):
+            raise _Forbidden(f"{p.id} may make emergency private calls to dispatchers only")
+
+    def _private_done(self, out: list[Action], now: float) -> list[Action]:
+        """After any private-call change: the records of the calls that changed marked,
+        and an emergency call that just connected takes its callee off the group floors
+        it holds at a lower priority (revoked before the call's news goes out)."""
+        calls = self.private
+        for callee in calls.changed:
+            self._touch("unit", callee)
+        calls.changed.clear()
+        connected, calls.connected = calls.connected, []
+        revoked: list[Action] = []
+        for call in connected:
+            if call.kind == "emergency" and calls.calls.get(call.call) is call:
+                revoked += self._preempt_for(call.callee, now)
+        return revoked + out
 
     def _preempt_for(self, callee: str, now: float) -> list[Action]:
-        """An emergency private call just connected takes the callee off the floors it
-        holds at a lower priority (it is to hear and answer this call)."""
-        call = self.private.of_unit(callee)
-        if call is None or call.state != "connected" or call.kind != "emergency":
-            return []
+        profile = self.fleet.profile(callee)
+        if profile is None or profile.is_dispatcher:
+            return []  # (a console answers the call beside its group talk)
         out: list[Action] = []
         for tg in sorted(self.affiliations.get(callee, ())):
             floor = self.floors.get(tg)
@@ -441,13 +470,6 @@ class Network:
                     out += revoked
                     self._arm(floor)
                     self._touch("group", tg)
-        return out
-
-    def _told_private(self, out: list[Action]) -> list[Action]:
-        """Private-call news is in both parties' records (the caller's keeps the call)."""
-        for a in out:
-            if isinstance(a, ToUnit) and isinstance(a.msg, m.Private):
-                self._touch("unit", a.unit)
         return out
 
     def private_voice_to(self, unit: str, call: str, now: float) -> str | None:
@@ -593,7 +615,7 @@ class Network:
         self.online.discard(unit)
         ended = [t for t, (by, _) in self.ambient.items() if unit in (t, by)]
         out: list[Action] = [a for t in ended for a in self._stop_listening(t, "offline", None)]
-        out += self._told_private(self.private.offline(unit))
+        out += self._private_done(self.private.offline(unit), now)
         if unit not in self.offline and len(self.offline) >= self.max_units:
             self.offline.pop()  # bounded: made-up ids going offline cannot grow it
         self.offline.add(unit)  # (a retained offline tells recovery a talker is gone)
@@ -805,7 +827,7 @@ class Network:
                 out.append(ToUnit(target, m.MicOpen(call=call)))  # (it may have restarted)
             else:
                 out += self._stop_listening(target, "offline", None)
-        out += self._told_private(self.private.settle(self.online.__contains__))
+        out += self._private_done(self.private.settle(self.online.__contains__), now)
         for floor in self.floors.values():
             if floor.holder is None and floor.queue:
                 out += floor.next_in_queue(now)
@@ -1013,7 +1035,7 @@ class Network:
         return calls if floors is None else floors if calls is None else min(floors, calls)
 
     def on_timer(self, now: float) -> list[Action]:
-        out: list[Action] = self._told_private(self.private.on_timer(now))
+        out: list[Action] = self._private_done(self.private.on_timer(now), now)
         while self._timers and self._timers[0][0] <= now:
             at, tg = heapq.heappop(self._timers)
             if self._armed.get(tg) != at:
@@ -1096,6 +1118,10 @@ class Network:
     def _deny(self, unit: str, tg: str, cause: m.DenyCause, ref: int | None) -> list[Action]:
         self._denied += 1
         return [ToUnit(unit, m.Deny(tg=tg, cause=cause, ref=ref))]
+
+
+class _Forbidden(NotYours):
+    """Refused for want of a right the fleet grants (`error forbidden`)."""
 
 
 def _first(items: Any, n: int, why: list[str]) -> list[Any]:

@@ -32,9 +32,8 @@ import hashlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from esn.core.private import owner
 from esn.protocol import messages as m
-from esn.protocol.ids import PARTITIONS, partition_of
+from esn.protocol.ids import PARTITIONS, call_owner, partition_of
 
 __all__ = ["PARTITIONS", "Ownership", "Plan", "acts_on", "assignment", "partition_of", "preferred"]
 
@@ -45,12 +44,12 @@ def acts_on(unit: str, msg: m.Message) -> str:
     """Whose partition acts on a message a unit sent up: the group it names (an emergency,
     a regroup, a short message to a group), the unit it is for (a short message to a unit,
     kept by that unit's partition while it is offline; listening in, which that unit's
-    partition relays; a private call's news, kept by its caller's partition), else the
+    partition relays; a private call, kept by its callee's partition), else the
     sender's own."""
-    if isinstance(msg, m.AmbientListen | m.AmbientEnd):
+    if isinstance(msg, m.AmbientListen | m.AmbientEnd | m.PrivateCall):
         return msg.unit
     if isinstance(msg, m.PrivateAnswer | m.PrivateTalk | m.PrivateEnd):
-        return owner(msg.call) or unit
+        return call_owner(msg.call) or unit
     tg = getattr(msg, "tg", None)
     if isinstance(tg, str):
         return tg

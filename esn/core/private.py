@@ -1,15 +1,16 @@
 """Private calls (TS 24.379 §11): one unit calls another, without I/O.
 
 A call rings the callee (manual answer) or connects at once (automatic answer), with
-floor control (half-duplex: one talker at a time, the caller first, each turn at most the
-fleet's talk time) or without (both talk at will). It ends on either side's hang-up, the
-callee's refusal, a ring not answered within RING_S, INACTIVE_S without voice or PTT, or
-a party going offline; each end is told to both in words (docs/protocol.md, 11.14). A
-unit is in one call at a time: a call to a unit in one is answered `busy`, unless it is
-an emergency call and the one it is in is not, which it ends (`preempted`).
+floor control (half-duplex: one talker at a time, each turn at most the fleet's talk
+time) or without (both talk at will). It ends on either side's hang-up, the callee's
+refusal, a ring not answered within RING_S, INACTIVE_S without voice or PTT, or a party
+going offline; each end is told to both in words (docs/protocol.md, 11.14). A unit is in
+one call at a time: a call to a unit in one is answered `busy`, unless it is an
+emergency call and the one it is in is not, which it ends (`preempted`).
 
-A call belongs to its caller: its id starts with the caller's id (`CALLER~token`), so a
-cluster routes everything about it to the instance serving the caller (`owner`).
+A call belongs to its callee: its id starts with the callee's id (`CALLEE~token`), so a
+cluster keeps every call to a unit with the instance serving that unit, which therefore
+knows whether it is busy.
 """
 
 from __future__ import annotations
@@ -21,21 +22,19 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from esn.core.actions import Action, ToUnit
+from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.protocol import messages as m
-from esn.protocol.ids import is_id
+from esn.protocol.ids import call_owner
 
 RING_S = 20.0  # a call not answered in this time ends: no_answer
 INACTIVE_S = 30.0  # a connected call with no voice and no talk request for this long ends
 MAX_CALL_ID = 96  # (a unit id, "~", a token)
+# how often one unit may be rung (by anyone): more is answered busy, so many callers
+# cannot keep a unit ringing (nor make it spend its own allowance refusing)
+RINGS = Rate(per_s=0.5, burst=5.0)
 
 End = Literal["busy", "no_answer", "offline", "rejected", "hung_up", "inactive", "preempted"]
 CallState = Literal["ringing", "connected"]
-
-
-def owner(call: str) -> str | None:
-    """The caller a private call's id names, or None for another kind of id."""
-    head, sep, _ = call.partition("~")
-    return head if sep and is_id(head) else None
 
 
 @dataclass(slots=True)
@@ -79,13 +78,18 @@ class NotYours(ValueError):
 class PrivateCalls:
     """Every private call of the units this server acts for; `talk_s` is a turn's most."""
 
-    def __init__(self, talk_s: float) -> None:
+    def __init__(self, talk_s: float, max_calls: int) -> None:
         self.talk_s = talk_s
+        self.max_calls = max_calls  # (read back: as many as could be real)
         self.calls: dict[str, Call] = {}
         self.of: dict[str, str] = {}  # unit -> the call it is in
         self._timers: list[tuple[float, str]] = []  # (deadline, call) min-heap
         self._armed: dict[str, float] = {}  # call -> its live deadline in the heap
         self.outcomes: dict[str, int] = {}  # connected, and each end's cause: counted
+        self.connected: list[Call] = []  # calls connected since the caller last looked
+        self.changed: set[str] = set()  # callees whose record (the call kept) changed
+        self._rings = RateLimiter({"ring": RINGS})
+        self._loaded: list[str] = []  # calls read back, for `settle`
 
     # --- what units ask --------------------------------------------------------------
 
@@ -96,33 +100,38 @@ class PrivateCalls:
         now: float,
         online: Callable[[str], bool],
     ) -> list[Action]:
-        """A call from `caller` to `msg.unit`, which the caller checked is a unit of the
-        fleet other than itself: rung, connected, or ended at once (offline or busy)."""
-        if caller in self.of:
-            raise NotYours(f"{caller} is in call {self.of[caller]}: end it first")
+        """A call from `caller` to `msg.unit`, which the network checked the caller may
+        make: rung, connected, or ended at once (offline or busy). A call ringing at the
+        caller is refused by this one (busy); a normal call of the caller's is ended by an
+        emergency one (preempted); any other is to be ended first."""
         kind: m.Kind = "emergency" if msg.kind == "emergency" else "normal"
-        floor = msg.floor is not False
-        callee = msg.unit
-        call = Call(
-            f"{caller}~{secrets.token_hex(6)}", caller, callee, kind, floor, "ringing", 0.0, now
-        )
+        callee, out = msg.unit, []
+        mine = self.of_unit(caller)
+        if mine is not None:
+            if mine.callee == caller and mine.state == "ringing":
+                out += self._end(mine, "busy", None, None)
+            elif kind == "emergency" and mine.kind != "emergency":
+                out += self._end(mine, "preempted", None, None)
+            else:
+                raise NotYours(f"{caller} is in call {mine.call}: end it first")
+        call_id = f"{callee}~{secrets.token_hex(6)}"
+        call = Call(call_id, caller, callee, kind, msg.floor is not False, "ringing", 0.0, now)
         if not online(callee):
-            return self._refused(call, "offline", msg.ref)
-        out: list[Action] = []
-        busy = self.calls.get(self.of.get(callee, ""))
+            return out + self._refused(call, "offline", msg.ref)
+        busy = self.of_unit(callee)
+        rung = self._rings.check(callee, "ring", now) is Verdict.ALLOW
+        if (busy is not None and (kind != "emergency" or busy.kind == "emergency")) or not rung:
+            return out + self._refused(call, "busy", msg.ref)
         if busy is not None:
-            if kind != "emergency" or busy.kind == "emergency":
-                return self._refused(call, "busy", msg.ref)
             out += self._end(busy, "preempted", None, None)
-        self.calls[call.call] = call
-        self.of[caller] = self.of[callee] = call.call
-        if msg.answer == "auto":
-            out += self._connect(call, now, msg.ref)
-        else:
-            call.deadline = now + RING_S
-            self._arm(call)
-            out += [ToUnit(caller, call.msg(caller, msg.ref)), ToUnit(callee, call.msg(callee))]
-        return out
+        self.calls[call_id] = call
+        self.of[caller] = self.of[callee] = call_id
+        self.changed.add(callee)
+        if msg.answer == "auto":  # (its press set the call up: the first turn is the caller's)
+            return out + self._connect(call, now, msg.ref, turn=True)
+        call.deadline = now + RING_S
+        self._arm(call)
+        return [*out, ToUnit(caller, call.msg(caller, msg.ref)), ToUnit(callee, call.msg(callee))]
 
     def answer(self, unit: str, msg: m.PrivateAnswer, now: float) -> list[Action]:
         call = self._of(unit, msg.call)
@@ -131,7 +140,7 @@ class PrivateCalls:
         if not msg.accept:
             cause: End = "busy" if msg.cause == "busy" else "rejected"
             return self._end(call, cause, unit, msg.ref)
-        return self._connect(call, now, msg.ref, answered_by=unit)
+        return self._connect(call, now, msg.ref, turn=False, answered_by=unit)
 
     def hang_up(self, unit: str, msg: m.PrivateEnd) -> list[Action]:
         return self._end(self._of(unit, msg.call), "hung_up", unit, msg.ref)
@@ -160,12 +169,16 @@ class PrivateCalls:
         """The hot path: the party a voice packet of `unit` in `call_id` goes to, or None
         (no such call of the unit's, not connected, or the other party's turn)."""
         call = self.calls.get(call_id)
-        if call is None or call.state != "connected" or unit not in (call.caller, call.callee):
-            return None
-        if call.floor and call.talker != unit:
+        if call is None or not self.may_talk(unit, call):
             return None
         call.active = now
         return call.peer(unit)
+
+    @staticmethod
+    def may_talk(unit: str, call: Call) -> bool:
+        if call.state != "connected" or unit not in (call.caller, call.callee):
+            return False
+        return not call.floor or call.talker == unit
 
     # --- what happens to units --------------------------------------------------------
 
@@ -205,65 +218,72 @@ class PrivateCalls:
 
     # --- durable state ----------------------------------------------------------------
 
-    def record(self, caller: str) -> list[Any] | None:
-        """The call the unit made, as its durable record keeps it, if any."""
-        call = self.calls.get(self.of.get(caller, ""))
-        if call is None or call.caller != caller:
+    def record(self, callee: str) -> list[Any] | None:
+        """The call to the unit, as its durable record keeps it, if any (who talks is not
+        kept: after a restart nobody has the turn)."""
+        call = self.of_unit(callee)
+        if call is None or call.callee != callee:
             return None
-        return [call.call, call.callee, call.kind, call.floor, call.state, call.talker]
+        return [call.call, call.caller, call.kind, call.floor, call.state]
 
-    def load(self, caller: str, rec: object, now: float, is_unit: Callable[[str], bool]) -> None:
+    def load(self, callee: str, rec: object, now: float, is_unit: Callable[[str], bool]) -> None:
         """Adopt a call read back (raising ValueError with why not): its timers start
         afresh; `settle` then tells both parties how it stands."""
-        if not isinstance(rec, list) or len(rec) != 6:
+        if not isinstance(rec, list) or len(rec) != 5:
             raise ValueError("not a call record")
-        call_id, callee, kind, floor, state, talker = rec
-        if not isinstance(call_id, str) or len(call_id) > MAX_CALL_ID or owner(call_id) != caller:
-            raise ValueError(f"{call_id!r} is not a call id of {caller}")
-        if not isinstance(callee, str) or callee == caller or not is_unit(callee):
-            raise ValueError(f"{callee!r} is not another unit of the fleet")
+        call_id, caller, kind, floor, state = rec
+        if not isinstance(call_id, str) or len(call_id) > MAX_CALL_ID:
+            raise ValueError("not a call id")
+        if call_owner(call_id) != callee:
+            raise ValueError(f"{call_id!r} is not a call to {callee}")
+        if not isinstance(caller, str) or caller == callee or not is_unit(caller):
+            raise ValueError(f"{caller!r} is not another unit of the fleet")
         if kind not in ("normal", "emergency") or type(floor) is not bool:
             raise ValueError("not a kind of private call")
         if state not in ("ringing", "connected"):
             raise ValueError(f"{state!r} is not a call state")
-        if not (floor and state == "connected" and talker in (caller, callee)):
-            talker = None  # (a turn only in a connected call with floor control)
         if caller in self.of or callee in self.of:
             raise ValueError("a party is in another call")
+        if len(self.calls) >= self.max_calls:
+            raise ValueError("more calls than the server tracks")
         deadline = now + (RING_S if state == "ringing" else INACTIVE_S)
-        call = Call(call_id, caller, callee, kind, floor, state, deadline, now, talker)
-        if talker is not None:
-            call.turn_until = now + self.talk_s
+        call = Call(call_id, caller, callee, kind, floor, state, deadline, now)
         self.calls[call_id] = call
         self.of[caller] = self.of[callee] = call_id
+        self._loaded.append(call_id)
         self._arm(call)
 
     def settle(self, online: Callable[[str], bool]) -> list[Action]:
-        """After a restart: each call read back told again to both parties (who may have
+        """After calls were read back: each told again to both parties (who may have
         missed its last news), or ended if one of them went offline meanwhile."""
         out: list[Action] = []
-        for call in list(self.calls.values()):
+        loaded, self._loaded = self._loaded, []
+        for call in [self.calls[c] for c in loaded if c in self.calls]:
             gone = next((u for u in (call.caller, call.callee) if not online(u)), None)
             if gone is not None:
                 out += self._end(call, "offline", None, None, gone=gone)
             else:
                 out += self._tell_both(call, None, None)
+                if call.state == "connected":
+                    self.connected.append(call)  # (an emergency call: its rule holds again)
         return out
 
     def forget(self, theirs: Callable[[str], bool]) -> None:
-        """Another instance serves these callers now."""
-        for call in [c for c in self.calls.values() if theirs(c.caller)]:
-            self._drop(call)
+        """Another instance serves these callees now."""
+        for call in [c for c in self.calls.values() if theirs(c.callee)]:
+            self._drop(call, keep=False)
 
     # --- internals --------------------------------------------------------------------
 
     def _connect(
-        self, call: Call, now: float, ref: int | None, answered_by: str | None = None
+        self, call: Call, now: float, ref: int | None, turn: bool, answered_by: str | None = None
     ) -> list[Action]:
         call.state, call.active = "connected", now
         self.outcomes["connected"] = self.outcomes.get("connected", 0) + 1
+        self.connected.append(call)
+        self.changed.add(call.callee)
         call.deadline = now + INACTIVE_S
-        if call.floor:  # (the caller's press set the call up: the first turn is its)
+        if call.floor and turn:
             call.talker, call.turn_until = call.caller, now + self.talk_s
         self._arm(call)
         return self._tell_both(call, answered_by or call.caller, ref)
@@ -297,8 +317,10 @@ class PrivateCalls:
         self.outcomes[cause] = self.outcomes.get(cause, 0) + 1
         return [ToUnit(call.caller, call.msg(call.caller, ref, cause))]
 
-    def _drop(self, call: Call) -> None:
+    def _drop(self, call: Call, keep: bool = True) -> None:
         del self.calls[call.call]
+        if keep:  # (its record deleted)
+            self.changed.add(call.callee)
         self._armed.pop(call.call, None)  # (its heap entries are skipped from now on)
         for u in (call.caller, call.callee):
             if self.of.get(u) == call.call:

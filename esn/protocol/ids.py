@@ -25,3 +25,10 @@ def partition_of(ident: str, partitions: int = PARTITIONS) -> int:
     for byte in ident.replace(".", "//").encode():
         h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
     return h % partitions
+
+
+def call_owner(call: str) -> str | None:
+    """The unit a private call's id names (docs/protocol.md, 11.14: `CALLEE~token`), whose
+    partition keeps the call; None for any other id (a group call's, listening in)."""
+    head, sep, _ = call.partition("~")
+    return head if sep and is_id(head) else None

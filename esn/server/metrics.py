@@ -46,7 +46,7 @@ REJECT_REASONS = (
     "spoofed",
     "invalid_presence",
 )
-AUDITED = ("ambient_listen", "ambient_end", "remote_talk")
+AUDITED = ("ambient_listen", "ambient_end", "remote_talk", "private_emergency")
 PRIVATE_OUTCOMES = ("connected", *END_CAUSES)
 DROP_REASONS = (
     "rate_limited",

@@ -35,10 +35,10 @@ from esn.core.fleet import Fleet
 from esn.core.limits import Rate, RateLimiter, Verdict
 from esn.core.network import Network
 from esn.core.partitions import PARTITIONS, acts_on, partition_of
-from esn.core.private import owner
 from esn.exporter import serve_metrics
 from esn.protocol import codec
 from esn.protocol import messages as m
+from esn.protocol.ids import call_owner
 from esn.protocol.topics import Inbound, Topics
 from esn.runtime import AUDIT_LOGGER
 from esn.server.cluster import SERVER_LEASE_S, ClusterLink
@@ -58,6 +58,7 @@ INTAKE = {
     "floor": Rate(per_s=100.0, burst=200.0),
     "presence": Rate(per_s=5.0, burst=20.0),
     "fwd": Rate(per_s=100.0, burst=200.0),  # (what another instance hands on, per unit)
+    "unit_media": Rate(per_s=100.0, burst=200.0),  # (a private call's, or listened in on)
 }
 
 
@@ -815,7 +816,7 @@ class Server:
         if where is None:
             self.metrics.count_rejected("bad_topic")
             return
-        if self.config.cluster and not self._ours(where, payload):
+        if self.config.cluster and not self._ours(where):
             if where.kind not in ("fwd", "unit_media") and (
                 partition_of(where.tg or where.unit) not in self._gathering
             ):  # (a unit's voice listened in on comes to every instance: not foreign)
@@ -894,7 +895,7 @@ class Server:
         self._loop.call_later(0.2, self._on_message, topic, payload, True)
         return True
 
-    def _ours(self, where: Inbound, payload: bytes) -> bool:
+    def _ours(self, where: Inbound) -> bool:
         """In a cluster: whether a message is for a partition we serve (presence is for
         everyone: every instance's floors let go of a unit that went offline; a unit's
         voice in a private call is for its caller's)."""
@@ -903,8 +904,8 @@ class Server:
         if where.kind == "fwd":
             partition = int(where.tg or "")
             return partition < PARTITIONS and self._serving(partition)
-        if where.kind == "unit_media":
-            return self._serving(partition_of(_caller_of(payload) or where.unit))
+        if where.kind == "unit_media":  # (the calls kept here are known: nothing to decode)
+            return where.unit in self.network.private.of or self._serving(partition_of(where.unit))
         return self._serving(partition_of(where.tg or where.unit))
 
     def _acts_here(self, where: Inbound, msg: m.Message, payload: bytes) -> bool:
@@ -958,8 +959,15 @@ class Server:
 
     def _relay_unit_voice(self, unit: str, payload: bytes, received: float) -> None:
         """A unit's voice outside any group: to the other party of its private call
-        (11.14), or to whoever listens in on it (11.13), if any."""
+        (11.14), or to whoever listens in on it (11.13). A unit in neither is dropped
+        before the cost of decoding (a microphone left open is told to close, sparingly)."""
         self._count_msg("media", "in")
+        net = self.network
+        private, session = net.private.of.get(unit), net.ambient_listener(unit)
+        if private is None and session is None:
+            self.metrics.count_media_dropped("not_holder")
+            self._close_mic(unit, payload)
+            return
         try:
             msg = codec.media_from_dict(codec.unpack(payload))
         except codec.ProtocolError as exc:
@@ -968,21 +976,27 @@ class Server:
         if msg.talker is not None and msg.talker != unit:
             self.metrics.count_media_dropped("spoofed")
             return
-        call = msg.call
-        if owner(call) is not None:  # (a private call's id names its caller)
-            to = self.network.private_voice_to(unit, call, self._loop.time())
-            if to is None:  # not its call, not connected, or the other's turn
-                self.metrics.count_media_dropped("not_holder")
-                return
-        else:
-            session = self.network.ambient_listener(unit)
-            if session is None or session[1] != call:  # nobody listens (any more): closed
-                self.metrics.count_media_dropped("not_holder")
-                if self._error_replies.check(unit, "mic", self._loop.time()) is Verdict.ALLOW:
-                    self._send(unit, m.MicClose(call=call))
-                return
+        if msg.call == private:
+            to = net.private_voice_to(unit, msg.call, self._loop.time())
+        elif session is not None and msg.call == session[1]:
             to = session[0]
-        self._relay_to(to, unit, call, msg, received)
+        else:
+            to = None
+            self._close_mic(unit, payload)
+        if to is None:  # not its call, not connected, or the other's turn
+            self.metrics.count_media_dropped("not_holder")
+            return
+        self._relay_to(to, unit, msg.call, msg, received)
+
+    def _close_mic(self, unit: str, payload: bytes) -> None:
+        """Tell a unit sending voice nobody listens to to close its microphone (at most
+        twice, then once a second): not for a private call's, whose end it was told."""
+        if self._error_replies.check(unit, "mic", self._loop.time()) is not Verdict.ALLOW:
+            return
+        with contextlib.suppress(codec.ProtocolError):
+            call = codec.media_from_dict(codec.unpack(payload)).call
+            if call_owner(call) is None:
+                self._send(unit, m.MicClose(call=call))
 
     def _relay_to(self, to: str, unit: str, call: str, msg: m.Media, received: float) -> None:
         out = {"t": "media", "talker": unit, "call": call, "seq": msg.seq, "data": msg.data}
@@ -1080,16 +1094,6 @@ class Server:
         self._save()
         self._perform(actions)
         self._rearm()
-
-
-def _caller_of(payload: bytes) -> str | None:
-    """The caller a unit voice packet's private call id names, if it is one (a cluster
-    relays it where that call is kept)."""
-    try:
-        call = codec.unpack(payload).get("call")
-    except codec.ProtocolError:
-        return None
-    return owner(call) if isinstance(call, str) else None
 
 
 def _spans(partitions: Iterable[int]) -> str:

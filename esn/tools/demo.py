@@ -408,7 +408,9 @@ class Demo:
         in turn and hears the other, and the caller hangs up."""
         name = "handset calls another privately: answered, both heard, hung up"
         self.checks.expect(name)
-        caller, callee = self.members[tg][1], self.members[tg][3 % len(self.members[tg])]
+        members = self.members[tg]
+        caller = members[1 % len(members)]
+        callee = next(h for h in reversed(members) if h is not caller)
         try:
             connected = caller.expect(
                 lambda i: isinstance(i.msg, m.Private) and i.msg.state == "connected", 5

@@ -133,6 +133,7 @@ class Transport(ABC):
         self._early: list[tuple[str, bytes, bool]] = []  # received while connecting
         self._closing = False
         self._lost = asyncio.Event()
+        self._session = 0  # links made so far: a late failure of an earlier one is no news
         self._supervisor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -164,10 +165,10 @@ class Transport(ABC):
             await self._disconnect()
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
-        """Subscribe and wait for the broker's SUBACK; kept across reconnects. Returns
-        once the link is lost meanwhile (the reconnect subscribes again), and drops a
-        link whose broker does not answer within `connect_timeout` (a link that does not
-        answer is not to be trusted: the reconnect subscribes again)."""
+        """Subscribe and wait for the broker's SUBACK; kept across reconnects. A link
+        whose broker does not answer within `connect_timeout` is dropped (it is not to be
+        trusted; the reconnect subscribes again); one lost meanwhile is left to the
+        reconnect (gmqtt returns at once, aiomqtt once its own timeout is up)."""
         for t in topics:
             self._subscriptions[t] = qos
         if self.connected:
@@ -192,9 +193,12 @@ class Transport(ABC):
             await self._unanswered(self._unsubscribe(list(topics)))
 
     async def _unanswered(self, request: Awaitable[None]) -> None:
+        session = self._session
         try:
             await request
         except TransportError as exc:
+            if session != self._session or not self.connected:
+                return  # (that link is gone already: the one after subscribes again)
             log.warning("%s: %s; reconnecting", self.client_id, exc)
             self.connected = False
             await self._disconnect()
@@ -252,6 +256,7 @@ class Transport(ABC):
         self.on_connect()
 
     async def _resubscribe(self) -> None:
+        self._session += 1
         self._lost.clear()
         # up from here: retained messages arriving with the SUBACKs may prompt publishes
         self.connected = True
