@@ -230,9 +230,37 @@ def test_an_emergency_call_preempts_the_callees_lower_activity() -> None:
     assert told(out, "u2")[0] == m.Revoke(tg="tg1", cause="preempted", ref=1)  # (first)
     assert net.floors["tg1"].holder is None
     net.floor_message("u2", "tg1", m.Request(ref=2), 3.0)  # (it takes the floor again)
-    out = net.unit_message("u1", m.PrivateCall(unit="u2", ref=4), 3.0)
-    assert private(out, "u1").cause == "busy"  # (an emergency call is not pre-empted)
+    net.presence("sup", m.Presence(state="online"), 3.0)
+    out = net.unit_message("sup", m.PrivateCall(unit="u2", kind="emergency", answer="auto"), 3)
+    assert private(out, "sup").cause == "busy"  # (an emergency call is not pre-empted)
     assert net.floors["tg1"].holder is not None  # (and a refused call revokes nothing)
+
+
+def test_an_emergency_call_replaces_the_callers_own_normal_call() -> None:
+    net = online("sup", "u2")
+    normal = call(net, "sup", "u2", answer="auto")
+    out = net.unit_message("sup", m.PrivateCall(unit="u2", kind="emergency", ref=2), 2.0)
+    ended, rung = told(out, "u2")
+    assert (ended.call, ended.cause) == (normal, "preempted")  # type: ignore[attr-defined]
+    assert rung.state == "ringing" and rung.kind == "emergency"  # type: ignore[attr-defined]
+
+
+def test_refused_calls_cost_no_ring_and_emergency_calls_are_never_rate_limited() -> None:
+    net = online("u1", "u2", "disp", *(f"x{i}" for i in range(8)))
+    busy = call(net, "u1", "u2", answer="auto")
+    for i in range(8):  # (refused busy: the unit is not rung)
+        assert (
+            private(net.unit_message(f"x{i}", m.PrivateCall(unit="u2"), 2.0), f"x{i}").cause
+            == "busy"
+        )
+    net.unit_message("u1", m.PrivateEnd(call=busy), 2.0)
+    for i in range(4):  # (four more calls, refused by the unit itself: five in all)
+        out = net.unit_message(f"x{i}", m.PrivateCall(unit="u2"), 2.0)
+        assert private(out, f"x{i}").state == "ringing"
+        net.unit_message("u2", m.PrivateAnswer(call=private(out, "u2").call, accept=False), 2)
+    assert private(net.unit_message("x4", m.PrivateCall(unit="u2"), 2.0), "x4").cause == "busy"
+    out = net.unit_message("disp", m.PrivateCall(unit="u2", kind="emergency", answer="auto"), 2)
+    assert private(out, "disp").state == "connected"
 
 
 def test_an_emergency_call_to_a_dispatcher_leaves_its_group_talk_be() -> None:
@@ -279,19 +307,17 @@ def test_a_forged_call_record_is_not_adopted() -> None:
     }
     problems = net.load(forged, 1.0)
     assert len(problems) == 6 and list(net.private.calls) == ["u8~x"]
+    for u in ("u2", "u8", "u9"):  # (u9's call was not kept, u2 being in u8's: both told)
+        net.presence(u, m.Presence(state="online"), 1.0)
+    out = net.settle(1.0)
+    assert (private(out, "u9").call, private(out, "u9").cause) == ("u9~y", "busy")
+    assert [(x.call, x.state) for x in told(out, "u2")] == [  # type: ignore[attr-defined]
+        ("u9~y", "ended"),
+        ("u8~x", "ringing"),
+    ]
     small = Network(FLEET, max_units=1)  # (as many calls as could be real, no more)
-    assert (
-        len(
-            small.load(
-                {
-                    "unit/u8": forged["unit/u8"],
-                    "unit/u5": {**base, "private": ["u5~z", "u6", "normal", True, "ringing"]},
-                },
-                1.0,
-            )
-        )
-        == 1
-    )
+    second = {**base, "private": ["u5~z", "u6", "normal", True, "ringing"]}
+    assert len(small.load({"unit/u8": forged["unit/u8"], "unit/u5": second}, 1.0)) == 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -299,10 +325,10 @@ def test_a_forged_call_record_is_not_adopted() -> None:
     st.lists(
         st.tuples(
             st.sampled_from(
-                ["call", "auto", "full", "answer", "reject", "on", "off", "end", "gone"]
+                ["call", "auto", "full", "sos", "answer", "reject", "on", "off", "end", "gone"]
             ),
-            st.sampled_from(["u1", "u2", "u3"]),
-            st.sampled_from(["u1", "u2", "u3"]),
+            st.sampled_from(["u1", "u2", "sup"]),
+            st.sampled_from(["u1", "u2", "sup"]),
             st.floats(0, 40),
         ),
         max_size=40,
@@ -311,15 +337,19 @@ def test_a_forged_call_record_is_not_adopted() -> None:
 def test_never_two_talkers_under_floor_control_nor_voice_outside_a_call(
     steps: list[tuple[str, str, str, float]],
 ) -> None:
-    net = online("u1", "u2", "u3")
+    net = online("u1", "u2", "sup")
     now = 0.0
     for op, unit, other, dt in steps:
         now += dt
         c = net.private.of_unit(unit)
         cid = c.call if c else f"{other}~x"
         match op:
-            case "call" | "auto" | "full":
-                kw = {"auto": {"answer": "auto"}, "full": {"floor": False, "answer": "auto"}}
+            case "call" | "auto" | "full" | "sos":
+                kw = {
+                    "auto": {"answer": "auto"},
+                    "full": {"floor": False, "answer": "auto"},
+                    "sos": {"kind": "emergency", "answer": "auto"},
+                }
                 net.unit_message(unit, m.PrivateCall(unit=other, **kw.get(op, {})), now)  # type: ignore[arg-type]
             case "answer" | "reject":
                 net.unit_message(unit, m.PrivateAnswer(call=cid, accept=op == "answer"), now)
@@ -341,6 +371,7 @@ def test_never_two_talkers_under_floor_control_nor_voice_outside_a_call(
             assert net.private.of[c.caller] == net.private.of[c.callee] == c.call
             assert c.active + INACTIVE_S > now or c.state == "ringing"  # (ended when idle)
         assert len(net.private.of) == 2 * len(net.private.calls)  # one call per unit
+        assert net.private.connected == [] and not net.private.changed  # (all taken up)
 
 
 # --- on the wire ------------------------------------------------------------------------
@@ -386,7 +417,6 @@ async def test_a_private_call_rings_is_answered_and_both_talk_in_turn(
     await ended
     assert caller.private is None and callee.private is None
     assert set(heard_from) == {"u1", "u2"}  # (the forged packet reached neither)
-    assert other.stats.counts.get("private_rx", 0) == other.stats.counts.get("ambient_rx", 0) == 0
 
 
 async def test_busy_rejected_and_offline_are_told_in_words(

@@ -472,8 +472,9 @@ class Handset:
         ended unheard, or a restart did not keep it): the call is over here too."""
         try:
             return await self._ask_for(msg, m.Private, timeout)
-        except Refused:
-            if self.private is not None and self.private.call == msg.call:
+        except Refused as exc:  # (not for "rate_limited": that is answered once it is not)
+            mine = self.private
+            if exc.cause == "invalid_field" and mine is not None and mine.call == msg.call:
                 self._private_over()
             raise
 
@@ -496,20 +497,18 @@ class Handset:
             for tg, view in self.groups.items():  # (its user leaves group talk for it; the
                 if view.floor.state != NO_PERMISSION:  # server revokes it where it can)
                     self.release(tg)
-        if msg.state == "ringing" and msg.caller != self.unit and self.answer_after is not None:
+        ringing = msg.state == "ringing" and msg.caller != self.unit
+        if ringing and self.answer_after is not None and mine is None:  # (once per call)
             asyncio.get_running_loop().call_later(self.answer_after, self._pick_up, msg.call)
 
     def _another_call(self, mine: m.Private, msg: m.Private) -> None:
         """News of a call while in another (a cluster's instances each know only the
-        calls they keep): an emergency call takes the place of a normal one; else we are
-        busy, and say so."""
+        calls they keep): one we placed, or an emergency call over a normal one, takes
+        the place of ours; else we are busy, and say so."""
         if msg.state == "ended":
             return
-        if msg.caller == self.unit:  # (one we placed: the server knows us in no other)
-            self._private_over()
-            self._private_news(msg)
-        elif msg.kind == "emergency" and mine.kind != "emergency":
-            self._send_up(m.PrivateEnd(call=mine.call, ref=self.next_ref()))
+        if msg.caller == self.unit or (msg.kind == "emergency" and mine.kind != "emergency"):
+            self._leave(mine)
             self._private_over()
             self._private_news(msg)
         elif msg.state == "ringing" and msg.caller != self.unit:
@@ -517,6 +516,14 @@ class Handset:
             self._send_up(m.PrivateAnswer(call=msg.call, accept=False, cause="busy", ref=ref))
         else:
             self._send_up(m.PrivateEnd(call=msg.call, ref=self.next_ref()))
+
+    def _leave(self, call: m.Private) -> None:
+        """Refuse (busy) or hang up a call, for another."""
+        ref = self.next_ref()
+        if call.state == "ringing" and call.caller != self.unit:
+            self._send_up(m.PrivateAnswer(call=call.call, accept=False, cause="busy", ref=ref))
+        else:
+            self._send_up(m.PrivateEnd(call=call.call, ref=ref))
 
     def _pick_up(self, call: str) -> None:
         now = self.private

@@ -32,6 +32,7 @@ MAX_CALL_ID = 96  # (a unit id, "~", a token)
 # how often one unit may be rung (by anyone): more is answered busy, so many callers
 # cannot keep a unit ringing (nor make it spend its own allowance refusing)
 RINGS = Rate(per_s=0.5, burst=5.0)
+UNKEPT_TOLD = 1000  # calls read back but not kept whose parties are told so, at most
 
 End = Literal["busy", "no_answer", "offline", "rejected", "hung_up", "inactive", "preempted"]
 CallState = Literal["ringing", "connected"]
@@ -49,6 +50,9 @@ class Call:
     active: float  # last voice or talk request
     talker: str | None = None
     turn_until: float = float("inf")  # the talker's turn ends
+
+    def parties(self) -> tuple[str, str]:
+        return self.caller, self.callee
 
     def peer(self, unit: str) -> str:
         return self.callee if unit == self.caller else self.caller
@@ -90,6 +94,7 @@ class PrivateCalls:
         self.changed: set[str] = set()  # callees whose record (the call kept) changed
         self._rings = RateLimiter({"ring": RINGS})
         self._loaded: list[str] = []  # calls read back, for `settle`
+        self._unkept: list[Call] = []  # and those read back but not kept (a conflict)
 
     # --- what units ask --------------------------------------------------------------
 
@@ -107,21 +112,21 @@ class PrivateCalls:
         kind: m.Kind = "emergency" if msg.kind == "emergency" else "normal"
         callee, out = msg.unit, []
         mine = self.of_unit(caller)
-        if mine is not None:
-            if mine.callee == caller and mine.state == "ringing":
-                out += self._end(mine, "busy", None, None)
-            elif kind == "emergency" and mine.kind != "emergency":
-                out += self._end(mine, "preempted", None, None)
-            else:
-                raise NotYours(f"{caller} is in call {mine.call}: end it first")
+        rung_here = mine is not None and mine.callee == caller and mine.state == "ringing"
+        if mine is not None and not rung_here and (kind != "emergency" or mine.kind == kind):
+            raise NotYours(f"{caller} is in call {mine.call}: end it first")
         call_id = f"{callee}~{secrets.token_hex(6)}"
         call = Call(call_id, caller, callee, kind, msg.floor is not False, "ringing", 0.0, now)
-        if not online(callee):
-            return out + self._refused(call, "offline", msg.ref)
         busy = self.of_unit(callee)
-        rung = self._rings.check(callee, "ring", now) is Verdict.ALLOW
-        if (busy is not None and (kind != "emergency" or busy.kind == "emergency")) or not rung:
-            return out + self._refused(call, "busy", msg.ref)
+        busy = None if busy is mine else busy  # (a call between the two: ended below)
+        if not online(callee):
+            return self._refused(call, "offline", msg.ref)
+        if busy is not None and (kind != "emergency" or busy.kind == "emergency"):
+            return self._refused(call, "busy", msg.ref)
+        if kind != "emergency" and self._rings.check(callee, "ring", now) is not Verdict.ALLOW:
+            return self._refused(call, "busy", msg.ref)  # (rung too often: by anyone)
+        if mine is not None:  # (only now: a call refused leaves the caller's be)
+            out += self._end(mine, "busy" if rung_here else "preempted", None, None)
         if busy is not None:
             out += self._end(busy, "preempted", None, None)
         self.calls[call_id] = call
@@ -242,12 +247,12 @@ class PrivateCalls:
             raise ValueError("not a kind of private call")
         if state not in ("ringing", "connected"):
             raise ValueError(f"{state!r} is not a call state")
-        if caller in self.of or callee in self.of:
-            raise ValueError("a party is in another call")
-        if len(self.calls) >= self.max_calls:
-            raise ValueError("more calls than the server tracks")
         deadline = now + (RING_S if state == "ringing" else INACTIVE_S)
         call = Call(call_id, caller, callee, kind, floor, state, deadline, now)
+        if caller in self.of or callee in self.of or len(self.calls) >= self.max_calls:
+            if len(self._unkept) < UNKEPT_TOLD:  # (its parties are told it ended, at settle)
+                self._unkept.append(call)
+            raise ValueError("a party is in another call, or more calls than are tracked")
         self.calls[call_id] = call
         self.of[caller] = self.of[callee] = call_id
         self._loaded.append(call_id)
@@ -257,6 +262,9 @@ class PrivateCalls:
         """After calls were read back: each told again to both parties (who may have
         missed its last news), or ended if one of them went offline meanwhile."""
         out: list[Action] = []
+        for call in self._unkept:
+            out += [ToUnit(u, call.msg(u, None, "busy")) for u in call.parties() if online(u)]
+        self._unkept.clear()
         loaded, self._loaded = self._loaded, []
         for call in [self.calls[c] for c in loaded if c in self.calls]:
             gone = next((u for u in (call.caller, call.callee) if not online(u)), None)

@@ -905,7 +905,9 @@ class Server:
             partition = int(where.tg or "")
             return partition < PARTITIONS and self._serving(partition)
         if where.kind == "unit_media":  # (the calls kept here are known: nothing to decode)
-            return where.unit in self.network.private.of or self._serving(partition_of(where.unit))
+            call = self.network.private.of.get(where.unit)
+            kept = call is not None and self._serving(partition_of(call_owner(call) or ""))
+            return kept or self._serving(partition_of(where.unit))
         return self._serving(partition_of(where.tg or where.unit))
 
     def _acts_here(self, where: Inbound, msg: m.Message, payload: bytes) -> bool:
@@ -965,7 +967,10 @@ class Server:
         net = self.network
         private, session = net.private.of.get(unit), net.ambient_listener(unit)
         if private is None and session is None:
-            self.metrics.count_media_dropped("not_holder")
+            if self.config.cluster:  # (its voice may be for a call another instance keeps)
+                self.metrics.foreign += 1
+            else:
+                self.metrics.count_media_dropped("not_holder")
             self._close_mic(unit, payload)
             return
         try:
