@@ -302,7 +302,7 @@ class Worker:
         await asyncio.sleep(max(0.0, planned - loop.time()))
         free = [u for u in members if u not in self.busy and u in self.handsets]
         unit = unit or (self.rng.choice(free) if free else None)
-        if unit is None or self.stopping:
+        if unit is None or unit in self.busy or self.stopping:  # (one press at a time each)
             self.rec.count("skipped_no_free_member")
             return
         h = self.handsets[unit]
@@ -325,7 +325,11 @@ class Worker:
                 else:
                     self.rec.count(o.what)  # queued, revoked, no_answer
 
-            await h.talk_burst(tg, seconds, kind, on_outcome=record)
+            try:
+                await h.talk_burst(tg, seconds, kind, on_outcome=record)
+            except TimeoutError:  # (no outcome at all: counted, the run goes on)
+                self.rec.count("press_unanswered")
+                return
             if self.trace is not None:  # (a press the run's end cut short is left out)
                 caller = "dispatcher" if unit in self.plan.dispatchers else kind
                 self.trace.write(access, unit, tg, caller, planned)
@@ -409,9 +413,15 @@ class Worker:
         tg, _, unit = picked
         d = self.handsets[self.rng.choice(self.plan.dispatchers)]
         asked = m.RemoteTalk(unit=unit, tg=tg, seconds=2, ref=d.next_ref())
-        with contextlib.suppress(TimeoutError):
+        self.busy.add(unit)  # (its handset presses for itself: no burst of ours meanwhile)
+        try:
             answer = await d.ask(asked, timeout=10)
             self.rec.count("remote_talks" if isinstance(answer, m.Ok) else "remote_talks_refused")
+            await asyncio.sleep(3.0)
+        except TimeoutError:
+            self.rec.count("remote_talks_unanswered")
+        finally:
+            self.busy.discard(unit)
 
     async def preemption(self, planned: float) -> None:
         tg = self.rng.choice(list(self.plan.talkers))
