@@ -169,7 +169,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from esn.loadtest.scenario import ScenarioError, load_scenario
 
     try:
-        scenario = load_scenario(args.scenario, args.set)
+        overrides = [*args.set, *(["run.profile=true"] if args.profile else [])]
+        scenario = load_scenario(args.scenario, overrides)
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
     return run(run_loadtest(scenario, Path(args.out) if args.out else None))
@@ -359,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a scenario value for this run (repeatable)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="write a profile of each worker beside result.json (profile-N.txt and "
+        "profile-N.pstats; cProfile slows the workers: quote the figures of a run without it)",
     )
     p.set_defaults(func=cmd_loadtest)
 

@@ -139,6 +139,7 @@ name = "tiny"
 duration_s = 6
 workers = 2
 full_trace = true
+profile = true
 [fleet]
 handsets = 40
 dispatchers = 2
@@ -205,6 +206,11 @@ late_joiners = 2
     callers = {r["caller"] for r in rows}
     assert {"normal", "dispatcher"} <= callers <= {"normal", "imminent", "emergency", "dispatcher"}
     assert not list(out.glob("access-*.csv"))  # (the workers' parts, merged)
+    # `profile`: each worker's, where its time went, the handsets' receive path among it
+    assert result["profiles"] == ["profile-0.txt", "profile-1.txt"]
+    for i in range(2):
+        assert (out / f"profile-{i}.pstats").stat().st_size > 0
+        assert "_on_message" in (out / f"profile-{i}.txt").read_text()
 
 
 def test_overrides_change_one_run_and_are_checked() -> None:

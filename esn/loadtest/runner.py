@@ -142,6 +142,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         for p in plans:
             p.trace = str(out / f"access-{p.index}.csv")
             p.full_trace = str(out) if s.run.full_trace else ""
+            p.profile = str(out / f"profile-{p.index}") if s.run.profile else ""
         if s.run.server:
             fleet = Path(work.name) / "fleet.toml"
             fleet.write_text(fleet_text)
@@ -211,6 +212,9 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
                 "file": f"{name}.csv",
                 "rows": trace.merge_rows(rows, out / f"{name}.csv", fields),
             }
+    profiles = sorted(p.name for p in out.glob("profile-*.txt"))
+    if profiles:
+        report["profiles"] = profiles
     if interrupted:
         report["interrupted"] = True  # a partial run: figures so far, and no verdict
         report["passed"] = False
@@ -222,6 +226,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     if parts:
         more = " and messages.csv, floor.csv" if "messages_trace" in report else ""
         print(f"access trace: {out / 'access.csv'}{more} (docs/traces.md)")
+    if profiles:
+        print(f"worker profiles: {', '.join(str(out / p) for p in profiles)} (and .pstats)")
     if interrupted:
         print("RESULT: INTERRUPTED (a partial report of the run so far)")
         raise asyncio.CancelledError  # the command ends as interrupted, its report written

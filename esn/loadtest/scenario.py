@@ -39,6 +39,9 @@ class Run:
     # besides access.csv, write messages.csv and floor.csv: every control and floor message
     # of every handset, and each floor state change (docs/traces.md); large at scale
     full_trace: bool = False
+    # write a profile of each worker (profile-N.pstats and its summary, profile-N.txt):
+    # cProfile, which slows the workers, so the run's figures are not the ones to quote
+    profile: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
+import io
 import multiprocessing
+import pstats
 import random
 import time
 import zlib
@@ -57,6 +60,7 @@ class WorkerPlan:
     qos: int = 1  # the handsets' (`Handset.qos`): 0 on a NATS cluster
     trace: str = ""  # where this worker writes its access trace (docs/traces.md), if set
     full_trace: str = ""  # where it writes messages-N.csv and floor-N.csv, if set
+    profile: str = ""  # where it writes profile-N.pstats and profile-N.txt, if set
     statuses: list[int] = field(default_factory=list)  # the fleet's pre-coded status codes
     scans: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> scanned: prio
     extra: dict[str, Any] = field(default_factory=dict)
@@ -536,8 +540,27 @@ def run_worker(plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
     for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     raise_fd_limit()
+    profiler = cProfile.Profile() if plan.profile else None
+    if profiler is not None:
+        profiler.enable()
     try:
         run(Worker(plan, queue, go, stop).main(), stoppable=False)
     except Exception as exc:  # tell the parent in words rather than vanish
         queue.put({"kind": "error", "worker": plan.index, "error": f"{type(exc).__name__}: {exc}"})
         raise
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            write_profile(profiler, Path(plan.profile))
+
+
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """`path`.pstats (for pstats, snakeviz, ...) and `path`.txt: the functions that took
+    the most time of their own, then the most time with what they called."""
+    profiler.dump_stats(path.with_suffix(".pstats"))
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    for order, title in (("tottime", "own time"), ("cumulative", "time with callees")):
+        text.write(f"=== the 40 functions with the most {title} ===\n")
+        stats.sort_stats(order).print_stats(40)
+    path.with_suffix(".txt").write_text(text.getvalue())
