@@ -305,6 +305,22 @@ def _progress(
     )
 
 
+def _usage(finals: list[dict[str, Any]]) -> dict[str, float]:
+    """What the workers cost: CPU as a share of the time they ran (1.0: a core each, all
+    the time), and memory at its highest, in all and per handset."""
+    if not finals or any("cpu_s" not in f for f in finals):
+        return {}
+    rss_mb = sum(f["max_rss_kb"] for f in finals) / 1024
+    handsets = sum(f["handsets"] for f in finals)
+    return {
+        "cpu_share": round(
+            sum(f["cpu_s"] / max(f["wall_s"], 1e-9) for f in finals) / len(finals), 3
+        ),
+        "max_rss_mb": round(rss_mb, 1),
+        "kb_per_handset": round(rss_mb * 1024 / handsets, 1) if handsets else 0.0,
+    }
+
+
 def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str, Any]:
     finals = result["finals"]
     hist = merge([f["hist"] for f in finals])
@@ -346,6 +362,7 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
             "overruns": overruns,
             "loop_lag_p99_ms": lag_p99,
             "limited": bool(generator_limited),
+            **_usage(finals),
         },
         "thresholds": verdicts,
         "passed": all(v["passed"] for v in verdicts.values()),

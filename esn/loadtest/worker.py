@@ -19,6 +19,7 @@ import io
 import multiprocessing
 import pstats
 import random
+import resource
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class _Fanout:
 class Worker:
     def __init__(self, plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
         self.plan = plan
+        self.began = time.monotonic()
         self.queue = queue
         self.go = go
         self.stop = stop  # set by the parent to end the traffic early (it was interrupted)
@@ -140,12 +142,17 @@ class Worker:
             lag.cancel()
             status.cancel()
             exporter.close()
+            usage = resource.getrusage(resource.RUSAGE_SELF)  # (its handsets all still up)
             self.send(
                 "final",
                 hist=self.rec.encode(),
                 actions=self.rec.actions,
                 overruns=self.rec.overruns,
                 series=self.series,
+                cpu_s=usage.ru_utime + usage.ru_stime,
+                wall_s=time.monotonic() - self.began,
+                max_rss_kb=usage.ru_maxrss,
+                handsets=len(self.handsets),
             )
             await self.disconnect_all()
 
