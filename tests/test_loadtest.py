@@ -172,7 +172,7 @@ late_joiners = 2
         assert result["kpis"][kpi]["p95"] >= result["kpis"][kpi]["p50"]
     assert result["counts"]["connected"] == 42 and "connect_failures" not in result["counts"]
     g = result["generator"]  # (what the workers cost, besides what they measured)
-    assert 0 < g["cpu_share"] and g["max_rss_mb"] > 0 and g["kb_per_handset"] > 0
+    assert g["cpu_share"] > 0 and g["max_rss_mb"] > 0 and g["kb_per_handset"] > 0
     assert result["counts"]["statuses_confirmed"] > 0  # (12 expected: none is 1 in 160,000)
     assert "statuses_unconfirmed" not in result["counts"]
     assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)

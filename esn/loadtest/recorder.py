@@ -26,6 +26,7 @@ KPIS = (
     "private_setup",
     "connect",
     "loop_lag",
+    "gc_pause",
 )
 
 

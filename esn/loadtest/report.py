@@ -22,6 +22,7 @@ NAMES = {
     "private_setup": "private call set-up (automatic answer)",
     "connect": "connect time",
     "loop_lag": "generator loop lag",
+    "gc_pause": "generator garbage-collection pause",
 }
 TARGETS = {"floor_access": 300.0, "mouth_to_ear": 300.0}
 

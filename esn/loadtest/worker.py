@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import gc
 import io
 import multiprocessing
 import pstats
@@ -94,6 +95,7 @@ class Worker:
     def __init__(self, plan: WorkerPlan, queue: Any, go: Any, stop: Any) -> None:
         self.plan = plan
         self.began = time.monotonic()
+        self._gc_began = 0.0
         self.queue = queue
         self.go = go
         self.stop = stop  # set by the parent to end the traffic early (it was interrupted)
@@ -118,6 +120,7 @@ class Worker:
         exporter = await serve_metrics(self.prom.registry, self.plan.metrics_port)
         lag = asyncio.create_task(self.watch_loop_lag())
         status = asyncio.create_task(self.report_status())
+        gc.callbacks.append(self.gc_timed)
         try:
             await self.connect_all()
             self.send("ready")
@@ -141,6 +144,7 @@ class Worker:
                         trace.close()
             lag.cancel()
             status.cancel()
+            gc.callbacks.remove(self.gc_timed)
             exporter.close()
             usage = resource.getrusage(resource.RUSAGE_SELF)  # (its handsets all still up)
             self.send(
@@ -489,6 +493,13 @@ class Worker:
             self.rec.count("late_joins")
 
     # --- health and status ------------------------------------------------------------
+
+    def gc_timed(self, phase: str, info: dict[str, int]) -> None:
+        """Each garbage collection's pause (the loop stands still meanwhile)."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        else:
+            self.rec.observe("gc_pause", time.perf_counter() - self._gc_began)
 
     async def watch_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()
