@@ -96,6 +96,7 @@ class Worker:
         self.plan = plan
         self.began = time.monotonic()
         self._gc_began = 0.0
+        self.playing = False  # (the traffic has begun)
         self.queue = queue
         self.go = go
         self.stop = stop  # set by the parent to end the traffic early (it was interrupted)
@@ -130,7 +131,7 @@ class Worker:
                     return  # orphaned: nobody will say go
             if self.stop.is_set():
                 return  # interrupted during the ramp: nothing to play; the final goes out
-            self.t0 = loop.time()
+            self.t0, self.playing = loop.time(), True
             if self.plan.trace:
                 self.trace = AccessTrace(Path(self.plan.trace), self.t0)
             if self.plan.full_trace:
@@ -495,10 +496,10 @@ class Worker:
     # --- health and status ------------------------------------------------------------
 
     def gc_timed(self, phase: str, info: dict[str, int]) -> None:
-        """Each garbage collection's pause (the loop stands still meanwhile)."""
+        """Each garbage collection's pause during the traffic (the loop stands still)."""
         if phase == "start":
             self._gc_began = time.perf_counter()
-        else:
+        elif self.playing:
             self.rec.observe("gc_pause", time.perf_counter() - self._gc_began)
 
     async def watch_loop_lag(self) -> None:
