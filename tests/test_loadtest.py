@@ -167,6 +167,7 @@ late_joiners = 2
         "private_setup",
         "connect",
         "loop_lag",
+        "gc_pause",
     ):
         assert result["kpis"][kpi]["n"] > 0, kpi
         assert result["kpis"][kpi]["p95"] >= result["kpis"][kpi]["p50"]

@@ -73,8 +73,9 @@ def kpi_table(r: dict[str, Any]) -> str:
         f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "
         f"loop lag p99 {g['loop_lag_p99_ms']:.1f} ms"
         + (
-            f", CPU {g['cpu_share']:.0%} of a core per worker, memory {g['max_rss_mb']:.0f} MB "
-            f"({g['kb_per_handset']:.0f} KB per handset)"
+            f", CPU {g['cpu_share']:.0%} of a core per worker (mean), memory "
+            f"{g['max_rss_mb']:.0f} MB (the workers' peaks summed; "
+            f"{g['kb_per_handset']:.0f} KB per handset)"
             if "cpu_share" in g
             else ""
         )

@@ -212,9 +212,12 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
                 "file": f"{name}.csv",
                 "rows": trace.merge_rows(rows, out / f"{name}.csv", fields),
             }
-    profiles = sorted(p.name for p in out.glob("profile-*.txt"))
-    if profiles:
-        report["profiles"] = profiles
+    profiles = [f"profile-{p.index}.txt" for p in plans if p.profile]
+    if profiles:  # (a worker killed before it wrote its own is said so)
+        report["profiles"] = [p for p in profiles if (out / p).exists()]
+        for missing in sorted(set(profiles) - set(report["profiles"])):
+            print(f"esn loadtest: no {missing}: its worker did not write it", file=sys.stderr)
+        profiles = report["profiles"]
     if interrupted:
         report["interrupted"] = True  # a partial run: figures so far, and no verdict
         report["passed"] = False
@@ -305,18 +308,20 @@ def _progress(
     )
 
 
-def _usage(finals: list[dict[str, Any]]) -> dict[str, float]:
-    """What the workers cost: CPU as a share of the time they ran (1.0: a core each, all
-    the time), and memory at its highest, in all and per handset."""
+def _usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the workers cost, from connecting to the end of the traffic: each one's CPU as
+    a share of that time (1.0: a core, all the time) and the mean of those shares, and
+    each one's peak memory with their sum, in all and per handset."""
     if not finals or any("cpu_s" not in f for f in finals):
         return {}
     rss_mb = sum(f["max_rss_kb"] for f in finals) / 1024
     handsets = sum(f["handsets"] for f in finals)
+    shares = [round(f["cpu_s"] / max(f["wall_s"], 1e-9), 3) for f in finals]
     return {
-        "cpu_share": round(
-            sum(f["cpu_s"] / max(f["wall_s"], 1e-9) for f in finals) / len(finals), 3
-        ),
-        "max_rss_mb": round(rss_mb, 1),
+        "cpu_share": round(sum(shares) / len(shares), 3),
+        "cpu_shares": shares,
+        "max_rss_mb": round(rss_mb, 1),  # (the sum of each one's peak)
+        "max_rss_mb_each": [round(f["max_rss_kb"] / 1024, 1) for f in finals],
         "kb_per_handset": round(rss_mb * 1024 / handsets, 1) if handsets else 0.0,
     }
 
