@@ -932,32 +932,15 @@ class Server:
         if refused is not None:  # not the talker's: dropped before the cost of decoding it
             self.metrics.count_media_dropped(refused)
             return
-        try:
-            msg = codec.media_from_dict(codec.unpack(payload))
-        except codec.ProtocolError as exc:
-            self.metrics.count_media_dropped(exc.cause)
-            return
-        if msg.talker is not None and msg.talker != unit:
-            self.metrics.count_media_dropped("spoofed")
+        msg = self._voice_of(unit, payload)
+        if msg is None:
             return
         reason = self.network.media_drop_reason(unit, tg, self._loop.time())
         if reason is not None:
             self.metrics.count_media_dropped(reason)
             return
-        out = {
-            "t": "media",
-            "tg": tg,
-            "talker": unit,
-            "call": self.network.floors[tg].call,
-            "seq": msg.seq,
-            "data": msg.data,
-            "rts": time.time_ns(),
-        }
-        if msg.ts is not None:
-            out["ts"] = msg.ts
-        self.transport.publish(self.topics.media_down(tg), msgpack.packb(out), qos=0)
-        self._count_msg("media", "out")
-        self.metrics.media_relay.observe(perf_counter() - received)
+        call = self.network.floors[tg].call
+        self._pass_on(self.topics.media_down(tg), unit, call, msg, received, tg)
 
     def _relay_unit_voice(self, unit: str, payload: bytes, received: float) -> None:
         """A unit's voice outside any group: to the other party of its private call
@@ -971,15 +954,10 @@ class Server:
                 self.metrics.foreign += 1
             else:
                 self.metrics.count_media_dropped("not_holder")
-            self._close_mic(unit, payload)
+            self._close_mic(unit, None, payload)
             return
-        try:
-            msg = codec.media_from_dict(codec.unpack(payload))
-        except codec.ProtocolError as exc:
-            self.metrics.count_media_dropped(exc.cause)
-            return
-        if msg.talker is not None and msg.talker != unit:
-            self.metrics.count_media_dropped("spoofed")
+        msg = self._voice_of(unit, payload)
+        if msg is None:
             return
         if msg.call == private:
             to = net.private_voice_to(unit, msg.call, self._loop.time())
@@ -987,30 +965,63 @@ class Server:
             to = session[0]
         else:
             to = None
-            self._close_mic(unit, payload)
+            self._close_mic(unit, msg.call)
         if to is None:  # not its call, not connected, or the other's turn
             self.metrics.count_media_dropped("not_holder")
             return
-        self._relay_to(to, unit, msg.call, msg, received)
+        self._pass_on(self.topics.unit_media_down(to), unit, msg.call, msg, received)
 
-    def _close_mic(self, unit: str, payload: bytes) -> None:
-        """Tell a unit sending voice nobody listens to to close its microphone (at most
-        twice, then once a second): not for a private call's, whose end it was told."""
-        if self._error_replies.check(unit, "mic", self._loop.time()) is not Verdict.ALLOW:
-            return
-        with contextlib.suppress(codec.ProtocolError):
-            call = codec.media_from_dict(codec.unpack(payload)).call
-            if call_owner(call) is None:
-                self._send(unit, m.MicClose(call=call))
+    def _voice_of(self, unit: str, payload: bytes) -> m.Media | None:
+        """A voice packet of `unit` decoded, or None (counted) when it is unreadable or
+        names another talker."""
+        try:
+            msg = codec.media_from_dict(codec.unpack(payload))
+        except codec.ProtocolError as exc:
+            self.metrics.count_media_dropped(exc.cause)
+            return None
+        if msg.talker is not None and msg.talker != unit:
+            self.metrics.count_media_dropped("spoofed")
+            return None
+        return msg
 
-    def _relay_to(self, to: str, unit: str, call: str, msg: m.Media, received: float) -> None:
-        out = {"t": "media", "talker": unit, "call": call, "seq": msg.seq, "data": msg.data}
-        out["rts"] = time.time_ns()
+    def _pass_on(
+        self,
+        topic: str,
+        unit: str,
+        call: str | None,
+        msg: m.Media,
+        received: float,
+        tg: str | None = None,
+    ) -> None:
+        """Relay a voice packet as the talker's (in group `tg`, if one), stamped now."""
+        out: dict[str, object] = {
+            "t": "media",
+            "tg": tg,
+            "talker": unit,
+            "call": call,
+            "seq": msg.seq,
+            "data": msg.data,
+            "rts": time.time_ns(),
+        }
+        if tg is None:
+            del out["tg"]  # (a unit's voice outside any group)
         if msg.ts is not None:
             out["ts"] = msg.ts
-        self.transport.publish(self.topics.unit_media_down(to), msgpack.packb(out), qos=0)
+        self.transport.publish(topic, msgpack.packb(out), qos=0)
         self._count_msg("media", "out")
         self.metrics.media_relay.observe(perf_counter() - received)
+
+    def _close_mic(self, unit: str, call: str | None, payload: bytes = b"") -> None:
+        """Tell a unit sending voice nobody listens to to close its microphone (at most
+        twice, then once a second): not for a private call's, whose end it was told. The
+        call is read from `payload` only when it is sent (not decoded yet)."""
+        if self._error_replies.check(unit, "mic", self._loop.time()) is not Verdict.ALLOW:
+            return
+        if call is None:
+            with contextlib.suppress(codec.ProtocolError):
+                call = codec.media_from_dict(codec.unpack(payload)).call
+        if call is not None and call_owner(call) is None:
+            self._send(unit, m.MicClose(call=call))
 
     # --- outbound ---------------------------------------------------------------------
 
