@@ -511,14 +511,11 @@ class Handset:
             self._leave(mine)
             self._private_over()
             self._private_news(msg)
-        elif msg.state == "ringing" and msg.caller != self.unit:
-            ref = self.next_ref()
-            self._send_up(m.PrivateAnswer(call=msg.call, accept=False, cause="busy", ref=ref))
         else:
-            self._send_up(m.PrivateEnd(call=msg.call, ref=self.next_ref()))
+            self._leave(msg)
 
     def _leave(self, call: m.Private) -> None:
-        """Refuse (busy) or hang up a call, for another."""
+        """Refuse (busy) a call ringing here, or hang up any other: we are in another."""
         ref = self.next_ref()
         if call.state == "ringing" and call.caller != self.unit:
             self._send_up(m.PrivateAnswer(call=call.call, accept=False, cause="busy", ref=ref))

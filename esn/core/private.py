@@ -188,7 +188,7 @@ class PrivateCalls:
     # --- what happens to units --------------------------------------------------------
 
     def offline(self, unit: str) -> list[Action]:
-        call = self.calls.get(self.of.get(unit, ""))
+        call = self.of_unit(unit)
         return [] if call is None else self._end(call, "offline", None, None, gone=unit)
 
     def of_unit(self, unit: str) -> Call | None:

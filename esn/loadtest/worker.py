@@ -588,14 +588,13 @@ def write_profile(profiler: cProfile.Profile, path: Path) -> None:
     for order, title in (("tottime", "own time"), ("cumulative", "time with callees")):
         text.write(f"=== the 40 functions with the most {title} ===\n")
         stats.sort_stats(order).print_stats(40)
-    try:
-        for suffix, write in ((".pstats", profiler.dump_stats), (".txt", None)):
-            part = path.with_suffix(suffix + ".part")
-            if write is not None:
-                write(part)
-            else:
-                part.write_text(text.getvalue())
-            part.replace(path.with_suffix(suffix))
+    try:  # (each whole or not at all)
+        part = path.with_suffix(".pstats.part")
+        profiler.dump_stats(part)
+        part.replace(path.with_suffix(".pstats"))
+        part = path.with_suffix(".txt.part")
+        part.write_text(text.getvalue())
+        part.replace(path.with_suffix(".txt"))
     except OSError as exc:
         print(f"esn loadtest: the profile {path} was not written: {exc}", file=sys.stderr)
 
