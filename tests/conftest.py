@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 
 from esn.client.handset import Handset
-from esn.core.fleet import parse_fleet
+from esn.core.actions import Action, ToUnit
+from esn.core.fleet import Fleet, parse_fleet
+from esn.core.network import Network
+from esn.protocol import messages as m
 from esn.server.shell import Config, Server
 from esn.tools.broker import Mosquitto
 from esn.tools.nats import NatsCluster
@@ -188,6 +191,20 @@ async def spawn_handset(
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 20)
     return proc, line.decode().strip()
+
+
+def told(actions: list[Action], unit: str) -> list[m.Message]:
+    """What the core's actions send to one unit, in order."""
+    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
+
+
+def online_network(fleet: Fleet, *units: str, group: str = "tg1") -> Network:
+    """The core of `fleet` with these units online and in `group`, at time 0."""
+    net = Network(fleet)
+    for u in units:
+        net.presence(u, m.Presence(state="online"), 0.0)
+        net.unit_message(u, m.Affiliate(groups=[group]), 0.0)
+    return net
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -4,12 +4,14 @@ explicit time, then the wire on a real broker."""
 
 from __future__ import annotations
 
+import functools
+
 import msgpack
 import pytest
 from textual.widgets import Static
 
 from esn.console.app import ConsoleApp
-from esn.core.actions import Action, Audit, ToUnit
+from esn.core.actions import Audit
 from esn.core.fleet import FleetError, parse_fleet
 from esn.core.network import MAX_LISTENED, Network
 from esn.protocol import codec
@@ -17,7 +19,7 @@ from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
 from esn.transport import BrokerConfig
-from tests.conftest import HandsetFactory, eventually
+from tests.conftest import HandsetFactory, eventually, online_network, told
 from tests.test_console import row, select
 
 FLEET = parse_fleet(
@@ -32,16 +34,7 @@ FLEET = parse_fleet(
 )
 
 
-def told(actions: list[Action], unit: str) -> list[m.Message]:
-    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
-
-
-def online(*units: str) -> Network:
-    net = Network(FLEET)
-    for u in units:
-        net.presence(u, m.Presence(state="online"), 0.0)
-        net.unit_message(u, m.Affiliate(groups=["tg1"]), 0.0)
-    return net
+online = functools.partial(online_network, FLEET)
 
 
 def test_a_fleet_grants_these_by_name_only() -> None:

@@ -20,6 +20,7 @@ from esn.core.network import Network
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.store import pack, unpack
+from tests.conftest import told as to
 
 FLEET = parse_fleet(
     {
@@ -65,10 +66,6 @@ class Store:
         net = Network(FLEET, wall_offset=old.wall_offset - 500.0)
         problems = net.load({k: unpack(v) for k, v in self.data.items()}, now + 500.0)
         return net, problems, net.settle(now + 500.0)
-
-
-def to(actions: list[Action], unit: str) -> list[m.Message]:
-    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
 
 
 def up(net: Network, store: Store, unit: str, msg: m.Message, now: float) -> list[Action]:

@@ -10,6 +10,7 @@ from esn.core.actions import Action, StateChanged, ToGroup, ToUnit
 from esn.core.fleet import FleetError, parse_fleet
 from esn.core.network import Network
 from esn.protocol import messages as m
+from tests.conftest import told as to
 
 FLEET = {
     "defaults": {
@@ -40,10 +41,6 @@ def net() -> Network:
     for u in ("a", "b", "c", "d", "disp", "boss", "low"):
         n.unit_message(u, m.Affiliate(groups=["tg1", "nq", "bc"]), 0.0)
     return n
-
-
-def to(actions: list[Action], unit: str) -> list[m.Message]:
-    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
 
 
 def queued(actions: list[Action], unit: str) -> list[m.Queued]:

@@ -17,8 +17,9 @@ from esn.server.shell import Server
 from esn.store import pack, unpack
 from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually
+from tests.conftest import told as to
 from tests.test_console import row, select
-from tests.test_core_floor import FLEET, group, req, to
+from tests.test_core_floor import FLEET, group, req
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ hypothesis for the one-talker rule), then the wire on a real broker."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,7 +19,7 @@ from textual.widgets import Static
 
 from esn.client.handset import Handset, Inbound, Refused
 from esn.console.app import ConsoleApp
-from esn.core.actions import Action, Audit, ToUnit
+from esn.core.actions import Action, Audit
 from esn.core.fleet import parse_fleet
 from esn.core.network import Network
 from esn.core.private import INACTIVE_S, RING_S
@@ -29,7 +30,7 @@ from esn.store import pack, unpack
 from esn.tools.broker import Mosquitto
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET as WIRE
-from tests.conftest import HandsetFactory, eventually
+from tests.conftest import HandsetFactory, eventually, online_network, told
 from tests.test_console import select
 from tests.test_durable import Restartable
 from tests.test_durable import restartable as restartable  # (the fixture, used here)
@@ -46,21 +47,12 @@ FLEET = parse_fleet(
 )
 
 
-def told(actions: list[Action], unit: str) -> list[m.Message]:
-    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
-
-
 def private(actions: list[Action], unit: str) -> m.Private:
     [msg] = [x for x in told(actions, unit) if isinstance(x, m.Private)]
     return msg
 
 
-def online(*units: str) -> Network:
-    net = Network(FLEET)
-    for u in units:
-        net.presence(u, m.Presence(state="online"), 0.0)
-        net.unit_message(u, m.Affiliate(groups=["tg1"]), 0.0)
-    return net
+online = functools.partial(online_network, FLEET)
 
 
 REFS = itertools.count(1000)

@@ -14,7 +14,7 @@ from rich.text import Text
 from esn.client.handset import Refused
 from esn.console.app import ConsoleApp
 from esn.console.model import ConsoleModel
-from esn.core.actions import Action, StatusChanged, ToUnit
+from esn.core.actions import Action, StatusChanged
 from esn.core.fleet import DEFAULT_STATUSES, FleetError, parse_fleet
 from esn.core.network import Network
 from esn.protocol import codec
@@ -22,7 +22,7 @@ from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
 from esn.transport import BrokerConfig, make_transport
-from tests.conftest import HandsetFactory, eventually
+from tests.conftest import HandsetFactory, eventually, told
 from tests.test_console import row
 from tests.test_durable import Restartable
 
@@ -33,10 +33,6 @@ FLEET = parse_fleet(
         "status": [{"code": 3, "text": "at scene"}, {"code": 40001, "text": "need water"}],
     }
 )
-
-
-def told(actions: list[Action], unit: str) -> list[m.Message]:
-    return [a.msg for a in actions if isinstance(a, ToUnit) and a.unit == unit]
 
 
 def published(actions: list[Action], net: Network) -> list[m.UnitStatus | None]:
