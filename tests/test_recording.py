@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sqlite3
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
@@ -58,42 +59,45 @@ def test_the_file_keeps_bursts_voice_and_events_and_drops_what_is_past_keeping(
     rec.close()
 
 
+@pytest.fixture
+async def recorder(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, tmp_path: Path
+) -> AsyncIterator[Recorder]:
+    """A recorder of the test's server into `tmp_path`/r.sqlite3, stopped after the test."""
+    made = Recorder(broker, str(tmp_path / "r.sqlite3"), prefix=prefix, mqtt_client=mqtt_client)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.stop()
+
+
 async def test_the_recorder_keeps_who_talked_when_and_what_they_said(
-    server: Server,
-    handset: HandsetFactory,
-    broker: BrokerConfig,
-    prefix: str,
-    mqtt_client: str,
-    tmp_path: Path,
+    recorder: Recorder, handset: HandsetFactory
 ) -> None:
     """Tried: two talk bursts in tg-1 (the second pre-empting nobody, after the first),
     an emergency alert. Expect: both bursts with their talker, kind and voice, in order;
     the alert among the events."""
-    recorder = Recorder(broker, str(tmp_path / "r.sqlite3"), prefix=prefix, mqtt_client=mqtt_client)
-    await recorder.start()
-    try:
-        u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
-        for talker, listener in ((u1, u2), (u2, u1)):
-            assert isinstance(await talker.press("tg-1"), m.Granted)
-            for _ in range(5):
-                await listener.expect(lambda i: isinstance(i.msg, m.Media))
-            idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
-            talker.release("tg-1")
-            await idle
-        await u1.ask(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1, ref=u1.next_ref()))
-        db = recorder.recordings._db  # (the recorder's own connection: what it wrote)
+    u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
+    for talker, listener in ((u1, u2), (u2, u1)):
+        assert isinstance(await talker.press("tg-1"), m.Granted)
+        for _ in range(5):
+            await listener.expect(lambda i: isinstance(i.msg, m.Media))
+        idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
+        talker.release("tg-1")
+        await idle
+    await u1.ask(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1, ref=u1.next_ref()))
+    db = recorder.recordings._db  # (the recorder's own connection: what it wrote)
 
-        def events() -> list[tuple[str, str]]:
-            return db.execute("SELECT type, unit FROM events").fetchall()
+    def events() -> list[tuple[str, str]]:
+        return db.execute("SELECT type, unit FROM events").fetchall()
 
-        await eventually(lambda: recorder.bursts == 2 and not recorder.open and bool(events()))
-        [second, first] = recorder.recordings.last_bursts(tg="tg-1")
-        assert (first.talker, second.talker) == ("u1", "u2") and first.kind == "normal"
-        assert first.packets >= 5 and second.packets >= 5 and first.ended_ns is not None
-        assert [s for s, _, _ in recorder.recordings.media(first.id)][:3] == [0, 1, 2]
-        assert events() == [("emergency", "u1")]
-    finally:
-        await recorder.stop()
+    await eventually(lambda: recorder.bursts == 2 and not recorder.open and bool(events()))
+    [second, first] = recorder.recordings.last_bursts(tg="tg-1")
+    assert (first.talker, second.talker) == ("u1", "u2") and first.kind == "normal"
+    assert first.packets >= 5 and second.packets >= 5 and first.ended_ns is not None
+    assert [s for s, _, _ in recorder.recordings.media(first.id)][:3] == [0, 1, 2]
+    assert events() == [("emergency", "u1")]
 
 
 @pytest.mark.parametrize("mqtt_client", ["gmqtt"])  # (a process of its own: a real broker)
@@ -156,7 +160,7 @@ def replayed(app: ConsoleApp) -> str | None:
 
 
 async def test_instant_recall_lists_a_groups_last_bursts_and_replays_one(
-    server: Server,
+    recorder: Recorder,
     handset: HandsetFactory,
     broker: BrokerConfig,
     prefix: str,
@@ -164,33 +168,28 @@ async def test_instant_recall_lists_a_groups_last_bursts_and_replays_one(
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "r.sqlite3"
-    recorder = Recorder(broker, str(db), prefix=prefix, mqtt_client=mqtt_client)
-    await recorder.start()
-    try:
-        u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
-        assert isinstance(await u1.press("tg-1"), m.Granted)
-        for _ in range(5):
-            await u2.expect(lambda i: isinstance(i.msg, m.Media))
-        idle = u2.expect(lambda i: isinstance(i.msg, m.Idle))
-        u1.release("tg-1")
-        await idle
-        await eventually(lambda: recorder.bursts == 1 and not recorder.open)
-        recorder.recordings.commit()
-        app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client, recordings=str(db))
-        async with app.run_test(size=(180, 50)) as pilot:
-            await eventually(lambda: app.model.server_state == "online")
-            await select(app, pilot, "groups", "tg-1")
-            await pilot.press("p")
-            await eventually(lambda: len(app.screen.query("#recall")) == 1)
-            table = app.screen.query_one("#recall", DataTable)
-            await eventually(lambda: table.row_count == 1)
-            assert [str(c) for c in table.get_row_at(0)][1:3] == ["tg-1", "u1"]
-            await pilot.press("enter")
-            await eventually(lambda: app.replaying is not None or replayed(app) is not None)
-            await eventually(lambda: replayed(app) is not None)
-            assert int((replayed(app) or "").split(", ")[1].split()[0]) >= 5  # its packets
-    finally:
-        await recorder.stop()
+    u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
+    assert isinstance(await u1.press("tg-1"), m.Granted)
+    for _ in range(5):
+        await u2.expect(lambda i: isinstance(i.msg, m.Media))
+    idle = u2.expect(lambda i: isinstance(i.msg, m.Idle))
+    u1.release("tg-1")
+    await idle
+    await eventually(lambda: recorder.bursts == 1 and not recorder.open)
+    recorder.recordings.commit()
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client, recordings=str(db))
+    async with app.run_test(size=(180, 50)) as pilot:
+        await eventually(lambda: app.model.server_state == "online")
+        await select(app, pilot, "groups", "tg-1")
+        await pilot.press("p")
+        await eventually(lambda: len(app.screen.query("#recall")) == 1)
+        table = app.screen.query_one("#recall", DataTable)
+        await eventually(lambda: table.row_count == 1)
+        assert [str(c) for c in table.get_row_at(0)][1:3] == ["tg-1", "u1"]
+        await pilot.press("enter")
+        await eventually(lambda: app.replaying is not None or replayed(app) is not None)
+        await eventually(lambda: replayed(app) is not None)
+        assert int((replayed(app) or "").split(", ")[1].split()[0]) >= 5  # its packets
 
 
 def floor_news(rec: Recorder, tg: str, msg: m.Message, where: str = "down/floor") -> None:
