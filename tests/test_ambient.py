@@ -5,10 +5,10 @@ explicit time, then the wire on a real broker."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import msgpack
 import pytest
-from textual.widgets import Static
 
 from esn.console.app import ConsoleApp
 from esn.core.actions import Audit
@@ -18,9 +18,9 @@ from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.server.shell import Server
 from esn.store import pack, unpack
-from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually, online_network, told
-from tests.test_console import row, select
+from tests.test_console import console as console  # (the fixture, used here)
+from tests.test_console import row, select, status_line
 
 FLEET = parse_fleet(
     {
@@ -172,27 +172,22 @@ async def test_remote_talk_makes_a_unit_talk_in_its_group(
 
 
 async def test_the_console_listens_in_and_makes_a_unit_talk(
-    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
 ) -> None:
-    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
-    async with app.run_test(size=(180, 50)) as pilot:
-        await eventually(lambda: app.model.server_state == "online")
-        u1 = await handset("u1", "tg-1")
-        u1.send(m.Location(lat=51.5, lon=-0.1))  # (so it shows in the units panel)
-        await select(app, pilot, "units", "u1")
-        await pilot.press("l")
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.Location(lat=51.5, lon=-0.1))  # (so it shows in the units panel)
+    await select(app, pilot, "units", "u1")
+    await pilot.press("l")
 
-        def status() -> str:
-            return str(app.query_one("#status", Static).render())
-
-        await eventually(lambda: app.listening.get("u1", 0) > 3 and "LISTENING IN" in status())
-        await pilot.press("l")
-        await eventually(lambda: "LISTENING IN" not in status() and u1._mic is None)
-        await select(app, pilot, "groups", "tg-1")
-        await select(app, pilot, "units", "u1")
-        await pilot.press("t")
-        await eventually(lambda: row(app, "groups", "tg-1")[2] == "u1")
-        assert any("made to talk in tg-1" in e.text for e in app.model.events)
+    await eventually(lambda: app.listening.get("u1", 0) > 3 and "LISTENING IN" in status_line(app))
+    await pilot.press("l")
+    await eventually(lambda: "LISTENING IN" not in status_line(app) and u1._mic is None)
+    await select(app, pilot, "groups", "tg-1")
+    await select(app, pilot, "units", "u1")
+    await pilot.press("t")
+    await eventually(lambda: row(app, "groups", "tg-1")[2] == "u1")
+    assert any("made to talk in tg-1" in e.text for e in app.model.events)
 
 
 def test_a_dispatcher_is_never_listened_to_nor_made_to_talk_nor_a_user_cut_off() -> None:

@@ -31,6 +31,10 @@ def row(app: ConsoleApp, table: str, key: str) -> list[str]:
     return [str(c) for c in t.get_row(key)] if key in t.rows else [""] * len(t.columns)
 
 
+def status_line(app: ConsoleApp) -> str:
+    return str(app.query_one("#status", Static).render())
+
+
 async def select(app: ConsoleApp, pilot: Any, table: str, key: str) -> None:
     """Focus a table and move its cursor to a row, as a dispatcher would with the arrows."""
     await eventually(lambda: key in app.query_one(f"#{table}", DataTable).rows)
@@ -92,7 +96,7 @@ async def test_console_ptt_preempts_a_handset_and_shows_access_time(
     await pilot.press("space")
     assert (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
     await eventually(lambda: row(app, "groups", "tg-1")[2] == "disp")
-    await eventually(lambda: "last access" in str(app.query_one("#status", Static).render()))
+    await eventually(lambda: "last access" in status_line(app))
     assert app.last_access_ms is not None and app.last_access_ms > 0
     await pilot.press("space")  # PTT again: release
     await eventually(lambda: row(app, "groups", "tg-1")[1] == "idle")

@@ -4,6 +4,7 @@ map cell for Prometheus and Grafana, and shaded on the console's map."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.text import Text
 
@@ -14,8 +15,8 @@ from esn.protocol import messages as m
 from esn.server import hotspots
 from esn.server.hotspots import Hotspots, cell_of
 from esn.server.shell import Server
-from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually
+from tests.test_console import console as console  # (the fixture, used here)
 
 
 def test_incidents_are_counted_by_cell_once_per_unit_and_minute() -> None:
@@ -103,17 +104,15 @@ def test_the_console_keeps_the_last_minutes_incidents_where_they_were() -> None:
 
 
 async def test_the_console_map_shows_the_hotspots_and_hides_them_on_h(
-    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
 ) -> None:
-    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
-    async with app.run_test(size=(180, 50)) as pilot:
-        await eventually(lambda: app.model.server_state == "online")
-        u1 = await handset("u1", "tg-1")
-        u1.send(m.EmergencyAlert(tg="tg-1", lat=51.52, lon=-0.11, ref=u1.next_ref()))
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.EmergencyAlert(tg="tg-1", lat=51.52, lon=-0.11, ref=u1.next_ref()))
 
-        def title() -> str:
-            return str(app.query_one("#map").border_title)
+    def title() -> str:
+        return str(app.query_one("#map").border_title)
 
-        await eventually(lambda: "hotspots, 15 min: 1" in title())
-        await pilot.press("h")
-        await eventually(lambda: "hotspots off" in title())
+    await eventually(lambda: "hotspots, 15 min: 1" in title())
+    await pilot.press("h")
+    await eventually(lambda: "hotspots off" in title())

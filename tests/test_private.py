@@ -10,12 +10,12 @@ import itertools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from textual.widgets import Static
 
 from esn.client.handset import Handset, Inbound, Refused
 from esn.console.app import ConsoleApp
@@ -31,7 +31,8 @@ from esn.tools.broker import Mosquitto
 from esn.transport import BrokerConfig
 from tests.conftest import FLEET as WIRE
 from tests.conftest import HandsetFactory, eventually, online_network, told
-from tests.test_console import select
+from tests.test_console import console as console  # (the fixture, used here)
+from tests.test_console import select, status_line
 from tests.test_durable import Restartable
 from tests.test_durable import restartable as restartable  # (the fixture, used here)
 
@@ -469,31 +470,26 @@ async def test_a_private_call_goes_on_after_a_server_restart(
 
 
 async def test_the_console_calls_a_unit_talks_and_hangs_up(
-    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
 ) -> None:
     """Tried, as a dispatcher: `d` on a unit, `k` to talk and `k` again, `d` to hang up.
     Expect: the unit's user answers, the status line shows the call and who talks, the
     unit hears the dispatcher, and the end is logged in words."""
-    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
-    async with app.run_test(size=(180, 50)) as pilot:
-        await eventually(lambda: app.model.server_state == "online")
-        u1 = await handset("u1", "tg-1")
-        u1.send(m.Location(lat=51.5, lon=-0.1))  # (so it shows in the units panel)
-        await select(app, pilot, "units", "u1")
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.Location(lat=51.5, lon=-0.1))  # (so it shows in the units panel)
+    await select(app, pilot, "units", "u1")
 
-        def status() -> str:
-            return str(app.query_one("#status", Static).render())
-
-        await pilot.press("d")
-        await eventually(lambda: "PRIVATE CALL with u1 (connected)" in status())
-        await pilot.press("k")
-        await eventually(lambda: "PRIVATE CALL with u1 (connected, disp talks)" in status())
-        await eventually(lambda: u1.stats.counts.get("private_rx", 0) > 3)
-        await pilot.press("k")
-        await eventually(lambda: "PRIVATE CALL with u1 (connected)" in status())
-        await pilot.press("d")
-        await eventually(lambda: "PRIVATE CALL" not in status() and u1.private is None)
-        assert any("private call with u1 ended: hung up" in e.text for e in app.model.events)
+    await pilot.press("d")
+    await eventually(lambda: "PRIVATE CALL with u1 (connected)" in status_line(app))
+    await pilot.press("k")
+    await eventually(lambda: "PRIVATE CALL with u1 (connected, disp talks)" in status_line(app))
+    await eventually(lambda: u1.stats.counts.get("private_rx", 0) > 3)
+    await pilot.press("k")
+    await eventually(lambda: "PRIVATE CALL with u1 (connected)" in status_line(app))
+    await pilot.press("d")
+    await eventually(lambda: "PRIVATE CALL" not in status_line(app) and u1.private is None)
+    assert any("private call with u1 ended: hung up" in e.text for e in app.model.events)
 
 
 async def test_a_handset_whose_call_the_server_forgot_leaves_it_when_told(
