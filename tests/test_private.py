@@ -535,7 +535,8 @@ async def test_after_a_broker_restart_the_call_is_hung_up_not_left_behind(
                 lambda: a.transport.connected and b.transport.connected and srv.transport.connected,
                 timeout=20,
             )
-            await eventually(lambda: not srv.network.private.calls)
+            # (a hang-up sent before the server was back is sent again, 1 to 6 s apart)
+            await eventually(lambda: not srv.network.private.calls, timeout=20)
             assert (await b.private_call("u1", answer="auto")).state == "connected"
         finally:
             for h in (a, b):
