@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esn.client.handset import Handset, Inbound, Refused
+from esn.client.handset import Inbound, Refused
 from esn.console.app import ConsoleApp
 from esn.core.actions import Action, Audit
 from esn.core.fleet import parse_fleet
@@ -25,16 +25,14 @@ from esn.core.network import Network
 from esn.core.private import INACTIVE_S, RING_S
 from esn.protocol import messages as m
 from esn.protocol.ids import call_owner
-from esn.server.shell import Config, Server
+from esn.server.shell import Server
 from esn.store import pack, unpack
-from esn.tools.broker import Mosquitto
-from esn.transport import BrokerConfig
-from tests.conftest import FLEET as WIRE
 from tests.conftest import HandsetFactory, eventually, online_network, told
 from tests.test_console import console as console  # (the fixture, used here)
 from tests.test_console import select, status_line
 from tests.test_durable import Restartable
 from tests.test_durable import restartable as restartable  # (the fixture, used here)
+from tests.test_wire_failures import own_broker, restart
 
 FLEET = parse_fleet(
     {
@@ -519,26 +517,9 @@ async def test_after_a_broker_restart_the_call_is_hung_up_not_left_behind(
     they are not in, and they can call each other again."""
     if mqtt_client == "memory":
         pytest.skip("a broker restart needs a real broker")
-    with Mosquitto() as own:
-        cfg = BrokerConfig.from_url(own.url)
-        srv = Server(Config(broker=cfg, prefix=prefix, mqtt_client=mqtt_client), parse_fleet(WIRE))
-        await srv.start()
-        a = Handset("u1", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
-        b = Handset("u2", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
-        try:
-            for h in (a, b):
-                await h.start()
-            assert (await a.private_call("u2", answer="auto")).state == "connected"
-            own.stop()
-            own.start()
-            await eventually(
-                lambda: a.transport.connected and b.transport.connected and srv.transport.connected,
-                timeout=20,
-            )
-            # (a hang-up sent before the server was back is sent again, 1 to 6 s apart)
-            await eventually(lambda: not srv.network.private.calls, timeout=20)
-            assert (await b.private_call("u1", answer="auto")).state == "connected"
-        finally:
-            for h in (a, b):
-                await h.stop()
-            await srv.stop()
+    async with own_broker(prefix, mqtt_client, "u1", "u2") as (own, srv, (a, b)):
+        assert (await a.private_call("u2", answer="auto")).state == "connected"
+        await restart(own, srv, [a, b])
+        # (a hang-up sent before the server was back is sent again, 1 to 6 s apart)
+        await eventually(lambda: not srv.network.private.calls, timeout=20)
+        assert (await b.private_call("u1", answer="auto")).state == "connected"

@@ -4,10 +4,12 @@ away and coming back, and the `esn server` command line's promises."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgpack
@@ -73,33 +75,48 @@ async def test_handsets_reaffiliate_when_the_server_restarts(
         await replacement.stop()
 
 
-async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_client: str) -> None:
+@contextlib.asynccontextmanager
+async def own_broker(
+    prefix: str, mqtt_client: str, *units: str
+) -> AsyncIterator[tuple[Mosquitto, Server, list[Handset]]]:
+    """A Mosquitto of the test's own (to restart), a server and started handsets on it."""
     with Mosquitto() as own:
         cfg = BrokerConfig.from_url(own.url)
         srv = Server(Config(broker=cfg, prefix=prefix, mqtt_client=mqtt_client), parse_fleet(FLEET))
         await srv.start()
-        a = Handset("u1", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
-        b = Handset("u2", cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
+        made = [
+            Handset(u, cfg, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.02)
+            for u in units
+        ]
         try:
-            for h in (a, b):
+            for h in made:
                 await h.start()
-                await h.affiliate("tg-1")
-            own.stop()
-            await eventually(lambda: not (a.transport.connected or srv.transport.connected))
-            own.start()
-            await eventually(
-                lambda: a.transport.connected and b.transport.connected and srv.transport.connected,
-                timeout=20,
-            )
-            # re-affiliated by the handsets themselves on reconnect
-            await eventually(lambda: {"u1", "u2"} <= set(srv.network.affiliations))
-            media = b.expect(lambda i: isinstance(i.msg, m.Media), timeout=5)
-            assert isinstance(await a.press("tg-1"), m.Granted)
-            await media
+            yield own, srv, made
         finally:
-            for h in (a, b):
+            for h in made:
                 await h.stop()
             await srv.stop()
+
+
+async def restart(own: Mosquitto, srv: Server, handsets: list[Handset]) -> None:
+    """Stop the broker until everyone has seen it go, start it, and wait for everyone back."""
+    own.stop()
+    await eventually(lambda: not (srv.transport.connected or handsets[0].transport.connected))
+    own.start()
+    links = [srv.transport, *(h.transport for h in handsets)]
+    await eventually(lambda: all(link.connected for link in links), timeout=20)
+
+
+async def test_everyone_reconnects_after_a_broker_restart(prefix: str, mqtt_client: str) -> None:
+    async with own_broker(prefix, mqtt_client, "u1", "u2") as (own, srv, (a, b)):
+        for h in (a, b):
+            await h.affiliate("tg-1")
+        await restart(own, srv, [a, b])
+        # re-affiliated by the handsets themselves on reconnect
+        await eventually(lambda: {"u1", "u2"} <= set(srv.network.affiliations))
+        media = b.expect(lambda i: isinstance(i.msg, m.Media), timeout=5)
+        assert isinstance(await a.press("tg-1"), m.Granted)
+        await media
 
 
 async def test_a_subscription_the_broker_does_not_answer_is_made_again(
