@@ -18,11 +18,28 @@ logging.getLogger("gmqtt").setLevel(logging.ERROR)
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt's own reconnect (fixed delay, no jitter) is handed to the transport's loop."""
+    """gmqtt's own reconnect (fixed delay, no jitter) is handed to the transport's loop,
+    and a message at QoS 0 (voice) goes straight to the transport."""
 
-    def __init__(self, client_id: str, on_lost: Any, **kwargs: Any) -> None:
+    def __init__(self, client_id: str, on_lost: Any, on_publish: Any, **kwargs: Any) -> None:
         self._on_lost = on_lost
         super().__init__(client_id, **kwargs)
+        # The receive hot path: a PUBLISH at QoS 0 (MQTT 3.1.1, so no properties) goes to
+        # `on_publish` past gmqtt's per-packet debug logging, handler lookup, properties
+        # dict and check of whether the callback is a coroutine, which cost a handset
+        # more than its own handling of the packet (docs/benchmarks.md)
+        handler: Any = getattr(self, "_package_handler", self)  # (gmqtt 0.7 on; before, self)
+        general = handler._handle_packet
+
+        def handle(cmd: int, packet: bytes) -> None:
+            if cmd & 0xF6 == 0x30:
+                n = int.from_bytes(packet[:2])
+                topic = packet[2 : 2 + n].decode(errors="replace")
+                on_publish(topic, packet[2 + n :], cmd & 1 == 1)
+            else:
+                general(cmd, packet)
+
+        handler._handle_packet = handle
 
     async def reconnect(self, delay: bool = False) -> None:
         self._on_lost()
@@ -30,6 +47,8 @@ class _Client(gmqtt.Client):  # type: ignore[misc]
 
 class GmqttTransport(Transport):
     _client: _Client | None = None
+    _out: bytearray  # the QoS 0 publishes of this turn of the event loop, while _flushing
+    _flushing = False
 
     async def _connect(self) -> None:
         will = None
@@ -39,6 +58,7 @@ class GmqttTransport(Transport):
         client: _Client = _Client(
             self.client_id,
             lambda: self._lost_from(client),
+            self._receive,
             clean_session=not self.persistent,
             will_message=will,
         )
@@ -77,6 +97,7 @@ class GmqttTransport(Transport):
 
     async def _disconnect(self) -> None:
         if self._client is not None:
+            self._flush()
             await _quietly(self._client.disconnect())
 
     def _on_message(self, client: Any, topic: str, payload: bytes, qos: int, props: Any) -> int:
@@ -111,9 +132,36 @@ class GmqttTransport(Transport):
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         assert self._client is not None
+        if qos == 0:
+            self._queue(topic.encode(), payload, retain)
+            return
+        self._flush()  # (what was published before goes first)
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
+    def _queue(self, topic: bytes, payload: bytes, retain: bool) -> None:
+        """The send hot path: a PUBLISH at QoS 0 is built here, and the ones of a turn of
+        the event loop leave in one socket write (the server relays many per turn)."""
+        if not self._flushing:
+            self._flushing, self._out = True, bytearray()
+            asyncio.get_running_loop().call_soon(self._flush)
+        out = self._out
+        out.append(0x30 | retain)
+        n = 2 + len(topic) + len(payload)  # the remaining length, 7 bits a byte
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+        out += len(topic).to_bytes(2)
+        out += topic
+        out += payload
+
+    def _flush(self) -> None:
+        if self._flushing and self._client is not None:
+            self._flushing = False
+            self._client._connection.send_package(self._out)
+
     async def _drain(self) -> None:
+        self._flush()
         storage = getattr(self._client, "_persistent_storage", None)
         if storage is not None:
             await storage.wait_empty()

@@ -1,0 +1,62 @@
+"""The MQTT link itself, on a real broker: what is published arrives whole, in order and
+with its flags, whatever the stack does to be fast (gmqtt's publishes at QoS 0 are built by
+the transport and written together, once per turn of the event loop)."""
+
+from __future__ import annotations
+
+from esn.transport import BrokerConfig, make_transport
+from tests.conftest import eventually
+
+# both sides of each length-field boundary of MQTT's remaining length (1, 2 and 3 bytes)
+SIZES = (1, 100, 125, 126, 16_000, 16_380, 16_381, 40_000)
+
+
+async def test_what_is_published_in_one_turn_arrives_whole_and_in_order(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    sender = make_transport(mqtt_client, broker, client_id=f"{prefix}-tx")
+    receiver = make_transport(mqtt_client, broker, client_id=f"{prefix}-rx")
+    got: list[tuple[str, bytes]] = []
+    receiver.on_message = lambda topic, payload: got.append((topic, payload))
+    await sender.start()
+    await receiver.start()
+    try:
+        await receiver.subscribe(f"{prefix}/#", qos=1)
+        sent = [
+            (f"{prefix}/{'voice' if i % 3 else 'control'}/{size}", bytes([i]) * size)
+            for i, size in enumerate(SIZES * 2)
+        ]
+        for i, (topic, payload) in enumerate(sent):  # (all in one turn of the loop)
+            sender.publish(topic, payload, qos=0 if i % 3 else 1)
+        await eventually(lambda: len(got) >= len(sent))
+        assert got == sent  # a QoS 1 message does not overtake the QoS 0 ones before it
+    finally:
+        await sender.stop()
+        await receiver.stop()
+
+
+async def test_a_retained_message_at_qos_0_is_told_as_retained(
+    broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    sender = make_transport(mqtt_client, broker, client_id=f"{prefix}-tx")
+    later = make_transport(mqtt_client, broker, client_id=f"{prefix}-tx2")
+    receiver = make_transport(mqtt_client, broker, client_id=f"{prefix}-rx")
+    retained: list[bytes] = []
+    live: list[bytes] = []
+    receiver.on_retained = lambda topic, payload: retained.append(payload)
+    receiver.on_message = lambda topic, payload: live.append(payload)
+    for t in (sender, later, receiver):
+        await t.start()
+    topic = f"{prefix}/state"
+    try:
+        sender.publish(topic, b"kept", qos=0, retain=True)
+        await sender.stop()  # (what it published is written before it goes)
+        await receiver.subscribe(topic, qos=0)
+        await eventually(lambda: retained == [b"kept"])
+        later.publish(topic, b"new", qos=0)
+        await eventually(lambda: live == [b"new"])
+        assert retained == [b"kept"]
+    finally:
+        later.publish(topic, b"", qos=1, retain=True)  # (the broker forgets it)
+        for t in (sender, later, receiver):
+            await t.stop()
