@@ -174,6 +174,9 @@ late_joiners = 2
     assert result["counts"]["connected"] == 42 and "connect_failures" not in result["counts"]
     g = result["generator"]  # (what the workers cost, besides what they measured)
     assert g["cpu_share"] > 0 and g["max_rss_mb"] > 0 and g["kb_per_handset"] > 0
+    u = result["system"]  # (and what the server and the broker cost, beside it)
+    for name in ("server", "broker"):
+        assert u[f"{name}_cpu_share"] > 0 and u[f"{name}_rss_mb"] > 0, name
     assert result["counts"]["statuses_confirmed"] > 0  # (12 expected: none is 1 in 160,000)
     assert "statuses_unconfirmed" not in result["counts"]
     assert result["counts"].get("imminent_calls", 0) > 0  # (12 expected: none is 1 in 160,000)
@@ -326,6 +329,8 @@ async def test_a_load_test_runs_on_a_cluster_of_servers(tmp_path: Path) -> None:
     assert result["kpis"]["mouth_to_ear"]["n"] > 0
     assert result["counts"]["connected"] == 62 and "connect_failures" not in result["counts"]
     assert result["counts"]["statuses_confirmed"] > 0  # (8 expected) on the units' instances
+    u = result["system"]  # (the three instances' and the three NATS nodes' costs, summed)
+    assert u["server_cpu_share"] > 0 and u["broker_cpu_share"] > 0 and u["broker_rss_mb"] > 0
     assert rc == (0 if result["passed"] else 1)
 
 

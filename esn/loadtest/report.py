@@ -68,6 +68,17 @@ def kpi_table(r: dict[str, Any]) -> str:
             f"broker dropped {int(sm.get('esn_broker_messages_dropped_total', 0))} "
             "messages"
         )
+    u = r.get("system") or {}
+    if "server_cpu_share" in u or "broker_cpu_share" in u:
+        lines.append(
+            "system under test: "
+            + ", ".join(
+                f"{name} CPU {u[f'{name}_cpu_share']:.0%} of a core, memory "
+                f"{u[f'{name}_rss_mb']:.0f} MB ({u[f'{name}_kb_per_handset']:.1f} KB per handset)"
+                for name in ("server", "broker")
+                if f"{name}_cpu_share" in u
+            )
+        )
     g = r["generator"]
     lines.append(
         f"generator: {g['actions']} actions, {g['overruns']} started >10 ms late, "

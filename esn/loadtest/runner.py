@@ -18,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ from esn.tomlfile import dump_fleet, load_fleet
 from esn.tools.broker import Mosquitto
 from esn.tools.monitoring import scrape
 from esn.tools.nats import ClusterError, NatsCluster
-from esn.tools.processes import free_port, raise_fd_limit, start_server
+from esn.tools.processes import (
+    cpu_seconds,
+    free_port,
+    peak_rss_kb,
+    raise_fd_limit,
+    start_server,
+)
 from esn.tools.quantiles import buckets, histogram_quantile
 
 CLUSTER_NODES = 3  # [run] cluster: NATS nodes, and server instances (one per node)
@@ -174,8 +181,15 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         procs = [ctx.Process(target=run_worker, args=(p, q, go, stop), daemon=True) for p in plans]
         for proc in procs:
             proc.start()
+        watched = {  # the system under test, on this machine (not a remote broker)
+            "server": [server.pid for server in servers],
+            "broker": [broker.proc.pid] if broker is not None and broker.proc else [],
+        }
+        if nats is not None:
+            watched["broker"] = [n.proc.pid for n in nats.nodes if n.proc is not None]
+        at_go: dict[str, float] = {}
         try:
-            await _drive(s, q, go, workers, total, finals)
+            await _drive(s, q, go, workers, total, finals, lambda: at_go.update(_cpu(watched)))
         except asyncio.CancelledError:  # interrupted: the workers end early and report
             interrupted = True
             stop.set()
@@ -184,6 +198,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_finals(q, finals, workers), 30)
         result: dict[str, Any] = {"finals": [finals[w] for w in sorted(finals)]}
+        result["system"] = _system(watched, at_go, total)
         result["server_metrics"] = _scrape(server_ports)
     finally:
         stop.set()
@@ -239,9 +254,16 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
 
 
 async def _drive(
-    s: Scenario, q: Any, go: Any, workers: int, total: int, finals: dict[int, dict[str, Any]]
+    s: Scenario,
+    q: Any,
+    go: Any,
+    workers: int,
+    total: int,
+    finals: dict[int, dict[str, Any]],
+    on_go: Callable[[], None],
 ) -> None:
-    """Ramp, start everyone together, show progress, collect the finals into `finals`."""
+    """Ramp, start everyone together (calling `on_go`), show progress, collect the finals
+    into `finals`."""
     latest: dict[int, dict[str, Any]] = {}
     ready: set[int] = set()
     started = None
@@ -260,6 +282,7 @@ async def _drive(
             if kind == "ready":
                 ready.add(w)
                 if len(ready) == workers:
+                    on_go()
                     go.set()
                     started = time.monotonic()
                     deadline = started + s.run.duration_s + 60
@@ -306,6 +329,31 @@ def _progress(
         f"  mouth-to-ear p95 {max(x['m2e_p95_ms'] for x in v):.1f} ms"
         f"  loop lag p99 {max(x['lag_p99_ms'] for x in v):.1f} ms"
     )
+
+
+def _cpu(watched: dict[str, list[int]]) -> dict[str, float]:
+    return {
+        "t": time.monotonic(),
+        **{name: sum(cpu_seconds(pid) for pid in pids) for name, pids in watched.items()},
+    }
+
+
+def _system(
+    watched: dict[str, list[int]], at_go: dict[str, float], handsets: int
+) -> dict[str, Any]:
+    """What the server(s) and the broker cost during the traffic (each as a share of a
+    core, all their processes together) and at their peak in memory (from the start)."""
+    if not at_go:
+        return {}  # (interrupted during the ramp)
+    now = _cpu(watched)
+    out: dict[str, Any] = {}
+    for name, pids in watched.items():
+        if pids:
+            rss_mb = sum(peak_rss_kb(pid) for pid in pids) / 1024
+            out[f"{name}_cpu_share"] = round((now[name] - at_go[name]) / (now["t"] - at_go["t"]), 3)
+            out[f"{name}_rss_mb"] = round(rss_mb, 1)
+            out[f"{name}_kb_per_handset"] = round(rss_mb * 1024 / max(handsets, 1), 1)
+    return out
 
 
 def _usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -371,6 +419,7 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
         },
         "thresholds": verdicts,
         "passed": all(v["passed"] for v in verdicts.values()),
+        "system": result.get("system", {}),
         "series": [f["series"] for f in finals],
         "server_metrics": result.get("server_metrics", {}),
     }

@@ -28,7 +28,7 @@ import msgpack
 
 from esn.client.handset import Handset
 from esn.tools.broker import Mosquitto
-from esn.tools.processes import free_port, start_server
+from esn.tools.processes import cpu_seconds, free_port, start_server
 from esn.tools.quantiles import percentile
 from esn.transport import CLIENTS, BrokerConfig, available_clients, make_transport
 
@@ -66,7 +66,7 @@ async def _count_through(
     rate: int = 0,
 ) -> dict[str, float]:
     """Publish `count` packets with mosquitto_pub (`rate`/s, or flat out when 0); count what
-    each mosquitto_sub gets."""
+    each mosquitto_sub gets, and what the broker's CPU did meanwhile."""
     tool = shutil.which("mosquitto_sub")
     if tool is None:
         raise RuntimeError("mosquitto_sub is not installed (Debian: mosquitto-clients)")
@@ -98,6 +98,8 @@ async def _count_through(
             if not line:
                 raise RuntimeError("mosquitto_sub exited before subscribing")
         subs.append(proc)
+    broker_pid = broker.proc.pid if broker.proc else 0
+    broker_cpu = cpu_seconds(broker_pid)
     with tempfile.NamedTemporaryFile(suffix=".bin") as f:
         f.write(_packet())
         f.flush()
@@ -123,11 +125,14 @@ async def _count_through(
         await pub.wait()
     received = min(n for n, _ in results)
     elapsed = max(t for _, t in results)
+    broker_cpu = cpu_seconds(broker_pid) - broker_cpu
     return {
         "sent": count,
         "received": received,
         "seconds": round(elapsed, 3),
         "msg_per_s": round(received / elapsed) if elapsed else 0.0,
+        # (a share of one core: Mosquitto has one thread)
+        "broker_cpu_share": round(broker_cpu / elapsed, 3) if elapsed else 0.0,
     }
 
 
@@ -183,7 +188,7 @@ async def _relay_throughput(
         await talker.start()
         await talker.affiliate("tg-bench")
         await talker.press("tg-bench")
-        cpu_before = _cpu_seconds(server.pid)
+        cpu_before = cpu_seconds(server.pid)
         relay = await _count_through(
             broker,
             "esn/tg/tg-bench/up/talker/media",
@@ -193,7 +198,7 @@ async def _relay_throughput(
             opts.seconds,
             opts.rate,
         )
-        cpu = _cpu_seconds(server.pid) - cpu_before
+        cpu = cpu_seconds(server.pid) - cpu_before
         relay["server_cpu_s"] = round(cpu, 3)
         relay["msg_per_server_cpu_s"] = round(relay["received"] / cpu) if cpu > 0 else 0
         await talker.stop()
@@ -288,12 +293,16 @@ def _print(r: dict[str, Any], opts: BenchOptions) -> None:
         f"\nThroughput ({r['payload_bytes']}-byte voice packets, QoS 0, "
         f"{opts.listeners} listener(s))"
     )
-    print(f"  {'raw broker (C clients)':28} {raw['msg_per_s']:>9,} msg/s")
+    print(
+        f"  {'raw broker (C clients)':28} {raw['msg_per_s']:>9,} msg/s  "
+        f"(broker CPU {raw['broker_cpu_share']:.0%} of a core)"
+    )
     for client, x in r["relay"].items():
         print(
             f"  {'server relay on ' + client:28} {x['msg_per_s']:>9,} msg/s  "
             f"= {x['ratio_to_raw']:.1%} of raw, loss {x['loss']:.1%}, "
-            f"{x['msg_per_server_cpu_s']:,} msg per server CPU-second"
+            f"{x['msg_per_server_cpu_s']:,} msg per server CPU-second, "
+            f"broker CPU {x['broker_cpu_share']:.0%} of a core"
         )
     print(f"\nLatency at {opts.latency_rate} packets/s (publish -> receive)")
     for name, x in r["latency"].items():
@@ -302,15 +311,6 @@ def _print(r: dict[str, Any], opts: BenchOptions) -> None:
             f"  {name:28} p50 {x['p50_ms']:.3f} ms  p95 {x['p95_ms']:.3f} ms  "
             f"p99 {x['p99_ms']:.3f} ms{extra}"
         )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:

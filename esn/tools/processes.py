@@ -64,6 +64,27 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:])
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user and system) a process on this machine has used so far; 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """A process's peak memory (VmHWM: its own, where getrusage would count the parent's
+    before the exec that started it); 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def raise_fd_limit() -> None:
     """One socket per simulated handset: take the hard limit (children inherit it)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
