@@ -232,3 +232,27 @@ async def test_each_press_is_told_once_with_its_access_outcome(
         ("u2", "tg-1", "abandoned", ""),
         ("u3", "tg-1", "denied", "not_affiliated"),
     ]
+
+
+async def test_location_reports_begin_after_the_delay_asked(
+    broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+) -> None:
+    """A fleet's handsets can spread their reports: 5,000 at once held a load test's loop."""
+    loop = asyncio.get_running_loop()
+    watcher = make_transport(mqtt_client, broker, client_id=f"{prefix}-watcher")
+    first: asyncio.Future[float] = loop.create_future()
+
+    def heard(topic: str, payload: bytes) -> None:
+        if isinstance(codec.decode(payload), m.Location) and not first.done():
+            first.set_result(loop.time())
+
+    watcher.on_message = heard
+    await watcher.start()
+    try:
+        a = await handset("u1")
+        await watcher.subscribe(a.topics.unit_up("u1"))
+        began = loop.time()
+        a.start_location_reports(10, first_after=0.3)
+        assert await asyncio.wait_for(first, 5) - began >= 0.3
+    finally:
+        await watcher.stop()

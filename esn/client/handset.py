@@ -545,8 +545,10 @@ class Handset:
     def next_ref(self) -> int:
         return next(self._refs)
 
-    def start_location_reports(self, interval: float) -> None:
-        self._location_task = asyncio.create_task(self._report_location(interval))
+    def start_location_reports(self, interval: float, first_after: float = 0.0) -> None:
+        """Report the position every `interval` s (give or take a fifth), the first
+        time after `first_after` s."""
+        self._location_task = asyncio.create_task(self._report_location(interval, first_after))
 
     # --- floor control (PTT) ----------------------------------------------------------
 
@@ -967,7 +969,9 @@ class Handset:
             # paced on a fixed schedule, so a slow loop does not stretch the talk burst
             await asyncio.sleep(max(0.0, start + (seq + 1) * self.media_interval - loop.time()))
 
-    async def _report_location(self, interval: float) -> None:
+    async def _report_location(self, interval: float, first_after: float) -> None:
+        if first_after > 0:
+            await asyncio.sleep(first_after)
         lat, lon = self.position
         heading = random.uniform(0, 360)
         while True:

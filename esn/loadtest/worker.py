@@ -20,7 +20,6 @@ import io
 import multiprocessing
 import pstats
 import random
-import resource
 import sys
 import time
 import zlib
@@ -38,9 +37,13 @@ from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
 from esn.protocol import messages as m
+from esn.tools.processes import peak_rss_kb
 from esn.transport import BrokerConfig
 
 STATUS_EVERY_S = 1.0
+# An action's task is made this long before it is due and waits for its time itself: made
+# at its time, it started a turn of the event loop late (a turn under load: milliseconds)
+AHEAD_S = 0.05
 
 
 @dataclass
@@ -168,7 +171,7 @@ class Worker:
                 series=self.series,
                 cpu_s=time.process_time() - self.cpu0,  # (its handsets all still up)
                 wall_s=time.monotonic() - self.began,
-                max_rss_kb=_peak_rss_kb(),
+                max_rss_kb=peak_rss_kb(),
                 handsets=len(self.handsets),
             )
             await self.disconnect_all()
@@ -245,8 +248,9 @@ class Worker:
     async def play(self) -> None:
         t = self.plan.traffic
         for h in self.handsets.values():
-            if not h.unit.startswith("disp"):
-                h.start_location_reports(t.location_interval_s)
+            if not h.unit.startswith("disp"):  # (spread: 5,000 at once held the loop 0.2 s)
+                first = self.rng.uniform(0, t.location_interval_s)
+                h.start_location_reports(t.location_interval_s, first_after=first)
         schedules = [
             asyncio.create_task(self.sessions(tg, members))
             for tg, members in self.plan.talkers.items()
@@ -292,7 +296,9 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def at(self, offset: float, coro: Any) -> None:
-        await asyncio.sleep(max(0.0, self.t0 + offset - asyncio.get_running_loop().time()))
+        delay = self.t0 + offset - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
         if not self.stopping:
             await coro
         else:
@@ -308,7 +314,7 @@ class Worker:
             end = planned + self.rng.expovariate(1 / t.mean_session_s)
             while planned < end:
                 burst = self.rng.expovariate(1 / t.mean_talk_s)
-                await asyncio.sleep(max(0.0, planned - loop.time()))
+                await asyncio.sleep(max(0.0, planned - AHEAD_S - loop.time()))
                 if self.stopping:
                     return
                 self.spawn(self.burst(tg, members, planned, burst))
@@ -327,10 +333,13 @@ class Worker:
         unit: str | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(max(0.0, planned - loop.time()))
+        if planned > loop.time():  # (not sleep(0) when due: that waits a turn of the loop)
+            await asyncio.sleep(planned - loop.time())
+        if self.stopping:
+            return
         free = [u for u in members if u not in self.busy and u in self.handsets]
         unit = unit or (self.rng.choice(free) if free else None)
-        if unit is None or unit in self.busy or self.stopping:  # (one press at a time each)
+        if unit is None or unit in self.busy:  # (one press at a time each)
             self.rec.count("skipped_no_free_member")
             return
         h = self.handsets[unit]
@@ -369,9 +378,9 @@ class Worker:
         planned = self.t0
         while not self.stopping:
             planned += self.rng.expovariate(per_min / 60)
-            await asyncio.sleep(max(0.0, planned - loop.time()))
+            await asyncio.sleep(max(0.0, planned - AHEAD_S - loop.time()))
             if not self.stopping:
-                self.spawn(action(planned))
+                self.spawn(self.at(planned - self.t0, action(planned)))
 
     def free_member(self) -> tuple[str, list[str], str] | None:
         """A group of this worker's, its talkers, and one of them not talking now."""
@@ -525,10 +534,18 @@ class Worker:
     async def report_status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
+            # (in steps, each a few milliseconds at 5,000 handsets: one whole would hold
+            # up every press and packet due meanwhile)
             rx = sum(h.stats.counts.get("media_rx", 0) for h in self.handsets.values())
+            await asyncio.sleep(0)
             connected = sum(h.transport.connected for h in self.handsets.values())
+            await asyncio.sleep(0)
             talking = len(self.busy)
             h = self.rec.hist
+            access = h["floor_access"].get_value_at_percentile(95) / 1000
+            await asyncio.sleep(0)
+            m2e = h["mouth_to_ear"].get_value_at_percentile(95) / 1000
+            await asyncio.sleep(0)
             point = {
                 "t": time.time(),
                 "connected": connected,
@@ -540,8 +557,8 @@ class Worker:
             self.send(
                 "status",
                 **point,
-                access_p95_ms=h["floor_access"].get_value_at_percentile(95) / 1000,
-                m2e_p95_ms=h["mouth_to_ear"].get_value_at_percentile(95) / 1000,
+                access_p95_ms=access,
+                m2e_p95_ms=m2e,
                 lag_p99_ms=h["loop_lag"].get_value_at_percentile(99) / 1000,
                 actions=self.rec.actions,
                 overruns=self.rec.overruns,
@@ -597,13 +614,3 @@ def write_profile(profiler: cProfile.Profile, path: Path) -> None:
         part.replace(path.with_suffix(".txt"))
     except OSError as exc:
         print(f"esn loadtest: the profile {path} was not written: {exc}", file=sys.stderr)
-
-
-def _peak_rss_kb() -> int:
-    """This process's peak memory (VmHWM: its own, where getrusage would count the
-    parent's before the exec that started it)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
