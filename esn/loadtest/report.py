@@ -17,6 +17,7 @@ NAMES = {
     "floor_access": "KPI1 floor access (press→granted, from plan)",
     "floor_access_sent": "floor access (from actual send)",
     "mouth_to_ear": "KPI3 mouth-to-ear",
+    "broker_alone": "the broker alone, same run (no server)",
     "late_entry": "KPI4 late entry",
     "scan_entry": "scan switch → first media heard",
     "private_setup": "private call set-up (automatic answer)",
@@ -30,7 +31,7 @@ TARGETS = {"floor_access": 300.0, "mouth_to_ear": 300.0}
 def kpi_table(r: dict[str, Any]) -> str:
     lines = [f"{'KPI':46} {'n':>8} {'p50':>9} {'p95':>9} {'p99':>9} {'max':>9}  target"]
     for key, name in NAMES.items():
-        k = r["kpis"][key]
+        k = r["kpis"].get(key, {})
         if not k.get("n"):
             lines.append(f"{name:46} {0:8d} {'-':>9} {'-':>9} {'-':>9} {'-':>9}")
             continue

@@ -26,6 +26,7 @@ from typing import Any
 from esn.client import trace
 from esn.core.fleet import DEFAULT_STATUSES, MAY
 from esn.core.partitions import PARTITIONS
+from esn.loadtest.probe import BrokerProbe
 from esn.loadtest.recorder import merge, spectrum_ms, summary_ms
 from esn.loadtest.report import kpi_table, write_html
 from esn.loadtest.scenario import Scenario
@@ -130,6 +131,7 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
     servers: list[asyncio.subprocess.Process] = []
     server_ports: list[int] = []
     procs: list[multiprocessing.process.BaseProcess] = []
+    probe: BrokerProbe | None = None
     ctx = multiprocessing.get_context("spawn")
     q, go, stop = ctx.Queue(), ctx.Event(), ctx.Event()
     finals: dict[int, dict[str, Any]] = {}
@@ -178,6 +180,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             "worker metrics: "
             + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics" for p in plans)
         )
+        probe = BrokerProbe(url.split(",")[0], "loadtest/probe")
+        await probe.start()
         procs = [ctx.Process(target=run_worker, args=(p, q, go, stop), daemon=True) for p in plans]
         for proc in procs:
             proc.start()
@@ -188,8 +192,13 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         if nats is not None:
             watched["broker"] = [n.proc.pid for n in nats.nodes if n.proc is not None]
         at_go: dict[str, float] = {}
+
+        def at_traffic() -> None:
+            at_go.update(_cpu(watched))
+            probe.begin()
+
         try:
-            await _drive(s, q, go, workers, total, finals, lambda: at_go.update(_cpu(watched)))
+            await _drive(s, q, go, workers, total, finals, at_traffic)
         except asyncio.CancelledError:  # interrupted: the workers end early and report
             interrupted = True
             stop.set()
@@ -197,11 +206,15 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             print("\ninterrupted: collecting what the workers measured ...", flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_finals(q, finals, workers), 30)
+        await probe.stop()  # (the traffic is over)
         result: dict[str, Any] = {"finals": [finals[w] for w in sorted(finals)]}
+        result["probe"] = probe.hist
         result["system"] = _system(watched, at_go, total)
         result["server_metrics"] = _scrape(server_ports)
     finally:
         stop.set()
+        if probe is not None:
+            await probe.stop()
         for proc in procs:
             proc.join(20)
             if proc.is_alive():
@@ -377,6 +390,8 @@ def _usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
 def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str, Any]:
     finals = result["finals"]
     hist = merge([f["hist"] for f in finals])
+    if "probe" in result:
+        hist["broker_alone"] = result["probe"]
     counts: dict[str, int] = {}
     for f in finals:
         for k, v in f["counts"].items():
