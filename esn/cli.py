@@ -8,6 +8,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from esn import __version__
@@ -51,6 +52,17 @@ def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         default="gmqtt",
         help="MQTT client library (default gmqtt; paho is the aiomqtt/paho stack)",
     )
+
+
+def _sizes(text: str) -> list[int]:
+    """`--sizes`: numbers of handsets, comma-separated, each at least 2."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"want numbers of handsets like 1000,2000, got {text!r}")
+    return sizes
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -171,6 +183,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     try:
         overrides = [*args.set, *(["run.profile=true"] if args.profile else [])]
         scenario = load_scenario(args.scenario, overrides)
+        if args.sizes:
+            from esn.loadtest.capacity import run_sizes, sized
+
+            for n in args.sizes:
+                sized(scenario, n)  # (refused before anything starts)
+            out = Path(
+                args.out or f"runs/{scenario.run.name}-capacity-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+            return run(run_sizes(scenario, args.sizes, out))
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
     return run(run_loadtest(scenario, Path(args.out) if args.out else None))
@@ -366,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write a profile of each worker beside result.json (profile-N.txt and "
         "profile-N.pstats; cProfile slows the workers: quote the figures of a run without it)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        metavar="N,N,...",
+        help="run the scenario at each of these numbers of handsets in turn (its groups "
+        "and fleet-wide rates scaled alike), then write the capacity curve: "
+        "capacity.md and capacity.svg in --out",
     )
     p.set_defaults(func=cmd_loadtest)
 

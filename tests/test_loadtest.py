@@ -25,6 +25,7 @@ from esn.client.trace import (
     AccessTrace,
     merge,
 )
+from esn.loadtest.capacity import run_sizes, sized
 from esn.loadtest.recorder import Recorder, summary_ms
 from esn.loadtest.runner import plan, run_loadtest
 from esn.loadtest.scenario import ScenarioError, load_scenario, parse_scenario
@@ -163,6 +164,7 @@ late_joiners = 2
         "floor_access",
         "floor_access_sent",
         "mouth_to_ear",
+        "broker_alone",  # (the raw broker beside them, in the same run)
         "late_entry",
         "private_setup",
         "connect",
@@ -351,3 +353,21 @@ def test_a_share_of_the_handsets_scans_two_to_four_groups_by_priority() -> None:
         )
     again, _ = plan(parse_scenario(doc), 2)
     assert {u: s for p in again for u, s in p.scans.items()} == scans  # the seed's, again
+
+
+async def test_a_capacity_curve_runs_each_size_and_draws_them(tmp_path: Path) -> None:
+    """`--sizes`: the scenario at each size in turn, its groups and fleet-wide rates
+    scaled alike, then one table and one plot over the runs."""
+    scenario = load_scenario("ci-small", ["run.duration_s=3", "traffic.late_joiners=0"])
+    assert sized(scenario, 240).fleet.talkgroups == 12
+    assert sized(scenario, 240).traffic.statuses_per_min == 2 * scenario.traffic.statuses_per_min
+    await run_sizes(scenario, [30, 60], tmp_path)
+    rows = json.loads((tmp_path / "capacity.json").read_text())
+    assert [r["handsets"] for r in rows] == [32, 62]  # (with the two dispatchers)
+    for r in rows:
+        assert r["floor_access"][1] is not None and r["broker_alone"][1] is not None
+        assert r["cpu"]["server"] > 0 and r["saturated"]
+    table = (tmp_path / "capacity.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 32 |")
+    assert (tmp_path / "capacity.svg").read_text().lstrip().startswith("<?xml")
+    assert all((tmp_path / n / "report.html").exists() for n in ("30", "60"))
