@@ -133,14 +133,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     xs = [x["handsets"] for x in rows]
     fig, (lat, cpu) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
-    for key, label, style in (
-        ("floor_access", "KPI1 floor access (from plan)", "o-"),
-        ("mouth_to_ear", "KPI3 mouth-to-ear", "s-"),
-        ("broker_alone", "the broker alone (same run)", "^--"),
+    for key, label, style, colour in (
+        ("floor_access", "KPI1 floor access (from plan)", "o-", "C0"),
+        ("mouth_to_ear", "KPI3 mouth-to-ear", "s-", "C1"),
+        ("broker_alone", "the broker alone (same run)", "^--", "C2"),
     ):
-        for i, (p, alpha) in enumerate((("p95", 0.5), ("p99", 1.0))):
+        for i, (p, alpha) in enumerate((("p95", 0.45), ("p99", 1.0))):
             ys = [x[key][i + 1] for x in rows]
-            lat.plot(xs, ys, style, alpha=alpha, label=f"{label} {p}")
+            lat.plot(xs, ys, style, color=colour, alpha=alpha, label=f"{label} {p}")
     lat.axhline(300, color="red", ls="--", lw=1, label="TS 22.179 KPI1/KPI3 target, 300 ms")
     lat.set_yscale("log")
     lat.set_ylabel("latency (ms)")
@@ -152,7 +152,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     cpu.set_ylabel("CPU (cores)")
     cpu.set_xlabel("handsets (each its own MQTT connection)")
     cpu.set_xscale("log")
+    cpu.set_xticks(xs, [f"{x:,}" for x in xs], minor=False)
+    cpu.set_xticks([], minor=True)
     cpu.grid(True, which="both", alpha=0.3)
     cpu.legend(fontsize=8)
-    fig.savefig(path, format="svg", bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight")  # (in the format its name says)
     plt.close(fig)
