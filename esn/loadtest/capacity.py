@@ -90,8 +90,8 @@ def saturated(r: dict[str, Any], cpu: dict[str, float], cpus: int) -> str:
         said.append("connections refused")
     if r["generator"]["limited"]:
         said.append("the generator")
-    for name in ("server", "broker"):  # (each runs on one thread)
-        if cpu[name] >= 0.9:
+    for name in ("server", "broker"):  # (one thread each, where not a cluster)
+        if cpu[name] >= 0.9 and not r["scenario"]["run"]["cluster"]:
             said.append(f"the {name}'s core")
     if sum(cpu.values()) >= 0.9 * cpus:
         said.append("the machine's CPU")

@@ -370,9 +370,9 @@ def _system(
 
 
 def _usage(finals: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the workers cost, from connecting to the end of the traffic: each one's CPU as
-    a share of that time (1.0: a core, all the time) and the mean of those shares, and
-    each one's peak memory with their sum, in all and per handset."""
+    """What the workers cost during the traffic: each one's CPU as a share of that time
+    (1.0: a core, all the time) and the mean of those shares, and each one's peak memory
+    with their sum, in all and per handset."""
     if not finals or any("cpu_s" not in f for f in finals):
         return {}
     rss_mb = sum(f["max_rss_kb"] for f in finals) / 1024

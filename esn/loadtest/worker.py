@@ -145,6 +145,8 @@ class Worker:
             if self.stop.is_set():
                 return  # interrupted during the ramp: nothing to play; the final goes out
             self.t0, self.playing = loop.time(), True
+            # (its cost is counted from here, as the server's and the broker's are)
+            self.began, self.cpu0 = time.monotonic(), time.process_time()
             if self.plan.trace:
                 self.trace = AccessTrace(Path(self.plan.trace), self.t0)
             if self.plan.full_trace:
