@@ -371,3 +371,22 @@ async def test_a_capacity_curve_runs_each_size_and_draws_them(tmp_path: Path) ->
     assert len(table) == 4 and table[2].startswith("| 32 |")
     assert (tmp_path / "capacity.svg").read_text().lstrip().startswith("<?xml")
     assert all((tmp_path / n / "report.html").exists() for n in ("30", "60"))
+
+
+async def test_dispatchers_of_a_worker_with_many_groups_connect(tmp_path: Path) -> None:
+    """A dispatcher watches at most the 256 groups one affiliation may name: above that,
+    the server refused its affiliation and every dispatcher counted as a failed connect."""
+    scenario = load_scenario(
+        "ci-small",
+        [
+            "run.workers=1",
+            "run.duration_s=1",
+            "run.ramp_per_s=1000",
+            "fleet.handsets=600",
+            "fleet.talkgroups=300",
+            "traffic.late_joiners=0",
+        ],
+    )
+    await run_loadtest(scenario, tmp_path)
+    counts = json.loads((tmp_path / "result.json").read_text())["counts"]
+    assert counts["connected"] == 602 and "connect_failures" not in counts

@@ -37,6 +37,7 @@ from esn.exporter import serve_metrics
 from esn.loadtest.recorder import Recorder
 from esn.loadtest.scenario import Traffic
 from esn.protocol import messages as m
+from esn.protocol.codec import MAX_LIST
 from esn.tools.processes import peak_rss_kb
 from esn.transport import BrokerConfig
 
@@ -110,6 +111,9 @@ class Worker:
         self.observer = _Fanout(self.rec, self.prom)
         self.handsets: dict[str, Handset] = {}
         self.homes = {unit: groups[0] for unit, groups in plan.units if groups}
+        # the groups its dispatchers watch and break into: as many as one affiliation may
+        # name (above that the server refuses it, and the dispatcher would not connect)
+        self.watched = list(plan.talkers)[:MAX_LIST]
         self.busy: set[str] = set()  # units in a talk burst right now
         self.tasks: set[asyncio.Task[None]] = set()
         self.series: list[dict[str, float]] = []
@@ -220,7 +224,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         start = loop.time()
         everyone = [(u, g) for u, g in self.plan.units] + [
-            (d, list(self.plan.talkers)) for d in self.plan.dispatchers
+            (d, self.watched) for d in self.plan.dispatchers
         ]
         everyone += [(u, []) for u, _ in self.plan.late]
         sem = asyncio.Semaphore(200)
@@ -463,7 +467,7 @@ class Worker:
             self.busy.discard(unit)
 
     async def preemption(self, planned: float) -> None:
-        tg = self.rng.choice(list(self.plan.talkers))
+        tg = self.rng.choice(self.watched)
         disp = self.rng.choice(self.plan.dispatchers)
         self.rec.count("dispatcher_presses")
         await self.burst(tg, [disp], planned, 2.0, unit=disp)
