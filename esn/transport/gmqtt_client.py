@@ -32,12 +32,17 @@ class _Client(gmqtt.Client):  # type: ignore[misc]
         general = handler._handle_packet
 
         def handle(cmd: int, packet: bytes) -> None:
-            if cmd & 0xF6 == 0x30:
-                n = int.from_bytes(packet[:2])
-                topic = packet[2 : 2 + n].decode(errors="replace")
-                on_publish(topic, packet[2 + n :], cmd & 1 == 1)
-            else:
+            if cmd & 0xF6 != 0x30:
                 general(cmd, packet)
+                return
+            n = int.from_bytes(packet[:2])
+            if not 0 < n <= len(packet) - 2:
+                return  # (malformed: no topic, or a topic longer than the packet)
+            try:
+                topic = packet[2 : 2 + n].decode()
+            except UnicodeDecodeError:
+                return
+            on_publish(topic, packet[2 + n :], cmd & 1 == 1)
 
         handler._handle_packet = handle
 
@@ -123,11 +128,13 @@ class GmqttTransport(Transport):
 
     async def _subscribe(self, subs: list[tuple[str, int]]) -> None:
         assert self._client is not None
+        self._flush()  # (what was published before goes first)
         mid = self._client.subscribe([gmqtt.Subscription(t, qos=q) for t, q in subs])
         await self._await_ack(mid)
 
     async def _unsubscribe(self, topics: list[str]) -> None:
         assert self._client is not None
+        self._flush()
         await self._await_ack(self._client.unsubscribe(topics))
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
@@ -141,19 +148,20 @@ class GmqttTransport(Transport):
     def _queue(self, topic: bytes, payload: bytes, retain: bool) -> None:
         """The send hot path: a PUBLISH at QoS 0 is built here, and the ones of a turn of
         the event loop leave in one socket write (the server relays many per turn)."""
-        if not self._flushing:
-            self._flushing, self._out = True, bytearray()
-            asyncio.get_running_loop().call_soon(self._flush)
-        out = self._out
-        out.append(0x30 | retain)
         n = 2 + len(topic) + len(payload)  # the remaining length, 7 bits a byte
+        if n > 0xFFFFFFF or len(topic) > 0xFFFF:
+            raise ValueError(f"a publish of {n} bytes is beyond what MQTT can carry")
+        head = bytearray((0x30 | retain,))
         while n > 0x7F:
-            out.append(n & 0x7F | 0x80)
+            head.append(n & 0x7F | 0x80)
             n >>= 7
-        out.append(n)
-        out += len(topic).to_bytes(2)
-        out += topic
-        out += payload
+        head.append(n)
+        head += len(topic).to_bytes(2)
+        packet = b"".join((head, topic, payload))  # (whole, or not at all)
+        if not self._flushing:
+            asyncio.get_running_loop().call_soon(self._flush)
+            self._flushing, self._out = True, bytearray()
+        self._out += packet
 
     def _flush(self) -> None:
         if self._flushing and self._client is not None:
