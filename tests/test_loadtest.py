@@ -361,6 +361,8 @@ async def test_a_capacity_curve_runs_each_size_and_draws_them(tmp_path: Path) ->
     scenario = load_scenario("ci-small", ["run.duration_s=3", "traffic.late_joiners=0"])
     assert sized(scenario, 240).fleet.talkgroups == 12
     assert sized(scenario, 240).traffic.statuses_per_min == 2 * scenario.traffic.statuses_per_min
+    with pytest.raises(ScenarioError, match=r"--sizes 4: .*late_joiners"):
+        sized(load_scenario("ci-small"), 4)  # (its 4 late joiners need more handsets)
     await run_sizes(scenario, [30, 60], tmp_path)
     rows = json.loads((tmp_path / "capacity.json").read_text())
     assert [r["handsets"] for r in rows] == [32, 62]  # (with the two dispatchers)

@@ -3,8 +3,9 @@ a plot of what each size measured (docs/benchmarks.md).
 
 Each size keeps the scenario's shape: its talkgroups are scaled to keep their size, and
 its fleet-wide rates (emergencies, statuses, private calls, ... per minute) to keep what
-each handset does. Each run writes its own report into OUT/N; the curve goes beside them
-(capacity.md, capacity.svg, capacity.json).
+each handset does; its dispatchers and late joiners stay as they are. Each run writes its
+own report into OUT/N; the curve goes beside them (capacity.md, capacity.svg,
+capacity.json), rewritten after each size, so a sweep cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.loadtest.runner import run_loadtest
-from esn.loadtest.scenario import Scenario, ScenarioError
+from esn.loadtest.scenario import Scenario, ScenarioError, parse_scenario
 
 
 def sized(s: Scenario, handsets: int) -> Scenario:
@@ -33,7 +34,12 @@ def sized(s: Scenario, handsets: int) -> Scenario:
     fleet = dataclasses.replace(
         s.fleet, handsets=handsets, talkgroups=max(1, round(s.fleet.talkgroups * scale))
     )
-    return dataclasses.replace(s, fleet=fleet, traffic=traffic)
+    doc = dataclasses.asdict(dataclasses.replace(s, fleet=fleet, traffic=traffic))
+    del doc["path"]
+    try:  # (the scenario's own checks, on the size asked)
+        return parse_scenario(doc, s.path)
+    except ScenarioError as exc:
+        raise ScenarioError(f"--sizes {handsets}: {exc}") from None
 
 
 async def run_sizes(s: Scenario, sizes: list[int], out: Path) -> int:
@@ -41,11 +47,16 @@ async def run_sizes(s: Scenario, sizes: list[int], out: Path) -> int:
     rcs, rows = [], []
     for i, n in enumerate(sizes):
         print(f"\n=== {n} handsets ({i + 1} of {len(sizes)}) ===", flush=True)
-        rcs.append(await run_loadtest(sized(s, n), out / str(n)))
-        rows.append(row(json.loads((out / str(n) / "result.json").read_text())))
-    (out / "capacity.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "capacity.md").write_text(table(rows))
-    plot(rows, out / "capacity.svg")
+        try:
+            rcs.append(await run_loadtest(sized(s, n), out / str(n)))
+        finally:  # (interrupted, or failed: the sizes so far are drawn all the same)
+            done = out / str(n) / "result.json"
+            if done.exists():
+                rows.append(row(json.loads(done.read_text())))
+            if rows:
+                (out / "capacity.json").write_text(json.dumps(rows, indent=2) + "\n")
+                (out / "capacity.md").write_text(table(rows))
+                plot(rows, out / "capacity.svg")
     print(f"\n{table(rows)}\ncapacity curve: {out / 'capacity.md'}, {out / 'capacity.svg'}")
     return 0 if all(rc == 0 for rc in rcs) else 1
 

@@ -9,6 +9,7 @@ broker under the same load is then the difference between this and KPI3.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from hdrh.histogram import HdrHistogram
@@ -21,11 +22,12 @@ PAD = bytes(135)  # (with the 8-byte send time: as long as a handset's voice pac
 
 
 class BrokerProbe:
-    def __init__(self, url: str, topic: str) -> None:
+    def __init__(self, url: str) -> None:
         broker = BrokerConfig.from_url(url)
-        self.topic = topic
-        self.tx = make_transport("gmqtt", broker, client_id=f"{topic.replace('/', '-')}-tx")
-        self.rx = make_transport("gmqtt", broker, client_id=f"{topic.replace('/', '-')}-rx")
+        me = f"esn-probe-{os.getpid()}"  # (two load tests on one broker time their own)
+        self.topic = f"loadtest/{me}"
+        self.tx = make_transport("gmqtt", broker, client_id=f"{me}-tx")
+        self.rx = make_transport("gmqtt", broker, client_id=f"{me}-rx")
         self.rx.on_message = self._heard
         self.hist: HdrHistogram = new_histogram()
         self.sent = 0
@@ -40,9 +42,12 @@ class BrokerProbe:
     def begin(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._send())
 
-    async def stop(self) -> None:
+    def end(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    async def stop(self) -> None:
+        self.end()
         await asyncio.gather(self.tx.stop(), self.rx.stop(), return_exceptions=True)
 
     def _heard(self, topic: str, payload: bytes) -> None:

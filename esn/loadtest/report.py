@@ -190,7 +190,8 @@ def write_html(path: Path, r: dict[str, Any]) -> None:
     rows = "".join(
         f"<tr><td>{html.escape(NAMES[k])}</td>"
         + "".join(
-            f"<td>{_cell(r['kpis'][k].get(c))}</td>" for c in ("n", "p50", "p95", "p99", "max")
+            f"<td>{_cell(r['kpis'].get(k, {}).get(c))}</td>"
+            for c in ("n", "p50", "p95", "p99", "max")
         )
         + "</tr>"
         for k in NAMES

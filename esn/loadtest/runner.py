@@ -43,6 +43,7 @@ from esn.tools.processes import (
     start_server,
 )
 from esn.tools.quantiles import buckets, histogram_quantile
+from esn.transport import TransportError
 
 CLUSTER_NODES = 3  # [run] cluster: NATS nodes, and server instances (one per node)
 LAG_LIMIT_MS = 50.0  # generator loop lag p99 above this: the generator limited the run
@@ -180,8 +181,13 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             "worker metrics: "
             + ", ".join(f"http://127.0.0.1:{p.metrics_port}/metrics" for p in plans)
         )
-        probe = BrokerProbe(url.split(",")[0], "loadtest/probe")
-        await probe.start()
+        probe = BrokerProbe(url.split(",")[0])
+        try:
+            await probe.start()
+        except TransportError as exc:  # (a broker that refuses it: the run goes on without)
+            print(f"esn loadtest: the broker alone is not timed: {exc}", file=sys.stderr)
+            await probe.stop()
+            probe = None
         procs = [ctx.Process(target=run_worker, args=(p, q, go, stop), daemon=True) for p in plans]
         for proc in procs:
             proc.start()
@@ -191,14 +197,15 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
         }
         if nats is not None:
             watched["broker"] = [n.proc.pid for n in nats.nodes if n.proc is not None]
-        at_go: dict[str, float] = {}
+        at: dict[str, dict[str, float]] = {}
 
-        def at_traffic() -> None:
-            at_go.update(_cpu(watched))
-            probe.begin()
+        def phase(name: str) -> None:  # "go", then "end" (the first worker's traffic ended)
+            at[name] = _cpu(watched)
+            if probe is not None:
+                probe.begin() if name == "go" else probe.end()
 
         try:
-            await _drive(s, q, go, workers, total, finals, at_traffic)
+            await _drive(s, q, go, workers, total, finals, phase)
         except asyncio.CancelledError:  # interrupted: the workers end early and report
             interrupted = True
             stop.set()
@@ -206,15 +213,14 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             print("\ninterrupted: collecting what the workers measured ...", flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_finals(q, finals, workers), 30)
-        await probe.stop()  # (the traffic is over)
         result: dict[str, Any] = {"finals": [finals[w] for w in sorted(finals)]}
-        result["probe"] = probe.hist
-        result["system"] = _system(watched, at_go, total)
+        if probe is not None:
+            probe.end()
+            result["probe"] = probe.hist
+        result["system"] = _system(watched, at, total)
         result["server_metrics"] = _scrape(server_ports)
     finally:
         stop.set()
-        if probe is not None:
-            await probe.stop()
         for proc in procs:
             proc.join(20)
             if proc.is_alive():
@@ -223,6 +229,8 @@ async def run_loadtest(s: Scenario, out_dir: Path | None = None) -> int:
             if server.returncode is None:
                 server.terminate()
             await server.wait()
+        if probe is not None:
+            await probe.stop()
         if broker is not None:
             broker.close()
         if nats is not None:
@@ -273,10 +281,11 @@ async def _drive(
     workers: int,
     total: int,
     finals: dict[int, dict[str, Any]],
-    on_go: Callable[[], None],
+    on_phase: Callable[[str], None],
 ) -> None:
-    """Ramp, start everyone together (calling `on_go`), show progress, collect the finals
-    into `finals`."""
+    """Ramp, start everyone together, show progress, collect the finals into `finals`;
+    `on_phase("go")` as the traffic starts, `on_phase("end")` when the first worker's
+    traffic has ended (its final came)."""
     latest: dict[int, dict[str, Any]] = {}
     ready: set[int] = set()
     started = None
@@ -295,13 +304,15 @@ async def _drive(
             if kind == "ready":
                 ready.add(w)
                 if len(ready) == workers:
-                    on_go()
+                    on_phase("go")
                     go.set()
                     started = time.monotonic()
                     deadline = started + s.run.duration_s + 60
             elif kind == "status":
                 latest[w] = msg
             elif kind == "final":
+                if not finals:
+                    on_phase("end")
                 finals[w] = msg
         if time.monotonic() > deadline:
             raise RuntimeError(f"workers did not finish in time ({len(finals)}/{workers})")
@@ -352,18 +363,18 @@ def _cpu(watched: dict[str, list[int]]) -> dict[str, float]:
 
 
 def _system(
-    watched: dict[str, list[int]], at_go: dict[str, float], handsets: int
+    watched: dict[str, list[int]], at: dict[str, dict[str, float]], handsets: int
 ) -> dict[str, Any]:
     """What the server(s) and the broker cost during the traffic (each as a share of a
     core, all their processes together) and at their peak in memory (from the start)."""
-    if not at_go:
+    if "go" not in at:
         return {}  # (interrupted during the ramp)
-    now = _cpu(watched)
+    go, end = at["go"], at.get("end") or _cpu(watched)
     out: dict[str, Any] = {}
     for name, pids in watched.items():
         if pids:
             rss_mb = sum(peak_rss_kb(pid) for pid in pids) / 1024
-            out[f"{name}_cpu_share"] = round((now[name] - at_go[name]) / (now["t"] - at_go["t"]), 3)
+            out[f"{name}_cpu_share"] = round((end[name] - go[name]) / (end["t"] - go["t"]), 3)
             out[f"{name}_rss_mb"] = round(rss_mb, 1)
             out[f"{name}_kb_per_handset"] = round(rss_mb * 1024 / max(handsets, 1), 1)
     return out

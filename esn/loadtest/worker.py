@@ -302,13 +302,14 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def at(self, offset: float, coro: Any) -> None:
-        delay = self.t0 + offset - asyncio.get_running_loop().time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if not self.stopping:
-            await coro
-        else:
-            coro.close()
+        try:
+            delay = self.t0 + offset - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not self.stopping:
+                await coro
+        finally:
+            coro.close()  # (not begun, when stopped or cancelled first: said not awaited)
 
     async def sessions(self, tg: str, members: list[str]) -> None:
         """Open loop: each burst is launched at its planned time, not after the previous."""

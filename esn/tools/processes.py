@@ -82,7 +82,7 @@ def peak_rss_kb(pid: int | str = "self") -> int:
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if pid == "self" else 0
 
 
 def raise_fd_limit() -> None:
