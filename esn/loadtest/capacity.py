@@ -163,7 +163,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     cpu.set_ylabel("CPU (cores)")
     cpu.set_xlabel("handsets (each its own MQTT connection)")
     cpu.set_xscale("log")
-    cpu.set_xticks(xs, [f"{x:,}" for x in xs], minor=False)
+    ticks = [f"{x['handsets']:,}" + ("\nNATS" if x["cluster"] else "") for x in rows]
+    cpu.set_xticks(xs, ticks, minor=False)
     cpu.set_xticks([], minor=True)
     cpu.grid(True, which="both", alpha=0.3)
     cpu.legend(fontsize=8)
