@@ -54,6 +54,26 @@ def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     )
 
 
+def _above_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"want a number of seconds above 0, got {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _sizes(text: str) -> list[int]:
     """`--sizes`: numbers of handsets, comma-separated, each at least 2."""
     try:
@@ -152,6 +172,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.cluster and (args.broker or args.secure):
         print(
             "esn demo: --cluster starts its own brokers: no --broker, no --secure", file=sys.stderr
+        )
+        return 2
+    if args.handsets < 2 * args.groups:
+        print(
+            f"esn demo: --handsets must be at least two per talkgroup: "
+            f"{2 * args.groups} for {args.groups} groups, got {args.handsets}",
+            file=sys.stderr,
         )
         return 2
     opts = DemoOptions(
@@ -324,10 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("demo", help="a complete simulation on an embedded Mosquitto")
-    p.add_argument("--duration", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--handsets", type=int, default=200, metavar="N")
-    p.add_argument("--groups", type=int, default=10, metavar="N")
-    p.add_argument("--mqtt-client", choices=CLIENTS, default="gmqtt")
+    p.add_argument(
+        "--duration",
+        type=_above_zero,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the traffic runs (default %(default)g)",
+    )
+    p.add_argument(
+        "--handsets",
+        type=int,
+        default=200,
+        metavar="N",
+        help="simulated handsets, at least two per talkgroup (default %(default)s)",
+    )
+    p.add_argument(
+        "--groups",
+        type=_at_least_one,
+        default=10,
+        metavar="N",
+        help="talkgroups (default %(default)s)",
+    )
+    p.add_argument(
+        "--mqtt-client",
+        choices=CLIENTS,
+        default="gmqtt",
+        help="the MQTT stack of the server and handsets (default %(default)s)",
+    )
     p.add_argument(
         "--metrics-port", type=int, metavar="N", help="also serve the server's metrics on this port"
     )

@@ -94,3 +94,24 @@ def test_a_server_refuses_what_would_break_its_topics_in_one_line(
     assert main(["server", "--fleet", str(fleet), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--groups", "0"], "--groups: want a whole number of at least 1, got '0'"),
+        (["--duration", "-5"], "--duration: want a number of seconds above 0, got '-5'"),
+        (["--handsets", "5"], "at least two per talkgroup: 20 for 10 groups, got 5"),
+    ],
+)
+def test_a_demo_refuses_what_it_cannot_run_in_one_line(
+    extra: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: --groups 0 hung, --duration -5 ran, --handsets 5 quietly became 20."""
+    code: int | str | None
+    try:
+        code = main(["demo", *extra])
+    except SystemExit as exc:  # (argparse's own refusal, after the usage)
+        code = exc.code
+    assert code == 2
+    assert says in capsys.readouterr().err.splitlines()[-1]
