@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from textual.widgets import DataTable
 
+from esn.client.handset import Handset
 from esn.client.recorder import Recorder
 from esn.console.app import ConsoleApp
 from esn.protocol import codec
@@ -72,6 +73,17 @@ async def recorder(
         await made.stop()
 
 
+async def burst(talker: Handset, listener: Handset, packets: int) -> None:
+    """A talk burst in tg-1: granted, heard by `listener` for `packets` packets, released,
+    and the floor told idle."""
+    assert isinstance(await talker.press("tg-1"), m.Granted)
+    for _ in range(packets):
+        await listener.expect(lambda i: isinstance(i.msg, m.Media))
+    idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
+    talker.release("tg-1")
+    await idle
+
+
 async def test_the_recorder_keeps_who_talked_when_and_what_they_said(
     recorder: Recorder, handset: HandsetFactory
 ) -> None:
@@ -80,12 +92,7 @@ async def test_the_recorder_keeps_who_talked_when_and_what_they_said(
     the alert among the events."""
     u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
     for talker, listener in ((u1, u2), (u2, u1)):
-        assert isinstance(await talker.press("tg-1"), m.Granted)
-        for _ in range(5):
-            await listener.expect(lambda i: isinstance(i.msg, m.Media))
-        idle = listener.expect(lambda i: isinstance(i.msg, m.Idle))
-        talker.release("tg-1")
-        await idle
+        await burst(talker, listener, packets=5)
     await u1.ask(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1, ref=u1.next_ref()))
     db = recorder.recordings._db  # (the recorder's own connection: what it wrote)
 
@@ -130,12 +137,7 @@ async def test_nothing_written_is_lost_when_the_recorder_is_killed(
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"recording every talkgroup" in line, line
         u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
-        assert isinstance(await u1.press("tg-1"), m.Granted)
-        for _ in range(10):
-            await u2.expect(lambda i: isinstance(i.msg, m.Media))
-        idle = u2.expect(lambda i: isinstance(i.msg, m.Idle))
-        u1.release("tg-1")
-        await idle
+        await burst(u1, u2, packets=10)
 
         def kept() -> list[int]:
             rec = Recordings(db, readonly=True)
@@ -169,12 +171,7 @@ async def test_instant_recall_lists_a_groups_last_bursts_and_replays_one(
 ) -> None:
     db = tmp_path / "r.sqlite3"
     u1, u2 = await handset("u1", "tg-1"), await handset("u2", "tg-1")
-    assert isinstance(await u1.press("tg-1"), m.Granted)
-    for _ in range(5):
-        await u2.expect(lambda i: isinstance(i.msg, m.Media))
-    idle = u2.expect(lambda i: isinstance(i.msg, m.Idle))
-    u1.release("tg-1")
-    await idle
+    await burst(u1, u2, packets=5)
     await eventually(lambda: recorder.bursts == 1 and not recorder.open)
     recorder.recordings.commit()
     app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client, recordings=str(db))
