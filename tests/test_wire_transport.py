@@ -4,6 +4,11 @@ the transport and written together, once per turn of the event loop)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import uvloop
+
 from esn.transport import BrokerConfig, make_transport
 from tests.conftest import eventually
 
@@ -62,3 +67,34 @@ async def test_a_retained_message_at_qos_0_is_told_as_retained(
         later.publish(topic, b"", qos=1, retain=True)  # (the broker forgets it)
         for t in (sender, later, receiver):
             await t.stop()
+
+
+def test_a_publish_queued_as_the_link_dies_is_dropped_without_an_error(
+    mosquitto: Any, prefix: str
+) -> None:
+    """QoS 0 on a dead link is lost, as QoS 0 says; the turn's write must not raise on
+    the closed socket (uvloop raises where plain asyncio only counts, so this runs on it:
+    a NATS node killed under the cluster demo did this)."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        sender = make_transport(
+            "gmqtt", BrokerConfig.from_url(mosquitto.url), client_id=f"{prefix}-tx"
+        )
+        await sender.start()
+        try:
+            link = sender._client._connection  # type: ignore[attr-defined]
+            link._transport.abort()  # (the socket closes at the next turn of the loop)
+            await asyncio.sleep(0)
+            # the socket is closed; gmqtt has not told the transport yet
+            assert link.is_closing() and sender.connected
+            sender.publish(f"{prefix}/x", b"lost", qos=0)
+            for _ in range(3):  # (its write was queued for the next turn)
+                await asyncio.sleep(0)
+        finally:
+            await sender.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert [str(e.get("exception") or e["message"]) for e in errors] == []

@@ -166,7 +166,9 @@ class GmqttTransport(Transport):
     def _flush(self) -> None:
         if self._flushing and self._client is not None:
             self._flushing = False
-            self._client._connection.send_package(self._out)
+            link = self._client._connection
+            if not link.is_closing():  # (on a link that died this turn, QoS 0 is lost)
+                link.send_package(self._out)
 
     async def _drain(self) -> None:
         self._flush()
