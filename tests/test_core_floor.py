@@ -92,6 +92,8 @@ def test_busy_floor_queues_and_threshold_priority_preempts(net: Network) -> None
     out = req(net, "boss", 0.2)  # 220 > 100 and >= preempt_threshold 200
     assert to(out, "a") == [m.Revoke(tg="tg1", cause="preempted")]
     assert isinstance(to(out, "boss")[0], m.Granted)
+    (taken,) = group(out)  # (consoles name who was cut off)
+    assert isinstance(taken, m.Taken) and (taken.talker, taken.preempted) == ("boss", "a")
     assert to(out, "b") == []  # the queue is untouched by a pre-emption
     assert net.state_msg("tg1").talker == "boss"
 

@@ -137,7 +137,7 @@ class Floor:
         if preempts(kind, prio, h.kind, h.prio, policy.preempt_threshold):
             self._count("preempted")
             self.holder = None
-            granted = self._grant(unit, prio, kind, ref, now)
+            granted = self._grant(unit, prio, kind, ref, now, preempted=h.unit)
             if h.revoked_at is not None:  # in its T3 grace: it was told to stop already
                 return granted
             return [self._revoke(h.unit, "preempted", h.ref), *granted]
@@ -406,16 +406,24 @@ class Floor:
         )
 
     def _grant(
-        self, unit: str, prio: int, kind: m.Kind, ref: int | None, now: float
+        self,
+        unit: str,
+        prio: int,
+        kind: m.Kind,
+        ref: int | None,
+        now: float,
+        preempted: str | None = None,
     ) -> list[Action]:
         if self.call is None:
             self.call = self._new_call_id()
         self.since = now
         h = self.holder = _Holder(unit, prio, kind, ref, now, now)
         self._count("granted")
-        return self._announce(h, ref, now)
+        return self._announce(h, ref, now, preempted)
 
-    def _announce(self, h: _Holder, ref: int | None, now: float) -> list[Action]:
+    def _announce(
+        self, h: _Holder, ref: int | None, now: float, preempted: str | None = None
+    ) -> list[Action]:
         """The holder is told its grant and the group its talker (again, after an upgrade);
         an emergency call puts the group in emergency, an imminent-peril call one not in
         emergency in imminent peril."""
@@ -426,7 +434,13 @@ class Floor:
             self.perils.add(h.unit)
         self.seq += 1
         taken = m.Taken(
-            tg=self.tg, talker=h.unit, call=self.call or "", prio=h.prio, kind=h.kind, seq=self.seq
+            tg=self.tg,
+            talker=h.unit,
+            call=self.call or "",
+            prio=h.prio,
+            kind=h.kind,
+            seq=self.seq,
+            preempted=preempted,
         )
         return [
             ToUnit(h.unit, self._granted(h, now, ref)),

@@ -393,6 +393,7 @@ class Taken(Message):
     prio: int
     kind: Kind
     seq: int
+    preempted: str | None = None  # addition (11.15): the holder this grant pre-empted
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
