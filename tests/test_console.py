@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from rich.text import Text
 from textual.widgets import DataTable, Static
 
 from esn.client.handset import Handset
@@ -29,6 +30,13 @@ def row(app: ConsoleApp, table: str, key: str) -> list[str]:
     """The cells of a table row as text; empty cells while the row is not there yet."""
     t = app.query_one(f"#{table}", DataTable)
     return [str(c) for c in t.get_row(key)] if key in t.rows else [""] * len(t.columns)
+
+
+def cell(app: ConsoleApp, table: str, key: str, column: str) -> str:
+    """One cell of a table row, by its column's heading, as plain text."""
+    t = app.query_one(f"#{table}", DataTable)
+    index = [str(c.label) for c in t.ordered_columns].index(column)
+    return Text.from_markup(row(app, table, key)[index]).plain
 
 
 def status_line(app: ConsoleApp) -> str:
@@ -74,8 +82,8 @@ async def test_console_shows_an_emergency_and_acknowledges_it(
     app, pilot = console
     u1 = await handset("u1", "tg-1")
     u1.send(m.EmergencyAlert(tg="tg-1", lat=51.5, lon=-0.1))
-    await eventually(lambda: "SOS" in row(app, "groups", "tg-1")[6])
-    assert "SOS" in row(app, "units", "u1")[7]
+    await eventually(lambda: "SOS u1 no ack" in cell(app, "groups", "tg-1", "Emergency"))
+    assert cell(app, "units", "u1", "Emerg").strip() == "SOS"
     acked = u1.expect(
         lambda i: isinstance(i.msg, m.EmergencyState) and i.msg.state == "acknowledged"
     )
@@ -83,6 +91,12 @@ async def test_console_shows_an_emergency_and_acknowledges_it(
     await pilot.press("a")
     assert (await acked).msg.by == "disp"  # type: ignore[attr-defined]
     await eventually(lambda: any("acknowledged by disp" in e.text for e in app.model.events))
+    await eventually(lambda: "SOS u1 ✓disp" in cell(app, "groups", "tg-1", "Emergency"))
+    assert cell(app, "units", "u1", "Emerg").strip() == "SOS ✓"
+    # a force-release ends the group's emergency: the unit is no longer shown in one
+    await pilot.press("f")
+    await eventually(lambda: cell(app, "groups", "tg-1", "Emergency") == "")
+    await eventually(lambda: cell(app, "units", "u1", "Emerg") == "")
 
 
 async def test_console_ptt_preempts_a_handset_and_shows_access_time(
@@ -96,6 +110,7 @@ async def test_console_ptt_preempts_a_handset_and_shows_access_time(
     await pilot.press("space")
     assert (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
     await eventually(lambda: row(app, "groups", "tg-1")[2] == "disp")
+    await eventually(lambda: any(e.text.endswith("pre-empting u1") for e in app.model.events))
     await eventually(lambda: "last access" in status_line(app))
     assert app.last_access_ms is not None and app.last_access_ms > 0
     await pilot.press("space")  # PTT again: release
@@ -178,6 +193,82 @@ def test_map_draws_units_and_marks_emergencies_and_the_selection() -> None:
     assert len(dots) == 3
     styles = {str(span.style) for span in text.spans}
     assert "bold red" in styles and "reverse bold yellow" in styles
+    scaled = render(points, 40, 8, View(), selected="c", scale=True)
+    lines = scaled.plain.split("\n")
+    assert len(lines) == 8 and lines[-1].startswith("├") and lines[-1].endswith(" km")
+    # (about 14 km across 40 cells: a 5 km bar, at most a third of the width)
+    assert "5 km" in lines[-1] and len(lines[-1].split(" ")[0]) <= 40 // 3 + 1
+    assert " c" in scaled.plain and " b" in scaled.plain  # the selected and the SOS named
+    assert " a" not in scaled.plain
     zoomed = View()
     zoomed.zoom_by(8)  # only the centre unit stays in view
     assert len([ch for ch in render(points, 20, 6, zoomed).plain if ch != " " and ch != "\n"]) == 1
+
+
+async def test_console_logs_short_messages_with_sender_recipient_and_text_both_ways(
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.Sds(to="unit:disp", text="need a van", ref=u1.next_ref()))
+    await eventually(
+        lambda: any(e.text == "SDS u1 → unit:disp: need a van" for e in app.model.events)
+    )
+    got = u1.expect(lambda i: isinstance(i.msg, m.Sds))
+    await select(app, pilot, "units", "u1")
+    await pilot.press("s")
+    await pilot.press(*"on its way", "enter")
+    assert (await got).msg.text == "on its way"  # type: ignore[attr-defined]
+    await eventually(
+        lambda: any(
+            e.text == "SDS disp → unit:u1: on its way (delivered)" for e in app.model.events
+        )
+    )
+
+
+async def test_a_console_of_a_unit_that_is_no_dispatcher_says_so_at_once(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
+) -> None:
+    app = ConsoleApp(broker, "u9", prefix=prefix, mqtt_client=mqtt_client)
+    async with app.run_test(size=(120, 40)):
+        await eventually(lambda: "NOT A DISPATCHER" in status_line(app))
+        assert any("u9 is not a dispatcher" in e.text for e in app.model.events)
+
+
+async def test_at_80_by_24_floor_queue_and_emergency_fit_and_the_keys_are_one_press_away(
+    server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str, handset: HandsetFactory
+) -> None:
+    names = {"tg-1": "Response North"}
+    app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client, names=names)
+    async with app.run_test(size=(80, 24)) as pilot:
+        u1 = await handset("u1", "tg-1")
+        u1.send(m.EmergencyAlert(tg="tg-1"))
+        await eventually(lambda: "SOS" in cell(app, "groups", "tg-1", "Emergency"))
+        assert cell(app, "groups", "tg-1", "Group") == "Response North"
+        groups = app.query_one("#groups", DataTable)
+        assert not app.query_one("#map").display  # (the map gives way)
+        shown = groups.scrollable_content_region.width
+        columns = [c for c in groups.ordered_columns]
+        upto = [str(c.label) for c in columns].index("Emergency") + 1
+        assert sum(c.get_render_width(groups) for c in columns[:upto]) <= shown
+        await pilot.press("question_mark")
+        await pilot.pause()
+        keys = app.screen.query_one("#keys", DataTable)
+        assert keys.row_count >= 20  # every key, with what it does
+        await pilot.press("escape")
+
+
+async def test_ages_keep_counting_when_the_server_goes_away(
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory, server: Server
+) -> None:
+    app, _ = console
+    u1 = await handset("u1", "tg-1")
+    u1.send(m.Location(lat=51.5, lon=-0.1))
+    await eventually(lambda: cell(app, "units", "u1", "Age") in ("0s", "1s"))
+    await server.stop()
+    await eventually(lambda: "offline" in app.model.server_state)
+    await eventually(lambda: _seconds(cell(app, "units", "u1", "Age")) >= 3, timeout=6)
+
+
+def _seconds(age: str) -> int:
+    return int(age[:-1]) if age.endswith("s") else -1

@@ -20,7 +20,7 @@ from rich.markup import escape
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical
+from textual.containers import Grid, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Header, Input, Label, RichLog, Static
 
@@ -147,35 +147,71 @@ class Ask(ModalScreen[str | None]):
         self.dismiss(None)
 
 
+class Help(ModalScreen[None]):
+    """Every key of the console, what it does and on what (the footer shows the main ones)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,question_mark,q", "close", "Close")]
+
+    def __init__(self, keys: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help"):
+            yield Label(
+                "Keys (Escape closes). Group keys act on the selected group, unit keys "
+                "on the selected unit; Tab moves between the tables."
+            )
+            yield DataTable(id="keys", cursor_type="none", show_header=False)
+
+    def on_mount(self) -> None:
+        table = self.query_one("#keys", DataTable)
+        table.add_columns("key", "does")
+        for key, does in self.keys:
+            table.add_row(key, does)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+# every key: (key, action, footer label or "" for none, what it does, for the help)
+KEYS = [
+    ("space", "ptt", "PTT", "push to talk in the selected group; again to release"),
+    ("a", "acknowledge", "Ack", "acknowledge the selected group's emergency"),
+    ("f", "force_release", "Release", "force-release the selected group's floor"),
+    ("s", "sds", "SDS", "short message to the selected unit (units table) or group"),
+    ("x", "mark", "Mark", "mark or unmark the selected unit"),
+    ("r", "regroup", "Regroup", "put the marked units in a temporary group"),
+    ("question_mark", "help", "Help", "this list"),
+    ("q", "quit", "Quit", "leave the console"),
+    ("m", "monitor", "", "monitor the selected group (hear it), or stop"),
+    ("i", "cancel_imminent", "", "end imminent peril in the selected group"),
+    ("u", "ungroup", "", "dissolve the selected temporary group"),
+    ("c", "all_call", "", "talk to every unit (the all-call group)"),
+    ("o", "sort_units", "", "sort units by id, presence, age or speed"),
+    ("g", "filter_group", "", "show only the selected group's units and events, or all"),
+    ("h", "hotspots", "", "incident hotspots on the map, on or off"),
+    ("l", "listen", "", "listen in on the selected unit, unknown to its user; again to stop"),
+    ("t", "remote_talk", "", "make the selected unit talk in the selected group for 5 s"),
+    ("p", "recall", "", "instant recall of the selected group's (or unit's) last calls"),
+    ("d", "private_call", "", "call the selected unit alone; again to hang up"),
+    ("k", "private_talk", "", "talk in the private call; again to stop"),
+    ("plus,equals_sign", "zoom(2)", "", "zoom the map in"),
+    ("minus", "zoom(0.5)", "", "zoom the map out"),
+    ("H", "pan(-0.25, 0)", "", "pan the map west (L east, K north, J south)"),
+    ("L", "pan(0.25, 0)", "", ""),
+    ("K", "pan(0, -0.25)", "", ""),
+    ("J", "pan(0, 0.25)", "", ""),
+]
+
+
 class ConsoleApp(App[None]):
     CSS_PATH = Path(__file__).with_name("console.tcss")
     TITLE = "ESN dispatcher console"
+    # below 120 columns the map gives way, so floor, queue and emergency stay readable
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("space", "ptt", "PTT"),
-        Binding("m", "monitor", "Monitor"),
-        Binding("a", "acknowledge", "Ack emergency"),
-        Binding("i", "cancel_imminent", "End peril"),
-        Binding("f", "force_release", "Force release"),
-        Binding("x", "mark", "Mark unit"),
-        Binding("r", "regroup", "Regroup"),
-        Binding("u", "ungroup", "Ungroup"),
-        Binding("s", "sds", "SDS"),
-        Binding("c", "all_call", "All-call"),
-        Binding("o", "sort_units", "Sort"),
-        Binding("g", "filter_group", "Filter"),
-        Binding("h", "hotspots", "Hotspots"),
-        Binding("l", "listen", "Listen in"),
-        Binding("t", "remote_talk", "Remote talk"),
-        Binding("p", "recall", "Recall"),
-        Binding("d", "private_call", "Call unit"),
-        Binding("k", "private_talk", "Talk in call", show=False),
-        Binding("plus,equals_sign", "zoom(2)", "Zoom+", show=False),
-        Binding("minus", "zoom(0.5)", "Zoom-", show=False),
-        Binding("H", "pan(-0.25, 0)", show=False),
-        Binding("L", "pan(0.25, 0)", show=False),
-        Binding("K", "pan(0, -0.25)", show=False),
-        Binding("J", "pan(0, 0.25)", show=False),
-        Binding("q", "quit", "Quit"),
+        Binding(key, action, label or does, show=bool(label)) for key, action, label, does in KEYS
     ]
 
     def __init__(
@@ -187,11 +223,14 @@ class ConsoleApp(App[None]):
         mqtt_client: str = "gmqtt",
         all_call: str = "tg-all",
         recordings: str | None = None,
+        names: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.recordings = recordings  # the recorder's file, for instant recall
         self.replaying: str | None = None  # what the status line says of a replay
-        self.model = ConsoleModel(prefix)
+        self.model = ConsoleModel(prefix, names=names)
+        self.not_dispatcher = False  # the server refused it a dispatcher's command
+        self._probe: int | None = None  # the ref of the role check
         self.link = DispatcherLink(
             unit, broker, prefix=prefix, mqtt_client=mqtt_client, media_interval=0.06
         )
@@ -213,10 +252,9 @@ class ConsoleApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
-        with Horizontal(id="top"):
+        with Grid(id="body"):
             yield DataTable(id="groups", cursor_type="row", zebra_stripes=True)
             yield DataTable(id="units", cursor_type="row", zebra_stripes=True)
-        with Horizontal(id="bottom"):
             yield Static(id="map")
             yield RichLog(id="log", markup=True, wrap=True)
         yield Static(id="status")
@@ -224,11 +262,9 @@ class ConsoleApp(App[None]):
 
     def on_mount(self) -> None:
         groups = self.query_one("#groups", DataTable)
-        groups.add_columns("Group", "Floor", "Talker", "Kind/prio", "Queue", "Call", "Emerg", "Mon")
+        groups.add_columns(*GROUP_COLUMNS)
         units = self.query_one("#units", DataTable)
-        units.add_columns(
-            "Unit", "Presence", "Status", "Groups", "Position", "Age", "Speed", "Emerg"
-        )
+        units.add_columns(*UNIT_COLUMNS)
         self.query_one("#map", Static).border_title = "Map"
         self.query_one("#log", RichLog).border_title = "Events"
         groups.border_title, units.border_title = "Talkgroups", "Units"
@@ -250,6 +286,24 @@ class ConsoleApp(App[None]):
             self.model.log(None, f"cannot connect: {exc}", alarm=True)
             return
         self.model.log(None, f"connected to {self.link.transport.broker.url()} as {self.unit_id}")
+        await self._check_role()
+
+    async def _check_role(self) -> None:
+        """Whether the server takes this unit for a dispatcher: a force-release of a group
+        that cannot exist is refused `invalid_field` to a dispatcher, `forbidden` to anyone
+        else, and changes nothing either way."""
+        self._probe = self.link.next_ref()
+        try:
+            reply = await self.link.ask(m.ForceRelease(tg="no-such-group.0", ref=self._probe))
+        except TimeoutError:
+            return  # (no server yet: the first refused command will say it)
+        if isinstance(reply, m.Error) and reply.cause == "forbidden":
+            self.not_dispatcher = True
+            self.tell(
+                f"{self.unit_id} is not a dispatcher in the server's fleet: it can watch, "
+                "but acknowledging, regrouping and the other commands will be refused",
+                warn=True,
+            )
 
     def _link_changed(self, up: bool) -> None:
         if not up:
@@ -264,6 +318,8 @@ class ConsoleApp(App[None]):
         self.model.apply(i.topic, msg, history=self.link.handing_over)
         if not i.topic.endswith(f"/unit/{self.unit_id}/down"):
             return
+        if isinstance(msg, m.Error) and msg.ref == self._probe:
+            return  # (the role check's answer: `_check_role` reads it)
         if isinstance(msg, m.Error):
             self.refused(f"refused: {say(msg.cause)} ({msg.detail})")
         elif isinstance(msg, m.Deny):
@@ -272,8 +328,8 @@ class ConsoleApp(App[None]):
             self.refused(f"{msg.tg}: floor revoked, {say(msg.cause)}")
         elif isinstance(msg, m.Queued):
             self.tell(f"{msg.tg}: queued at position {msg.pos}")
-        elif isinstance(msg, m.SdsStatus):
-            self.tell(f"SDS {msg.state}", warn=msg.state == "failed")
+        elif isinstance(msg, m.Sds):
+            self.notify(f"SDS from {msg.sender}: {msg.text}", timeout=8)  # (logged by the model)
         elif isinstance(msg, m.Ambient) and msg.state == "ended" and msg.cause:
             self.listening.pop(msg.unit, None)
             self.refused(f"listening in on {msg.unit} ended: {msg.cause}")
@@ -523,9 +579,22 @@ class ConsoleApp(App[None]):
             return
         text = await self.push_screen_wait(Ask(f"Short message to {target}:"))
         if text:
-            reply = await self.link.ask(m.Sds(to=target, text=text, ref=self.link.next_ref()))
+            try:
+                reply = await self.link.ask(m.Sds(to=target, text=text, ref=self.link.next_ref()))
+            except TimeoutError:
+                self.refused(f"SDS to {target}: no answer from the server; {text!r} not sent")
+                return
             if isinstance(reply, m.Error):
-                self.refused(f"SDS refused: {say(reply.cause)}")
+                self.refused(f"SDS to {target} refused: {say(reply.cause)}; {text!r} not sent")
+            elif isinstance(reply, m.SdsStatus):
+                said = f"SDS {self.unit_id} → {target}: {text} ({reply.state})"
+                if target.startswith("tg:"):  # (the group's copy comes back to the log)
+                    self.notify(said, timeout=4)
+                else:
+                    self.tell(said, warn=reply.state == "failed")
+
+    def action_help(self) -> None:
+        self.push_screen(Help([(_key(k), does) for k, _, _, does in KEYS if does]))
 
     def action_sort_units(self) -> None:
         self.sort = SORTS[(SORTS.index(self.sort) + 1) % len(SORTS)]
@@ -601,16 +670,18 @@ class ConsoleApp(App[None]):
         if call is not None:
             talker = f", {call.talker} talks" if call.talker else ""
             listen += f"  PRIVATE CALL with {call.unit} ({call.state}{talker})"
+        role = "  [b white on red] NOT A DISPATCHER [/]" if self.not_dispatcher else ""
         self.query_one("#status", Static).update(
-            f"{self.unit_id}  server: {server}  broker: {broker}{talk}{access}{listen}"
+            f"{self.unit_id}{role}  server: {server}  broker: {broker}{talk}{access}{listen}"
             f"  marked: {', '.join(sorted(self.marked)) or '-'}"
         )
 
     def _draw_timers(self) -> None:
         table = self.query_one("#groups", DataTable)
+        call = table.ordered_columns[GROUP_COLUMNS.index("Call")].key
         for g in self.model.groups.values():
             if g.floor == "taken" and g.tg in table.rows:
-                table.update_cell(g.tg, table.ordered_columns[5].key, _timer(g.since))
+                table.update_cell(g.tg, call, _timer(g.since))
 
     def _draw_groups(self) -> None:
         table = self.query_one("#groups", DataTable)
@@ -620,19 +691,23 @@ class ConsoleApp(App[None]):
         )
         for g in ranked:
             g.monitored = g.tg in self.link.groups
-            emerg = f"[b white on red] SOS {g.emergency_unit or ''} [/]" if g.emergency else ""
-            if g.imminent and not g.emergency:
+            emerg = ""
+            if g.emergency:
+                ack = f" ✓{g.acked_by}" if g.acked_by else " no ack"
+                emerg = f"[b white on red] SOS {g.emergency_unit or ''}{ack} [/]"
+            elif g.imminent:
                 emerg = "[b black on yellow] PERIL [/]"
             kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
-            name = f"[b]{g.tg}[/]" if g.monitored else f"[dim]{g.tg}[/]"
+            label = escape(g.name or g.tg)
+            name = f"[b]{label}[/]" if g.monitored else f"[dim]{label}[/]"
             rows[g.tg] = (
                 name + (" (temp)" if g.temporary else ""),
                 g.floor,
                 g.talker or "",
-                kind,
                 str(g.queue or ""),
-                _timer(g.since) if g.floor == "taken" else "",
                 emerg,
+                _timer(g.since) if g.floor == "taken" else "",
+                kind,
                 "●" if g.monitored else "",
             )
         _fill(table, rows)
@@ -657,20 +732,23 @@ class ConsoleApp(App[None]):
             pos = f"{u.lat:.4f},{u.lon:.4f}" if u.lat is not None else ""
             age = f"{now - u.located_at:.0f}s" if u.located_at else ""
             mark = "✚ " if u.unit in self.marked else ""
-            emerg = "[b white on red] SOS [/]" if u.emergency else ""
+            emerg = ""
             presence = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(
                 u.presence, u.presence
             )
             status = f"{escape(u.status or '')} {_age(now - u.status_at)}" if u.status_at else ""
+            if u.emergency:
+                acked = all(self.model.group(tg).acked_by for tg in u.emergency)
+                emerg = "[b white on red] SOS ✓ [/]" if acked else "[b white on red] SOS [/]"
             rows[u.unit] = (
                 mark + u.unit,
                 presence,
                 status,
+                age,
+                emerg,
                 ",".join(sorted(u.groups)),
                 pos,
-                age,
                 f"{u.spd:.1f}" if u.spd is not None else "",
-                emerg,
             )
         _fill(table, rows)
 
@@ -685,7 +763,9 @@ class ConsoleApp(App[None]):
         recent = self.model.hotspots() if self.show_hotspots else []
         heat = [(i.lat, i.lon) for i in recent]
         widget.update(
-            render(points, size.width, size.height, self.view, self.selected_unit(), heat)
+            render(
+                points, size.width, size.height, self.view, self.selected_unit(), heat, scale=True
+            )
         )
         shown = f"hotspots, 15 min: {len(recent)}" if self.show_hotspots else "hotspots off"
         widget.border_title = f"Map · {shown} (h)"
@@ -698,7 +778,7 @@ class ConsoleApp(App[None]):
             if self.group_filter is not None and e.tg not in (None, self.group_filter):
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
-            where = f"[cyan]{e.tg}[/] " if e.tg else ""
+            where = f"[cyan]{escape(self.model.names.get(e.tg, e.tg))}[/] " if e.tg else ""
             text = f"[b red]{escape(e.text)}[/]" if e.alarm else escape(e.text)
             log.write(f"[dim]{stamp}[/] {where}{text}")
         self._log_drawn = len(events)
@@ -708,6 +788,10 @@ class ConsoleApp(App[None]):
 
     async def on_unmount(self) -> None:
         await asyncio.wait_for(self.link.stop(), 3)
+
+
+GROUP_COLUMNS = ("Group", "Floor", "Talker", "Q", "Emergency", "Call", "Kind/prio", "Mon")
+UNIT_COLUMNS = ("Unit", "Presence", "Status", "Age", "Emerg", "Groups", "Position", "Speed")
 
 
 def _row_key(table: DataTable[Any]) -> str | None:
@@ -725,6 +809,11 @@ def _fill(table: DataTable[Any], rows: Mapping[str, tuple[str, ...]]) -> None:
         table.add_row(*cells, key=key)
     if keep is not None and keep in rows:
         table.move_cursor(row=list(rows).index(keep))
+
+
+def _key(keys: str) -> str:
+    names = {"question_mark": "?", "plus": "+", "equals_sign": "=", "minus": "-"}
+    return " or ".join(names.get(k, k) for k in keys.split(","))
 
 
 def _timer(since: float | None) -> str:

@@ -27,11 +27,15 @@ class GroupRow:
     call: str | None = None
     since: float | None = None  # wall clock of the current grant, for the call timer
     emergency: bool = False
-    emergency_unit: str | None = None
+    emergency_unit: str | None = None  # the last unit to raise one
+    sos_units: set[str] = field(default_factory=set)  # units shown in emergency here
+    acked_by: str | None = None  # the dispatcher who acknowledged the group's emergency
+    name: str | None = None  # from the fleet file, when the console was given one
     imminent: bool = False  # in imminent peril (docs/protocol.md, 11.12)
     monitored: bool = False
     temporary: bool = False
     seq: int = -1
+    logged: int = -1  # the last grant logged (its `taken` may come after the state)
 
 
 @dataclass
@@ -105,8 +109,11 @@ def say(cause: str) -> str:
 
 
 class ConsoleModel:
-    def __init__(self, prefix: str = "esn", max_events: int = 2000) -> None:
+    def __init__(
+        self, prefix: str = "esn", max_events: int = 2000, names: dict[str, str] | None = None
+    ) -> None:
         self.prefix = prefix
+        self.names = names or {}  # talkgroup id -> its name in the fleet file
         self.groups: dict[str, GroupRow] = {}
         self.units: dict[str, UnitRow] = {}
         self.events: deque[Event] = deque(maxlen=max_events)
@@ -117,7 +124,10 @@ class ConsoleModel:
         self.version = 0  # bumped on every change, so the screen redraws only when needed
 
     def group(self, tg: str) -> GroupRow:
-        return self.groups.setdefault(tg, GroupRow(tg))
+        g = self.groups.get(tg)
+        if g is None:
+            g = self.groups[tg] = GroupRow(tg, name=self.names.get(tg))
+        return g
 
     def unit(self, unit: str) -> UnitRow:
         return self.units.setdefault(unit, UnitRow(unit))
@@ -194,8 +204,8 @@ class ConsoleModel:
         g.call, g.emergency, g.seq = msg.call, msg.emergency, max(g.seq, msg.seq)
         g.imminent = bool(msg.imminent)
         g.since = msg.since_ts / 1e9 if msg.floor == "taken" else None
-        if not msg.emergency:
-            g.emergency_unit = None
+        if not msg.emergency:  # (ended: cancelled, or force-released by a dispatcher)
+            self._emergency_over(g)
         if msg.talker:
             self.unit(msg.talker).groups.add(msg.tg)
             if news and msg.kind in ("emergency", "imminent"):  # (it may overtake the taken)
@@ -203,23 +213,28 @@ class ConsoleModel:
 
     def _on_taken(self, topic: str, msg: m.Taken) -> None:
         g = self.group(msg.tg)
-        if msg.seq <= g.seq:
-            return  # the state already told us, or a duplicate
-        g.seq, g.floor, g.talker, g.kind, g.prio, g.call = (
-            msg.seq,
-            "taken",
-            msg.talker,
-            msg.kind,
-            msg.prio,
-            msg.call,
-        )
-        g.since = time.time()
-        self.unit(msg.talker).groups.add(msg.tg)
-        if msg.kind != "normal":
-            self._incident(msg.talker, msg.kind, None, None)
+        if msg.seq <= g.logged:
+            return  # a duplicate
+        g.logged = msg.seq
+        if msg.seq > g.seq:  # (else the group's state told it first: only the log is due)
+            g.seq, g.floor, g.talker, g.kind, g.prio, g.call = (
+                msg.seq,
+                "taken",
+                msg.talker,
+                msg.kind,
+                msg.prio,
+                msg.call,
+            )
+            g.since = time.time()
+            self.unit(msg.talker).groups.add(msg.tg)
+            if msg.kind != "normal":
+                self._incident(msg.talker, msg.kind, None, None)
         label = "" if msg.kind == "normal" else f" ({msg.kind})"
+        cut = f", pre-empting {msg.preempted}" if msg.preempted else ""
         self.log(
-            msg.tg, f"{msg.talker} talks{label}, prio {msg.prio}", alarm=msg.kind == "emergency"
+            msg.tg,
+            f"{msg.talker} talks{label}, prio {msg.prio}{cut}",
+            alarm=msg.kind == "emergency",
         )
 
     def _on_idle(self, topic: str, msg: m.Idle) -> None:
@@ -233,7 +248,10 @@ class ConsoleModel:
         g = self.group(msg.tg)
         if g.emergency_unit == msg.unit and g.emergency:
             return
+        if msg.unit not in g.sos_units:
+            g.acked_by = None  # (a new emergency in the group: not acknowledged yet)
         g.emergency, g.emergency_unit = True, msg.unit
+        g.sos_units.add(msg.unit)
         u = self.unit(msg.unit)
         u.emergency.add(msg.tg)
         if msg.lat is not None and msg.lon is not None:
@@ -242,16 +260,28 @@ class ConsoleModel:
         self.log(msg.tg, f"EMERGENCY raised by {msg.unit}", alarm=True)
 
     def _on_emergency_cancel(self, topic: str, msg: m.EmergencyCancel) -> None:
+        g = self.group(msg.tg)
         if msg.unit:
             self.unit(msg.unit).emergency.discard(msg.tg)
-        g = self.group(msg.tg)
+            g.sos_units.discard(msg.unit)
         if g.emergency_unit == msg.unit:
-            g.emergency_unit = None
+            g.emergency_unit = next(iter(g.sos_units), None)
         self.log(msg.tg, f"emergency cancelled by {msg.unit}")
+
+    def _emergency_over(self, g: GroupRow) -> None:
+        """The group is out of emergency: none of its units is shown in one there now."""
+        for unit in g.sos_units:
+            if unit in self.units:
+                self.units[unit].emergency.discard(g.tg)
+        g.sos_units.clear()
+        g.emergency_unit = g.acked_by = None
 
     def _on_emergency_state(self, topic: str, msg: m.EmergencyState) -> None:
         if msg.state == "acknowledged" and "/down/event" in topic:
-            self.log(msg.tg, f"emergency acknowledged by {msg.by}")
+            g = self.group(msg.tg)
+            if g.acked_by != msg.by:
+                g.acked_by = msg.by
+                self.log(msg.tg, f"emergency acknowledged by {msg.by}")
 
     def _on_presence(self, topic: str, msg: m.Presence) -> None:
         unit = topic.split("/")[-2]
