@@ -1,4 +1,6 @@
-"""The `esn` command line: `esn server`, `esn demo`, `esn bench`."""
+"""The `esn` command line: the push-to-talk server of the ESN simulator and everything
+around it: a demo, load tests, training exercises, the dispatcher console, the recorder,
+the secure broker profile, a NATS cluster and the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -16,7 +19,7 @@ from esn.core.fleet import FleetError
 from esn.extras import MissingExtra, need
 from esn.protocol.ids import is_id
 from esn.runtime import STOP_SIGNALS, Interrupted, Throttle, run
-from esn.tomlfile import load_fleet
+from esn.tomlfile import load_fleet, read_toml
 from esn.tools.nats import ClusterError as NatsStartError
 from esn.tools.processes import ServerStartError
 from esn.tools.secure import SecureConfigError
@@ -28,15 +31,25 @@ class CliError(Exception):
 
 
 def _broker(args: argparse.Namespace, url: str | None = None) -> BrokerConfig:
+    username = args.username or os.environ.get("ESN_MQTT_USERNAME")
+    password = args.password or os.environ.get("ESN_MQTT_PASSWORD")
+    if args.credentials:  # (the secure profile's generated passwords, e.g. from the demo)
+        username = username or getattr(args, "unit", None)
+        password = password or _password_in(args.credentials, username)
     try:
         return BrokerConfig.from_url(
-            url or args.broker,
-            username=args.username or os.environ.get("ESN_MQTT_USERNAME"),
-            password=args.password or os.environ.get("ESN_MQTT_PASSWORD"),
-            ca_file=args.ca_file,
+            url or args.broker, username=username, password=password, ca_file=args.ca_file
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def _password_in(path: str, user: str | None) -> str:
+    doc = read_toml(path, "credentials file", CliError)
+    password = doc.get("passwords", {}).get(user) if user else None
+    if not isinstance(password, str):
+        raise CliError(f"--credentials {path}: no password for {user or 'the --username'}")
+    return password
 
 
 def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -46,6 +59,11 @@ def _add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--username", help="MQTT username (or ESN_MQTT_USERNAME)")
     p.add_argument("--password", help="MQTT password (or ESN_MQTT_PASSWORD)")
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument(
+        "--credentials",
+        metavar="FILE",
+        help="a secure profile's credentials.toml: the password of --username (or --unit)",
+    )
     p.add_argument(
         "--mqtt-client",
         choices=CLIENTS,
@@ -74,6 +92,16 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"want a whole number, 0 or more, got {text!r}")
+    return value
+
+
 def _sizes(text: str) -> list[int]:
     """`--sizes`: numbers of handsets, comma-separated, each at least 2."""
     try:
@@ -83,6 +111,28 @@ def _sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 2:
         raise argparse.ArgumentTypeError(f"want numbers of handsets like 1000,2000, got {text!r}")
     return sizes
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"want a TCP port, 0 to 65535, got {text!r}")
+    return value
+
+
+def _port_free(port: int, option: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the server binds)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise CliError(
+                f"{option} {port}: 127.0.0.1:{port} is taken ({exc.strerror or exc}); "
+                "choose another, or 0 for any free port"
+            ) from None
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -120,6 +170,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
     if cluster and "." in args.prefix:
         raise CliError(f"--prefix {args.prefix!r}: no '.' in a cluster (it names NATS buckets)")
+    if args.metrics_port:  # (taken: said now, before the server touches the broker)
+        _port_free(args.metrics_port, "--metrics-port")
     config = Config(
         broker=brokers[0],
         others=tuple(brokers[1:]),
@@ -167,20 +219,21 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from esn.tools.demo import DemoOptions, run_demo
+    from esn.tools.demo import DemoError, DemoOptions, demo_fleet, run_demo
 
-    if args.cluster and (args.broker or args.secure):
-        print(
-            "esn demo: --cluster starts its own brokers: no --broker, no --secure", file=sys.stderr
+    if args.cluster and (args.broker or args.secure or args.fleet):
+        raise CliError("--cluster starts its own brokers and fleet: no --broker, --secure, --fleet")
+    groups = args.groups
+    if args.fleet:
+        try:
+            groups = len(demo_fleet(args.fleet)[1])
+        except DemoError as exc:
+            raise CliError(str(exc)) from None
+    if args.handsets < 2 * groups:
+        raise CliError(
+            f"--handsets must be at least two per talkgroup: "
+            f"{2 * groups} for {groups} groups, got {args.handsets}"
         )
-        return 2
-    if args.handsets < 2 * args.groups:
-        print(
-            f"esn demo: --handsets must be at least two per talkgroup: "
-            f"{2 * args.groups} for {args.groups} groups, got {args.handsets}",
-            file=sys.stderr,
-        )
-        return 2
     opts = DemoOptions(
         duration=args.duration,
         handsets=args.handsets,
@@ -193,6 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         secure=args.secure,
         trace=args.trace,
         trace_dir=args.trace_dir,
+        fleet=args.fleet,
     )
     if args.cluster:
         from esn.tools.cluster_demo import run_cluster_demo
@@ -222,6 +276,28 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
     return run(run_loadtest(scenario, Path(args.out) if args.out else None))
+
+
+def cmd_exercise(args: argparse.Namespace) -> int:
+    from esn.exercise.run import run_exercise
+    from esn.exercise.script import ExerciseError, load_exercise
+
+    try:
+        exercise = load_exercise(args.exercise)
+    except ExerciseError as exc:
+        raise CliError(str(exc)) from None
+    if args.broker is not None:
+        _broker(args)  # (a bad URL is refused here, in one line)
+    return run(
+        run_exercise(
+            exercise,
+            broker_url=args.broker,
+            out=Path(args.out) if args.out else None,
+            wait_for_trainee=not args.start_now,
+            mqtt_client=args.mqtt_client,
+        ),
+        stoppable=False,  # (it stops itself on a signal, and still gives the debrief)
+    )
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -262,6 +338,11 @@ def cmd_console(args: argparse.Namespace) -> int:
     need("textual", "console", "esn console")
     from esn.console.app import ConsoleApp
 
+    if not is_id(args.unit):
+        raise CliError(f"--unit {args.unit!r}: letters, digits, '_', '.' and '-' only")
+    names = None
+    if args.fleet:
+        names = {tg: g.name or tg for tg, g in load_fleet(args.fleet).groups.items()}
     ConsoleApp(
         _broker(args),
         args.unit,
@@ -269,6 +350,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         mqtt_client=args.mqtt_client,
         all_call=args.all_call,
         recordings=args.recordings,
+        names=names,
     ).run()
     return 0
 
@@ -317,20 +399,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == [] or "default" in text:
+            return text
+        return f"{text} (default %(default)s)"
+
+
+EPILOG = """first steps:
+  ./run demo                          a complete simulation, ending in a KPI table
+  ./run esn exercise officer-down     a training exercise; it prints the console to start
+  esn COMMAND --help                  what each command takes"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="esn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="esn", description=__doc__, epilog=EPILOG, formatter_class=_Help
+    )
     parser.add_argument("--version", action="version", version=f"esn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class Sub:  # (each command described in `esn --help` and atop its own --help)
+        @staticmethod
+        def add_parser(name: str, help: str) -> argparse.ArgumentParser:
+            return commands.add_parser(
+                name, help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_Help
+            )
+
+    sub = Sub()
 
     p = sub.add_parser("server", help="run the group-communication server")
     _add_broker_args(p)
-    p.add_argument("--fleet", required=True, metavar="FLEET.toml", help="fleet file")
+    p.add_argument(
+        "--fleet", required=True, metavar="FLEET.toml", help="fleet file (examples/fleet.toml)"
+    )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         metavar="N",
-        help="serve Prometheus metrics on http://127.0.0.1:N/metrics",
+        help="serve Prometheus metrics on http://127.0.0.1:N/metrics (0: any free port, "
+        "said at start; default: no metrics)",
     )
     p.add_argument("--server-id", default="esn-1", help="server id (MQTT client id)")
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
@@ -360,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--handsets",
-        type=int,
+        type=_at_least_one,
         default=200,
         metavar="N",
         help="simulated handsets, at least two per talkgroup (default %(default)s)",
@@ -379,12 +492,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the MQTT stack of the server and handsets (default %(default)s)",
     )
     p.add_argument(
-        "--metrics-port", type=int, metavar="N", help="also serve the server's metrics on this port"
+        "--metrics-port",
+        type=_port,
+        metavar="N",
+        help="serve the server's metrics on this port (default: any free port)",
     )
     p.add_argument(
-        "--broker", metavar="URL", help="use this broker instead of starting an embedded Mosquitto"
+        "--broker",
+        metavar="URL",
+        help="use this broker instead of starting an embedded Mosquitto (default: embedded)",
     )
     p.add_argument("--seed", type=int, default=1, help="random seed for the traffic mix")
+    p.add_argument(
+        "--fleet",
+        metavar="FLEET.toml",
+        help="run the demo on this fleet's talkgroups (names, timers, dispatchers; "
+        "examples/fleet.toml) instead of --groups generated ones",
+    )
     p.add_argument(
         "--secure",
         action="store_true",
@@ -448,6 +572,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_loadtest)
 
+    p = sub.add_parser(
+        "exercise", help="a dispatcher training exercise, ending in a debrief of how it went"
+    )
+    p.add_argument(
+        "exercise",
+        metavar="EXERCISE",
+        help="an exercise file, or the name of a shipped one: flood, pursuit, officer-down",
+    )
+    _add_broker_args(p, required=False)
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write debrief.html and debrief.json (default runs/NAME-TIME)",
+    )
+    p.add_argument(
+        "--start-now",
+        action="store_true",
+        help="start the clock at once (default: when the trainee's console comes online)",
+    )
+    p.set_defaults(func=cmd_exercise)
+
     p = sub.add_parser("console", help="the dispatcher console (a terminal app)")
     _add_broker_args(p)
     p.add_argument("--unit", required=True, help="the dispatcher's unit id (role dispatcher)")
@@ -463,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the recorder's file (esn record --db): instant recall with p",
     )
+    p.add_argument(
+        "--fleet",
+        metavar="FLEET.toml",
+        help="the server's fleet file, to show talkgroups by their names (default: by id)",
+    )
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser(
@@ -477,21 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefix", default="esn", help="topic prefix (default esn)")
     p.add_argument(
-        "--keep-days", type=float, default=30.0, help="drop bursts older than this (default 30)"
+        "--keep-days", type=_above_zero, default=30.0, help="drop bursts older than this many days"
     )
     p.add_argument(
         "--keep-mb",
-        type=float,
+        type=_above_zero,
         default=1024.0,
-        help="drop the oldest bursts while the voice kept is over this (default 1024)",
+        help="drop the oldest bursts while the voice kept is over this many MB",
     )
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("broker-config", help="generate the secure Mosquitto profile from a fleet")
-    p.add_argument("fleet", metavar="FLEET.toml")
+    p.add_argument("fleet", metavar="FLEET.toml", help="the fleet file: one account per unit")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the profile to")
-    p.add_argument("--port", type=int, help="plain (authenticated) listener port")
-    p.add_argument("--tls-port", type=int, help="TLS listener port")
+    p.add_argument(
+        "--port", type=_port, help="plain (authenticated) listener port (default: a free one)"
+    )
+    p.add_argument("--tls-port", type=_port, help="TLS listener port (default: a free one)")
     p.add_argument("--server-id", default="esn-1", help="the server's account")
     p.add_argument(
         "--user",
@@ -505,17 +657,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "cluster", help="run a NATS cluster on loopback (JetStream and MQTT on each node)"
     )
-    p.add_argument("--nodes", type=int, default=3, choices=range(1, 10), metavar="N")
+    p.add_argument(
+        "--nodes", type=int, default=3, choices=range(1, 10), metavar="N", help="nodes, 1 to 9"
+    )
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("bench", help="relay throughput and latency against raw Mosquitto")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    p.add_argument("--seconds", type=_above_zero, default=5.0, help="length of each measurement")
     p.add_argument(
-        "--rate", type=int, default=0, help="offered packets/s in the throughput runs (0: flat out)"
+        "--rate",
+        type=_at_least_zero,
+        default=0,
+        help="offered packets/s in the throughput runs (0: flat out)",
     )
-    p.add_argument("--listeners", type=int, default=1, help="group members receiving media")
+    p.add_argument(
+        "--listeners", type=_at_least_one, default=1, help="group members receiving media"
+    )
     p.add_argument(
         "--out",
+        metavar="DIR",
         help="where to write the figures (default docs/benchmarks.json, "
         "or docs/floods.json with --floods)",
     )

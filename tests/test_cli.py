@@ -3,13 +3,15 @@ to install, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-from esn.cli import main
+from esn.cli import build_parser, main
 from esn.runtime import Throttle
 
 
@@ -115,3 +117,60 @@ def test_a_demo_refuses_what_it_cannot_run_in_one_line(
         code = exc.code
     assert code == 2
     assert says in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_every_command_and_option_says_what_it_is_and_its_default() -> None:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    described = {c.dest: c.help for c in commands._choices_actions}
+    assert set(described) == set(commands.choices) and all(described.values())
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            where = f"esn {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where}: no help"
+            d = action.default
+            if not (d is None or d is False or d == [] or d is argparse.SUPPRESS):
+                assert "default" in sub.formatter_class(name)._get_help_string(action), where
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench", "--seconds", "0"], "--seconds: want a number of seconds above 0, got '0'"),
+        (["bench", "--listeners", "0"], "--listeners: want a whole number of at least 1"),
+        (["bench", "--rate", "-1"], "--rate: want a whole number, 0 or more, got '-1'"),
+        (["broker-config", "f", "--out", "d", "--port", "70000"], "want a TCP port"),
+        (["demo", "--metrics-port", "x"], "--metrics-port: want a TCP port, 0 to 65535"),
+        (["demo", "--cluster", "--fleet", "f.toml"], "--cluster starts its own brokers"),
+        (["demo", "--fleet", "/no/such/fleet.toml"], "cannot read fleet file /no/such/fleet"),
+        (["exercise", "/no/such.toml"], "cannot read exercise /no/such.toml"),
+        (["console", "--broker", "mqtt://127.0.0.1:1", "--unit", "a b"], "--unit 'a b'"),
+    ],
+)
+def test_a_bad_value_is_refused_in_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code: int | str | None
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert says in last, last
+
+
+def test_a_taken_metrics_port_is_named_before_the_server_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n')
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["server", "--broker", "mqtt://127.0.0.1:1", "--fleet", str(fleet)]
+        assert main([*argv, "--metrics-port", str(port), "--state", ":memory:"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--metrics-port {port}: 127.0.0.1:{port} is taken" in err

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 from pathlib import Path
 
 import pytest
 
+from esn.cli import _broker, build_parser
+from esn.client.handset import Handset
 from esn.client.trace import FIELDS, FLOOR_FIELDS, MESSAGE_FIELDS
 from esn.tools.demo import DemoOptions, run_demo
+from tests.conftest import eventually
 
 pytestmark = [pytest.mark.broker]
 
@@ -56,3 +60,46 @@ async def test_the_demo_writes_every_message_and_floor_state_change(tmp_path: Pa
     assert mine[0] == ("no_permission", "pending_request")
     assert ("pending_request", "has_permission") in mine or answer["type"] != "granted"
     assert any(r["type"] == "mic_open" and r["dir"] == "in" for r in messages)  # (on the wire)
+
+
+async def test_the_demo_runs_on_a_users_fleet_and_prints_a_console_command_that_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`esn demo --fleet examples/fleet.toml`: the sample fleet's open groups carry the
+    traffic, and the console line it prints parses as `./run esn console` would take it."""
+    opts = DemoOptions(duration=8, handsets=20, fleet="examples/fleet.toml")
+    code = await run_demo(opts)
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "in 4 talkgroups" in out  # (Firearms is members-only, All-call receive-only)
+    line = next(x for x in out.splitlines() if x.startswith("console, in another terminal: "))
+    command = line.split(": ", 1)[1].split()
+    assert command[:3] == ["./run", "esn", "console"]
+    args = build_parser().parse_args(command[2:])
+    assert (args.unit, args.fleet) == ("disp-2", str(Path(command[command.index("--fleet") + 1])))
+
+
+async def test_the_secure_demo_prints_a_console_command_whose_credentials_log_in(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    demo = asyncio.create_task(
+        run_demo(DemoOptions(duration=6, handsets=20, groups=2, secure=True))
+    )
+    printed: list[str] = []
+
+    def console_line() -> bool:
+        printed.extend(capsys.readouterr().out.splitlines())
+        return any(x.startswith("console, in another terminal: ") for x in printed)
+
+    try:
+        await eventually(console_line, timeout=30)
+        line = next(x for x in printed if x.startswith("console, in another terminal: "))
+        args = build_parser().parse_args(line.split(": ", 1)[1].split()[2:])
+        assert args.credentials and args.unit == "disp-2"
+        console = Handset("disp-2", _broker(args))
+        await console.start()  # (refused by the broker without the right password)
+        assert console.transport.connected
+        await console.stop()
+        assert await demo == 0
+    finally:
+        demo.cancel()

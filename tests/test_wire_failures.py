@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -205,6 +206,34 @@ async def test_sigterm_publishes_offline_status_and_exits_zero(
         if proc.returncode is None:
             proc.kill()
         await watcher.stop()
+
+
+async def test_a_server_says_in_one_line_what_it_serves_and_the_metrics_port_it_chose(
+    tmp_path: Path, mosquitto: Mosquitto, prefix: str
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[talkgroup]]\nid = "tg-1"\n[[talkgroup]]\nid = "tg-2"\n')
+    args = ("--fleet", str(fleet), "--prefix", prefix, "--state", ":memory:")
+    proc = await asyncio.create_subprocess_exec(
+        *server_command("--broker", mosquitto.url, *args, "--metrics-port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        said = re.fullmatch(
+            rf"esn server esn-1: serving 2 talkgroups on {re.escape(mosquitto.url)} \(alone\); "
+            r"metrics (http://127\.0\.0\.1:(\d+)/metrics); Ctrl-C or SIGTERM stops it\n",
+            line,
+        )
+        assert said is not None and int(said[2]) > 0, line
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(said[1], timeout=5).read())
+        assert b"esn_floor_access_seconds" in body
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
 
 
 async def test_a_second_server_under_the_same_id_refuses_to_start(

@@ -213,6 +213,12 @@ class Server:
             self.config.server_id,
         )
 
+    @property
+    def metrics_url(self) -> str | None:
+        if self._http is None or not self._http.sockets:
+            return None
+        return f"http://127.0.0.1:{self._http.sockets[0].getsockname()[1]}/metrics"
+
     async def stop(self) -> None:
         """Stop taking input, tell peers we are offline (unless the status is another
         instance's), then close the link and endpoint."""
@@ -1124,9 +1130,17 @@ def _spans(partitions: Iterable[int]) -> str:
 
 
 async def serve(config: Config, fleet: Fleet, stop: asyncio.Event) -> None:
-    """Run a server until `stop` is set, then shut it down in order."""
+    """Run a server until `stop` is set, then shut it down in order. Once it serves it says
+    so in one line: what, where, and the metrics URL (the port chosen, with port 0)."""
     server = Server(config, fleet)
     await server.start()
+    how = f"in the cluster at {', '.join(config.cluster)}" if config.cluster else "alone"
+    print(
+        f"esn server {config.server_id}: serving {len(fleet.groups)} talkgroups on "
+        f"{config.broker.url()} ({how}); metrics {server.metrics_url or 'off'}; "
+        "Ctrl-C or SIGTERM stops it",
+        flush=True,
+    )
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.gave_way)]
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

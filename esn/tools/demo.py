@@ -30,9 +30,10 @@ from esn.client.metrics import HandsetMetrics
 from esn.client.recorder import Recorder
 from esn.client.scan import SELECTED_PRIORITY, ScanList
 from esn.client.trace import FLOOR_FIELDS, MESSAGE_FIELDS, AccessTrace, RowTrace
+from esn.core.fleet import FleetError, parse_fleet
 from esn.exporter import serve_metrics
 from esn.protocol import messages as m
-from esn.tomlfile import dump_fleet, load_fleet
+from esn.tomlfile import dump_fleet, load_fleet, read_toml
 from esn.tools import shipped
 from esn.tools.broker import BrokerError, Mosquitto
 from esn.tools.monitoring import MonitoringError, Prometheus, Samples, scrape
@@ -77,6 +78,7 @@ class DemoOptions:
     location_interval_s: float = 5.0
     trace: str | None = None  # write every press's outcome here (docs/traces.md)
     trace_dir: str | None = None  # write that, every message and floor state change here
+    fleet: str | None = None  # a fleet file whose talkgroups to use instead of generated ones
 
 
 @dataclass
@@ -84,12 +86,15 @@ class Checks:
     """What the scripted scenes proved; every one must hold for the run to pass."""
 
     results: dict[str, bool | None] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)  # what went wrong, where known
 
     def expect(self, name: str) -> None:
         self.results.setdefault(name, None)
 
-    def record(self, name: str, ok: bool) -> None:
+    def record(self, name: str, ok: bool, why: str = "") -> None:
         self.results[name] = ok
+        if not ok and why:
+            self.why[name] = why
 
 
 def fleet_doc(groups: list[str], supervisors: set[str]) -> dict[str, Any]:
@@ -121,6 +126,41 @@ class DemoError(Exception):
     """The simulation could not be set up; the message is one line."""
 
 
+def demo_fleet(path: str) -> tuple[dict[str, Any], list[str]]:
+    """A user's fleet made ready for the demo: its open, talking groups carry the traffic;
+    its dispatchers are kept, and the demo's own accounts (two dispatchers, the recorder)
+    and an all-call group are added where it has none. Refused in one line when the demo
+    cannot run on it."""
+    doc = read_toml(path, "fleet file", FleetError)
+    fleet = parse_fleet(doc)  # (FleetError: the same one line the server would give)
+    if not fleet.open_registration:
+        raise DemoError(f"{path}: the demo's handsets register freely: set open_registration")
+    groups = [
+        g.id
+        for g in fleet.groups.values()
+        if not g.members and not g.broadcast and g.id != "tg-all"
+    ]
+    if not groups:
+        raise DemoError(f"{path}: no talkgroup open to every unit and not receive-only")
+    doc = {k: list(v) if isinstance(v, list) else v for k, v in doc.items()}
+    units = doc.setdefault("unit", [])
+    for unit, prio in ((DISPATCHER, 250), (CONSOLE, 250), (RECORDER, 0)):
+        mine = fleet.units.get(unit)
+        if mine is not None and mine.role != "dispatcher":
+            raise DemoError(f"{path}: the demo needs {unit} to be a dispatcher")
+        if mine is None:
+            may = ["ambient_listening", "remote_talk"] if prio else []
+            units.append({"id": unit, "role": "dispatcher", "priority": prio, "may": may})
+    for code in (AVAILABLE, AT_SCENE):  # (the statuses its handsets send)
+        if code not in fleet.statuses:
+            raise DemoError(f"{path}: the demo sends status {code}; the fleet has no such status")
+    if "tg-all" not in fleet.groups:
+        doc.setdefault("talkgroup", []).append(
+            {"id": "tg-all", "name": "All-call", "broadcast": True}
+        )
+    return doc, groups
+
+
 class Demo:
     handset_qos = 1
 
@@ -128,7 +168,12 @@ class Demo:
         self.opts = opts
         self.rng = random.Random(opts.seed)
         self.groups = [f"tg-{1001 + i}" for i in range(opts.groups)]
-        n = max(opts.handsets, 2 * opts.groups)
+        self.fleet_doc: dict[str, Any] | None = None
+        self.at_scene = "at scene"  # the words for AT_SCENE
+        if opts.fleet:
+            self.fleet_doc, self.groups = demo_fleet(opts.fleet)
+            self.at_scene = parse_fleet(self.fleet_doc).statuses[AT_SCENE]
+        n = max(opts.handsets, 2 * len(self.groups))
         self.unit_ids = [f"u-{i:04d}" for i in range(1, n + 1)]
         self.supervisors = set(self.unit_ids[:: max(1, n // max(1, opts.groups))][: opts.groups])
         self.members: dict[str, list[Handset]] = {tg: [] for tg in self.groups}
@@ -300,7 +345,7 @@ class Demo:
         await self.dispatcher.transport.subscribe(topic, qos=self.dispatcher.qos)
         try:
             await unit.report_status(AT_SCENE)
-            ok = getattr((await shown).msg, "text", None) == "at scene"
+            ok = getattr((await shown).msg, "text", None) == self.at_scene
         except (TimeoutError, ClientError):
             ok = False
         finally:
@@ -437,16 +482,22 @@ class Demo:
         self.checks.expect(name)
         talker, late = self.members[tg][2], self.late_joiner
         assert late is not None
-        first = await talker.press(tg)
-        if isinstance(first, m.Granted):
-            await asyncio.sleep(0.3 + self.rng.random() * 0.06)  # anywhere in a packet gap
-            await late.affiliate(tg)
-            await asyncio.sleep(1.0)
+        granted = talker.expect(lambda i: isinstance(i.msg, m.Granted) and i.msg.tg == tg, 10)
+        try:
+            await talker.press(tg)  # (queued behind another scene's call: granted later)
+            await granted
+        except TimeoutError:
             talker.release(tg)
-            self.checks.record(name, bool(late.stats.late_entry_s))
-        else:
-            talker.release(tg)
-            self.checks.record(name, False)
+            why = f"{talker.unit} did not get the floor of {tg} within 10 s to start a call"
+            self.checks.record(name, False, why)
+            return
+        finally:
+            granted.cancel()
+        await asyncio.sleep(0.3 + self.rng.random() * 0.06)  # anywhere in a packet gap
+        await late.affiliate(tg)
+        await asyncio.sleep(1.0)
+        talker.release(tg)
+        self.checks.record(name, bool(late.stats.late_entry_s), "no voice reached it in 1 s")
 
     # --- progress and report ------------------------------------------------------------
 
@@ -554,7 +605,8 @@ class Demo:
     def check_list(self) -> bool:
         print()
         for name, result in self.checks.results.items():
-            print(f"  {'✔' if result else '✘'} {name}")
+            why = self.checks.why.get(name) or ("" if result is not None else "it never ran")
+            print(f"  {'✔' if result else '✘'} {name}" + (f": {why}" if not result and why else ""))
         return all(self.checks.results.values())
 
 
@@ -613,7 +665,7 @@ async def run_demo(opts: DemoOptions) -> int:
     tasks: list[asyncio.Task[None]] = []
     try:
         fleet = Path(workdir.name) / "fleet.toml"
-        fleet.write_text(dump_fleet(fleet_doc(demo.groups, demo.supervisors)))
+        fleet.write_text(dump_fleet(demo.fleet_doc or fleet_doc(demo.groups, demo.supervisors)))
         server_args: list[str] = []
         env = dict(os.environ)
         if opts.secure:
@@ -669,8 +721,11 @@ async def run_demo(opts: DemoOptions) -> int:
             broker_for(RECORDER), str(recordings), unit=RECORDER, mqtt_client=opts.mqtt_client
         )
         await demo.recorder.start()
-        if not opts.secure:
-            print(f"console: esn console --broker {url} --unit {CONSOLE} --recordings {recordings}")
+        login = f" --credentials {profile.folder / 'credentials.toml'}" if opts.secure else ""
+        print(
+            f"console, in another terminal: {esn_command()} console --broker {url} --unit "
+            f"{CONSOLE}{login} --fleet {fleet} --recordings {recordings}"
+        )
         if demo.handset_metrics is not None:
             prometheus, exporter = await _start_monitoring(demo, [demo.metrics_port])
         await demo.start_handsets(broker_for)
@@ -757,6 +812,12 @@ async def _start_monitoring(
         + ("" if port == 9090 else f"  (then point the datasource at {prometheus.url})")
     )
     return prometheus, exporter
+
+
+def esn_command() -> str:
+    """How to run `esn` from where the user stands: `./run esn` in a checkout (it is not
+    on the PATH outside `./run`), else `esn` as installed."""
+    return "./run esn" if Path("run").is_file() and Path("esn").is_dir() else "esn"
 
 
 def _port_free(port: int) -> bool:
