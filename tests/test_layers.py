@@ -17,7 +17,7 @@ LAYERS = [
     {"esn.core", "esn.transport", "esn.store"},
     {"esn.tomlfile", "esn.server", "esn.client"},
     {"esn.console", "esn.tools"},
-    {"esn.loadtest"},
+    {"esn.loadtest", "esn.exercise"},
     {"esn.cli"},
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}

@@ -107,10 +107,13 @@ async def start_server(
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     timeout: float = 15.0,
+    own_session: bool = False,
 ) -> asyncio.subprocess.Process:
     """`esn server` as its own process; returns once its metrics endpoint listens (it has
     subscribed and recovered by then). `state` is its durable state file (else it keeps
-    nothing across restarts); `log` takes its output (else it is discarded)."""
+    nothing across restarts); `log` takes its output (else it is discarded). With
+    `own_session`, Ctrl-C at the terminal reaches only the caller, which stops the server
+    in its own time (as it does the broker)."""
     with open(log or os.devnull, "wb") as out:  # noqa: ASYNC230 (a moment, at start)
         proc = await asyncio.create_subprocess_exec(
             *server_command(
@@ -129,6 +132,7 @@ async def start_server(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
+            start_new_session=own_session,
         )
     waiting = asyncio.ensure_future(wait_listening(metrics_port, timeout))
     exited = asyncio.ensure_future(proc.wait())
