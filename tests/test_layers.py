@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "esn"
 # Lower layers first. A module may import its own package and any lower layer, nothing of
 # its own layer's other packages, nothing above.
 LAYERS = [
-    {"esn.protocol", "esn.extras", "esn.runtime", "esn.exporter"},
+    {"esn.protocol", "esn.extras", "esn.runtime", "esn.exporter", "esn.kpi"},
     {"esn.core", "esn.transport", "esn.store"},
     {"esn.tomlfile", "esn.server", "esn.client"},
     {"esn.console", "esn.tools"},

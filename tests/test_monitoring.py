@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from esn.client.metrics import HandsetMetrics
 from esn.core.fleet import parse_fleet
 from esn.exporter import serve_metrics
+from esn.kpi import KPIS
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
 from esn.tools.monitoring import Prometheus
@@ -193,3 +194,18 @@ async def test_every_metric_named_by_dashboards_and_rules_is_exported(
     while not wanted <= (found := await exported()) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.5)
     assert wanted <= found, f"named but not exported: {sorted(wanted - found)}"
+
+
+def test_the_alerts_page_at_the_kpi_targets_the_rest_of_the_project_uses() -> None:
+    """Each KPI alert's threshold and words are those of esn/kpi.py (the demo's and the
+    load test's), and every KPI a handset or the server exports has an alert."""
+    text = RULES.read_text()
+    alerts = re.findall(
+        r"- alert: (\w+)\n\s+expr: (.+)\n(?:.*\n)*?\s+description: '.*KPI (\d): < (\d+) ms",
+        text,
+    )
+    assert {int(n) for _, _, n, _ in alerts} == {1, 3, 4}  # (KPI 2: the load test's alone)
+    for name, expr, number, words in alerts:
+        kpi = next(k for k in KPIS if k.number == int(number))
+        limits = {float(x) for x in re.findall(r"> ([0-9.]+)", expr)}
+        assert limits == {kpi.target_s} and float(words) == kpi.target_ms, name

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from esn.kpi import FLOOR_ACCESS
 from esn.loadtest.runner import run_loadtest
 from esn.loadtest.scenario import Scenario, ScenarioError, parse_scenario
 
@@ -35,9 +36,9 @@ def sized(s: Scenario, handsets: int) -> Scenario:
         s.fleet, handsets=handsets, talkgroups=max(1, round(s.fleet.talkgroups * scale))
     )
     doc = dataclasses.asdict(dataclasses.replace(s, fleet=fleet, traffic=traffic))
-    del doc["path"]
+    del doc["path"], doc["overrides"]
     try:  # (the scenario's own checks, on the size asked)
-        return parse_scenario(doc, s.path)
+        return dataclasses.replace(parse_scenario(doc, s.path), overrides=s.overrides)
     except ScenarioError as exc:
         raise ScenarioError(f"--sizes {handsets}: {exc}") from None
 
@@ -106,8 +107,8 @@ def saturated(r: dict[str, Any], cpu: dict[str, float], cpus: int) -> str:
             said.append(f"the {name}'s core")
     if sum(cpu.values()) >= 0.9 * cpus:
         said.append("the machine's CPU")
-    if (r["kpis"]["floor_access"].get("p95") or 0) >= 300:
-        said.append("KPI1 past 300 ms")
+    if (r["kpis"]["floor_access"].get("p95") or 0) >= FLOOR_ACCESS.target_ms:
+        said.append(f"KPI1 past {FLOOR_ACCESS.target_ms:g} ms")
     return ", ".join(said) or "nothing"
 
 
@@ -152,7 +153,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for i, (p, alpha) in enumerate((("p95", 0.45), ("p99", 1.0))):
             ys = [x[key][i + 1] for x in rows]
             lat.plot(xs, ys, style, color=colour, alpha=alpha, label=f"{label} {p}")
-    lat.axhline(300, color="red", ls="--", lw=1, label="TS 22.179 KPI1/KPI3 target, 300 ms")
+    lat.axhline(
+        FLOOR_ACCESS.target_ms,
+        color="red",
+        ls="--",
+        lw=1,
+        label=f"TS 22.179 KPI1/KPI3 target, {FLOOR_ACCESS.target_ms:g} ms",
+    )
     lat.set_yscale("log")
     lat.set_ylabel("latency (ms)")
     lat.set_title("Capacity on one machine: latency and CPU by number of handsets")

@@ -415,6 +415,7 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
     th = s.thresholds
     checks = {
         "floor_access_p95_ms": (kpis["floor_access"].get("p95"), th.floor_access_p95_ms),
+        "private_setup_p95_ms": (kpis["private_setup"].get("p95"), th.private_setup_p95_ms),
         "mouth_to_ear_p95_ms": (kpis["mouth_to_ear"].get("p95"), th.mouth_to_ear_p95_ms),
         "late_entry_p95_ms": (kpis["late_entry"].get("p95"), th.late_entry_p95_ms),
         "connect_failures": (counts.get("connect_failures", 0), th.connect_failures),
@@ -425,6 +426,8 @@ def build_report(s: Scenario, result: dict[str, Any], workers: int) -> dict[str,
     }
     if s.traffic.late_joiners == 0:
         verdicts["late_entry_p95_ms"]["passed"] = True
+    if s.traffic.private_calls_per_min == 0:
+        verdicts["private_setup_p95_ms"]["passed"] = True
     return {
         "scenario": {"path": s.path, **asdict(s)},
         "machine": {
@@ -486,7 +489,9 @@ def _scrape(ports: list[int]) -> dict[str, float]:
                 out[f"{metric}:p{q * 100:g}_ms"] = round(value * 1000, 3)
             continue
         for labels, value in values:
-            key = name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items()))
+            # (as Prometheus writes a series: name{a="x",b="y"})
+            inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+            key = f"{name}{{{inner}}}" if inner else name
             same = name in ("esn_cluster_partitions", "esn_server_info")  # (not to be summed)
             out[key] = value if same else out.get(key, 0.0) + value
     return out

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from esn.client.handset import HAS_PERMISSION, Handset, Inbound
 from esn.core.partitions import PARTITIONS, partition_of
+from esn.kpi import FLOOR_ACCESS, LATE_ENTRY, MOUTH_TO_EAR
 from esn.protocol import codec
 from esn.protocol import messages as m
 from esn.protocol.topics import Topics
@@ -323,10 +324,10 @@ class ClusterDemo(Demo):
         for label, (access, m2e) in self.windows().items():
             when = "steady" if label == "steady" else f"{WINDOW_S:g} s after a kill"
             judged = label == "steady"
-            ok &= kpi_row(f"Floor access, {when}", access, judged=judged) or not judged
-            ok &= kpi_row(f"Mouth-to-ear, {when}", m2e, judged=judged) or not judged
+            ok &= kpi_row(f"KPI 1 floor access, {when}", access, FLOOR_ACCESS, judged)
+            ok &= kpi_row(f"KPI 3 mouth-to-ear, {when}", m2e, MOUTH_TO_EAR, judged)
         late = [x for h in self.everyone for x in h.stats.late_entry_s]
-        kpi_row("Late entry (affiliate→first media)", late, judged=False)
+        kpi_row("KPI 4 late entry (affiliate→first media)", late, LATE_ENTRY, judged=False)
         ok &= self.server_summary(self.scrape_all())
         self.checks.record("no floor granted twice", not self.doubled)
         self.checks.record("no floor stuck once the calls ended", not stuck)
