@@ -11,7 +11,10 @@ import pytest
 from esn.cli import _broker, build_parser
 from esn.client.handset import Handset
 from esn.client.trace import FIELDS, FLOOR_FIELDS, MESSAGE_FIELDS
+from esn.protocol import messages as m
+from esn.tools.broker import Mosquitto
 from esn.tools.demo import DemoOptions, run_demo
+from esn.transport import BrokerConfig
 from tests.conftest import eventually
 
 pytestmark = [pytest.mark.broker]
@@ -103,3 +106,32 @@ async def test_the_secure_demo_prints_a_console_command_whose_credentials_log_in
         assert await demo == 0
     finally:
         demo.cancel()
+
+
+async def test_a_console_holding_a_scenes_floor_fails_the_demo_with_the_reason(
+    capsys: pytest.CaptureFixture[str], mosquitto: Mosquitto
+) -> None:
+    """A trainee at the console takes the first group's floor in an emergency call and keeps it:
+    the dispatcher's pre-emption cannot happen, and the demo says why, not just that."""
+    opts = DemoOptions(duration=8, handsets=20, groups=2, broker_url=mosquitto.url)
+    demo = asyncio.create_task(run_demo(opts))
+    printed: list[str] = []
+
+    def started() -> bool:
+        printed.extend(capsys.readouterr().out.splitlines())
+        return any(x.startswith("console, in another terminal: ") for x in printed)
+
+    trainee = Handset("disp-2", BrokerConfig.from_url(mosquitto.url))
+    try:
+        await eventually(started, timeout=30)
+        await trainee.start()
+        await trainee.affiliate("tg-1001")
+        # (an emergency call: nothing of the demo's may pre-empt it)
+        assert isinstance(await trainee.press("tg-1001", kind="emergency"), m.Granted)
+        assert await demo == 1
+    finally:
+        demo.cancel()
+        await trainee.stop()
+    out = "\n".join(printed) + capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "dispatcher pre-empts a talking handset" in x)
+    assert line.startswith("  ✘") and "(a console holds" in line, line

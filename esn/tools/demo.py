@@ -299,18 +299,27 @@ class Demo:
         talker = self.members[tg][0]
         assert self.dispatcher is not None
         first = await talker.press(tg)
-        if not isinstance(first, m.Granted):
-            await talker.expect(lambda i: isinstance(i.msg, m.Granted), 10)
+        try:
+            if not isinstance(first, m.Granted):
+                await talker.expect(lambda i: isinstance(i.msg, m.Granted), 10)
+        except TimeoutError:
+            talker.release(tg)
+            why = f"{talker.unit} never had the floor of {tg} to lose (a console holds it?)"
+            self.checks.record(name, False, why)
+            return
         revoked = talker.expect(lambda i: isinstance(i.msg, m.Revoke) and i.msg.tg == tg, 5)
         answer = await self.dispatcher.press(tg, prio=250)
-        ok = isinstance(answer, m.Granted)
         try:
-            ok = ok and (await revoked).msg.cause == "preempted"  # type: ignore[attr-defined]
+            cause = (await revoked).msg.cause  # type: ignore[attr-defined]
         except TimeoutError:
-            ok = False
+            cause = None
+        if not isinstance(answer, m.Granted):
+            why = f"the dispatcher's press was answered {answer.T} (a console holds the floor?)"
+        else:
+            why = f"{talker.unit} was revoked for {cause}" if cause else "no revoke came"
         await asyncio.sleep(1.5)
         self.dispatcher.release(tg)
-        self.checks.record(name, ok)
+        self.checks.record(name, isinstance(answer, m.Granted) and cause == "preempted", why)
 
     async def scene_emergency(self, tg: str) -> None:
         """A unit raises an emergency and takes the floor; the dispatcher acknowledges."""
@@ -322,11 +331,12 @@ class Demo:
         lat, lon = unit.position
         unit.send(m.EmergencyAlert(tg=tg, lat=lat, lon=lon, ref=unit.next_ref()))
         answer = await unit.press(tg, kind="emergency")
-        self.checks.record(names[0], isinstance(answer, m.Granted))
+        self.checks.record(names[0], isinstance(answer, m.Granted), f"answered {answer.T}")
         ack = await self.dispatcher.ask(
             m.EmergencyAck(unit=unit.unit, tg=tg, ref=self.dispatcher.next_ref())
         )
-        self.checks.record(names[1], isinstance(ack, m.Ok))
+        cause = getattr(ack, "detail", None) or ack.T
+        self.checks.record(names[1], isinstance(ack, m.Ok), f"refused: {cause}")
         await asyncio.sleep(3)
         unit.release(tg)
         unit.send(m.EmergencyCancel(tg=tg, ref=unit.next_ref()))
@@ -609,7 +619,7 @@ class Demo:
     def check_list(self) -> bool:
         print()
         for name, result in self.checks.results.items():
-            why = self.checks.why.get(name) or ("" if result is not None else "it never ran")
+            why = self.checks.why.get(name) or ("" if result is not None else "it did not finish")
             print(f"  {'✔' if result else '✘'} {name}" + (f": {why}" if not result and why else ""))
         return all(self.checks.results.values())
 
