@@ -287,7 +287,12 @@ def cmd_exercise(args: argparse.Namespace) -> int:
     except ExerciseError as exc:
         raise CliError(str(exc)) from None
     if args.broker is not None:
-        _broker(args)  # (a bad URL is refused here, in one line)
+        try:
+            BrokerConfig.from_url(args.broker)  # (a bad URL is refused here, in one line)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    if not all(is_id(level) for level in args.prefix.split("/")):
+        raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
     return run(
         run_exercise(
             exercise,
@@ -295,6 +300,7 @@ def cmd_exercise(args: argparse.Namespace) -> int:
             out=Path(args.out) if args.out else None,
             wait_for_trainee=not args.start_now,
             mqtt_client=args.mqtt_client,
+            prefix=args.prefix,
         ),
         stoppable=False,  # (it stops itself on a signal, and still gives the debrief)
     )
@@ -580,7 +586,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXERCISE",
         help="an exercise file, or the name of a shipped one: flood, pursuit, officer-down",
     )
-    _add_broker_args(p, required=False)
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="an open broker to run on (mqtt://HOST:PORT; default: an embedded Mosquitto); "
+        "the exercise starts its own server there",
+    )
+    p.add_argument(
+        "--prefix",
+        default="esn",
+        help="topic prefix, to keep clear of another server on a shared --broker",
+    )
+    p.add_argument(
+        "--mqtt-client", choices=CLIENTS, default="gmqtt", help="the MQTT stack of the handsets"
+    )
     p.add_argument(
         "--out",
         metavar="DIR",

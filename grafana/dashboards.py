@@ -89,15 +89,15 @@ def timeseries(title: str, unit: str) -> Timeseries:
     )
 
 
-def latency(title: str, histogram: str, description: str, kpi: Kpi = FLOOR_ACCESS) -> Timeseries:
-    """p50/p95/p99 of a latency histogram, with its TS 22.179 target (esn/kpi.py) drawn as
-    a red line."""
-    panel = (
-        timeseries(title, "s")
-        .description(description)
-        .thresholds(thresholds((None, "green"), (kpi.target_s, "red")))
-        .thresholds_style(GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.LINE))
-    )
+def latency(title: str, histogram: str, description: str, kpi: Kpi | None) -> Timeseries:
+    """p50/p95/p99 of a latency histogram, with its TS 22.179 target (esn/kpi.py), if it
+    measures a KPI, drawn as a red line."""
+    panel = timeseries(title, "s").description(description)
+    if kpi is not None:
+        panel = panel.thresholds(thresholds((None, "green"), (kpi.target_s, "red")))
+        panel = panel.thresholds_style(
+            GraphThresholdsStyleConfig().mode(GraphTresholdsStyleMode.LINE)
+        )
     for ref, q in zip("ABC", ("0.5", "0.95", "0.99"), strict=True):
         expr = f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket[$__rate_interval])))"
         panel = panel.with_target(query(expr, f"p{round(float(q) * 100)}", ref))
@@ -159,6 +159,7 @@ def overview() -> Dashboard:
                 "Floor access time — server",
                 "esn_floor_access_seconds",
                 "Floor request received to granted published (KPI 1).",
+                FLOOR_ACCESS,
             )
         )
         .with_panel(
@@ -166,6 +167,7 @@ def overview() -> Dashboard:
                 "Floor access time — handsets",
                 "esn_handset_access_seconds",
                 "PTT press to granted, as the simulated handsets measure it.",
+                FLOOR_ACCESS,
             )
         )
         .with_panel(
@@ -189,6 +191,7 @@ def overview() -> Dashboard:
                 "Media relay — server",
                 "esn_media_relay_seconds",
                 "Voice packet received to relayed: the server's own share.",
+                None,
             )
         )
         .with_row(Row("Activity"))

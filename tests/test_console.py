@@ -12,7 +12,8 @@ from textual.widgets import DataTable, Static
 
 from esn.client.handset import Handset
 from esn.console.app import ConsoleApp
-from esn.console.map import Point, View, render
+from esn.console.map import Point, View, render, scale_bar
+from esn.console.model import ConsoleModel
 from esn.core.fleet import parse_fleet
 from esn.protocol import messages as m
 from esn.server.shell import Config, Server
@@ -58,7 +59,7 @@ async def console(
     server: Server, broker: BrokerConfig, prefix: str, mqtt_client: str
 ) -> AsyncIterator[tuple[ConsoleApp, Any]]:
     app = ConsoleApp(broker, "disp", prefix=prefix, mqtt_client=mqtt_client)
-    async with app.run_test(size=(180, 50)) as pilot:
+    async with app.run_test(size=(180, 50), notifications=True) as pilot:
         await eventually(lambda: app.link.transport.connected)
         await eventually(lambda: app.model.server_state == "online")
         yield app, pilot
@@ -200,6 +201,8 @@ def test_map_draws_units_and_marks_emergencies_and_the_selection() -> None:
     assert "5 km" in lines[-1] and len(lines[-1].split(" ")[0]) <= 40 // 3 + 1
     assert " c" in scaled.plain and " b" in scaled.plain  # the selected and the SOS named
     assert " a" not in scaled.plain
+    assert scale_bar(89.9, 90.3, 0, 1, 40) == ""  # (panned past a pole: no distance)
+    assert len(scale_bar(51.5, 51.5001, 0, 0.0001, 40)) <= 40  # (zoomed far in: it fits)
     zoomed = View()
     zoomed.zoom_by(8)  # only the centre unit stays in view
     assert len([ch for ch in render(points, 20, 6, zoomed).plain if ch != " " and ch != "\n"]) == 1
@@ -210,10 +213,11 @@ async def test_console_logs_short_messages_with_sender_recipient_and_text_both_w
 ) -> None:
     app, pilot = console
     u1 = await handset("u1", "tg-1")
-    u1.send(m.Sds(to="unit:disp", text="need a van", ref=u1.next_ref()))
-    await eventually(
-        lambda: any(e.text == "SDS u1 → unit:disp: need a van" for e in app.model.events)
-    )
+    u1.send(m.Sds(to="unit:disp", text="need a van [/] [@click=app.quit]x[/]", ref=1))
+    said = "SDS u1 → unit:disp: need a van [/] [@click=app.quit]x[/]"
+    await eventually(lambda: any(e.text == said for e in app.model.events))
+    await pilot.pause()  # (the toast is drawn: its brackets are words, not markup)
+    assert app.is_running
     got = u1.expect(lambda i: isinstance(i.msg, m.Sds))
     await select(app, pilot, "units", "u1")
     await pilot.press("s")
@@ -272,3 +276,23 @@ async def test_ages_keep_counting_when_the_server_goes_away(
 
 def _seconds(age: str) -> int:
     return int(age[:-1]) if age.endswith("s") else -1
+
+
+def test_each_units_sos_is_acknowledged_on_its_own_and_forged_words_stay_words() -> None:
+    """Two SOS in one group: acknowledging one leaves the other unacknowledged, even when
+    it repeats its alert; an acknowledgement of nobody's emergency changes nothing; and
+    a forged sequence number cannot silence the group's log."""
+    model = ConsoleModel("esn")
+    event = "esn/tg/tg-1/down/event"
+    for unit in ("u1", "u2"):
+        model.apply(event, m.Emergency(unit=unit, tg="tg-1"))
+    model.apply(event, m.EmergencyState(tg="tg-1", state="acknowledged", by="d", unit="u2"))
+    model.apply(event, m.Emergency(unit="u1", tg="tg-1"))  # (u1 repeats its alert)
+    g = model.groups["tg-1"]
+    assert (model.acked_by(g, "u1"), model.acked_by(g, "u2")) == (None, "d")
+    model.apply(event, m.EmergencyState(tg="tg-1", state="acknowledged", by="d", unit="u9"))
+    assert "u9" not in g.acked
+    floor = "esn/tg/tg-1/down/floor"
+    model.apply(floor, m.Taken(tg="tg-1", talker="x", call="c", prio=1, kind="normal", seq=2**62))
+    model.apply(floor, m.Taken(tg="tg-1", talker="u1", call="c", prio=1, kind="normal", seq=1))
+    assert model.events[-1].text == "u1 talks, prio 1"

@@ -308,6 +308,8 @@ def test_emergency_alert_ack_by_dispatcher_only(net: Network) -> None:
     assert isinstance(err, m.Error) and err.cause == "forbidden" and err.ref == 3
     out = net.unit_message("disp", m.EmergencyAck(unit="a", tg="tg1"), 1)
     assert to(out, "a")[0] == m.EmergencyState(tg="tg1", state="acknowledged", by="disp")
+    # the group's copy says whose emergency it was (a group may hold several)
+    assert group(out) == [m.EmergencyState(tg="tg1", state="acknowledged", by="disp", unit="a")]
 
 
 def test_force_release_revokes_with_cause_dispatcher_and_clears_emergency(net: Network) -> None:

@@ -89,7 +89,7 @@ async def test_a_trainee_at_the_console_answers_everything_and_the_debrief_says_
         )
         app = ConsoleApp(BrokerConfig.from_url(broker.url), "disp-1")
         try:
-            async with app.run_test(size=(160, 50)) as pilot:
+            async with app.run_test(size=(160, 50), notifications=True) as pilot:
                 # the SOS: shown on its group, acknowledged from there
                 await eventually(lambda: "SOS" in "".join(row(app, "groups", "tg-a")), 20)
                 await select(app, pilot, "groups", "tg-a")

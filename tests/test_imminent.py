@@ -18,7 +18,7 @@ from esn.store import pack, unpack
 from esn.transport import BrokerConfig
 from tests.conftest import HandsetFactory, eventually
 from tests.conftest import told as to
-from tests.test_console import row, select
+from tests.test_console import cell, select
 from tests.test_core_floor import FLEET, group, req
 
 
@@ -171,10 +171,10 @@ async def test_the_console_shows_imminent_peril_and_a_dispatcher_ends_it(
         await eventually(lambda: app.model.server_state == "online")
         lowered = talker.expect(lambda i: isinstance(i.msg, m.Granted) and i.msg.kind == "normal")
         assert isinstance(await talker.press("tg-1", kind="imminent"), m.Granted)
-        await eventually(lambda: "PERIL" in row(app, "groups", "tg-1")[6])
+        await eventually(lambda: "PERIL" in cell(app, "groups", "tg-1", "Emergency"))
         await select(app, pilot, "groups", "tg-1")
         await pilot.press("i")
         await lowered
-        await eventually(lambda: "PERIL" not in row(app, "groups", "tg-1")[6])
+        await eventually(lambda: "PERIL" not in cell(app, "groups", "tg-1", "Emergency"))
         assert any("imminent peril cancelled by disp" in e.text for e in app.model.events)
         assert any("imminent peril ended" in e.text for e in app.model.events)

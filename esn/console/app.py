@@ -329,7 +329,7 @@ class ConsoleApp(App[None]):
         elif isinstance(msg, m.Queued):
             self.tell(f"{msg.tg}: queued at position {msg.pos}")
         elif isinstance(msg, m.Sds):
-            self.notify(f"SDS from {msg.sender}: {msg.text}", timeout=8)  # (logged by the model)
+            self.notify(f"SDS from {msg.sender}: {msg.text}", timeout=8, markup=False)
         elif isinstance(msg, m.Ambient) and msg.state == "ended" and msg.cause:
             self.listening.pop(msg.unit, None)
             self.refused(f"listening in on {msg.unit} ended: {msg.cause}")
@@ -351,7 +351,8 @@ class ConsoleApp(App[None]):
 
     def tell(self, text: str, warn: bool = False) -> None:
         self.model.log(None, text, alarm=warn)
-        self.notify(text, severity="warning" if warn else "information", timeout=4)
+        # (words from the wire may hold brackets: never markup)
+        self.notify(text, severity="warning" if warn else "information", timeout=4, markup=False)
 
     def refused(self, text: str) -> None:
         self.tell(text, warn=True)
@@ -589,7 +590,7 @@ class ConsoleApp(App[None]):
             elif isinstance(reply, m.SdsStatus):
                 said = f"SDS {self.unit_id} → {target}: {text} ({reply.state})"
                 if target.startswith("tg:"):  # (the group's copy comes back to the log)
-                    self.notify(said, timeout=4)
+                    self.notify(said, timeout=4, markup=False)
                 else:
                     self.tell(said, warn=reply.state == "failed")
 
@@ -693,8 +694,9 @@ class ConsoleApp(App[None]):
             g.monitored = g.tg in self.link.groups
             emerg = ""
             if g.emergency:
-                ack = f" ✓{g.acked_by}" if g.acked_by else " no ack"
-                emerg = f"[b white on red] SOS {g.emergency_unit or ''}{ack} [/]"
+                by = self.model.acked_by(g, g.emergency_unit)
+                ack = f" ✓{escape(by)}" if by else " no ack"
+                emerg = f"[b white on red] SOS {escape(g.emergency_unit or '')}{ack} [/]"
             elif g.imminent:
                 emerg = "[b black on yellow] PERIL [/]"
             kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
@@ -738,7 +740,7 @@ class ConsoleApp(App[None]):
             )
             status = f"{escape(u.status or '')} {_age(now - u.status_at)}" if u.status_at else ""
             if u.emergency:
-                acked = all(self.model.group(tg).acked_by for tg in u.emergency)
+                acked = all(self.model.acked_by(self.model.group(tg), u.unit) for tg in u.emergency)
                 emerg = "[b white on red] SOS ✓ [/]" if acked else "[b white on red] SOS [/]"
             rows[u.unit] = (
                 mark + u.unit,

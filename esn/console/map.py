@@ -135,9 +135,11 @@ def scale_bar(lat0: float, lat1: float, lon0: float, lon1: float, width: int) ->
     """A bar of a round distance, at most a third of the map's width: "├────┤ 500 m"."""
     km_across = (lon1 - lon0) * 111.32 * math.cos(math.radians((lat0 + lat1) / 2))
     per_cell = km_across / width
+    if not (math.isfinite(per_cell) and per_cell > 1e-9):
+        return ""  # (at a pole, or panned past one: no distance to show)
     fits = [d for d in _ROUND_KM if d / per_cell <= width / 3] or [_ROUND_KM[0]]
     d = fits[-1]
-    cells = max(2, round(d / per_cell))
+    cells = max(2, min(width - 8, round(d / per_cell)))
     label = f"{d * 1000:.0f} m" if d < 1 else f"{d:g} km"
     return ("├" + "─" * (cells - 2) + "┤ " + label)[:width]
 

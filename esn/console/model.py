@@ -29,7 +29,7 @@ class GroupRow:
     emergency: bool = False
     emergency_unit: str | None = None  # the last unit to raise one
     sos_units: set[str] = field(default_factory=set)  # units shown in emergency here
-    acked_by: str | None = None  # the dispatcher who acknowledged the group's emergency
+    acked: dict[str, str] = field(default_factory=dict)  # unit -> who acknowledged its SOS
     name: str | None = None  # from the fleet file, when the console was given one
     imminent: bool = False  # in imminent peril (docs/protocol.md, 11.12)
     monitored: bool = False
@@ -102,6 +102,9 @@ CALL_ENDS = {
     "inactive": "nothing said for too long",
     "preempted": "an emergency call took its place",
 }
+
+
+MAX_SEQ = 2**40  # a group's event count beyond this is a forgery (as the server reads it)
 
 
 def say(cause: str) -> str:
@@ -192,6 +195,8 @@ class ConsoleModel:
     # --- per message type -------------------------------------------------------------
 
     def _on_state(self, topic: str, msg: m.State, history: bool = False) -> None:
+        if msg.seq > MAX_SEQ:
+            return
         g = self.group(msg.tg)
         news = msg.seq > g.seq and not history  # (a grant its `taken` did not tell first)
         g.floor, g.talker, g.kind, g.prio, g.queue = (
@@ -213,8 +218,8 @@ class ConsoleModel:
 
     def _on_taken(self, topic: str, msg: m.Taken) -> None:
         g = self.group(msg.tg)
-        if msg.seq <= g.logged:
-            return  # a duplicate
+        if msg.seq <= g.logged or msg.seq > MAX_SEQ:
+            return  # a duplicate (or a forgery: no group counts that far)
         g.logged = msg.seq
         if msg.seq > g.seq:  # (else the group's state told it first: only the log is due)
             g.seq, g.floor, g.talker, g.kind, g.prio, g.call = (
@@ -239,7 +244,7 @@ class ConsoleModel:
 
     def _on_idle(self, topic: str, msg: m.Idle) -> None:
         g = self.group(msg.tg)
-        if msg.seq <= g.seq:
+        if msg.seq <= g.seq or msg.seq > MAX_SEQ:
             return
         g.seq, g.floor, g.talker, g.since = msg.seq, "idle", None, None
         self.log(msg.tg, "floor idle")
@@ -248,8 +253,6 @@ class ConsoleModel:
         g = self.group(msg.tg)
         if g.emergency_unit == msg.unit and g.emergency:
             return
-        if msg.unit not in g.sos_units:
-            g.acked_by = None  # (a new emergency in the group: not acknowledged yet)
         g.emergency, g.emergency_unit = True, msg.unit
         g.sos_units.add(msg.unit)
         u = self.unit(msg.unit)
@@ -264,6 +267,7 @@ class ConsoleModel:
         if msg.unit:
             self.unit(msg.unit).emergency.discard(msg.tg)
             g.sos_units.discard(msg.unit)
+            g.acked.pop(msg.unit, None)
         if g.emergency_unit == msg.unit:
             g.emergency_unit = next(iter(g.sos_units), None)
         self.log(msg.tg, f"emergency cancelled by {msg.unit}")
@@ -274,14 +278,21 @@ class ConsoleModel:
             if unit in self.units:
                 self.units[unit].emergency.discard(g.tg)
         g.sos_units.clear()
-        g.emergency_unit = g.acked_by = None
+        g.acked.clear()
+        g.emergency_unit = None
+
+    def acked_by(self, g: GroupRow, unit: str | None) -> str | None:
+        return g.acked.get(unit) if unit else None
 
     def _on_emergency_state(self, topic: str, msg: m.EmergencyState) -> None:
-        if msg.state == "acknowledged" and "/down/event" in topic:
-            g = self.group(msg.tg)
-            if g.acked_by != msg.by:
-                g.acked_by = msg.by
-                self.log(msg.tg, f"emergency acknowledged by {msg.by}")
+        if msg.state != "acknowledged" or "/down/event" not in topic or not msg.by:
+            return
+        g = self.group(msg.tg)
+        unit = msg.unit or g.emergency_unit  # (a server of before 11.3's `unit`: the last one)
+        if unit is None or unit not in g.sos_units or g.acked.get(unit) == msg.by:
+            return  # (no emergency of that unit here, or told already)
+        g.acked[unit] = msg.by
+        self.log(msg.tg, f"emergency of {unit} acknowledged by {msg.by}")
 
     def _on_presence(self, topic: str, msg: m.Presence) -> None:
         unit = topic.split("/")[-2]

@@ -495,7 +495,7 @@ class Network:
         acked = m.EmergencyState(tg=msg.tg, state="acknowledged", by=p.id)
         return [
             ToUnit(msg.unit, acked),
-            ToGroup(msg.tg, "event", acked),
+            ToGroup(msg.tg, "event", replace(acked, unit=msg.unit)),  # (whose, for consoles)
             ToUnit(p.id, m.Ok(op=msg.T, ref=msg.ref)),
         ]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import random
 import re
@@ -18,18 +19,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esn.client.handset import Handset, Inbound
+from esn.client.handset import ClientError, Handset, Inbound
 from esn.exercise.debrief import write_report
 from esn.exercise.script import Event, Exercise
 from esn.protocol import messages as m
 from esn.runtime import STOP_SIGNALS
 from esn.tomlfile import dump_fleet
-from esn.tools.broker import Mosquitto
+from esn.tools.broker import BrokerError, Mosquitto
 from esn.tools.demo import end_server, esn_command, stop_links
-from esn.tools.processes import free_port, start_server
-from esn.transport import BrokerConfig
+from esn.tools.processes import ServerStartError, free_port, start_server
+from esn.transport import BrokerConfig, TransportError
 
 METRES_PER_DEGREE = 111_320.0
+MAX_MOMENTS = 5000  # lines of the timeline kept; what the crews saw beyond is only counted
 
 
 @dataclass
@@ -64,7 +66,9 @@ class Moment:
 
 
 class Play:
-    def __init__(self, ex: Exercise, broker: BrokerConfig, mqtt_client: str = "gmqtt") -> None:
+    def __init__(
+        self, ex: Exercise, broker: BrokerConfig, mqtt_client: str = "gmqtt", prefix: str = "esn"
+    ) -> None:
         self.ex = ex
         self.rng = random.Random(ex.seed)
         self.dispatchers = {u for u, p in ex.fleet.units.items() if p.role == "dispatcher"}
@@ -73,13 +77,20 @@ class Play:
             for unit in crew.units:
                 home = _near(crew.near, crew.spread_m, self.rng)
                 self.handsets[unit] = Handset(
-                    unit, broker, mqtt_client=mqtt_client, home=home, keep_inbox=False
+                    unit,
+                    broker,
+                    prefix=prefix,
+                    mqtt_client=mqtt_client,
+                    home=home,
+                    keep_inbox=False,
                 )
         self.asks: list[Ask] = []
         self.timeline: list[Moment] = []
         self.regrouped: dict[str, str] = {}  # field unit -> the temporary group it is in
         self.offline: set[str] = set()
         self.scripted: set[str] = set()  # units in a scripted event now: no background talk
+        self.handed_over = False  # a retained message is being read: history, no answer
+        self.unseen = 0  # what the crews saw past MAX_MOMENTS
         self.started = 0.0
         self.stopping = False
 
@@ -87,6 +98,9 @@ class Play:
         return time.monotonic() - self.started if self.started else 0.0
 
     def note(self, kind: str, text: str) -> None:
+        if kind == "seen" and len(self.timeline) >= MAX_MOMENTS:
+            self.unseen += 1
+            return
         self.timeline.append(Moment(round(self.now(), 2), kind, text))
 
     # --- set-up -----------------------------------------------------------------------
@@ -98,6 +112,7 @@ class Play:
             async with sem:
                 h.on_inbound = lambda i: self.seen(unit, i)
                 h.on_media = lambda tg, talker: self.heard(unit, tg, talker)
+                h.transport.on_retained = functools.partial(self.retained, h)
                 await h.start()
                 await h.affiliate(self.ex.home[unit])
                 self.report_position(h)
@@ -110,34 +125,56 @@ class Play:
 
     # --- what the field units see of the dispatcher ---------------------------------------
 
+    def retained(self, h: Handset, topic: str, payload: bytes) -> None:
+        """What the broker kept from before answers nothing now (a forged retained
+        acknowledgement would answer every SOS to come)."""
+        self.handed_over = True
+        try:
+            h._on_retained(topic, payload)
+        finally:
+            self.handed_over = False
+
     def seen(self, unit: str, i: Inbound) -> None:
-        msg = i.msg
-        if isinstance(msg, m.EmergencyState) and msg.state == "acknowledged":
-            self.answer(
-                lambda a: a.event.do == "sos" and a.event.unit == unit and a.event.group == msg.tg,
-                msg.by,
-                "acknowledged",
-            )
+        """What a crew was told. Answers count only from the server's topic for that unit
+        (the group's copies would count once per member) and from a dispatcher."""
+        msg, own = i.msg, i.topic == self.handsets[unit].topics.unit_down(unit)
+        if self.handed_over:
+            return
+        if isinstance(msg, m.EmergencyState) and msg.state == "acknowledged" and own:
+            if msg.by in self.dispatchers:
+                self.answer(
+                    lambda a: (
+                        a.event.do == "sos" and a.event.unit == unit and a.event.group == msg.tg
+                    ),
+                    msg.by,
+                    "acknowledged",
+                )
         elif isinstance(msg, m.Sds) and msg.sender in self.dispatchers:
             self.answer(self._of(unit), msg.sender, f"SDS {msg.text!r}")
-        elif isinstance(msg, m.Private) and msg.caller in self.dispatchers:
-            self.answer(self._of(unit), msg.caller, "private call")
-        elif isinstance(msg, m.Regrouped):
+        elif isinstance(msg, m.Private) and msg.caller in self.dispatchers and own:
+            if msg.state == "connected":  # (a call that rang out answered nothing)
+                self.answer(self._of(unit), msg.caller, "private call")
+        elif isinstance(msg, m.Regrouped) and own:
             self.regrouped[unit] = msg.tg
             self.note("seen", f"{unit} regrouped into {msg.tg} ({msg.name})")
-            for a in self.open_asks("regroup_request"):
-                groups = {self.regrouped.get(u) for u in a.event.units}
-                if len(groups) == 1 and None not in groups:
-                    self.answer(lambda x, a=a: x is a, None, f"regrouped into {msg.tg}")
-        elif isinstance(msg, m.Ungrouped) and self.regrouped.get(unit) == msg.tg:
+            self.check_regroups()
+        elif isinstance(msg, m.Ungrouped) and own and self.regrouped.get(unit) == msg.tg:
             del self.regrouped[unit]
 
-    def heard(self, unit: str, tg: str, talker: str) -> None:
-        if talker in self.dispatchers:
-            self.answer(self._of(unit, tg), talker, f"voice in {tg}")
+    def check_regroups(self) -> None:
+        """A regroup request is answered once all its units are in one temporary group
+        (made before the request too: it is then answered as it is raised)."""
+        for a in self.open_asks("regroup_request"):
+            groups = {self.regrouped.get(u) for u in a.event.units}
+            if len(groups) == 1 and None not in groups:
+                self.answer(lambda x, a=a: x is a, None, f"regrouped into {groups.pop()}")
 
-    def _of(self, unit: str, tg: str | None = None):  # type: ignore[no-untyped-def]
-        """Asks a dispatcher answers by speaking to `unit` (in `tg`, if by voice)."""
+    def heard(self, unit: str, tg: str, talker: object) -> None:
+        if isinstance(talker, str) and talker in self.dispatchers:
+            self.answer(self._of(unit), talker, f"voice in {tg}")
+
+    def _of(self, unit: str):  # type: ignore[no-untyped-def]
+        """Asks a dispatcher answers by speaking to `unit`."""
 
         def match(a: Ask) -> bool:
             e = a.event
@@ -170,10 +207,11 @@ class Play:
         ask = Ask(event, round(self.now(), 2)) if event.answer else None
         if ask is not None:
             self.asks.append(ask)
+            self.check_regroups()
         if event.unit:
             self.scripted.add(event.unit)
         try:
-            await self.act(event, h, first=True)
+            await self.act_told(event, h, first=True)
             while ask is not None and not ask.done.is_set() and not self.stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ask.done.wait(), event.repeat_s)
@@ -181,9 +219,17 @@ class Play:
                     break
                 ask.asked.append(round(self.now(), 2))
                 self.note("repeated", f"again: {event.label()}")
-                await self.act(event, h, first=False)
+                await self.act_told(event, h, first=False)
         finally:
             self.scripted.discard(event.unit or "")
+
+    async def act_told(self, e: Event, h: Handset | None, first: bool) -> None:
+        """`act`, a failure (no answer from the server, a link down) noted on the timeline
+        rather than ending the event: it is asked again all the same."""
+        try:
+            await self.act(e, h, first)
+        except (TimeoutError, ClientError, TransportError) as exc:
+            self.note("failed", f"{e.label()}: {exc or type(exc).__name__}")
 
     async def act(self, e: Event, h: Handset | None, first: bool) -> None:
         again = "" if first else "(again) "
@@ -236,9 +282,10 @@ class Play:
             free = [h for h in members if h.unit not in self.offline | self.scripted]
             if not free:
                 return
-            await self.rng.choice(free).talk(
-                tg, min(end - self.now(), self.rng.uniform(2, 6)) or 0.5
-            )
+            with contextlib.suppress(TimeoutError, ClientError, TransportError):
+                await self.rng.choice(free).talk(
+                    tg, max(0.5, min(end - self.now(), self.rng.uniform(2, 6)))
+                )
             await asyncio.sleep(self.rng.uniform(0.2, 1.0))
 
     async def background(self, tg: str) -> None:
@@ -249,7 +296,8 @@ class Play:
             free = [h for h in members if h.unit not in self.offline | self.scripted]
             if free and not self.stopping:
                 burst = min(10.0, self.rng.expovariate(1 / self.ex.talk_mean_s))
-                await self.rng.choice(free).talk(tg, max(0.5, burst))
+                with contextlib.suppress(TimeoutError, ClientError, TransportError):
+                    await self.rng.choice(free).talk(tg, max(0.5, burst))
 
     async def positions(self) -> None:
         """Units that are not moving still report where they are, as handsets do."""
@@ -289,6 +337,7 @@ async def run_exercise(
     wait_for_trainee: bool = True,
     mqtt_client: str = "gmqtt",
     stop: asyncio.Event | None = None,
+    prefix: str = "esn",
 ) -> int:
     """Play `ex` to its end (every event over and answered, or its duration, or `stop`),
     then write the debrief. Ctrl-C and SIGTERM end it early, with a debrief all the same."""
@@ -319,10 +368,10 @@ async def run_exercise(
             metrics_port=port,
             mqtt_client=mqtt_client,
             log=log,
-            args=("--server-id", "esn-exercise"),
+            args=("--server-id", "esn-exercise", "--prefix", prefix),
             own_session=True,  # (Ctrl-C ends the exercise, which then stops it in order)
         )
-        play = Play(ex, BrokerConfig.from_url(url), mqtt_client)
+        play = Play(ex, BrokerConfig.from_url(url), mqtt_client, prefix)
         print(
             f"esn exercise: {ex.name!r}: {len(play.handsets)} field units in "
             f"{len(ex.crews)} crews, {len(ex.events)} events, at most {ex.duration_s:g} s; "
@@ -332,7 +381,7 @@ async def run_exercise(
             print(f"brief: {ex.brief}")
         print(
             f"trainee's console: {esn_command()} console --broker {url} --unit {ex.trainee} "
-            f"--fleet {fleet}"
+            f"--fleet {fleet}" + (f" --prefix {prefix}" if prefix != "esn" else "")
         )
         await play.start()
         if wait_for_trainee:
@@ -375,11 +424,12 @@ async def run_exercise(
         print(report.text)
         print(f"debrief: {out / 'debrief.html'} (and debrief.json)")
         return 0
-    finally:
+    except (BrokerError, ServerStartError, TransportError, OSError) as exc:
+        print(f"esn exercise: {exc}", file=sys.stderr)
+        return 1
+    finally:  # (the signal handlers stay until the end: a second Ctrl-C orphans nothing)
         for t in tasks:
             t.cancel()
-        for sig in handlers:
-            loop.remove_signal_handler(sig)
         if play is not None:
             await stop_links([h.transport for h in play.handsets.values()])
         if server is not None and server.returncode is None:
@@ -387,6 +437,8 @@ async def run_exercise(
         if broker is not None:
             broker.close()
         workdir.cleanup()
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
 
 
 async def _online(play: Play, unit: str, stop: asyncio.Event) -> bool:

@@ -4,6 +4,7 @@ the table and the key, before anything starts (docs/exercises.md has the format)
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -143,6 +144,8 @@ def parse_exercise(doc: dict[str, Any], folder: Path = Path(".")) -> Exercise:
 
     fleet_doc = _fleet_doc(doc.get("fleet"), folder)
     units = fleet_doc.setdefault("unit", [])
+    if not isinstance(units, list):
+        raise ExerciseError("[fleet] unit: want an array of tables")
     if not any(isinstance(u, dict) and u.get("id") == trainee for u in units):
         units.append({"id": trainee, "role": "dispatcher", "priority": 250})
     try:
@@ -170,7 +173,8 @@ def parse_exercise(doc: dict[str, Any], folder: Path = Path(".")) -> Exercise:
     traffic = _table(doc, "traffic")
     _only(traffic, {"groups", "talk_mean_s", "gap_mean_s", "location_interval_s"}, "[traffic]")
     groups = traffic.get("groups", sorted({c.group for c in crews}))
-    if not isinstance(groups, list) or not all(g in fleet.groups for g in groups):
+    known = isinstance(groups, list) and all(isinstance(g, str) for g in groups)
+    if not known or not all(g in fleet.groups for g in groups):
         raise ExerciseError(f"[traffic] groups: want talkgroups of the fleet, got {groups!r}")
     events = tuple(
         _event(i, e, fleet, home, trainee, within, duration)
@@ -249,24 +253,31 @@ def _event(
         raise ExerciseError(f"{where} do: want one of {', '.join(KINDS)}, got {do!r}")
     where = f"event {n} ({do})"
     _only(t, KEYS[do] | {"at", "do", "note"}, where)
-    at = _number(t, "at", where, math.nan, 0, duration)
-    if math.isnan(at):
+    if "at" not in t:
         raise ExerciseError(f"{where}: want `at`, the seconds from the start")
+    at = _number(t, "at", where, 0.0, 0, duration)
+    if at >= duration:
+        raise ExerciseError(f"{where} at: {at:g} s is not before the end ({duration:g} s)")
     kw: dict[str, Any] = {"n": n, "at": at, "do": do, "note": _text(t, "note", where)}
     unit = t.get("unit")
-    if unit is not None and unit not in home:
+    if unit is not None and (not isinstance(unit, str) or unit not in home):
         raise ExerciseError(f"{where} unit: {unit!r} is not a field unit of a crew")
     units = t.get("units")
     if units is not None:
-        if not isinstance(units, list) or not units or not all(u in home for u in units):
+        known = isinstance(units, list) and all(isinstance(u, str) and u in home for u in units)
+        if not known or not units:
             raise ExerciseError(f"{where} units: want field units of the crews, got {units!r}")
         kw["units"] = tuple(units)
     if do != "busy" and unit is None and not (do == "move" and units):
         raise ExerciseError(f"{where}: want `unit`, the field unit it happens to")
     kw["unit"] = unit
     group = t.get("group", home.get(unit or ""))
-    if group not in fleet.groups and (do in ("sos", "talk", "busy") or "group" in t):
+    known_group = isinstance(group, str) and group in fleet.groups
+    if not known_group and (do in ("sos", "talk", "busy") or "group" in t):
         raise ExerciseError(f"{where} group: want a talkgroup of the fleet, got {group!r}")
+    members = fleet.groups[str(group)].members if known_group else frozenset()
+    if members and unit and unit not in members:  # (the server would refuse it, every time)
+        raise ExerciseError(f"{where} group: {unit} is not a member of {group}")
     kw["group"] = group
     kw["seconds"] = _number(t, "seconds", where, 60.0 if do == "busy" else 4.0, 0.5, 3600)
     kw["call_s"] = _number(t, "call_s", where, 0.0, 0, 60)
@@ -286,7 +297,7 @@ def _event(
         kw["to"] = to
     if do == "status":
         code = t.get("code")
-        if code not in fleet.statuses:
+        if not isinstance(code, int) or isinstance(code, bool) or code not in fleet.statuses:
             raise ExerciseError(f"{where} code: want a status code of the fleet, got {code!r}")
         kw["code"], kw["text"] = code, fleet.statuses[code]
     if do == "move":
@@ -329,14 +340,16 @@ def _text(t: dict[str, Any], key: str, where: str, required: bool = False) -> st
         return ""
     if not isinstance(value, str) or not value.strip():
         raise ExerciseError(f"{where} {key}: want some text, got {value!r}")
+    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in value):
+        raise ExerciseError(f"{where} {key}: control characters are not allowed")
     return value.strip()
 
 
 def _number(t: dict[str, Any], key: str, where: str, default: float, lo: float, hi: float) -> float:
     value = t.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ExerciseError(f"{where} {key}: want a number, got {value!r}")
-    if not math.isnan(value) and not lo <= value <= hi:
+    if not lo <= value <= hi:
         raise ExerciseError(f"{where} {key}: want {lo:g} to {hi:g}, got {value!r}")
     return float(value)
 

@@ -138,7 +138,8 @@ def plots(r: dict[str, Any]) -> list[tuple[str, str]]:
         if pts:
             xs = [1 / (1 - min(q, 99.999) / 100) for q, _ in pts]
             ax.plot(xs, [v for _, v in pts], marker="o", ms=3, label=NAMES[key])
-    for target, style in ((1000, ":"), (300, "--"), (150, "-.")):
+    targets = sorted({k.target_ms for k in KPIS}, reverse=True)
+    for target, style in zip(targets, (":", "--", "-.", (0, (1, 4))), strict=False):
         which = " and ".join(f"KPI {k.number}" for k in KPIS if k.target_ms == target)
         ax.axhline(target, color="red", ls=style, lw=1, label=f"{which} target, {target} ms")
     ax.set_xscale("log")

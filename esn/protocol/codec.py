@@ -23,7 +23,7 @@ MAX_PAYLOAD = 64 * 1024
 MAX_LIST = 256
 MAX_TEXT_BYTES = 1000
 MAX_MEDIA_BYTES = 8 * 1024
-_ID_FIELDS = {"tg", "unit", "talker", "sender", "srv", "caller", "preempted"}
+_ID_FIELDS = {"tg", "unit", "talker", "sender", "srv", "caller", "preempted", "by"}
 _WIRE_NAME = {"sender": "from"}  # `from` is a Python keyword
 
 

@@ -240,6 +240,7 @@ class EmergencyState(Message):
     tg: str
     state: str
     by: str | None = None
+    unit: str | None = None  # addition (11.3): whose emergency, on the group's event topic
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
