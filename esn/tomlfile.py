@@ -23,6 +23,16 @@ def read_toml(path: str | Path, what: str, error: type[Exception]) -> dict[str, 
         raise error(f"{what} {path} is not valid TOML: {exc}") from None
 
 
+def find_file(name: str | Path, shipped: Path) -> Path:
+    """A file by its path, or, when no such file is here, one the package ships in
+    `shipped` by its bare name (`city`, `flood`): a path always wins."""
+    path = Path(name)
+    ours = shipped / f"{path.stem}.toml"
+    if not path.exists() and path.parent == Path(".") and ours.exists():
+        return ours
+    return path
+
+
 def load_fleet(path: str | Path) -> Fleet:
     return parse_fleet(read_toml(path, "fleet file", FleetError))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from esn.core.fleet import Fleet, FleetError, parse_fleet
 from esn.protocol.ids import is_id
-from esn.tomlfile import read_toml
+from esn.tomlfile import find_file, read_toml
 
 KINDS = ("sos", "talk", "sds", "status", "move", "busy", "offline", "regroup_request")
 # the keys each kind of event takes besides `at`, `do` and `note`
@@ -117,11 +117,7 @@ def shipped_names() -> list[str]:
 
 def find_exercise(name: str | Path) -> Path:
     """An exercise file by path, or one the package ships by name (`flood`, ...)."""
-    path = Path(name)
-    shipped = SHIPPED / f"{path.stem}.toml"
-    if not path.exists() and path.parent == Path(".") and shipped.exists():
-        return shipped
-    return path
+    return find_file(name, SHIPPED)
 
 
 def load_exercise(name: str | Path) -> Exercise:

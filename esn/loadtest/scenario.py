@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from esn.kpi import END_TO_END_ACCESS, FLOOR_ACCESS, LATE_ENTRY, MOUTH_TO_EAR
-from esn.tomlfile import read_toml
+from esn.tomlfile import find_file, read_toml
 
 
 class ScenarioError(ValueError):
@@ -173,11 +173,7 @@ SHIPPED = Path(str(resources.files("esn.loadtest").joinpath("scenarios")))
 
 def find_scenario(name: str | Path) -> Path:
     """A scenario file by path, or one the package ships by name (`city`, `ci-small`)."""
-    path = Path(name)
-    shipped = SHIPPED / f"{path.stem}.toml"
-    if not path.exists() and path.parent == Path(".") and shipped.exists():
-        return shipped
-    return path
+    return find_file(name, SHIPPED)
 
 
 def load_scenario(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
