@@ -58,7 +58,8 @@ class Ask:
 
 @dataclass(frozen=True)
 class Moment:
-    """A line of the timeline: `kind` is scripted, repeated, answered, seen or missed."""
+    """A line of the timeline: `kind` is scripted, repeated, failed, answered, seen or
+    missed."""
 
     at: float
     kind: str
@@ -90,7 +91,7 @@ class Play:
         self.offline: set[str] = set()
         self.scripted: set[str] = set()  # units in a scripted event now: no background talk
         self.handed_over = False  # a retained message is being read: history, no answer
-        self.unseen = 0  # what the crews saw past MAX_MOMENTS
+        self.unseen = 0  # lines past MAX_MOMENTS, counted only
         self.started = 0.0
         self.stopping = False
 
@@ -98,8 +99,8 @@ class Play:
         return time.monotonic() - self.started if self.started else 0.0
 
     def note(self, kind: str, text: str) -> None:
-        if kind == "seen" and len(self.timeline) >= MAX_MOMENTS:
-            self.unseen += 1
+        if kind in ("seen", "repeated", "failed") and len(self.timeline) >= MAX_MOMENTS:
+            self.unseen += 1  # (what the script and the answers did is always kept)
             return
         self.timeline.append(Moment(round(self.now(), 2), kind, text))
 
@@ -419,6 +420,9 @@ async def run_exercise(
         play.stopping = True
         for a in play.open_asks():
             play.note("missed", f"{a.event.asks()}: not done")
+        if play.unseen:  # (past the cap, said once)
+            kept = f"{play.unseen} more lines of what was seen, repeated or failed, not kept"
+            play.timeline.append(Moment(round(play.now(), 2), "seen", kept))
         print(f"exercise over at {play.now():.0f} s: {ended}")
         report = write_report(ex, play.asks, play.timeline, play.now(), ended, out)
         print(report.text)
