@@ -132,3 +132,28 @@ async def test_an_sos_nobody_acknowledges_repeats_and_is_missed(tmp_path: Path) 
     assert sos["verdict"] == "missed" and len(sos["asked_again_s"]) >= 2
     assert debrief["ended"] == "its 3.5 s are up"
     assert any(m["kind"] == "missed" for m in debrief["timeline"])
+
+
+@pytest.mark.broker
+async def test_a_request_by_voice_on_a_busy_channel_is_raised_once_it_is_said(
+    tmp_path: Path,
+) -> None:
+    """The crew talks back to back; a unit asking by voice queues for the floor, and a try
+    that found none is on the timeline, not held against the dispatcher."""
+    ex = parse_exercise(
+        doc(
+            {"at": 0, "do": "busy", "group": "tg-a", "seconds": 6},
+            {"at": 0.2, "do": "talk", "unit": "a-03", "seconds": 1, "answer": True, "repeat_s": 1},
+            duration=12,
+        )
+    )
+    with Mosquitto() as broker:
+        assert (
+            await run_exercise(ex, broker_url=broker.url, out=tmp_path, wait_for_trainee=False) == 0
+        )
+    debrief = json.loads((tmp_path / "debrief.json").read_text())
+    (ask,) = debrief["asks"]  # (one ask, however many tries it took to be heard)
+    failed = [m["at_s"] for m in debrief["timeline"] if m["kind"] == "failed"]
+    # (seed 1: the crew's first burst outlasts a-03's wait in the queue)
+    assert failed and all(at < ask["raised_s"] for at in failed), debrief["timeline"]
+    assert ask["verdict"] == "missed"  # (nobody answered: there was no trainee)

@@ -205,14 +205,25 @@ class Play:
             self.note("scripted", f"(skipped, {event.unit} is offline) {event.label()}")
             return
         self.note("scripted", event.label())
-        ask = Ask(event, round(self.now(), 2)) if event.answer else None
-        if ask is not None:
-            self.asks.append(ask)
-            self.check_regroups()
         if event.unit:
             self.scripted.add(event.unit)
         try:
-            await self.act_told(event, h, first=True)
+            while True:
+                ask = Ask(event, round(self.now(), 2)) if event.answer else None
+                if ask is not None:
+                    self.asks.append(ask)
+                    self.check_regroups()
+                if await self.act_told(event, h, first=True) or event.do != "talk":
+                    break
+                # a request by voice that found no floor was heard by no one: it is not
+                # the dispatcher's to answer yet; the crew tries again later
+                if ask is not None and ask.answered is None:
+                    self.asks.remove(ask)
+                elif ask is not None:
+                    break
+                await asyncio.sleep(event.repeat_s)
+                if self.stopping or event.unit in self.offline:
+                    return
             while ask is not None and not ask.done.is_set() and not self.stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ask.done.wait(), event.repeat_s)
@@ -224,15 +235,19 @@ class Play:
         finally:
             self.scripted.discard(event.unit or "")
 
-    async def act_told(self, e: Event, h: Handset | None, first: bool) -> None:
-        """`act`, a failure (no answer from the server, a link down) noted on the timeline
-        rather than ending the event: it is asked again all the same."""
+    async def act_told(self, e: Event, h: Handset | None, first: bool) -> bool:
+        """`act`, a failure (no answer from the server, a link down, no floor to talk on)
+        noted on the timeline rather than ending the event: it is tried again."""
         try:
-            await self.act(e, h, first)
+            if await self.act(e, h, first):
+                return True
+            self.note("failed", f"{e.label()}: {e.unit} did not get the floor of {e.group}")
         except (TimeoutError, ClientError, TransportError) as exc:
             self.note("failed", f"{e.label()}: {exc or type(exc).__name__}")
+        return False
 
-    async def act(self, e: Event, h: Handset | None, first: bool) -> None:
+    async def act(self, e: Event, h: Handset | None, first: bool) -> bool:
+        """Do what the event says; whether it was said (a talk needs the floor first)."""
         again = "" if first else "(again) "
         if e.do == "sos" and h is not None and e.group:
             lat, lon = h.position
@@ -240,7 +255,7 @@ class Play:
             if e.call_s and first:
                 await h.talk(e.group, e.call_s, kind="emergency")
         elif e.do == "talk" and h is not None and e.group:
-            await h.talk(e.group, e.seconds)
+            return await h.talk(e.group, e.seconds)
         elif e.do in ("sds", "regroup_request") and h is not None:
             to = e.to or f"unit:{self.ex.trainee}"
             h.send(m.Sds(to=to, text=again + e.text, ref=h.next_ref()))
@@ -255,6 +270,7 @@ class Play:
         elif e.do == "offline" and h is not None and e.unit:
             self.offline.add(e.unit)
             await h.stop()
+        return True
 
     async def move(self, h: Handset, to: tuple[float, float], speed: float) -> None:
         """Drive toward `to` at `speed` m/s, reporting the position every 2 s."""
