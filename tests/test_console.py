@@ -296,3 +296,25 @@ def test_each_units_sos_is_acknowledged_on_its_own_and_forged_words_stay_words()
     model.apply(floor, m.Taken(tg="tg-1", talker="x", call="c", prio=1, kind="normal", seq=2**62))
     model.apply(floor, m.Taken(tg="tg-1", talker="u1", call="c", prio=1, kind="normal", seq=1))
     assert model.events[-1].text == "u1 talks, prio 1"
+
+
+async def test_two_sos_in_one_group_are_acknowledged_each_from_the_units_panel(
+    console: tuple[ConsoleApp, Any], handset: HandsetFactory
+) -> None:
+    app, pilot = console
+    u1 = await handset("u1", "tg-1")
+    u2 = await handset("u2", "tg-1")
+    acked = [
+        h.expect(lambda i: isinstance(i.msg, m.EmergencyState) and i.msg.state == "acknowledged")
+        for h in (u1, u2)
+    ]
+    for h in (u1, u2):
+        h.send(m.EmergencyAlert(tg="tg-1"))
+        await eventually(lambda h=h: cell(app, "units", h.unit, "Emerg").strip() == "SOS")
+    await select(app, pilot, "units", "u1")  # (the group's last SOS is u2's)
+    await pilot.press("a")
+    assert (await acked[0]).msg.by == "disp"  # type: ignore[attr-defined]
+    await eventually(lambda: cell(app, "units", "u1", "Emerg").strip() == "SOS ✓")
+    assert cell(app, "units", "u2", "Emerg").strip() == "SOS"
+    assert "SOS u2 no ack" in cell(app, "groups", "tg-1", "Emergency")
+    acked[1].cancel()

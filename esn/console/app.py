@@ -177,7 +177,7 @@ class Help(ModalScreen[None]):
 # every key: (key, action, footer label or "" for none, what it does, for the help)
 KEYS = [
     ("space", "ptt", "PTT", "push to talk in the selected group; again to release"),
-    ("a", "acknowledge", "Ack", "acknowledge the selected group's emergency"),
+    ("a", "acknowledge", "Ack", "acknowledge the selected group's emergency, or unit's"),
     ("f", "force_release", "Release", "force-release the selected group's floor"),
     ("s", "sds", "SDS", "short message to the selected unit (units table) or group"),
     ("x", "mark", "Mark", "mark or unmark the selected unit"),
@@ -405,15 +405,22 @@ class ConsoleApp(App[None]):
 
     @work(group="actions")
     async def action_acknowledge(self) -> None:
-        tg = self.selected_group()
-        g = self.model.groups.get(tg or "")
-        unit = g.emergency_unit if g else None
-        if g is None or unit is None:
-            self.refused("no emergency to acknowledge in the selected group")
+        """The selected unit's emergency (from the units panel: where a group holds
+        several, each is acknowledged on its own), else the selected group's last one."""
+        units = self.query_one("#units", DataTable)
+        picked = self.model.units.get(self.selected_unit() or "")
+        unit: str | None
+        if self.focused is units and picked is not None and picked.emergency:
+            unit, tg = picked.unit, sorted(picked.emergency)[0]
+        else:
+            g = self.model.groups.get(self.selected_group() or "")
+            unit, tg = (g.emergency_unit, g.tg) if g else (None, "")
+        if unit is None:
+            self.refused("no emergency to acknowledge in the selected group or unit")
             return
         await self._command(
-            m.EmergencyAck(unit=unit, tg=g.tg, ref=self.link.next_ref()),
-            f"{g.tg}: emergency of {unit} acknowledged",
+            m.EmergencyAck(unit=unit, tg=tg, ref=self.link.next_ref()),
+            f"{tg}: emergency of {unit} acknowledged",
         )
 
     @work(group="actions")
