@@ -3,6 +3,7 @@ and server, with simulated handsets on the other side."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -310,7 +311,7 @@ async def test_two_sos_in_one_group_are_acknowledged_each_from_the_units_panel(
     ]
     for h in (u1, u2):
         h.send(m.EmergencyAlert(tg="tg-1"))
-        await eventually(lambda h=h: cell(app, "units", h.unit, "Emerg").strip() == "SOS")
+        await eventually(functools.partial(_shows_sos, app, h.unit))
     await select(app, pilot, "units", "u1")  # (the group's last SOS is u2's)
     await pilot.press("a")
     assert (await acked[0]).msg.by == "disp"  # type: ignore[attr-defined]
@@ -318,3 +319,7 @@ async def test_two_sos_in_one_group_are_acknowledged_each_from_the_units_panel(
     assert cell(app, "units", "u2", "Emerg").strip() == "SOS"
     assert "SOS u2 no ack" in cell(app, "groups", "tg-1", "Emergency")
     acked[1].cancel()
+
+
+def _shows_sos(app: ConsoleApp, unit: str) -> bool:
+    return cell(app, "units", unit, "Emerg").strip() == "SOS"
