@@ -50,9 +50,13 @@ async def select(app: ConsoleApp, pilot: Any, table: str, key: str) -> None:
     await eventually(lambda: key in app.query_one(f"#{table}", DataTable).rows)
     t = app.query_one(f"#{table}", DataTable)
     t.focus()
-    while str(t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value) != key:
-        await pilot.press("down")
-    await pilot.pause()
+    for _ in range(200):  # (rows come and go while it moves: up or down, as it stands)
+        if str(t.coordinate_to_cell_key(t.cursor_coordinate).row_key.value) == key:
+            await pilot.pause()
+            return
+        above = key in t.rows and t.get_row_index(key) < t.cursor_row
+        await pilot.press("up" if above else "down")
+    raise AssertionError(f"could not select {key} in {table}")
 
 
 @pytest.fixture
