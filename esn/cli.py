@@ -7,11 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from esn import __version__
@@ -82,24 +84,24 @@ def _above_zero(text: str) -> float:
     return value
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"want a whole number of at least 1, got {text!r}")
-    return value
+def _whole(lo: float, hi: float, want: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `lo` to `hi`, else "want WANT" in one line."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"want {want}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _at_least_zero(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"want a whole number, 0 or more, got {text!r}")
-    return value
+_at_least_one = _whole(1, math.inf, "a whole number of at least 1")
+_at_least_zero = _whole(0, math.inf, "a whole number, 0 or more")
+_port = _whole(0, 65535, "a TCP port, 0 to 65535")
 
 
 def _sizes(text: str) -> list[int]:
@@ -113,14 +115,9 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"want a TCP port, 0 to 65535, got {text!r}")
-    return value
+def _check_prefix(prefix: str) -> None:
+    if not all(is_id(level) for level in prefix.split("/")):
+        raise CliError(f"--prefix {prefix!r}: levels of letters, digits, '_', '.' and '-'")
 
 
 def _port_free(port: int, option: str) -> None:
@@ -166,8 +163,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise CliError("several --broker URLs are the nodes of a --cluster, and need one")
     if not is_id(args.server_id):
         raise CliError(f"--server-id {args.server_id!r}: letters, digits, '_', '.' and '-' only")
-    if not all(is_id(level) for level in args.prefix.split("/")):
-        raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
+    _check_prefix(args.prefix)
     if cluster and "." in args.prefix:
         raise CliError(f"--prefix {args.prefix!r}: no '.' in a cluster (it names NATS buckets)")
     if args.metrics_port:  # (taken: said now, before the server touches the broker)
@@ -291,8 +287,7 @@ def cmd_exercise(args: argparse.Namespace) -> int:
             BrokerConfig.from_url(args.broker)  # (a bad URL is refused here, in one line)
         except ValueError as exc:
             raise CliError(str(exc)) from None
-    if not all(is_id(level) for level in args.prefix.split("/")):
-        raise CliError(f"--prefix {args.prefix!r}: levels of letters, digits, '_', '.' and '-'")
+    _check_prefix(args.prefix)
     return run(
         run_exercise(
             exercise,
