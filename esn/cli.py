@@ -288,17 +288,20 @@ def cmd_exercise(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     _check_prefix(args.prefix)
-    return run(
-        run_exercise(
+
+    async def main() -> int:
+        # (a signal ends the play, not the clean-up: the handlers stay until the loop ends)
+        return await run_exercise(
             exercise,
             broker_url=args.broker,
             out=Path(args.out) if args.out else None,
             wait_for_trainee=not args.start_now,
             mqtt_client=args.mqtt_client,
+            stop=_stop_on_signals(),
             prefix=args.prefix,
-        ),
-        stoppable=False,  # (it stops itself on a signal, and still gives the debrief)
-    )
+        )
+
+    return run(main(), stoppable=False)  # (it stops itself, and still gives the debrief)
 
 
 def cmd_record(args: argparse.Namespace) -> int:

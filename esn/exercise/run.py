@@ -14,7 +14,6 @@ import random
 import re
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from esn.client.handset import ClientError, Handset, Inbound
 from esn.exercise.debrief import write_report
 from esn.exercise.script import Event, Exercise
 from esn.protocol import messages as m
-from esn.runtime import STOP_SIGNALS
 from esn.tomlfile import dump_fleet
 from esn.tools.broker import BrokerError, Mosquitto
 from esn.tools.demo import end_server, esn_command, stop_links
@@ -356,15 +354,9 @@ async def run_exercise(
     stop: asyncio.Event | None = None,
     prefix: str = "esn",
 ) -> int:
-    """Play `ex` to its end (every event over and answered, or its duration, or `stop`),
-    then write the debrief. Ctrl-C and SIGTERM end it early, with a debrief all the same."""
+    """Play `ex` to its end (every event over and answered, or its duration, or `stop`:
+    `esn exercise` sets it on Ctrl-C and SIGTERM), then write the debrief, in every case."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handlers = []
-    if sys.platform != "win32" and threading_main():
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, stop.set)
-            handlers.append(sig)
     out = out or Path("runs") / f"{slug(ex.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
     broker: Mosquitto | None = None
     server: asyncio.subprocess.Process | None = None
@@ -447,7 +439,7 @@ async def run_exercise(
     except (BrokerError, ServerStartError, TransportError, OSError) as exc:
         print(f"esn exercise: {exc}", file=sys.stderr)
         return 1
-    finally:  # (the signal handlers stay until the end: a second Ctrl-C orphans nothing)
+    finally:
         for t in tasks:
             t.cancel()
         if play is not None:
@@ -457,8 +449,6 @@ async def run_exercise(
         if broker is not None:
             broker.close()
         workdir.cleanup()
-        for sig in handlers:
-            loop.remove_signal_handler(sig)
 
 
 async def _online(play: Play, unit: str, stop: asyncio.Event) -> bool:
@@ -478,7 +468,3 @@ async def _online(play: Play, unit: str, stop: asyncio.Event) -> bool:
         stopped.cancel()
         with contextlib.suppress(Exception):
             await watcher.transport.unsubscribe(topic)
-
-
-def threading_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
