@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,12 +14,6 @@ if TYPE_CHECKING:
     from esn.exercise.run import Ask, Moment
 
 COLOURS = {"on time": "#2e7d32", "late": "#ef8f00", "missed": "#c62828"}
-
-
-@dataclass(frozen=True)
-class Report:
-    text: str
-    summary: dict[str, object]
 
 
 def clock(seconds: float) -> str:
@@ -42,8 +35,10 @@ def summarise(asks: list[Ask]) -> dict[str, object]:
     }
 
 
-def text_table(ex: Exercise, asks: list[Ask], total: float, ended: str) -> str:
-    s = summarise(asks)
+def text_table(
+    ex: Exercise, asks: list[Ask], total: float, ended: str, s: dict[str, object]
+) -> str:
+    """The debrief in words; `s` is `summarise(asks)`."""
     lines = [
         f"Debrief: {ex.name}, {clock(total)} played ({ended}), trainee {ex.trainee}",
         f"{'#':>3}  {'raised':>6}  {'what the dispatcher had to do':48} {'asked':>5}"
@@ -128,10 +123,10 @@ def timeline_svg(asks: list[Ask], timeline: list[Moment], total: float) -> str:
 
 def write_report(
     ex: Exercise, asks: list[Ask], timeline: list[Moment], total: float, ended: str, out: Path
-) -> Report:
-    """The debrief in words, and written to `out`: debrief.html and debrief.json."""
-    text = text_table(ex, asks, total, ended)
+) -> str:
+    """The debrief in words, also written to `out`: debrief.html and debrief.json."""
     summary = summarise(asks)
+    text = text_table(ex, asks, total, ended, summary)
     out.mkdir(parents=True, exist_ok=True)
     rows = "".join(
         f"<tr><td>{a.event.n}</td><td>{clock(a.raised)}</td><td>{html.escape(a.event.asks())}</td>"
@@ -190,4 +185,4 @@ Hover for details.</p>
         "timeline": [{"at_s": mo.at, "kind": mo.kind, "text": mo.text} for mo in timeline],
     }
     (out / "debrief.json").write_text(json.dumps(data, indent=1) + "\n")
-    return Report(text, summary)
+    return text

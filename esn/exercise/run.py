@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import functools
 import math
+import operator
 import random
 import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,13 +168,15 @@ class Play:
         for a in self.open_asks("regroup_request"):
             groups = {self.regrouped.get(u) for u in a.event.units}
             if len(groups) == 1 and None not in groups:
-                self.answer(lambda x, a=a: x is a, None, f"regrouped into {groups.pop()}")
+                self.answer(
+                    functools.partial(operator.is_, a), None, f"regrouped into {groups.pop()}"
+                )
 
     def heard(self, unit: str, tg: str, talker: object) -> None:
         if isinstance(talker, str) and talker in self.dispatchers:
             self.answer(self._of(unit), talker, f"voice in {tg}")
 
-    def _of(self, unit: str):  # type: ignore[no-untyped-def]
+    def _of(self, unit: str) -> Callable[[Ask], bool]:
         """Asks a dispatcher answers by speaking to `unit`."""
 
         def match(a: Ask) -> bool:
@@ -184,7 +188,7 @@ class Play:
     def open_asks(self, do: str | None = None) -> list[Ask]:
         return [a for a in self.asks if a.answered is None and do in (None, a.event.do)]
 
-    def answer(self, which, by: str | None, how: str) -> None:  # type: ignore[no-untyped-def]
+    def answer(self, which: Callable[[Ask], bool], by: str | None, how: str) -> None:
         for a in self.open_asks():
             if which(a):
                 a.answered, a.by, a.how = round(self.now(), 2), by, how
@@ -290,11 +294,15 @@ class Play:
                 return
             await asyncio.sleep(2.0)
 
+    def free_members(self, tg: str) -> list[Handset]:
+        """The crew of `tg` that is neither offline nor in a scripted event now."""
+        taken = self.offline | self.scripted
+        return [h for u, h in self.handsets.items() if self.ex.home[u] == tg and u not in taken]
+
     async def busy(self, tg: str, seconds: float) -> None:
-        members = [h for u, h in self.handsets.items() if self.ex.home[u] == tg]
         end = self.now() + seconds
         while self.now() < end and not self.stopping:
-            free = [h for h in members if h.unit not in self.offline | self.scripted]
+            free = self.free_members(tg)
             if not free:
                 return
             with contextlib.suppress(TimeoutError, ClientError, TransportError):
@@ -305,10 +313,9 @@ class Play:
 
     async def background(self, tg: str) -> None:
         """The everyday talk of a group: a member talks now and then (exponential gaps)."""
-        members = [h for u, h in self.handsets.items() if self.ex.home[u] == tg]
         while not self.stopping:
             await asyncio.sleep(self.rng.expovariate(1 / self.ex.gap_mean_s))
-            free = [h for h in members if h.unit not in self.offline | self.scripted]
+            free = self.free_members(tg)
             if free and not self.stopping:
                 burst = min(10.0, self.rng.expovariate(1 / self.ex.talk_mean_s))
                 with contextlib.suppress(TimeoutError, ClientError, TransportError):
@@ -432,8 +439,7 @@ async def run_exercise(
             kept = f"{play.unseen} more lines of what was seen, repeated or failed, not kept"
             play.timeline.append(Moment(round(play.now(), 2), "seen", kept))
         print(f"exercise over at {play.now():.0f} s: {ended}")
-        report = write_report(ex, play.asks, play.timeline, play.now(), ended, out)
-        print(report.text)
+        print(write_report(ex, play.asks, play.timeline, play.now(), ended, out))
         print(f"debrief: {out / 'debrief.html'} (and debrief.json)")
         return 0
     except (BrokerError, ServerStartError, TransportError, OSError) as exc:

@@ -3,9 +3,10 @@ the table and the key, before anything starts (docs/exercises.md has the format)
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,7 @@ from esn.core.fleet import Fleet, FleetError, parse_fleet
 from esn.protocol.ids import is_id
 from esn.tomlfile import find_file, read_toml
 
-KINDS = ("sos", "talk", "sds", "status", "move", "busy", "offline", "regroup_request")
-# the keys each kind of event takes besides `at`, `do` and `note`
+# each kind of event, and the keys it takes besides `at`, `do` and `note`
 KEYS: dict[str, set[str]] = {
     "sos": {"unit", "group", "call_s", "repeat_s", "within_s"},
     "talk": {"unit", "group", "seconds", "answer", "repeat_s", "within_s"},
@@ -26,6 +26,7 @@ KEYS: dict[str, set[str]] = {
     "offline": {"unit"},
     "regroup_request": {"unit", "units", "text", "repeat_s", "within_s"},
 }
+KINDS = tuple(KEYS)
 MAX_UNITS = 500  # field units an exercise may have (one process simulates them all)
 MAX_EVENTS = 1000
 
@@ -101,11 +102,11 @@ class Exercise:
     traffic_groups: tuple[str, ...] = ()
     location_interval_s: float = 10.0
     seed: int = 1
-    home: dict[str, str] = field(default_factory=dict)  # field unit -> its crew's group
 
-    @property
-    def units(self) -> list[str]:
-        return [u for c in self.crews for u in c.units]
+    @functools.cached_property
+    def home(self) -> dict[str, str]:
+        """Each field unit's crew's group."""
+        return _homes(self.crews)
 
 
 SHIPPED = Path(str(resources.files("esn.exercise").joinpath("shipped")))
@@ -152,7 +153,7 @@ def parse_exercise(doc: dict[str, Any], folder: Path = Path(".")) -> Exercise:
         raise ExerciseError(f"[exercise] trainee {trainee!r}: not a dispatcher in the fleet")
 
     crews = _crews(doc.get("crew"), fleet)
-    home = {u: c.group for c in crews for u in c.units}
+    home = _homes(crews)
     if len(home) != sum(len(c.units) for c in crews):
         raise ExerciseError("[[crew]]: a unit is in two crews")
     if trainee in home or any(
@@ -192,8 +193,11 @@ def parse_exercise(doc: dict[str, Any], folder: Path = Path(".")) -> Exercise:
         traffic_groups=tuple(groups),
         location_interval_s=_number(traffic, "location_interval_s", "[traffic]", 10.0, 1, 3600),
         seed=seed,
-        home=home,
     )
+
+
+def _homes(crews: tuple[Crew, ...]) -> dict[str, str]:
+    return {u: c.group for c in crews for u in c.units}
 
 
 def _fleet_doc(value: object, folder: Path) -> dict[str, Any]:
