@@ -707,7 +707,7 @@ class ConsoleApp(App[None]):
             elif g.imminent:
                 emerg = "[b black on yellow] PERIL [/]"
             kind = f"{g.kind}/{g.prio}" if g.floor == "taken" else ""
-            label = escape(g.name or g.tg)
+            label = escape(self.model.name(g.tg))
             name = f"[b]{label}[/]" if g.monitored else f"[dim]{label}[/]"
             rows[g.tg] = (
                 name + (" (temp)" if g.temporary else ""),
@@ -787,7 +787,7 @@ class ConsoleApp(App[None]):
             if self.group_filter is not None and e.tg not in (None, self.group_filter):
                 continue
             stamp = time.strftime("%H:%M:%S", time.localtime(e.at))
-            where = f"[cyan]{escape(self.model.names.get(e.tg, e.tg))}[/] " if e.tg else ""
+            where = f"[cyan]{escape(self.model.name(e.tg))}[/] " if e.tg else ""
             text = f"[b red]{escape(e.text)}[/]" if e.alarm else escape(e.text)
             log.write(f"[dim]{stamp}[/] {where}{text}")
         self._log_drawn = len(events)

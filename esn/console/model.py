@@ -30,7 +30,6 @@ class GroupRow:
     emergency_unit: str | None = None  # the last unit to raise one
     sos_units: set[str] = field(default_factory=set)  # units shown in emergency here
     acked: dict[str, str] = field(default_factory=dict)  # unit -> who acknowledged its SOS
-    name: str | None = None  # from the fleet file, when the console was given one
     imminent: bool = False  # in imminent peril (docs/protocol.md, 11.12)
     monitored: bool = False
     temporary: bool = False
@@ -127,10 +126,11 @@ class ConsoleModel:
         self.version = 0  # bumped on every change, so the screen redraws only when needed
 
     def group(self, tg: str) -> GroupRow:
-        g = self.groups.get(tg)
-        if g is None:
-            g = self.groups[tg] = GroupRow(tg, name=self.names.get(tg))
-        return g
+        return self.groups.setdefault(tg, GroupRow(tg))
+
+    def name(self, tg: str) -> str:
+        """A talkgroup as the dispatcher knows it: its fleet name, else its id."""
+        return self.names.get(tg, tg)
 
     def unit(self, unit: str) -> UnitRow:
         return self.units.setdefault(unit, UnitRow(unit))
